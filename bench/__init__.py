@@ -1,0 +1,1 @@
+"""Microbenchmarks: each prints a table and writes JSON."""

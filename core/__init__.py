@@ -1,0 +1,1 @@
+"""The model and everything that holds or moves weights."""

@@ -1,0 +1,1 @@
+"""One entry point per training stage, plus data mixtures and RL math."""
