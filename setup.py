@@ -9,7 +9,7 @@ setup(
     description="A low-level, performance-first LLM post-training library (SFT, GRPO) in plain PyTorch + Triton.",
     python_requires=">=3.10",
     packages=["core", "kernels", "train", "eval", "bench"],
-    package_data={"eval": ["data/*"], "train": ["data/*"], "configs": ["*.toml"]},
+    package_data={"eval": ["data/*"], "train": ["data/*"]},
     install_requires=[
         "torch>=2.6",
         "triton; sys_platform == 'linux'",
