@@ -1,0 +1,398 @@
+"""One decoder-only transformer for the Llama-3 (3, 3.1, 3.2), Qwen2/2.5 and Qwen3 families.
+
+The three families differ only in switches on one architecture: RMSNorm -> grouped-query attention with RoPE ->
+RMSNorm -> SwiGLU MLP, pre-norm residual blocks. Qwen2 adds a bias to the q/k/v projections, Qwen3 an RMSNorm on
+each query and key head before RoPE, Llama-3.1+ rescales RoPE frequencies ("llama3" scaling). Module and parameter
+names follow Hugging Face's, minus the leading "model.", so checkpoint conversion (core/checkpoint.py) is a rename.
+
+What this file is for:
+  - `Transformer(cfg)(input_ids [B, S]) -> logits [B, S, V]`, like any causal LM.
+  - `return_hidden=True` gives the final normed hidden states [B, S, H] instead: the fused log-prob kernel
+    (kernels/logprob.py) takes hidden [T, H] and `model.lm_head.weight`, so training never builds logits.
+  - Packed sequences: pass `position_ids` [B, S] that restart at 0 at each document; tokens attend only within
+    their own document (flash-attn varlen on CUDA when installed, otherwise SDPA with a block-diagonal causal mask).
+  - The KV-cache seam: pass a `KVCache` and `position_ids`; each layer writes its keys/values at those positions
+    and attends to cache slots 0..position. The sampler (core/sampler.py) owns the decoding loop; this file only
+    reads and writes the buffers.
+  - `init_weights()` for training from scratch, and meta-device construction (`with torch.device("meta")`), then
+    `to_empty(...)` and loading or `init_weights()` (FSDP2 shards before materialising).
+
+What it is not: a generation loop, a tokenizer, or a parallelism wrapper (see core/sampler.py, core/tokenizer.py,
+core/distributed.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # optional: flash-attn's varlen kernel for packed sequences on CUDA
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    HAS_FLASH_ATTN = True
+except Exception:  # ImportError, or a broken CUDA build: SDPA serves then
+    HAS_FLASH_ATTN = False
+
+
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of one model. Field names are ours; core/checkpoint.py maps them to config.json."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    # None, or the Llama-3 scaling {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"}: the only scaling the three families ship with.
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False  # Qwen2/2.5
+    qk_norm: bool = False  # Qwen3
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    architecture: str = "LlamaForCausalLM"  # which HF class save_hf writes
+    init_std: float = 0.02
+    extra_hf_config: dict[str, Any] = field(default_factory=dict)  # bos/eos ids etc., carried through save_hf
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"model.architecture: unknown {self.architecture!r}; supported: {', '.join(ARCHITECTURES)}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("llama3", "default"):
+                raise ValueError(
+                    f"model.rope_scaling: rope_type {kind!r} is not supported; supported: 'llama3', 'default' or none"
+                )
+
+    def num_params(self, *, embeddings: bool = True) -> int:
+        H, I, D = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = H * D * (self.num_heads * 2 + self.num_kv_heads * 2)
+        if self.qkv_bias:
+            attn += D * (self.num_heads + 2 * self.num_kv_heads)
+        if self.qk_norm:
+            attn += 2 * D
+        block = attn + 3 * H * I + 2 * H
+        n = self.num_layers * block + H
+        if embeddings:
+            n += self.vocab_size * H * (1 if self.tie_word_embeddings else 2)
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention scores included."""
+        n = self.num_params(embeddings=False) + self.vocab_size * self.hidden_size  # lm-head matmul counts
+        attn = 2 * self.num_layers * seq_len * self.num_heads * self.head_dim  # QK^T and PV, causal half
+        return 6 * n + 6 * attn
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and cast back before the weight, as the reference implementations do (bit-for-bit parity).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Inverse frequencies [D/2] in fp32, with Llama-3 scaling applied when configured.
+
+    Computed on the fly (D/2 numbers) rather than kept as a buffer, so meta-device construction, `.to(dtype)` and
+    FSDP never touch it and it is always fp32.
+    """
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device=device).float() / D))
+    s = cfg.rope_scaling
+    if s is not None and s.get("rope_type", s.get("type")) == "llama3":
+        factor, lo, hi = float(s["factor"]), float(s["low_freq_factor"]), float(s["high_freq_factor"])
+        old_len = float(s["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly.
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(cfg: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """position_ids [B, S] -> cos, sin [B, S, D] (the half-split layout: both halves share frequencies)."""
+    inv_freq = rope_inv_freq(cfg, position_ids.device)
+    freqs = position_ids.float()[..., None] * inv_freq  # [B, S, D/2], fp32 for long positions
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, S, heads, D]; cos, sin [B, S, D]."""
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values, k and v: [layers, B, max_len, kv_heads, head_dim].
+
+    A plain container (the sampler sizes it, reuses it and copies rows between slots); the model writes
+    `k[layer, b, position_ids[b, s]]` during its forward and reads slots 0..position for each query.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def rows(self, start: int, n: int) -> KVCache:
+        """A cache over rows [start, start + n) that shares storage with this one (a view, not a copy)."""
+        view = object.__new__(KVCache)
+        view.k, view.v = self.k[:, start : start + n], self.v[:, start : start + n]
+        return view
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        H, D = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, D
+        self.q_proj = nn.Linear(H, cfg.num_heads * D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(H, cfg.num_kv_heads * D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(H, cfg.num_kv_heads * D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * D, H, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionLayout,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        B, S, _ = x.shape
+        q = self.q_proj(x).view(B, S, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, S, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is not None:  # write this step's keys/values, then attend over the whole preallocated cache
+            cache_k, cache_v = cache  # [B, max_len, kv_heads, D]
+            rows = torch.arange(B, device=x.device)[:, None]
+            cache_k[rows, attn.position_ids] = k
+            cache_v[rows, attn.position_ids] = v
+            k, v = cache_k, cache_v
+
+        if attn.cu_seqlens is not None:  # flash-attn varlen over packed documents, [T, heads, D] layout
+            out = flash_attn_varlen_func(
+                q.reshape(B * S, self.num_heads, self.head_dim),
+                k.reshape(B * S, self.num_kv_heads, self.head_dim),
+                v.reshape(B * S, self.num_kv_heads, self.head_dim),
+                attn.cu_seqlens, attn.cu_seqlens, attn.max_seqlen, attn.max_seqlen, causal=True,
+            )
+        elif attn.use_flash:
+            out = flash_attn_func(q, k, v, causal=True)
+        else:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, D]
+            if attn.mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:
+                # Masked SDPA kernels do not take grouped heads, so expand K/V (a view-and-copy of S x kv rows).
+                rep = self.num_heads // self.num_kv_heads
+                if rep > 1:
+                    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask)
+            out = out.transpose(1, 2)
+        return self.o_proj(out.reshape(B, S, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn, cache=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class AttentionLayout:
+    """How the tokens of one forward may attend, decided once per forward and shared by every layer."""
+
+    position_ids: torch.Tensor  # [B, S]
+    mask: torch.Tensor | None = None  # bool [B, 1, S, S_kv], True = may attend; None = plain causal
+    use_flash: bool = False  # flash_attn_func, causal, no packing
+    cu_seqlens: torch.Tensor | None = None  # int32 [docs + 1], flash-attn varlen over packed documents
+    max_seqlen: int = 0
+
+
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """position_ids [B, S] restarting at 0 per document -> bool [B, 1, S, S]: causal and within one document."""
+    doc = (position_ids == 0).cumsum(-1)  # [B, S] document index per token
+    S = position_ids.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=position_ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def cu_seqlens_from_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Document boundaries of the flattened [B*S] token stream for flash-attn varlen (one host sync)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    if starts.numel() == 0 or starts[0] != 0:  # a row that does not start a document still starts a sequence
+        starts = torch.cat([starts.new_zeros(1), starts])
+    # Every row boundary is a sequence boundary too, even when a document were to continue across rows.
+    row_starts = torch.arange(0, flat.numel(), position_ids.shape[1], device=flat.device)
+    starts = torch.unique(torch.cat([starts, row_starts]))
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+# ----------------------------------------------------------------------------------------------------- the model
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the lm-head when configured. Call again after `to_empty`, which replaces
+        parameters one module at a time and so unties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise for training from scratch: N(0, std) matrices, output projections scaled by 1/sqrt(2 L)
+        (each residual branch adds variance), zero biases, unit norms. Deterministic given `seed`, on any device."""
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, out_std, generator=gen)
+            else:
+                p.normal_(0.0, std, generator=gen)
+
+    def attention_layout(self, position_ids: torch.Tensor | None, B: int, S: int, device, dtype,
+                         cache: KVCache | None) -> AttentionLayout:
+        if cache is not None:
+            if position_ids is None:
+                raise ValueError("forward with kv_cache needs position_ids [B, S]: the cache slots to write")
+            # Query at position p sees cache slots 0..p of its own row. Slots beyond p may hold stale values from
+            # an earlier request or padding; the mask hides them until a later step overwrites them.
+            slots = torch.arange(cache.max_len, device=device)
+            mask = slots[None, None, :] <= position_ids[:, :, None]  # [B, S, max_len]
+            return AttentionLayout(position_ids, mask=mask[:, None])
+        flash = HAS_FLASH_ATTN and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+        if position_ids is None:
+            position_ids = torch.arange(S, device=device).expand(B, S)
+            return AttentionLayout(position_ids, use_flash=flash)
+        if flash:
+            cu, max_len = cu_seqlens_from_positions(position_ids)
+            return AttentionLayout(position_ids, cu_seqlens=cu, max_seqlen=max_len)
+        return AttentionLayout(position_ids, mask=document_mask(position_ids))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """input_ids [B, S] -> logits [B, S, V] (or final normed hidden [B, S, H] with return_hidden=True).
+
+        position_ids [B, S]: per-token positions; a 0 starts a new document (packed sequences). With `kv_cache`
+        they are also the cache slots this forward writes; row b of the batch is row b of the cache (use
+        `KVCache.rows(start, n)` to run a forward over a block of cache rows).
+        """
+        B, S = input_ids.shape
+        x = self.embed_tokens(input_ids)
+        attn = self.attention_layout(position_ids, B, S, x.device, x.dtype, kv_cache)
+        cos, sin = rope_cos_sin(self.config, attn.position_ids, x.dtype)
+        for i, layer in enumerate(self.layers):
+            cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
+            x = layer(x, cos, sin, attn, cache)
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
