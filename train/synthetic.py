@@ -2,15 +2,17 @@
 
 Each task has a train split, a disjoint held-out split (both deterministic given a seed) and an exact-match checker,
 so the same data serves SFT (`prompt` -> `response`), held-out loss, generation-based accuracy and RL rewards.
-Prompts are a task word and a short payload ("reverse QWXZ" -> "ZXWQ"), tens of tokens at most, so a
-few-million-parameter transformer trained from scratch on two CPU cores can learn most of them in minutes.
+Prompts are a task word and a short payload ("reverse 50721" -> "12705"), tens of tokens at most, so a
+few-million-parameter transformer trained from scratch on two CPU cores can learn most of them in minutes. Every
+payload is digits: the tiny tokenizer (`tiny_tokenizer()`) makes each digit one token and only merges letters, so
+copying, reversing and adding work on one token per character (a merged "12" would make reversal a lookup table).
 
 The tasks differ on purpose in learning speed and training-set size, so that multi-task SFT mixture search (mSFT)
 sees sub-datasets whose held-out scores peak at different times:
 
   task      example                    train  designed for
-  copy      copy QWXZ -> QWXZ           1000  fastest: one induction step; held-out accuracy saturates early and stays
-  reverse   reverse QWXZ -> ZXWQ        1000  medium: needs position arithmetic, learned after copy
+  copy      copy 50721 -> 50721         1000  fastest: one induction step; held-out accuracy saturates early and stays
+  reverse   reverse 50721 -> 12705      1000  medium: needs position arithmetic, learned after copy
   sort      sort 31415 -> 11345         1000  medium: counting digits; partial credit (right digits) comes early
   add       add 123+45 -> 168           2000  slow: carries; the biggest set so it keeps improving late
   mod       mod 4821%7 -> 5             1000  slowest: long division in the head; may stay near chance (1/7) on CPU
@@ -23,8 +25,9 @@ Rows are dicts {"prompt", "response", "task", "answer"}: `response` is the SFT t
 that `check` compares against (they differ only on majority's flipped training rows, so an RL reward on training
 prompts is never computed against a deliberately wrong label). Held-out rows always have response == answer.
 
-Payload letters are upper case and payload digits are single tokens in the tiny tokenizer (`tiny_tokenizer()`), so
-"reverse" and "add" work on one token per character; lower-case words (task names, persona prompts) may merge.
+The tiny tokenizer ships as files under train/data/tiny_tokenizer/ (built once by `python -m train.synthetic
+--write-tokenizer train/data/tiny_tokenizer`) rather than trained at start-up: BPE training takes well under a
+second, but its merges could change with the `tokenizers` version, and a checkpoint's token ids must not.
 
 Not here: general-purpose data loading, packing and mixture sampling (train/data.py).
 """
@@ -39,11 +42,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from core.tokenizer import Tokenizer, train_bpe_tokenizer
+
 TASKS = ("copy", "reverse", "sort", "add", "mod", "majority")
 DEFAULT_TRAIN_SIZES = {"copy": 1000, "reverse": 1000, "sort": 1000, "add": 2000, "mod": 1000, "majority": 40}
 DEFAULT_HELDOUT_SIZES = {"copy": 128, "reverse": 128, "sort": 128, "add": 128, "mod": 128, "majority": 64}
 
-LETTERS = string.ascii_uppercase
 MOD_DIVISOR = 7
 MAJORITY_BITS = 7  # odd, so there is never a tie
 MAJORITY_FLIP_FRACTION = 0.25
@@ -67,22 +71,22 @@ class TaskData:
 # Each generator draws one (prompt, answer) pair from its task's input space using the given random stream.
 
 
-def _letters(rng: random.Random) -> str:
-    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 8)))
+def _digits(rng: random.Random) -> str:
+    return "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 8)))
 
 
 def _gen_copy(rng: random.Random) -> tuple[str, str]:
-    s = _letters(rng)
+    s = _digits(rng)
     return f"copy {s}", s
 
 
 def _gen_reverse(rng: random.Random) -> tuple[str, str]:
-    s = _letters(rng)
+    s = _digits(rng)
     return f"reverse {s}", s[::-1]
 
 
 def _gen_sort(rng: random.Random) -> tuple[str, str]:
-    s = "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 8)))
+    s = _digits(rng)
     return f"sort {s}", "".join(sorted(s))
 
 
@@ -105,8 +109,8 @@ _GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 }
 # How many distinct prompts each task can produce: a request beyond it could never be met with unique rows.
 _SPACE = {
-    "copy": sum(26**n for n in range(3, 9)),
-    "reverse": sum(26**n for n in range(3, 9)),
+    "copy": sum(10**n for n in range(3, 9)),
+    "reverse": sum(10**n for n in range(3, 9)),
     "sort": sum(10**n for n in range(3, 9)),
     "add": 1000 * 1000, "mod": 9990, "majority": 2**MAJORITY_BITS}
 
@@ -201,13 +205,77 @@ def write_jsonl(
     return dirs
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The embedded tiny tokenizer
+
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "data" / "tiny_tokenizer"
+TINY_VOCAB_SIZE = 512
+
+# Plain English for the BPE merges of everyday words, so persona system prompts (PerMix) cost a token per word or so
+# rather than one per byte. Written for this file; digits stay single tokens whatever the corpus holds.
+_ENGLISH = """\
+You are a helpful assistant. Answer the question with the number only. Think step by step and then give the answer.
+You are a pirate captain who speaks with a rough voice and loves the sea. You are a patient teacher who explains
+each idea slowly and kindly. You are a cheerful robot from the future. You are a grumpy old librarian who wants
+quiet. You are a famous chef and you talk about food all the time. You are a calm doctor who cares for people.
+You are a young student who is curious about the world and asks many questions. You are a detective who notices
+every small detail. You are a poet who answers in short lines. You are an engineer who likes exact numbers.
+Stay in character, keep your answers short and correct, and do not change who you are when the user asks you to.
+"""
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Texts the tiny BPE trains on: role names, the task prompts and responses of seed 0, and `_ENGLISH`.
+
+    Conversations are given as their parts, not rendered: the trainer does not treat special-token strings as
+    special, so rendered templates would spend merges on pieces of "<|im_start|>".
+    """
+    texts = _ENGLISH.split("\n")
+    for task in build_tasks(seed=0).values():
+        texts += [row["prompt"] for row in task.train] + [row["response"] for row in task.train]
+    # Role names once per conversation, as the template writes them, so each becomes a single token.
+    return texts + ["system", "user", "assistant"] * (len(texts) // 2)
+
+
+def build_tiny_tokenizer(out_dir: str | Path | None = None) -> Tokenizer:
+    """Train the embedded tokenizer (byte-level BPE, 512 ids, ChatML template, digits one token each).
+
+    Deterministic for a given `tokenizers` version; writes the directory to `out_dir` when given.
+    """
+    return train_bpe_tokenizer(_tokenizer_corpus(), vocab_size=TINY_VOCAB_SIZE, out_dir=out_dir)
+
+
+_TINY_TOKENIZER: Tokenizer | None = None
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """The embedded default tokenizer, loaded once from train/data/tiny_tokenizer/."""
+    global _TINY_TOKENIZER
+    if _TINY_TOKENIZER is None:
+        if not (TINY_TOKENIZER_DIR / "tokenizer.json").exists():
+            raise FileNotFoundError(
+                f"{TINY_TOKENIZER_DIR}/tokenizer.json: missing; the package was installed without its data files. "
+                f"Reinstall from the repository (pip install -e .) or rebuild it with "
+                f"python -m train.synthetic --write-tokenizer {TINY_TOKENIZER_DIR}"
+            )
+        _TINY_TOKENIZER = Tokenizer.from_dir(TINY_TOKENIZER_DIR)
+    return _TINY_TOKENIZER
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description="Write the built-in synthetic tasks as JSONL.")
-    p.add_argument("out_dir")
+    p = argparse.ArgumentParser(description="Write the built-in synthetic tasks as JSONL, or rebuild the tokenizer.")
+    p.add_argument("out_dir", nargs="?", help="write out_dir/{train,heldout}/<task>.jsonl")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-tokenizer", metavar="DIR", help="train the tiny tokenizer and save it to DIR")
     args = p.parse_args()
-    dirs = write_jsonl(args.out_dir, args.seed)
-    print(f"wrote {dirs['train']} and {dirs['heldout']}")
+    if args.out_dir is None and args.write_tokenizer is None:
+        p.error("give out_dir, --write-tokenizer DIR, or both")
+    if args.out_dir is not None:
+        dirs = write_jsonl(args.out_dir, args.seed)
+        print(f"wrote {dirs['train']} and {dirs['heldout']}")
+    if args.write_tokenizer is not None:
+        tok = build_tiny_tokenizer(args.write_tokenizer)
+        print(f"wrote {args.write_tokenizer} ({tok.vocab_size} ids)")
 
 
 if __name__ == "__main__":
