@@ -1,0 +1,869 @@
+"""Math answers in LaTeX -> a small tree, compared without running any code from the text.
+
+For: the verifier (eval/verify.py). This module normalises an answer string, tokenises it, parses it with a
+recursive-descent grammar into plain tuples, compares two trees structurally (tuples, intervals, sets, matrices,
+equations), and compares scalars by exact rational arithmetic, by floats at random points, or (in the worker pool
+only) by sympy objects built from the tree with sympy's constructors. Every stage has size guards: a tree that
+would need a huge integer, a huge exponent or deep nesting is refused (`Refused`), never computed.
+Not for: general LaTeX, inequalities, proofs. Model text is never handed to eval/exec or to sympy's string parsers.
+
+Tree nodes are tuples whose first item names the kind:
+    ("num", Fraction, exact: bool)   a literal; exact is False for decimals (they compare with a tolerance)
+    ("sym", name) ("const", "pi" | "e" | "i" | "oo") ("base", digits, base)   e.g. 204_5
+    ("add", [nodes]) ("mul", [nodes]) ("div", a, b) ("pow", a, b) ("neg", a) ("fact", a) ("abs", a)
+    ("fn", name, arg) ("log", base | None, arg) ("binom", n, k)
+Answers (the top level) add:
+    ("seq", open, close, [answers])   tuples, points, intervals      ("set", [answers])   \\{…\\}, ± and bare lists
+    ("union", [answers])   ("matrix", [[nodes]])   ("eq", lhs, rhs)   ("text", str)
+"""
+
+import cmath
+import math
+import random
+import re
+from fractions import Fraction
+
+MAX_CHARS = 1000  # an answer longer than this is not parsed (gold answers in MATH500 are < 100 chars)
+MAX_TOKENS = 400
+MAX_DEPTH = 60  # parser recursion (brackets, fractions, exponents)
+MAX_BITS = 30_000  # exact integers/rationals stay below this (2006! has ~19,000 bits)
+MAX_EXPONENT = 10_000  # |integer exponent| a power may carry, exactly or symbolically
+MAX_FACTORIAL = 3_000
+MAX_ELEMENTS = 32  # elements of a tuple/set/matrix
+
+
+class Refused(ValueError):
+    """The answer is outside what the verifier parses or computes (too big, too deep, unknown syntax)."""
+
+
+class Undecided(ArithmeticError):
+    """Floats cannot decide this comparison (overflow, underflow, a pole); a later stage may."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Normalisation: string -> string, only removing notation that never changes the value.
+
+_UNIT_WORDS = (
+    "units?|square|sq|cubic|cm|mm|km|m|meters?|metres?|inches|inch|in|feet|foot|ft|yards?|miles?|mph|seconds?|"
+    "minutes?|hours?|days?|weeks?|years?|dollars?|cents?|degrees?|points?|pounds?|lbs?|ounces?|oz|grams?|g|kg|"
+    "liters?|litres?|L|ml|gallons?|people|students|ways|times|marbles|apples|cookies|eggs|books|pages|percent"
+)
+_TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|mbox|mathrm|mathbf|textnormal|operatorname)\s*\{([^{}]*)\}")
+_TRAILING_UNIT = re.compile(r"(?<=[0-9}.])\s*(?:\\\s*)?(?:" + _UNIT_WORDS + r")(?:\s*\^\s*\{?[23]\}?)?\s*$")
+_SPACING = re.compile(r"(?<!\\)\\[,;:! ]|\\(?:quad|qquad|displaystyle|textstyle|limits|nolimits)(?![a-zA-Z])|~")
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
+def normalize(ans: str) -> str:
+    """Drop notation that does not change a value: \\left/\\right, \\dfrac, units, degrees, \\%, \\$, 1{,}000, …"""
+    s = ans.strip()
+    if len(s) > MAX_CHARS:
+        return s
+    s = s.replace("\\left.", "").replace("\\right.", "")
+    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
+    s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)
+    s = re.sub(r"\\[dt]binom(?![a-zA-Z])", r"\\binom", s)
+    s = s.replace("{,}", ",")
+    s = _SPACING.sub(" ", s)
+    s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree", "", s)
+    s = s.replace("\\%", "").replace("%", "").replace("\\$", "").replace("$", "")
+    s = s.replace("−", "-").replace("\\infty", "\\infty ").replace("∞", "\\infty ").replace("\\inf ", "\\infty ")
+    s = re.sub(r"\\(?:le|leqslant)(?![a-zA-Z])", r"\\leq", s)
+    s = re.sub(r"\\(?:ge|geqslant)(?![a-zA-Z])", r"\\geq", s)
+    # A whole answer in \text{…} is a word ("Evelyn", "(C)"); \text after a value is a unit; \text{ and } separates.
+    whole = _TEXT_CMD.fullmatch(s)
+    if whole:
+        s = whole.group(1).strip()
+    else:
+        s = re.sub(r"\\text\{\s*(?:and|or)\s*\}", ",", s)
+        s = re.sub(_TEXT_CMD.pattern + r"(?:\s*\^\s*\{?[23]\}?)?", lambda m: " " if _has_value(m.string) else m.group(1), s)
+    for _ in range(2):  # "18 dollars", "5 cm^2", then a second unit word ("square feet")
+        s = _TRAILING_UNIT.sub("", s)
+    s = s.strip().rstrip(".,;:").strip()
+    s = re.sub(r"^(?:[a-zA-Z]\s*\\in|\\text\{is\})\s*", "", s)  # "x \in [-2, 7]"
+    compact = re.sub(r"\s+", "", s)
+    if _THOUSANDS.fullmatch(compact):
+        s = compact.replace(",", "")
+    return s
+
+
+def _has_value(s: str) -> bool:
+    return bool(re.search(r"[0-9]|\\pi|\\frac|\\sqrt", s))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokens: "\\frac", "{", "12", "3.5", "x", "+", … Spaces separate nothing in LaTeX except after a command.
+
+_TOKEN = re.compile(r"\\[a-zA-Z]+|\\.|\d+(?:\.\d*)?|\.\d+|[a-zA-Z]|\S")
+
+
+def tokenize(s: str) -> list[str]:
+    if len(s) > MAX_CHARS:
+        raise Refused(f"answer has {len(s)} characters (limit {MAX_CHARS})")
+    tokens = _TOKEN.findall(s)
+    if len(tokens) > MAX_TOKENS:
+        raise Refused(f"answer has {len(tokens)} tokens (limit {MAX_TOKENS})")
+    return tokens
+
+
+def canonical(ans: str) -> str:
+    """The normalised token string: two answers with the same canonical string are the same answer."""
+    s = normalize(ans)
+    if len(s) > MAX_CHARS:
+        return s
+    return " ".join(_TOKEN.findall(s))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parser: tokens -> tree. Recursive descent; each level of nesting costs depth, capped by MAX_DEPTH.
+
+_OPEN = {"(": ")", "[": "]", "\\{": "\\}", "\\lbrace": "\\rbrace", "\\langle": "\\rangle", "{": "}"}
+_CLOSE = {")", "]", "\\}", "\\rbrace", "\\rangle", "}"}
+_FUNCS = {
+    "\\sin", "\\cos", "\\tan", "\\cot", "\\sec", "\\csc", "\\arcsin", "\\arccos", "\\arctan", "\\sinh", "\\cosh",
+    "\\tanh", "\\exp", "\\ln", "\\log",
+}
+_GREEK = {
+    "\\alpha", "\\beta", "\\gamma", "\\delta", "\\epsilon", "\\varepsilon", "\\zeta", "\\eta", "\\theta",
+    "\\vartheta", "\\kappa", "\\lambda", "\\mu", "\\nu", "\\xi", "\\rho", "\\sigma", "\\tau", "\\phi", "\\varphi",
+    "\\chi", "\\psi", "\\omega", "\\Gamma", "\\Delta", "\\Theta", "\\Lambda", "\\Xi", "\\Sigma", "\\Phi", "\\Psi",
+    "\\Omega",
+}
+_MUL_OPS = {"*", "\\cdot", "\\times", "\\ast"}
+_DIV_OPS = {"/", "\\div"}
+_STOP = {"+", "-", "=", ",", "\\pm", "\\mp", "&", "\\\\", "\\cup", "\\leq", "\\geq", "<", ">", "\\neq", "\\in",
+         "\\right", "|"} | _CLOSE | _MUL_OPS | _DIV_OPS
+
+
+class _Parser:
+    def __init__(self, tokens: list[str]):
+        self.t = tokens
+        self.i = 0
+        self.depth = 0
+
+    def peek(self, k: int = 0) -> str | None:
+        j = self.i + k
+        return self.t[j] if j < len(self.t) else None
+
+    def take(self, want: str | None = None) -> str:
+        tok = self.peek()
+        if tok is None or (want is not None and tok != want):
+            raise Refused(f"expected {want or 'a token'} at token {self.i}, found {tok!r}")
+        self.i += 1
+        return tok
+
+    def enter(self):
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise Refused(f"nesting deeper than {MAX_DEPTH}")
+
+    def done(self) -> bool:
+        return self.i >= len(self.t)
+
+    # expr := ['+'|'-'] term (('+'|'-') term)*
+    def expr(self):
+        self.enter()
+        terms = [self.signed_term()]
+        while self.peek() in ("+", "-"):
+            terms.append(self.signed_term())
+        self.depth -= 1
+        return terms[0] if len(terms) == 1 else ("add", terms)
+
+    def signed_term(self):
+        sign = 1
+        while self.peek() in ("+", "-"):
+            if self.take() == "-":
+                sign = -sign
+        if self.peek() is None:
+            raise Refused("expression ends after a sign")
+        term = self.term()
+        return term if sign == 1 else ("neg", term)
+
+    # term := power ((mulop | divop)? power)*   -- no operator means implicit multiplication: 2x, 3\sqrt{2}, (a)(b)
+    def term(self):
+        node = self.power()
+        while True:
+            tok = self.peek()
+            if tok in _MUL_OPS:
+                self.take()
+                node = ("mul", [node, self.signed_power()])
+            elif tok in _DIV_OPS:
+                self.take()
+                node = ("div", node, self.signed_power())
+            elif tok is None or tok in _STOP:
+                return node
+            else:
+                node = self.implicit(node)
+
+    def signed_power(self):
+        if self.peek() == "-":
+            self.take()
+            return ("neg", self.signed_power())
+        return self.power()
+
+    def implicit(self, left):
+        # "4\frac{2}{3}" is the mixed number 4 2/3, not 4 * 2/3 (MATH's convention).
+        if left[0] == "num" and left[2] and left[1].denominator == 1 and self.peek() == "\\frac":
+            start = self.i
+            frac = self.power()
+            if frac[0] == "div" and frac[1][0] == "num" and frac[2][0] == "num" and frac[1][2] and frac[2][2]:
+                if left[1] >= 0 and self.peek() not in ("^", "_"):
+                    return ("num", left[1] + frac[1][1] / frac[2][1], True) if frac[2][1] != 0 else ("div", left, frac)
+            self.i = start
+        return ("mul", [left, self.power()])
+
+    # power := postfix ('^' group)?
+    def power(self):
+        base = self.postfix(self.atom())
+        if self.peek() == "^":
+            self.take()
+            self.enter()
+            exponent = self.script()
+            self.depth -= 1
+            base = self.postfix(("pow", base, exponent))
+        return base
+
+    def postfix(self, node):
+        while self.peek() in ("!", "'"):
+            if self.take() == "'":
+                raise Refused("primes are not supported")
+            node = ("fact", node)
+        return node
+
+    def script(self):
+        """The argument of ^ or _: a braced group, or one token (LaTeX reads 2^10 as 2^1 0)."""
+        tok = self.peek()
+        if tok == "{":
+            return self.group()
+        if tok == "-":
+            self.take()
+            return ("neg", self.script())
+        if tok is not None and tok[0].isdigit():
+            self.take()
+            if len(tok) > 1:  # "2^10": the exponent is the first digit, the rest multiplies
+                self.t.insert(self.i, tok[1:])
+                tok = tok[0]
+            return ("num", Fraction(tok), True)
+        return self.atom()
+
+    def group(self):
+        self.take("{")
+        node = self.expr()
+        self.take("}")
+        return node
+
+    def arg(self):
+        """A command argument: {…} or a single token (\\frac12, \\sqrt2)."""
+        tok = self.peek()
+        if tok == "{":
+            return self.group()
+        if tok is not None and tok[0].isdigit():
+            self.take()
+            if len(tok) > 1 and "." not in tok:
+                self.t.insert(self.i, tok[1:])
+                tok = tok[0]
+            return ("num", Fraction(tok), "." not in tok)
+        return self.atom()
+
+    def atom(self):
+        self.enter()
+        node = self._atom()
+        self.depth -= 1
+        if self.peek() == "_":  # subscripts: x_1, a_{n}, 204_5 (a number in base 5), \log_2 handled in _atom
+            self.take()
+            sub = self.script()
+            if node[0] == "num" and node[2] and sub[0] == "num":
+                return ("base", str(node[1].numerator), int(sub[1]))
+            if node[0] == "sym":
+                return ("sym", node[1] + "_" + _flat(sub))
+            raise Refused("subscript on something that is not a symbol or a number")
+        return node
+
+    def _atom(self):
+        tok = self.take()
+        if tok[0].isdigit() or (tok[0] == "." and len(tok) > 1):
+            return ("num", Fraction(tok), "." not in tok)
+        if tok.isalpha() and len(tok) == 1:
+            if tok == "i":
+                return ("const", "i")
+            if tok == "e":
+                return ("const", "e")
+            return ("sym", tok)
+        if tok in ("(", "[", "{"):
+            node = self.expr()
+            self.take({"(": ")", "[": "]", "{": "}"}[tok])
+            return node
+        if tok == "|":
+            node = self.expr()
+            self.take("|")
+            return ("abs", node)
+        if tok == "\\frac":
+            num = self.arg()
+            return ("div", num, self.arg())
+        if tok == "\\binom":
+            n = self.arg()
+            return ("binom", n, self.arg())
+        if tok == "\\sqrt":
+            index = None
+            if self.peek() == "[":
+                self.take()
+                index = self.expr()
+                self.take("]")
+            radicand = self.arg()
+            return ("pow", radicand, ("div", ("num", Fraction(1), True), index or ("num", Fraction(2), True)))
+        if tok == "\\pi":
+            return ("const", "pi")
+        if tok == "\\infty":
+            return ("const", "oo")
+        if tok in _GREEK:
+            return ("sym", tok[1:])
+        if tok in _FUNCS:
+            return self.function(tok)
+        if tok in ("\\lvert", "\\vert"):
+            node = self.expr()
+            if self.take() not in ("\\rvert", "\\vert"):
+                raise Refused("unclosed \\lvert")
+            return ("abs", node)
+        raise Refused(f"unsupported token {tok!r}")
+
+    def function(self, name: str):
+        base = None
+        power = None
+        if name == "\\log" and self.peek() == "_":
+            self.take()
+            base = self.script()
+        if self.peek() == "^":  # \sin^2 x
+            self.take()
+            power = self.script()
+        if self.peek() in ("(", "{", "["):
+            arg = self.atom()
+        else:  # \sin x, \cos 2x: the argument runs to the next +, - or operator
+            arg = self.power()
+            while self.peek() is not None and self.peek() not in _STOP and self.peek() not in _FUNCS:
+                arg = ("mul", [arg, self.power()])
+        node = ("log", base, arg) if name in ("\\log", "\\ln") else ("fn", name[1:], arg)
+        if name == "\\ln":
+            node = ("log", ("const", "e"), arg)
+        return ("pow", node, power) if power is not None else node
+
+
+def _flat(node) -> str:
+    if node[0] == "num":
+        return str(node[1])
+    if node[0] == "sym":
+        return node[1]
+    return "{" + repr(node) + "}"
+
+
+def parse_expr(tokens: list[str]):
+    """Tokens of one scalar expression -> tree; raises Refused on anything else."""
+    p = _Parser(list(tokens))
+    node = p.expr()
+    if not p.done():
+        raise Refused(f"unexpected token {p.peek()!r} at {p.i}")
+    return node
+
+
+def _split(tokens: list[str], seps: set[str]) -> list[list[str]]:
+    """Split at separators outside brackets."""
+    parts, cur, depth = [], [], 0
+    for tok in tokens:
+        if tok in _OPEN or tok == "\\begin":
+            depth += 1
+        elif tok in _CLOSE or tok == "\\end":
+            depth -= 1
+        if depth == 0 and tok in seps:
+            parts.append(cur)
+            cur = []
+        else:
+            cur.append(tok)
+    parts.append(cur)
+    return parts
+
+
+def _closes_at_end(tokens: list[str]) -> bool:
+    """True when the bracket opened by tokens[0] is closed by tokens[-1] (not earlier)."""
+    depth = 0
+    for j, tok in enumerate(tokens):
+        if tok in _OPEN:
+            depth += 1
+        elif tok in _CLOSE:
+            depth -= 1
+            if depth == 0:
+                return j == len(tokens) - 1
+    return False
+
+
+def parse_answer(ans: str):
+    """A whole answer (already extracted) -> tree. Raises Refused when it cannot be parsed."""
+    s = normalize(ans)
+    if not s:
+        raise Refused("empty answer")
+    if s.startswith("\\begin"):
+        return parse_matrix(s)
+    tokens = tokenize(s)
+    if re.fullmatch(r"[A-Za-z][A-Za-z ]*[A-Za-z]", s) and (len(s) > 3 or ans.strip().startswith("\\text")):
+        return ("text", re.sub(r"\s+", " ", s).lower())
+    return _answer(tokens, 0)
+
+
+def _answer(tokens: list[str], depth: int):
+    if depth > 4:
+        raise Refused("answer structure nested deeper than 4")
+    if not tokens:
+        raise Refused("empty element")
+    if tokens[0] == "\\begin":
+        raise Refused("a matrix inside a larger answer")
+    parts = _split(tokens, {"\\cup"})
+    if len(parts) > 1:
+        return ("union", [_answer(p, depth + 1) for p in parts])
+    parts = _split(tokens, {","})
+    if len(parts) > 1:
+        if len(parts) > MAX_ELEMENTS:
+            raise Refused(f"more than {MAX_ELEMENTS} elements")
+        return ("set", [_answer(p, depth + 1) for p in parts])
+    if tokens[0] in ("(", "[") and tokens[-1] in (")", "]") and _closes_at_end(tokens):
+        inner = _split(tokens[1:-1], {","})
+        if len(inner) > 1:
+            if len(inner) > MAX_ELEMENTS:
+                raise Refused(f"more than {MAX_ELEMENTS} elements")
+            return ("seq", tokens[0], tokens[-1], [_answer(p, depth + 1) for p in inner])
+    if tokens[0] in ("\\{", "\\lbrace") and _closes_at_end(tokens):
+        return ("set", [_answer(p, depth + 1) for p in _split(tokens[1:-1], {","})])
+    parts = _split(tokens, {"="})
+    if len(parts) == 2:
+        return ("eq", parse_expr(parts[0]), parse_expr(parts[1]))
+    if len(parts) > 2:  # "x = y = 3": the last side is the value
+        return parse_expr(parts[-1])
+    pm = [j for j, tok in enumerate(tokens) if tok in ("\\pm", "\\mp")]
+    if pm:
+        if len(pm) > 3:
+            raise Refused("more than three \\pm")
+        options = []
+        for signs in range(2 ** len(pm)):
+            alt = list(tokens)
+            for b, j in enumerate(pm):
+                alt[j] = "-" if (signs >> b) & 1 else "+"
+            options.append(parse_expr(alt))
+        return ("set", options)
+    return parse_expr(tokens)
+
+
+def parse_matrix(s: str):
+    """\\begin{pmatrix} a & b \\\\ c & d \\end{pmatrix} -> ("matrix", [[a, b], [c, d]])."""
+    m = re.fullmatch(r"\s*\\begin\{([pbBvV]?matrix|array)\}(?:\{[lcr|]*\})?(.*)\\end\{\1\}\s*", s, re.S)
+    if not m:
+        raise Refused("malformed matrix")
+    rows = [r for r in re.split(r"\\\\", m.group(2)) if r.strip()]
+    if not rows or len(rows) > MAX_ELEMENTS:
+        raise Refused("matrix with no rows or too many rows")
+    out = []
+    for row in rows:
+        cells = row.split("&")
+        if len(cells) > MAX_ELEMENTS:
+            raise Refused("matrix row too long")
+        out.append([parse_expr(tokenize(c)) for c in cells])
+    return ("matrix", out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Structural comparison. `judge` compares scalars and equations and answers True, False or None (cannot decide).
+
+
+def compare(g, p, judge) -> bool | None:
+    """Compare two answer trees (gold first). All elements of a tuple/set/matrix must match."""
+    if g[0] == "eq" and p[0] != "eq" and g[1][0] == "sym":  # "x = 5" against "5"
+        g = g[2]
+    if p[0] == "eq" and g[0] != "eq" and p[1][0] == "sym":
+        p = p[2]
+    kg, kp = g[0], p[0]
+    if kg == "eq" and kp == "eq":
+        return judge.equation(("add", [g[1], ("neg", g[2])]), ("add", [p[1], ("neg", p[2])]))
+    if kg == "seq" and kp == "seq":
+        if g[1:3] != p[1:3] or len(g[3]) != len(p[3]):
+            return False
+        return _all(compare(a, b, judge) for a, b in zip(g[3], p[3]))
+    if kg in ("set", "union") and kp == kg:
+        return _matching(g[1], p[1], judge)
+    if {kg, kp} == {"set", "seq"}:  # a point written without its brackets: "3, \frac{\pi}{2}"
+        a, b = (g[1], p[3]) if kg == "set" else (g[3], p[1])
+        return len(a) == len(b) and _all(compare(x, y, judge) for x, y in zip(a, b))
+    if kg == "matrix" or kp == "matrix":
+        a, b = _cells(g), _cells(p)
+        if a is None or b is None or len(a) != len(b):
+            return False
+        return _all(judge.scalar(x, y) for x, y in zip(a, b))
+    if kg in _STRUCTURES or kp in _STRUCTURES:
+        return False
+    return judge.scalar(g, p)
+
+
+_STRUCTURES = {"eq", "seq", "set", "union", "matrix", "text"}
+
+
+def _cells(node):
+    """Matrix cells in row-major order; a vector given as a tuple counts as a column."""
+    if node[0] == "matrix":
+        if len({len(r) for r in node[1]}) != 1:
+            return None
+        return [c for row in node[1] for c in row]
+    if node[0] == "seq" and node[1] == "(" and all(e[0] not in _STRUCTURES for e in node[3]):
+        return node[3]
+    return None
+
+
+def _all(results) -> bool | None:
+    undecided = False
+    for r in results:
+        if r is False:
+            return False
+        undecided |= r is None
+    return None if undecided else True
+
+
+def _matching(a: list, b: list, judge) -> bool | None:
+    """Unordered comparison: True when a perfect matching exists on True pairs; False when none exists even
+    counting undecided pairs as equal; None in between."""
+    if len(a) != len(b):
+        return False
+    table = [[compare(x, y, judge) for y in b] for x in a]
+    if _perfect(table, lambda r: r is True):
+        return True
+    return None if _perfect(table, lambda r: r is not False) else False
+
+
+def _perfect(table, ok) -> bool:
+    n = len(table)
+    owner = [-1] * n
+
+    def augment(i, seen):
+        for j in range(n):
+            if ok(table[i][j]) and not seen[j]:
+                seen[j] = True
+                if owner[j] < 0 or augment(owner[j], seen):
+                    owner[j] = i
+                    return True
+        return False
+
+    return all(augment(i, [False] * n) for i in range(n))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numbers: exact rationals while they stay small, complex floats otherwise; symbols get random values.
+
+
+def _guard(q: Fraction) -> Fraction:
+    if q.numerator.bit_length() > MAX_BITS or q.denominator.bit_length() > MAX_BITS:
+        raise Refused(f"a number in the answer needs more than {MAX_BITS} bits")
+    return q
+
+
+def _complex(v) -> complex:
+    try:
+        c = complex(v)
+    except OverflowError as e:
+        raise Undecided("float overflow") from e
+    if not (math.isfinite(c.real) and math.isfinite(c.imag)):
+        raise Undecided("not finite")
+    return c
+
+
+def _int_root(n: int, q: int) -> int | None:
+    if n < 0:
+        return None
+    r = round(n ** (1.0 / q)) if n.bit_length() < 1000 else None
+    if r is None:
+        return None
+    for cand in (r - 1, r, r + 1):
+        if cand >= 0 and cand**q == n:
+            return cand
+    return None
+
+
+def _pow(a, b):
+    if isinstance(b, Fraction) and b.denominator == 1 and abs(b) > MAX_EXPONENT and not (
+        isinstance(a, Fraction) and abs(a) in (0, 1)
+    ):
+        raise Refused(f"exponent {b} exceeds {MAX_EXPONENT}")
+    if isinstance(a, Fraction) and isinstance(b, Fraction):
+        if a == 0 and b < 0:
+            raise Undecided("0 to a negative power")
+        if b.denominator == 1:
+            e = int(b)
+            bits = max(a.numerator.bit_length(), a.denominator.bit_length())
+            if abs(a) in (0, 1) or bits * abs(e) <= MAX_BITS:
+                return _guard(a**e)
+            raise Refused(f"power needs more than {MAX_BITS} bits")
+        if a > 0 and b.denominator <= 64:  # exact roots: \sqrt{16} = 4, 8^{2/3} = 4
+            num, den = _int_root(a.numerator, b.denominator), _int_root(a.denominator, b.denominator)
+            if num is not None and den is not None:
+                return _pow(Fraction(num, den), Fraction(b.numerator))
+    ca, cb = _complex(a), _complex(b)
+    if ca == 0:
+        if cb.real > 0:
+            return Fraction(0)
+        raise Undecided("0 to a non-positive power")
+    try:
+        return ca**cb
+    except (OverflowError, ZeroDivisionError) as e:
+        raise Undecided(str(e)) from e
+
+
+_CMATH = {
+    "sin": cmath.sin, "cos": cmath.cos, "tan": cmath.tan, "arcsin": cmath.asin, "arccos": cmath.acos,
+    "arctan": cmath.atan, "sinh": cmath.sinh, "cosh": cmath.cosh, "tanh": cmath.tanh, "exp": cmath.exp,
+    "cot": lambda z: 1 / cmath.tan(z), "sec": lambda z: 1 / cmath.cos(z), "csc": lambda z: 1 / cmath.sin(z),
+}
+_CONST = {"pi": complex(math.pi), "e": complex(math.e), "i": 1j}
+
+
+def evaluate(node, env: dict):
+    """Value of a scalar tree: a Fraction when exact, else a complex. Raises Refused or Undecided."""
+    kind = node[0]
+    if kind == "num":
+        return node[1]
+    if kind == "sym":
+        return env[node[1]]
+    if kind == "const":
+        if node[1] == "oo":
+            raise Undecided("infinity inside arithmetic")
+        return _CONST[node[1]]
+    if kind in ("add", "mul"):
+        vals = [evaluate(x, env) for x in node[1]]
+        acc = vals[0]
+        for v in vals[1:]:
+            if isinstance(acc, Fraction) and isinstance(v, Fraction):
+                acc = _guard(acc + v if kind == "add" else acc * v)
+            else:
+                acc = _complex(_complex(acc) + _complex(v) if kind == "add" else _complex(acc) * _complex(v))
+        return acc
+    if kind == "neg":
+        return -evaluate(node[1], env)
+    if kind == "div":
+        a, b = evaluate(node[1], env), evaluate(node[2], env)
+        try:
+            if isinstance(a, Fraction) and isinstance(b, Fraction):
+                return _guard(a / b)
+            return _complex(_complex(a) / _complex(b))
+        except ZeroDivisionError as e:
+            raise Undecided("division by zero") from e
+    if kind == "pow":
+        return _pow(evaluate(node[1], env), evaluate(node[2], env))
+    if kind == "fact":
+        n = evaluate(node[1], env)
+        if isinstance(n, Fraction) and n.denominator == 1 and n >= 0:
+            if n > MAX_FACTORIAL:
+                raise Refused(f"factorial of {n} exceeds {MAX_FACTORIAL}!")
+            return Fraction(math.factorial(int(n)))
+        raise Undecided("factorial of a non-integer")
+    if kind == "binom":
+        n, k = evaluate(node[1], env), evaluate(node[2], env)
+        if all(isinstance(v, Fraction) and v.denominator == 1 for v in (n, k)) and 0 <= n <= MAX_FACTORIAL:
+            return Fraction(math.comb(int(n), int(k)) if k >= 0 else 0)
+        raise Undecided("binomial of non-integers")
+    if kind == "abs":
+        v = evaluate(node[1], env)
+        return abs(v) if isinstance(v, Fraction) else complex(abs(_complex(v)))
+    if kind == "fn":
+        z = _complex(evaluate(node[2], env))
+        try:
+            return _complex(_CMATH[node[1]](z))
+        except (ValueError, ZeroDivisionError, OverflowError) as e:
+            raise Undecided(f"{node[1]} at {z}") from e
+    if kind == "log":
+        x = evaluate(node[2], env)
+        base = evaluate(node[1], env) if node[1] is not None else Fraction(10)
+        if isinstance(x, Fraction) and isinstance(base, Fraction) and x > 0 and base > 0 and base != 1:
+            k = round(math.log(x) / math.log(base))  # log_2 8 = 3 exactly when it is an integer
+            if abs(k) <= MAX_EXPONENT and max(base.numerator, base.denominator).bit_length() * abs(k) <= MAX_BITS:
+                if base**k == x:
+                    return Fraction(k)
+        try:
+            return _complex(cmath.log(_complex(x)) / cmath.log(_complex(base)))
+        except (ValueError, ZeroDivisionError) as e:
+            raise Undecided("log of 0 or base 1") from e
+    raise Refused(f"cannot evaluate {kind!r}")
+
+
+def symbols(node, out: set | None = None) -> set:
+    out = set() if out is None else out
+    if node[0] == "sym":
+        out.add(node[1])
+    for child in node[1:]:
+        if isinstance(child, tuple):
+            symbols(child, out)
+        elif isinstance(child, list):
+            for c in child:
+                symbols(c, out)
+    return out
+
+
+def has_decimal(node) -> bool:
+    if node[0] == "num":
+        return not node[2]
+    return any(
+        (isinstance(c, tuple) and has_decimal(c)) or (isinstance(c, list) and any(has_decimal(x) for x in c))
+        for c in node[1:]
+    )
+
+
+def _inf_sign(node) -> int:
+    if node == ("const", "oo"):
+        return 1
+    if node[0] == "neg":
+        return -_inf_sign(node[1])
+    return 0
+
+
+def _points(names: set, n: int) -> list[dict]:
+    rng = random.Random(1234)  # fixed: a verdict must not change between runs
+    ordered = sorted(names)
+    # Values in [1.2, 2.9] stay clear of 0 and 1, where cancellation would blur a float comparison.
+    return [{s: complex(1.2 + 1.7 * rng.random()) for s in ordered} for _ in range(n)]
+
+
+class NumericJudge:
+    """Compares scalars and equations by value: exact for rationals, floats (at random points) otherwise."""
+
+    def __init__(self, rel_tol: float = 1e-6):
+        self.rel_tol = rel_tol  # for answers written with decimals; exact answers compare to float noise only
+
+    def scalar(self, a, b) -> bool | None:
+        if a[0] == "base" or b[0] == "base":
+            return _same_base_number(a, b)
+        sa, sb = _inf_sign(a), _inf_sign(b)
+        if sa or sb:
+            return sa == sb
+        tol = self.rel_tol if has_decimal(a) or has_decimal(b) else 1e-9
+        names = symbols(a) | symbols(b)
+        for env in _points(names, 3 if names else 1):
+            try:
+                verdict = _close(evaluate(a, env), evaluate(b, env), tol, exact=tol == 1e-9)
+            except Undecided:
+                return None
+            if verdict is not True:
+                return verdict
+        return True
+
+    def equation(self, fa, fb) -> bool | None:
+        """f_a = 0 and f_b = 0 describe the same set when f_a / f_b is a nonzero constant."""
+        names = symbols(fa) | symbols(fb)
+        ratios = []
+        for env in _points(names, 4):
+            try:
+                va, vb = _complex(evaluate(fa, env)), _complex(evaluate(fb, env))
+            except Undecided:
+                return None
+            if abs(va) < 1e-12 and abs(vb) < 1e-12:
+                continue
+            if abs(va) < 1e-12 or abs(vb) < 1e-12:
+                return False
+            ratios.append(va / vb)
+        if not ratios:
+            return None
+        return all(abs(r - ratios[0]) <= 1e-9 * abs(ratios[0]) for r in ratios)
+
+
+def _close(x, y, tol: float, exact: bool) -> bool | None:
+    if isinstance(x, Fraction) and isinstance(y, Fraction):
+        if x == y:
+            return True
+        if exact:
+            return False
+        return abs(x - y) <= Fraction(tol) * max(abs(x), abs(y))
+    cx, cy = _complex(x), _complex(y)
+    m = max(abs(cx), abs(cy))
+    if m < 1e-9 or m > 1e250:  # floats cannot tell tiny or huge values apart reliably; leave it to sympy
+        return None
+    d = abs(cx - cy)
+    if d <= tol * m:
+        return True
+    return None if d <= 1e-6 * m else False
+
+
+def _same_base_number(a, b) -> bool:
+    if a[0] == "base" and b[0] == "base":
+        return a[1:] == b[1:]
+    base, other = (a, b) if a[0] == "base" else (b, a)
+    # "204_5" against "204": the digits as written, without the base
+    return other[0] == "num" and other[2] and str(other[1]) == base[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sympy objects from a tree (worker processes only): constructors, never a string parser.
+
+
+def to_sympy(node):
+    import sympy
+
+    kind = node[0]
+    if kind == "num":
+        return sympy.Rational(node[1].numerator, node[1].denominator)
+    if kind == "sym":
+        return sympy.Symbol(node[1])
+    if kind == "const":
+        return {"pi": sympy.pi, "e": sympy.E, "i": sympy.I, "oo": sympy.oo}[node[1]]
+    if kind == "add":
+        return sympy.Add(*[to_sympy(x) for x in node[1]])
+    if kind == "mul":
+        return sympy.Mul(*[to_sympy(x) for x in node[1]])
+    if kind == "neg":
+        return -to_sympy(node[1])
+    if kind == "div":
+        return sympy.Mul(to_sympy(node[1]), sympy.Pow(to_sympy(node[2]), -1))
+    if kind == "pow":
+        base, exponent = to_sympy(node[1]), to_sympy(node[2])
+        if exponent.is_number and exponent.is_real and abs(float(exponent)) > MAX_EXPONENT:
+            raise Refused(f"exponent above {MAX_EXPONENT}")
+        if base.is_Rational and exponent.is_Integer:
+            bits = max(int(base.p).bit_length(), int(base.q).bit_length())
+            if abs(base) != 1 and bits * abs(int(exponent)) > MAX_BITS:
+                raise Refused(f"power needs more than {MAX_BITS} bits")
+        return sympy.Pow(base, exponent)
+    if kind == "fact":
+        n = to_sympy(node[1])
+        if n.is_number and (not n.is_real or abs(float(n)) > MAX_FACTORIAL):
+            raise Refused(f"factorial above {MAX_FACTORIAL}")
+        return sympy.factorial(n)
+    if kind == "binom":
+        n, k = to_sympy(node[1]), to_sympy(node[2])
+        if n.is_number and (not n.is_real or abs(float(n)) > MAX_FACTORIAL):
+            raise Refused(f"binomial above {MAX_FACTORIAL}")
+        return sympy.binomial(n, k)
+    if kind == "abs":
+        return sympy.Abs(to_sympy(node[1]))
+    if kind == "fn":
+        f = {"arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan}.get(node[1]) or getattr(sympy, node[1])
+        return f(to_sympy(node[2]))
+    if kind == "log":
+        x = to_sympy(node[2])
+        return sympy.log(x, to_sympy(node[1])) if node[1] is not None else sympy.log(x, 10)
+    raise Refused(f"cannot build {kind!r}")
+
+
+class SympyJudge(NumericJudge):
+    """NumericJudge first; where floats cannot decide, sympy's simplify on trees built by to_sympy."""
+
+    def scalar(self, a, b) -> bool | None:
+        verdict = super().scalar(a, b)
+        if verdict is not None:
+            return verdict
+        import sympy
+
+        x, y = to_sympy(a), to_sympy(b)
+        diff = sympy.simplify(x - y)
+        if diff == 0:
+            return True
+        if diff.is_number:
+            value = complex(diff.evalf(30))
+            return abs(value) <= 1e-12 * max(1.0, abs(complex(x.evalf(30))))
+        return bool(x.equals(y))
+
+    def equation(self, fa, fb) -> bool | None:
+        verdict = super().equation(fa, fb)
+        if verdict is not None:
+            return verdict
+        import sympy
+
+        ratio = sympy.simplify(to_sympy(fa) / to_sympy(fb))
+        return bool(ratio.is_number and ratio != 0 and ratio.is_finite)

@@ -1,0 +1,386 @@
+"""Math answer verification: the RLVR reward and the MATH500/GSM8K scorer.
+
+For: `extract_answer` (the final answer in a completion), `verify` (one gold vs one prediction, in-process) and
+`verify_batch` / `verify_batch_reasons` (many pairs; the stages that may be slow run in a pool of worker processes
+with a hard per-item deadline and a memory cap). Safe from any thread: nothing here uses signals.
+Not for: grading proofs or free-form text. Model output is untrusted: it is parsed by eval/latex.py's own grammar
+and never reaches eval/exec or sympy's string parsers.
+
+Stages, cheapest first (eval/latex.py has the details):
+  1. normalisation and exact match of token strings            in-process, decides most correct answers
+  2. structure + exact rationals + floats at random points     in-process, decides almost everything else
+  3. sympy simplify on trees built with sympy constructors      worker process, only where 2 cannot decide
+A verdict is one of "correct", "wrong", "unparseable" (no answer, or the prediction is outside the grammar or its
+size guards) or "timeout" (the worker ran past its deadline, or died, e.g. on its memory cap; it is replaced).
+"""
+
+import atexit
+import json
+import multiprocessing
+import re
+import threading
+import time
+from multiprocessing.connection import wait
+
+from eval.latex import NumericJudge, Refused, SympyJudge, canonical, compare, normalize, parse_answer
+
+REASONS = ("correct", "wrong", "unparseable", "timeout")
+MAX_TEXT_CHARS = 1_000_000  # a completion longer than this is cut to its last MAX_TEXT_CHARS characters
+
+# ---------------------------------------------------------------------------------------------------------------
+# Extraction
+
+
+def _braced(text: str, start: int) -> str | None:
+    """The contents of the {...} group opening at or after `start` (nested braces balanced), else None."""
+    j = start
+    while j < len(text) and text[j] == " ":
+        j += 1
+    if j >= len(text) or text[j] != "{":
+        return None
+    depth = 0
+    for k in range(j, len(text)):
+        c = text[k]
+        if c == "{" and text[k - 1] != "\\":
+            depth += 1
+        elif c == "}" and text[k - 1] != "\\":
+            depth -= 1
+            if depth == 0:
+                return text[j + 1 : k]
+    return None
+
+
+_ANSWER_IS = re.compile(r"answer is\s*:?\s*(.+?)(?:\.\s|\.?$|\n)", re.I)
+_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer in a completion, or None.
+
+    In order: the contents of the last \\boxed{…} or \\fbox{…} (nested braces allowed, also "\\boxed 5");
+    the text after the last "The answer is" up to the end of the sentence; the text after GSM8K's last "####";
+    otherwise (the last-resort rule) the last number in the text: an integer, decimal or a/b, commas allowed.
+    Never raises: anything that is not a str gives None.
+    """
+    if not isinstance(text, str) or not text:
+        return None
+    text = text[-MAX_TEXT_CHARS:]
+    best = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if best >= 0:
+        start = best + (6 if text.startswith("\\boxed", best) else 5)
+        inner = _braced(text, start)
+        if inner is not None:
+            return inner.strip()
+        m = re.match(r"\s+([^\s$]+)", text[start : start + 200])  # "\boxed 5"
+        if m:
+            return m.group(1)
+    tail = text[-5000:]
+    matches = list(_ANSWER_IS.finditer(tail))
+    if matches:
+        answer = matches[-1].group(1).strip().strip("$").strip()
+        if answer:
+            return answer
+    cut = text.rfind("####")
+    if cut >= 0:
+        answer = text[cut + 4 :].strip().split("\n")[0].strip()
+        if answer:
+            return answer
+    numbers = _LAST_NUMBER.findall(tail)
+    return numbers[-1].rstrip(",") if numbers else None
+
+
+def _looks_like_completion(pred: str) -> bool:
+    return (
+        "\\boxed" in pred or "\\fbox" in pred or "####" in pred or "\n" in pred or len(pred) > 200
+        or re.search(r"answer is", pred, re.I) is not None
+    )
+
+
+def _answer_of(pred: str) -> str | None:
+    return extract_answer(pred) if _looks_like_completion(pred) else pred.strip() or None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One pair: the in-process stages.
+
+
+def _gold_answer(gold: str) -> str:
+    return (extract_answer(gold) if ("\\boxed" in gold or "####" in gold) else None) or gold
+
+
+def _cheap(gold: str, answer: str, rel_tol: float) -> tuple[str, object, object]:
+    """(verdict, gold tree, pred tree); verdict "undecided" means only the sympy stage can tell."""
+    if answer == gold:
+        return "correct", None, None
+    cg, cp = canonical(gold), canonical(answer)
+    if cg == cp:
+        return "correct", None, None
+    try:
+        g = parse_answer(gold)
+    except Refused:
+        return "wrong", None, None  # gold outside the grammar: only an exact match could have been right
+    try:
+        p = parse_answer(answer)
+    except Refused:
+        return "unparseable", None, None
+    if g[0] == "text" or p[0] == "text":
+        same = re.sub(r"\s+", "", normalize(gold)).lower() == re.sub(r"\s+", "", normalize(answer)).lower()
+        return ("correct" if same else "wrong"), None, None
+    try:
+        verdict = compare(g, p, NumericJudge(rel_tol))
+    except Refused:
+        return "unparseable", None, None
+    except (ArithmeticError, ValueError, RecursionError):
+        verdict = None
+    return {True: "correct", False: "wrong", None: "undecided"}[verdict], g, p
+
+
+def _expensive(gold: str, answer: str, rel_tol: float) -> str:
+    """The sympy stage; runs in a worker process."""
+    try:
+        verdict = compare(parse_answer(gold), parse_answer(answer), SympyJudge(rel_tol))
+    except Refused:
+        return "unparseable"
+    except (ArithmeticError, ValueError, TypeError, RecursionError, AttributeError):
+        return "wrong"
+    return "correct" if verdict else "wrong"
+
+
+def verify_reason(gold: str, pred: str, *, rel_tol: float = 1e-6) -> str:
+    """Like verify, with the reason. Runs every stage in this process and thread: no deadline, so use it only on
+    trusted or short inputs; verify_batch is the entry point for model output."""
+    if not isinstance(gold, str) or not isinstance(pred, str):
+        return "unparseable"
+    answer = _answer_of(pred)
+    if answer is None:
+        return "unparseable"
+    verdict, _, _ = _cheap(_gold_answer(gold), answer, rel_tol)
+    return _expensive(_gold_answer(gold), answer, rel_tol) if verdict == "undecided" else verdict
+
+
+def verify(gold: str, pred: str, *, rel_tol: float = 1e-6) -> bool:
+    """True when `pred` (a full completion or an extracted answer) states the same answer as `gold`.
+
+    In-process and without a deadline; for model output in bulk use verify_batch, which has one.
+    """
+    return verify_reason(gold, pred, rel_tol=rel_tol) == "correct"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The worker pool.
+
+
+def _worker_main(conn, memory_bytes: int, check) -> None:
+    """Worker loop: read [gold, answer, rel_tol] as JSON, answer a verdict string. No pickle on the way in."""
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    except (ImportError, ValueError, OSError):
+        pass  # no RLIMIT_AS on this platform: the parent's deadline still bounds the item
+    while True:
+        try:
+            gold, answer, rel_tol = json.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return
+        try:
+            verdict = check(gold, answer, rel_tol)
+        except MemoryError:
+            verdict = "timeout"
+        except Exception:
+            verdict = "wrong"
+        conn.send_bytes(verdict.encode())
+
+
+class _Worker:
+    def __init__(self, ctx, memory_bytes: int, check):
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, memory_bytes, check), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(1.0)
+        self.conn.close()
+
+
+class Verifier:
+    """Owns a pool of worker processes for the sympy stage; the cheap stages run in the caller's thread.
+
+    Workers start lazily (the first item that needs sympy), live until close(), and are replaced when they pass
+    their deadline or die. Threads may share one Verifier: each batch checks workers out and returns them.
+    Workers are forked from a forkserver (preloaded with sympy), never from the caller, so a caller that holds
+    CUDA state or threads is safe. memory_mb caps each worker's address space (RLIMIT_AS).
+    """
+
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 2048, rel_tol: float = 1e-6,
+                 check=None):
+        if workers < 1:
+            raise ValueError(f"Verifier(workers={workers}): need at least one worker process")
+        self.workers = workers
+        self.timeout_s = timeout_s
+        self.memory_bytes = memory_mb << 20
+        self.rel_tol = rel_tol
+        self.check = check or _expensive  # a module-level function (gold, answer, rel_tol) -> verdict; tests swap it
+        self._ctx = multiprocessing.get_context("forkserver")
+        self._ctx.set_forkserver_preload(["eval.latex", "sympy"])
+        self._cond = threading.Condition()
+        self._idle: list[_Worker] = []
+        self._live = 0
+        self._closed = False
+        self.killed = 0  # workers killed or found dead, for tests and logs
+
+    # -- checkout -------------------------------------------------------------------------------------------------
+    def _acquire(self, n: int, limit: int) -> list[_Worker]:
+        with self._cond:
+            while not self._idle and self._live >= limit and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise RuntimeError("Verifier.verify_batch after close(): make a new Verifier")
+            taken = [self._idle.pop() for _ in range(min(n, len(self._idle)))]
+            spawn = max(0, min(n - len(taken), limit - self._live))
+            self._live += spawn
+        try:
+            taken += [_Worker(self._ctx, self.memory_bytes, self.check) for _ in range(spawn)]
+        except BaseException:
+            with self._cond:
+                self._live -= spawn
+            raise
+        return taken
+
+    def _release(self, alive: list[_Worker], dead: int) -> None:
+        with self._cond:
+            self._live -= dead
+            if self._closed:
+                for w in alive:
+                    w.kill()
+                self._live -= len(alive)
+            else:
+                self._idle.extend(alive)
+            self._cond.notify_all()
+
+    # -- batches --------------------------------------------------------------------------------------------------
+    def verify_batch_reasons(self, golds: list[str], preds: list[str], *, timeout_s: float | None = None,
+                             workers: int | None = None) -> list[str]:
+        """One verdict per pair: "correct", "wrong", "unparseable" or "timeout". Never raises on bad input.
+
+        timeout_s is the hard deadline of one item in a worker (from when it is sent); the cheap in-process
+        stages are bounded by the size guards of eval/latex.py instead.
+        """
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        limit = max(1, min(workers or self.workers, self.workers))
+        n = min(len(golds), len(preds)) if hasattr(golds, "__len__") and hasattr(preds, "__len__") else 0
+        out = ["unparseable"] * n
+        pending = []
+        for i in range(n):
+            gold, pred = golds[i], preds[i]
+            if not isinstance(gold, str) or not isinstance(pred, str):
+                continue
+            try:
+                answer = _answer_of(pred)
+                if answer is None:
+                    continue
+                gold = _gold_answer(gold)
+                verdict, _, _ = _cheap(gold, answer, self.rel_tol)
+            except Exception:  # a bug in a cheap stage must not take the training loop down
+                verdict = "unparseable"
+            if verdict == "undecided":
+                pending.append((i, gold, answer))
+            else:
+                out[i] = verdict
+        if pending:
+            self._run_pool(pending, out, timeout_s, limit)
+        return out
+
+    def _run_pool(self, pending: list, out: list, timeout_s: float, limit: int) -> None:
+        pending = pending[::-1]
+        crew = self._acquire(len(pending), limit)
+        idle, busy, dead = list(crew), {}, 0
+        try:
+            while pending or busy:
+                while pending and idle:
+                    w = idle.pop()
+                    i, gold, answer = pending.pop()
+                    try:
+                        w.conn.send_bytes(json.dumps([gold, answer, self.rel_tol]).encode())
+                    except (OSError, ValueError):  # died while idle: replace it and retry the item
+                        w.kill()
+                        self.killed += 1
+                        pending.append((i, gold, answer))
+                        idle.append(_Worker(self._ctx, self.memory_bytes, self.check))
+                        continue
+                    busy[w.conn] = (w, i, time.monotonic() + timeout_s)
+                now = time.monotonic()
+                next_deadline = min(d for _, _, d in busy.values())
+                for conn in wait(list(busy), timeout=max(0.0, next_deadline - now)):
+                    w, i, _ = busy.pop(conn)
+                    try:
+                        verdict = conn.recv_bytes().decode()
+                        out[i] = verdict if verdict in REASONS else "wrong"
+                        idle.append(w)
+                    except (EOFError, OSError):  # the worker died (memory cap, crash): replace it
+                        out[i] = "timeout"
+                        w.kill()
+                        self.killed += 1
+                        idle.append(_Worker(self._ctx, self.memory_bytes, self.check))
+                now = time.monotonic()
+                for conn, (w, i, deadline) in list(busy.items()):
+                    if now >= deadline:
+                        del busy[conn]
+                        out[i] = "timeout"
+                        w.kill()
+                        self.killed += 1
+                        idle.append(_Worker(self._ctx, self.memory_bytes, self.check))
+        except BaseException:
+            for w, _, _ in busy.values():
+                w.kill()
+                dead += 1
+            raise
+        finally:
+            self._release(idle, dead)
+
+    def verify_batch(self, golds: list[str], preds: list[str], *, timeout_s: float | None = None,
+                     workers: int | None = None) -> list[bool]:
+        return [r == "correct" for r in self.verify_batch_reasons(golds, preds, timeout_s=timeout_s, workers=workers)]
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._live -= len(idle)
+            self._cond.notify_all()
+        for w in idle:
+            w.kill()
+
+    def __enter__(self) -> "Verifier":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_default: Verifier | None = None
+_default_lock = threading.Lock()
+
+
+def default_verifier(workers: int = 2) -> Verifier:
+    """The process-wide Verifier used by the module-level functions; created on first use, closed at exit."""
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed or _default.workers < workers:
+            if _default is not None:
+                _default.close()
+            _default = Verifier(workers=workers)
+            atexit.register(_default.close)
+        return _default
+
+
+def verify_batch_reasons(golds: list[str], preds: list[str], *, timeout_s: float = 5.0, workers: int = 2) -> list[str]:
+    """Verdicts ("correct" / "wrong" / "unparseable" / "timeout") for each (gold, pred) pair; see Verifier."""
+    return default_verifier(workers).verify_batch_reasons(golds, preds, timeout_s=timeout_s, workers=workers)
+
+
+def verify_batch(golds: list[str], preds: list[str], *, timeout_s: float = 5.0, workers: int = 2) -> list[bool]:
+    """verify for many pairs, with a hard per-item deadline on the sympy stage; safe from any thread."""
+    return [r == "correct" for r in verify_batch_reasons(golds, preds, timeout_s=timeout_s, workers=workers)]
