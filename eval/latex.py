@@ -355,7 +355,7 @@ def _flat(node) -> str:
     return "{" + repr(node) + "}"
 
 
-def parse_expr(tokens: list[str]):
+def parse_scalar(tokens: list[str]):
     """Tokens of one scalar expression -> tree; raises Refused on anything else."""
     p = _Parser(list(tokens))
     node = p.expr()
@@ -432,9 +432,9 @@ def _answer(tokens: list[str], depth: int):
         return ("set", [_answer(p, depth + 1) for p in _split(tokens[1:-1], {","})])
     parts = _split(tokens, {"="})
     if len(parts) == 2:
-        return ("eq", parse_expr(parts[0]), parse_expr(parts[1]))
+        return ("eq", parse_scalar(parts[0]), parse_scalar(parts[1]))
     if len(parts) > 2:  # "x = y = 3": the last side is the value
-        return parse_expr(parts[-1])
+        return parse_scalar(parts[-1])
     pm = [j for j, tok in enumerate(tokens) if tok in ("\\pm", "\\mp")]
     if pm:
         if len(pm) > 3:
@@ -444,9 +444,9 @@ def _answer(tokens: list[str], depth: int):
             alt = list(tokens)
             for b, j in enumerate(pm):
                 alt[j] = "-" if (signs >> b) & 1 else "+"
-            options.append(parse_expr(alt))
+            options.append(parse_scalar(alt))
         return ("set", options)
-    return parse_expr(tokens)
+    return parse_scalar(tokens)
 
 
 def parse_matrix(s: str):
@@ -462,7 +462,7 @@ def parse_matrix(s: str):
         cells = row.split("&")
         if len(cells) > MAX_ELEMENTS:
             raise Refused("matrix row too long")
-        out.append([parse_expr(tokenize(c)) for c in cells])
+        out.append([parse_scalar(tokenize(c)) for c in cells])
     return ("matrix", out)
 
 
@@ -854,9 +854,9 @@ class SympyJudge(NumericJudge):
         diff = sympy.simplify(x - y)
         if diff == 0:
             return True
-        if diff.is_number:
-            value = complex(diff.evalf(30))
-            return abs(value) <= 1e-12 * max(1.0, abs(complex(x.evalf(30))))
+        if diff.is_number:  # simplify may leave an exact zero unreduced (nested radicals): 50 digits decide
+            scale = max(abs(x.evalf(50)), abs(y.evalf(50)))
+            return bool(scale != 0 and abs(diff.evalf(50)) <= sympy.Float(1e-30) * scale)
         return bool(x.equals(y))
 
     def equation(self, fa, fb) -> bool | None:

@@ -16,8 +16,10 @@ size guards) or "timeout" (the worker ran past its deadline, or died, e.g. on it
 
 import atexit
 import json
-import multiprocessing
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing.connection import wait
@@ -167,64 +169,107 @@ def verify(gold: str, pred: str, *, rel_tol: float = 1e-6) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The worker pool.
+# The worker pool: plain child processes (fork+exec of this Python) talking JSON lines over pipes. Not
+# multiprocessing: its spawn/forkserver children re-import the caller's __main__ (a training script), and its
+# fork start copies the caller's threads and CUDA state.
+
+_WORKER_BOOT = "from eval.verify import _worker_main; _worker_main()"  # a constant, never model text
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _worker_main(conn, memory_bytes: int, check) -> None:
-    """Worker loop: read [gold, answer, rel_tol] as JSON, answer a verdict string. No pickle on the way in."""
+def _worker_main() -> None:
+    """Worker loop (stdin/stdout of a child process). argv: memory cap in bytes, check as "module:function".
+
+    Reads one JSON [gold, answer, rel_tol] per line, writes one verdict per line. No pickle in either direction.
+    """
+    import importlib
+
+    memory_bytes, spec = int(sys.argv[1]), sys.argv[2]
+    module, name = spec.split(":")
+    check = getattr(importlib.import_module(module), name)
+    import sympy  # noqa: F401  -- imported before "ready" so that no item's deadline pays for it
+
     try:
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     except (ImportError, ValueError, OSError):
-        pass  # no RLIMIT_AS on this platform: the parent's deadline still bounds the item
-    while True:
+        pass  # no RLIMIT_AS here: the parent's deadline still bounds every item
+    out = sys.stdout
+    out.write("ready\n")
+    out.flush()
+    for line in sys.stdin:
         try:
-            gold, answer, rel_tol = json.loads(conn.recv_bytes())
-        except (EOFError, OSError):
-            return
-        try:
+            gold, answer, rel_tol = json.loads(line)
             verdict = check(gold, answer, rel_tol)
         except MemoryError:
             verdict = "timeout"
         except Exception:
             verdict = "wrong"
-        conn.send_bytes(verdict.encode())
+        out.write(f"{verdict}\n")
+        out.flush()
 
 
 class _Worker:
-    def __init__(self, ctx, memory_bytes: int, check):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, memory_bytes, check), daemon=True)
-        self.proc.start()
-        child.close()
+    def __init__(self, memory_bytes: int, check: str):
+        env = dict(os.environ, PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER_BOOT, str(memory_bytes), check],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
+        )
+        self.fd = self.proc.stdout.fileno()
+        self.ready = False
+        self._buf = b""
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def send(self, gold: str, answer: str, rel_tol: float) -> None:
+        self.proc.stdin.write(json.dumps([gold, answer, rel_tol]).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def read_line(self) -> str | None:
+        """The next line if a whole one has arrived, "" if not yet, None at EOF (the worker died)."""
+        chunk = os.read(self.fd, 4096)
+        if not chunk:
+            return None
+        self._buf += chunk
+        if b"\n" not in self._buf:
+            return ""
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode(errors="replace")
 
     def kill(self) -> None:
-        self.proc.kill()
-        self.proc.join(1.0)
-        self.conn.close()
+        try:
+            self.proc.kill()
+            self.proc.wait(1.0)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 class Verifier:
     """Owns a pool of worker processes for the sympy stage; the cheap stages run in the caller's thread.
 
-    Workers start lazily (the first item that needs sympy), live until close(), and are replaced when they pass
-    their deadline or die. Threads may share one Verifier: each batch checks workers out and returns them.
-    Workers are forked from a forkserver (preloaded with sympy), never from the caller, so a caller that holds
-    CUDA state or threads is safe. memory_mb caps each worker's address space (RLIMIT_AS).
+    Workers start lazily (when an item first needs sympy; ~1 s to import it, not counted in any deadline), live
+    until close(), and are replaced when they pass their deadline or die. Threads may share one Verifier: each
+    batch checks workers out and returns them. memory_mb caps each worker's address space (RLIMIT_AS).
+    `check` names the worker's function as "module:function" (tests swap in a hanging one).
     """
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 2048, rel_tol: float = 1e-6,
-                 check=None):
+                 check: str = "eval.verify:_expensive"):
         if workers < 1:
             raise ValueError(f"Verifier(workers={workers}): need at least one worker process")
         self.workers = workers
         self.timeout_s = timeout_s
         self.memory_bytes = memory_mb << 20
         self.rel_tol = rel_tol
-        self.check = check or _expensive  # a module-level function (gold, answer, rel_tol) -> verdict; tests swap it
-        self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(["eval.latex", "sympy"])
+        self.check = check
         self._cond = threading.Condition()
         self._idle: list[_Worker] = []
         self._live = 0
@@ -242,7 +287,7 @@ class Verifier:
             spawn = max(0, min(n - len(taken), limit - self._live))
             self._live += spawn
         try:
-            taken += [_Worker(self._ctx, self.memory_bytes, self.check) for _ in range(spawn)]
+            taken += [_Worker(self.memory_bytes, self.check) for _ in range(spawn)]
         except BaseException:
             with self._cond:
                 self._live -= spawn
@@ -265,12 +310,15 @@ class Verifier:
                              workers: int | None = None) -> list[str]:
         """One verdict per pair: "correct", "wrong", "unparseable" or "timeout". Never raises on bad input.
 
-        timeout_s is the hard deadline of one item in a worker (from when it is sent); the cheap in-process
-        stages are bounded by the size guards of eval/latex.py instead.
+        timeout_s is the hard deadline of one item in a worker, counted from when it is sent; the cheap
+        in-process stages are bounded by the size guards of eval/latex.py instead.
         """
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         limit = max(1, min(workers or self.workers, self.workers))
-        n = min(len(golds), len(preds)) if hasattr(golds, "__len__") and hasattr(preds, "__len__") else 0
+        try:
+            n = min(len(golds), len(preds))
+        except TypeError:
+            return []
         out = ["unparseable"] * n
         pending = []
         for i in range(n):
@@ -296,49 +344,65 @@ class Verifier:
     def _run_pool(self, pending: list, out: list, timeout_s: float, limit: int) -> None:
         pending = pending[::-1]
         crew = self._acquire(len(pending), limit)
-        idle, busy, dead = list(crew), {}, 0
+        idle = [w for w in crew if w.ready]
+        starting = [w for w in crew if not w.ready]
+        busy: dict[_Worker, tuple[int, float]] = {}
+        dead = 0
+
+        def replace(w: _Worker) -> None:
+            w.kill()
+            self.killed += 1
+            starting.append(_Worker(self.memory_bytes, self.check))
+
         try:
             while pending or busy:
                 while pending and idle:
                     w = idle.pop()
                     i, gold, answer = pending.pop()
                     try:
-                        w.conn.send_bytes(json.dumps([gold, answer, self.rel_tol]).encode())
-                    except (OSError, ValueError):  # died while idle: replace it and retry the item
-                        w.kill()
-                        self.killed += 1
+                        w.send(gold, answer, self.rel_tol)
+                    except (OSError, ValueError):  # died while idle: replace it, retry the item
                         pending.append((i, gold, answer))
-                        idle.append(_Worker(self._ctx, self.memory_bytes, self.check))
+                        replace(w)
                         continue
-                    busy[w.conn] = (w, i, time.monotonic() + timeout_s)
+                    busy[w] = (i, time.monotonic() + timeout_s)
                 now = time.monotonic()
-                next_deadline = min(d for _, _, d in busy.values())
-                for conn in wait(list(busy), timeout=max(0.0, next_deadline - now)):
-                    w, i, _ = busy.pop(conn)
-                    try:
-                        verdict = conn.recv_bytes().decode()
-                        out[i] = verdict if verdict in REASONS else "wrong"
+                deadline = min((d for _, d in busy.values()), default=now + 60.0)
+                for w in wait(list(busy) + starting, timeout=max(0.0, deadline - now)):
+                    line = w.read_line()
+                    if line == "":
+                        continue
+                    if w in starting:
+                        starting.remove(w)
+                        if line == "ready":
+                            w.ready = True
+                            idle.append(w)
+                        else:  # could not start (bad check name, no sympy): give up on this worker
+                            w.kill()
+                            dead += 1
+                            if not (idle or busy or starting):
+                                raise RuntimeError(f"eval.verify: worker for {self.check!r} failed to start")
+                        continue
+                    i, _ = busy.pop(w)
+                    if line is None:  # died on its memory cap or crashed
+                        out[i] = "timeout"
+                        replace(w)
+                    else:
+                        out[i] = line if line in REASONS else "wrong"
                         idle.append(w)
-                    except (EOFError, OSError):  # the worker died (memory cap, crash): replace it
-                        out[i] = "timeout"
-                        w.kill()
-                        self.killed += 1
-                        idle.append(_Worker(self._ctx, self.memory_bytes, self.check))
                 now = time.monotonic()
-                for conn, (w, i, deadline) in list(busy.items()):
-                    if now >= deadline:
-                        del busy[conn]
+                for w, (i, d) in list(busy.items()):
+                    if now >= d:
+                        del busy[w]
                         out[i] = "timeout"
-                        w.kill()
-                        self.killed += 1
-                        idle.append(_Worker(self._ctx, self.memory_bytes, self.check))
+                        replace(w)
         except BaseException:
-            for w, _, _ in busy.values():
+            for w in list(busy):
                 w.kill()
                 dead += 1
             raise
         finally:
-            self._release(idle, dead)
+            self._release(idle + starting, dead)
 
     def verify_batch(self, golds: list[str], preds: list[str], *, timeout_s: float | None = None,
                      workers: int | None = None) -> list[bool]:
