@@ -271,6 +271,23 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class LMHead(nn.Linear):
+    """The output projection. Called with `targets`, it returns their log-probs through the fused kernel instead
+    of logits, so [T, V] logits never exist in training. It stays a module call either way so that FSDP2 gathers
+    its weight (its hooks fire on `__call__`, not on reading `.weight`)."""
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None,
+                temperature: float = 1.0) -> torch.Tensor:
+        if targets is None:
+            return super().forward(hidden)
+        from kernels.logprob import linear_logprob  # lazy: Triton is only needed by training
+
+        shape = targets.shape
+        logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), self.weight, targets.reshape(-1),
+                              temperature=temperature)
+        return logp.view(shape)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -326,7 +343,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -380,8 +397,13 @@ class Transformer(nn.Module):
         *,
         kv_cache: KVCache | None = None,
         return_hidden: bool = False,
+        targets: torch.Tensor | None = None,
+        temperature: float = 1.0,
     ) -> torch.Tensor:
         """input_ids [B, S] -> logits [B, S, V] (or final normed hidden [B, S, H] with return_hidden=True).
+
+        targets [B, S] (token ids, -100 = ignore): return their log-probs [B, S] float32 under logits/temperature
+        instead, computed by the fused kernel (0 where ignored). This is the training path.
 
         position_ids [B, S]: per-token positions; a 0 starts a new document (packed sequences). With `kv_cache`
         they are also the cache slots this forward writes; row b of the batch is row b of the cache (use
@@ -395,4 +417,8 @@ class Transformer(nn.Module):
             cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
             x = layer(x, cos, sin, attn, cache)
         x = self.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        if return_hidden:
+            return x
+        if targets is not None:
+            return self.lm_head(x, targets, temperature)
+        return self.lm_head(x)
