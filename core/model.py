@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 try:  # optional: flash-attn's varlen kernel for packed sequences on CUDA
@@ -295,8 +296,16 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        # Set by core.distributed.parallelize. The recomputed region is inside forward, so FSDP2's hooks on this
+        # module's __call__ run once per step, not again during recomputation (and parameter names do not change).
+        self.activation_checkpointing = False
 
     def forward(self, x, cos, sin, attn, cache=None) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, attn, use_reentrant=False)
+        return self._forward(x, cos, sin, attn, cache)
+
+    def _forward(self, x, cos, sin, attn, cache=None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
