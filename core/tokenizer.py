@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -116,8 +117,7 @@ def _strftime_now(fmt: str) -> str:
 @lru_cache(maxsize=16)
 def compile_chat_template(template: str) -> jinja2.Template:
     """Compile a chat template in a sandbox (templates from the Hub are untrusted code). Raises jinja2 errors."""
-    major, minor, patch = (int(p) for p in jinja2.__version__.split(".")[:3])
-    if (major, minor, patch) < (3, 1, 6):
+    if tuple(int(re.match(r"\d*", p).group() or 0) for p in jinja2.__version__.split(".")[:3]) < (3, 1, 6):
         raise ImportError(f"chat templates need jinja2>=3.1.6 (older sandboxes have known escapes); found "
                           f"{jinja2.__version__}: pip install -U 'jinja2>=3.1.6'")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
@@ -366,8 +366,8 @@ class Tokenizer:
         try:
             return compile_chat_template(template)
         except jinja2.TemplateSyntaxError as e:
-            raise ChatTemplateError(f"{self.chat_template_source}: the chat template does not compile: line {e.lineno}: "
-                                    f"{e.message}") from None
+            raise ChatTemplateError(f"{self.chat_template_source}: the chat template does not compile: "
+                                    f"line {e.lineno}: {e.message}") from None
 
     def render_chat(self, messages: Sequence[dict], *, add_generation_prompt: bool = False,
                     **template_kwargs: Any) -> str:
@@ -414,8 +414,9 @@ class Tokenizer:
         def extend(text: str, what: str) -> str:
             if not text.startswith(done):
                 raise ChatTemplateError(
-                    f"{self.chat_template_source}: the template is not prefix-stable: rendering {what} does not start with the "
-                    f"rendering of the messages before it, so assistant tokens cannot be located by prefix "
+                    f"{self.chat_template_source}: the template is not prefix-stable: rendering {what} does not "
+                    f"start with the rendering of the messages before it, so assistant tokens cannot be located "
+                    f"by prefix "
                     f"(first difference at character {_first_difference(done, text)}); use a template whose "
                     f"earlier turns render the same whatever follows them")
             return text[len(done):]

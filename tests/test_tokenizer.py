@@ -203,8 +203,8 @@ def test_chat_template_matches_transformers(request, template_dir, conversation,
 def test_qwen_default_system_prompt_and_generation_prompt(qwen_dir):
     tok = Tokenizer.from_dir(qwen_dir)
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
-    assert text == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
-                    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert text == ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+                    "assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_llama_template_starts_with_bos_once(llama_dir):
