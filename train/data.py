@@ -1,0 +1,676 @@
+"""Multi-task SFT data: JSONL sub-datasets -> chat-rendered token streams -> packed, fixed-shape micro-batches.
+
+What it is for:
+  - Reading sub-datasets from JSONL (`{"prompt", "response"}` rows with an optional "system", or `{"messages"}`
+    rows), one sub-dataset per file or per `task` field, each with a train and a held-out split; every malformed
+    row is an error naming file:line and what is wrong.
+  - Rendering each row with the tokenizer's chat template; the loss covers assistant tokens only (their content and
+    end-of-turn token). Rows longer than `seq_len` follow an explicit truncation policy, with counts reported.
+  - A mixture sampler over the sub-datasets (proportional to size by default, or explicit weights) that can drop a
+    sub-dataset on the fly (mSFT), and whose order is deterministic given the seed and resumable from a small state.
+  - Greedy packing into micro-batches of a fixed [B, S] shape (B = max_tokens // seq_len), documents never crossing,
+    positions restarting at 0 per document (the model derives its block-diagonal attention from the restarts).
+  - Held-out evaluation: packed batches per sub-dataset (held-out loss) and the raw prompts with their expected
+    answers (generation-based exact match).
+
+What it is not: a streaming loader for corpora that do not fit in host memory (every split is tokenized up front,
+which suits SFT mixtures of up to a few million rows), the training loop, or the generation/eval code.
+
+Definitions the trainer relies on:
+  - Epoch: one pass's worth of draws over the *active* mixture, i.e. sum of the active sub-datasets' training sizes.
+    `progress` is a float in epochs; it counts documents placed in batches handed out, and after a sub-dataset is
+    excluded it keeps counting against the smaller mixture, so "every quarter epoch" stays meaningful in mSFT.
+  - Draws: each document picks its sub-dataset at random with probability proportional to the weights (the sizes
+    by default), then takes the next example of that sub-dataset's own shuffled order (a fresh permutation per pass
+    over it). So within a sub-dataset no example repeats before all have been seen.
+  - Distributed: every rank builds the same sampler and packs the same global stream of micro-batches; one call to
+    `next_batch()` packs `world_size` consecutive micro-batches and rank r tensorizes and returns the r-th. Ranks thus
+    get disjoint slices of one global batch, hold identical loader state, and any rank's `state_dict()` resumes all.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+TRUNCATION_POLICIES = ("error", "truncate_left_prompt", "drop")
+
+
+class DataError(ValueError):
+    """Malformed or unusable data; the message names the file:line (or sub-dataset) and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows: reading and validating
+
+
+@dataclass
+class Row:
+    """One conversation to train on or evaluate: messages end with the assistant turn that is the response.
+
+    `answer` is what a checker compares a generation against: the row's "answer" field when it has one, else the
+    final assistant content. `where` ("file:line" or "source[i]") is for error messages.
+    """
+
+    task: str
+    messages: list[dict[str, str]]
+    answer: str
+    where: str
+
+
+def _type_name(x: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(x), type(x).__name__)
+
+
+def _need_str(obj: dict, key: str, where: str, *, nonempty: bool = True) -> str:
+    value = obj[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: key '{key}' must be a string, got {_type_name(value)}")
+    if nonempty and not value.strip():
+        raise DataError(f"{where}: empty {key}; give it text or remove the row")
+    return value
+
+
+def parse_row(obj: Any, where: str, default_task: str | None = None) -> Row:
+    """Validate one decoded JSONL row and turn it into a Row (the prompt/response form becomes messages)."""
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object per line, got {_type_name(obj)}")
+    task = default_task
+    if "task" in obj:
+        task = _need_str(obj, "task", where)
+    if task is None:
+        raise DataError(f"{where}: missing key 'task' (in-memory rows must name their sub-dataset)")
+
+    if "messages" in obj:
+        if "prompt" in obj or "response" in obj:
+            raise DataError(f"{where}: has both 'messages' and 'prompt'/'response'; keep one form")
+        raw = obj["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise DataError(f"{where}: key 'messages' must be a non-empty array, got {_type_name(raw) if raw != [] else 'an empty array'}")
+        messages = []
+        for j, m in enumerate(raw):
+            if not isinstance(m, dict):
+                raise DataError(f"{where}: messages[{j}] must be an object with 'role' and 'content', got {_type_name(m)}")
+            for key in ("role", "content"):
+                if key not in m:
+                    raise DataError(f"{where}: messages[{j}] is missing key '{key}'")
+                if not isinstance(m[key], str):
+                    raise DataError(f"{where}: messages[{j}].{key} must be a string, got {_type_name(m[key])}")
+            if m["role"] not in ROLES:
+                raise DataError(f"{where}: messages[{j}] has unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
+            messages.append({"role": m["role"], "content": m["content"]})
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's (the response to train on), got "
+                            f"role {messages[-1]['role']!r}")
+        if not messages[-1]["content"].strip():
+            raise DataError(f"{where}: empty response (the last assistant message has no text)")
+        if "system" in obj:
+            if messages[0]["role"] == "system":
+                raise DataError(f"{where}: has both a 'system' key and a system message; keep one")
+            messages.insert(0, {"role": "system", "content": _need_str(obj, "system", where)})
+    else:
+        for key in ("prompt", "response"):
+            if key not in obj:
+                raise DataError(f"{where}: missing key '{key}' (a row is {{\"prompt\", \"response\"}} with an "
+                                f"optional \"system\", or {{\"messages\"}})")
+        messages = [{"role": "user", "content": _need_str(obj, "prompt", where)},
+                    {"role": "assistant", "content": _need_str(obj, "response", where)}]
+        if "system" in obj:
+            messages.insert(0, {"role": "system", "content": _need_str(obj, "system", where)})
+
+    answer = _need_str(obj, "answer", where) if "answer" in obj else messages[-1]["content"]
+    return Row(task, messages, answer, where)
+
+
+def read_jsonl(path: str | Path) -> dict[str, list[Row]]:
+    """Rows of one JSONL file grouped by sub-dataset: the row's `task` field, else the file's stem. Blank lines are
+    skipped; any other bad line raises DataError naming path:line. An empty file is an error (empty sub-dataset)."""
+    path = Path(path)
+    groups: dict[str, list[Row]] = {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON "
+                                f"object") from None
+            row = parse_row(obj, where, default_task=path.stem)
+            groups.setdefault(row.task, []).append(row)
+    if not groups:
+        raise DataError(f"{path}: sub-dataset '{path.stem}' is empty (no rows); fill the file or remove it")
+    return groups
+
+
+def rows_from_records(records: Iterable[dict], source: str, default_task: str | None = None) -> dict[str, list[Row]]:
+    """In-memory rows (e.g. train.synthetic) through the same validation, grouped by their `task` field."""
+    groups: dict[str, list[Row]] = {}
+    for i, obj in enumerate(records):
+        row = parse_row(obj, f"{source}[{i}]", default_task)
+        groups.setdefault(row.task, []).append(row)
+    return groups
+
+
+def _merge(into: dict[str, list[Row]], more: dict[str, list[Row]]) -> None:
+    for task, rows in more.items():
+        into.setdefault(task, []).extend(rows)
+
+
+def split_heldout(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
+    """Carve a held-out split off one sub-dataset: a seeded shuffle, then round(fraction * n) rows (at least 1)."""
+    if len(rows) < 2:
+        raise DataError(f"sub-dataset '{rows[0].task}' has {len(rows)} row; it needs at least 2 to carve a held-out "
+                        f"split from; add rows or give it a held-out file")
+    order = list(range(len(rows)))
+    random.Random(f"{seed}:{rows[0].task}").shuffle(order)
+    n_heldout = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+    held = sorted(order[:n_heldout])
+    keep = sorted(order[n_heldout:])
+    return [rows[i] for i in keep], [rows[i] for i in held]
+
+
+def load_split_dir(root: str | Path, heldout_fraction: float | None = None,
+                   seed: int = 0) -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
+    """Read root/train/*.jsonl and root/heldout/*.jsonl (the layout `train.synthetic.write_jsonl` writes).
+
+    Without root/heldout/, `heldout_fraction` carves a held-out split off each training sub-dataset (seeded).
+    Returns (train, heldout), each {sub-dataset name: rows}, with the same names in both.
+    """
+    root = Path(root)
+    train_dir, heldout_dir = root / "train", root / "heldout"
+    files = sorted(train_dir.glob("*.jsonl"))
+    if not files:
+        raise DataError(f"{train_dir}: no *.jsonl files; put one file per sub-dataset there")
+    train: dict[str, list[Row]] = {}
+    for f in files:
+        _merge(train, read_jsonl(f))
+    if heldout_dir.is_dir():
+        heldout: dict[str, list[Row]] = {}
+        for f in sorted(heldout_dir.glob("*.jsonl")):
+            _merge(heldout, read_jsonl(f))
+    elif heldout_fraction is not None:
+        heldout = {}
+        for task in list(train):
+            train[task], heldout[task] = split_heldout(train[task], heldout_fraction, seed)
+    else:
+        raise DataError(f"{heldout_dir}: missing; add held-out files with the training files' names, or set a "
+                        f"held-out fraction to carve them from the training split")
+    missing = sorted(set(train) - set(heldout))
+    extra = sorted(set(heldout) - set(train))
+    if missing or extra:
+        raise DataError(f"{root}: train and held-out sub-datasets differ (no held-out rows for {missing}, no training "
+                        f"rows for {extra}); every sub-dataset needs both splits")
+    return train, heldout
+
+
+def synthetic_rows(seed: int = 0, train_sizes: dict[str, int] | None = None,
+                   heldout_sizes: dict[str, int] | None = None) -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
+    """The built-in tasks (train/synthetic.py) as (train, heldout) rows, without going through files."""
+    from train.synthetic import build_tasks
+
+    train, heldout = {}, {}
+    for name, task in build_tasks(seed, train_sizes, heldout_sizes).items():
+        _merge(train, rows_from_records(task.train, f"synthetic:{name}/train"))
+        _merge(heldout, rows_from_records(task.heldout, f"synthetic:{name}/heldout"))
+    return train, heldout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizing: chat template, loss mask, truncation
+
+
+@dataclass
+class TokenizedSplit:
+    """One sub-dataset's split as one flat token stream: document i is ids[offsets[i]:offsets[i+1]].
+
+    `loss` marks the tokens the model is trained to produce (assistant content and end-of-turn). `kept` are the
+    indices into the split's rows that survived the truncation policy (held-out rows keep their order).
+    """
+
+    name: str
+    ids: np.ndarray  # int32 [T]
+    loss: np.ndarray  # bool [T]
+    offsets: np.ndarray  # int64 [N + 1]
+    kept: list[int]
+    truncated: int
+    dropped: int
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def length(self, i: int) -> int:
+        return int(self.offsets[i + 1] - self.offsets[i])
+
+    def doc(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.ids[a:b], self.loss[a:b]
+
+
+def tokenize_split(name: str, rows: list[Row], tokenizer: Any, seq_len: int, truncation: str = "error",
+                   split: str = "train") -> TokenizedSplit:
+    """Render each row with `tokenizer.render_with_assistant_mask` and apply the truncation policy to rows longer
+    than `seq_len` tokens:
+      "error"                 raise, naming the row and its length;
+      "truncate_left_prompt"  drop tokens from the start of the conversation (system and user text first) until it
+                              fits; a row whose response alone leaves no room for a single prompt token is dropped;
+      "drop"                  leave the row out.
+    Truncated and dropped rows are counted; a split left with no rows is an error naming the sub-dataset.
+    """
+    if truncation not in TRUNCATION_POLICIES:
+        raise DataError(f"unknown truncation policy {truncation!r}; use one of {', '.join(TRUNCATION_POLICIES)}")
+    if not rows:
+        raise DataError(f"sub-dataset '{name}' has no {split} rows")
+    docs_ids, docs_loss, kept = [], [], []
+    truncated = dropped = 0
+    for i, row in enumerate(rows):
+        ids, mask = tokenizer.render_with_assistant_mask(row.messages)
+        ids, loss = np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=bool)
+        if not loss.any():
+            raise DataError(f"{row.where}: the chat template produced no assistant tokens for this row; check that "
+                            f"the tokenizer's template renders assistant turns")
+        if len(ids) > seq_len:
+            if truncation == "error":
+                raise DataError(f"{row.where}: sub-dataset '{row.task}' row renders to {len(ids)} tokens, more than "
+                                f"seq_len={seq_len}; raise seq_len, shorten the row, or set the truncation policy "
+                                f"to 'truncate_left_prompt' or 'drop'")
+            cut = len(ids) - seq_len
+            if truncation == "drop" or cut >= int(np.argmax(loss)):  # argmax: the first trained token
+                dropped += 1
+                continue
+            ids, loss = ids[cut:], loss[cut:]
+            truncated += 1
+        docs_ids.append(ids)
+        docs_loss.append(loss)
+        kept.append(i)
+    if not kept:
+        raise DataError(f"sub-dataset '{name}': all {len(rows)} {split} rows are longer than seq_len={seq_len} and "
+                        f"were dropped; raise seq_len or use truncation='truncate_left_prompt'")
+    offsets = np.zeros(len(docs_ids) + 1, dtype=np.int64)
+    np.cumsum([len(d) for d in docs_ids], out=offsets[1:])
+    return TokenizedSplit(name, np.concatenate(docs_ids), np.concatenate(docs_loss), offsets, kept, truncated, dropped)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The batch the trainer and the model consume
+
+
+@dataclass
+class PackedBatch:
+    """A micro-batch of packed documents, shapes static: [B, S] with B * S <= max_tokens.
+
+    input_ids     [B, S]  token ids; padding is pad_id
+    position_ids  [B, S]  restart at 0 at each document (the model's document boundaries); the padding after the last
+                          document of a row is one more document, positions 0, 1, ...
+    targets       [B, S]  already shifted: targets[b, t] = input_ids[b, t + 1] when that token is a trained (assistant)
+                          token of the same document, else -100
+    task_ids      [B, S]  sub-dataset index per position (into `tasks`), -1 on padding
+    num_loss_tokens       number of targets != -100 in this micro-batch (this rank's only)
+    tasks                 index -> sub-dataset name
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    task_ids: torch.Tensor
+    num_loss_tokens: int
+    tasks: list[str]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+        return PackedBatch(*(t.to(device, non_blocking=non_blocking) for t in
+                             (self.input_ids, self.position_ids, self.targets, self.task_ids)),
+                           self.num_loss_tokens, self.tasks)
+
+
+def pack_rows(rows: Sequence[Sequence[tuple[int, int]]], splits: Sequence[TokenizedSplit], seq_len: int,
+              pad_id: int, tasks: list[str]) -> PackedBatch:
+    """Tensorize packed rows: rows[b] lists the (task index, document index) pairs laid out left to right in row b.
+    `splits[task index]` holds the documents; every row must fit in seq_len."""
+    B, S = len(rows), seq_len
+    input_ids = np.full((B, S), pad_id, dtype=np.int64)
+    position_ids = np.empty((B, S), dtype=np.int64)
+    targets = np.full((B, S), IGNORE_INDEX, dtype=np.int64)
+    task_ids = np.full((B, S), -1, dtype=np.int64)
+    ramp = np.arange(S, dtype=np.int64)
+    for b, row in enumerate(rows):
+        c = 0
+        for t, i in row:
+            ids, loss = splits[t].doc(i)
+            n = len(ids)
+            input_ids[b, c:c + n] = ids
+            position_ids[b, c:c + n] = ramp[:n]
+            # The target at t is the token at t+1, kept only where that token is trained; the last token of a
+            # document has no target, so nothing is ever predicted across a document boundary.
+            targets[b, c:c + n - 1] = np.where(loss[1:], ids[1:], IGNORE_INDEX)
+            task_ids[b, c:c + n] = t
+            c += n
+        if c > S:
+            raise ValueError(f"pack_rows: row {b} holds {c} tokens, more than seq_len={S}")
+        position_ids[b, c:] = ramp[:S - c]
+    return PackedBatch(torch.from_numpy(input_ids), torch.from_numpy(position_ids), torch.from_numpy(targets),
+                       torch.from_numpy(task_ids), int((targets != IGNORE_INDEX).sum()), tasks)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The mixture sampler
+
+
+class MixtureSampler:
+    """Deterministic, resumable draws of (sub-dataset, example) over a mixture, with on-the-fly exclusion.
+
+    Draw k takes uniform k of a seeded stream (generated in blocks, so any position is cheap to regenerate) and maps
+    it through the cumulative weights of the active sub-datasets; the sub-dataset then yields the next index of its
+    permutation for the current pass, seeded by (seed, sub-dataset, pass). The whole state is a few integers per
+    sub-dataset, and excluding a sub-dataset only changes how later uniforms are mapped, so a run that excludes
+    at draw k is reproduced exactly by resuming from a state saved at any point and excluding at the same k.
+    """
+
+    BLOCK = 4096
+
+    def __init__(self, sizes: dict[str, int], seed: int, weights: dict[str, float] | None = None) -> None:
+        if seed < 0:
+            raise ValueError(f"MixtureSampler: seed must be >= 0, got {seed}")
+        self.names = list(sizes)
+        self.sizes = [int(sizes[n]) for n in self.names]
+        if any(s < 1 for s in self.sizes):
+            raise DataError(f"MixtureSampler: every sub-dataset needs at least one row, got sizes {dict(sizes)}")
+        if weights is None:
+            self.weights = [float(s) for s in self.sizes]
+        else:
+            unknown = sorted(set(weights) - set(self.names))
+            if unknown:
+                raise DataError(f"mixture weights name unknown sub-datasets {unknown}; known: {self.names}")
+            self.weights = [float(weights.get(n, 0.0)) for n in self.names]
+            if any(not (w >= 0 and np.isfinite(w)) for w in self.weights):
+                raise DataError(f"mixture weights must be finite and >= 0, got {weights}")
+        self.seed = seed
+        self.active = [w > 0 for w in self.weights]
+        if not any(self.active):
+            raise DataError(f"mixture weights {weights} give every sub-dataset weight 0")
+        self.draws = 0
+        self.passes = [0] * len(self.names)
+        self.cursor = [0] * len(self.names)
+        self.epoch_base = 0.0  # progress at the last change of the active set
+        self.draws_at_change = 0
+        self._block: tuple[int, np.ndarray] = (-1, np.empty(0))
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+        self._refresh()
+
+    def _refresh(self) -> None:
+        w = np.array([wi if a else 0.0 for wi, a in zip(self.weights, self.active)])
+        self._cum = np.cumsum(w) / w.sum()
+        self._active_size = sum(s for s, a in zip(self.sizes, self.active) if a)
+
+    @property
+    def progress(self) -> float:
+        """Epochs drawn so far, an epoch being sum of the active sub-datasets' sizes in draws."""
+        return self.epoch_base + (self.draws - self.draws_at_change) / self._active_size
+
+    def _uniform(self, k: int) -> float:
+        block, offset = divmod(k, self.BLOCK)
+        if self._block[0] != block:
+            self._block = (block, np.random.default_rng([self.seed, 0, block]).random(self.BLOCK))
+        return float(self._block[1][offset])
+
+    def _perm(self, t: int) -> np.ndarray:
+        cached = self._perms.get(t)
+        if cached is None or cached[0] != self.passes[t]:
+            cached = (self.passes[t], np.random.default_rng([self.seed, 1, t, self.passes[t]]).permutation(self.sizes[t]))
+            self._perms[t] = cached
+        return cached[1]
+
+    def next(self) -> tuple[int, int]:
+        """The next (sub-dataset index, example index)."""
+        u = self._uniform(self.draws)
+        t = min(int(np.searchsorted(self._cum, u, side="right")), len(self.names) - 1)
+        while not self.active[t]:  # only reachable through float rounding at the top of the cumulative sum
+            t -= 1
+        i = int(self._perm(t)[self.cursor[t]])
+        self.cursor[t] += 1
+        if self.cursor[t] == self.sizes[t]:
+            self.passes[t] += 1
+            self.cursor[t] = 0
+        self.draws += 1
+        return t, i
+
+    def _set_active(self, name: str, active: bool) -> None:
+        if name not in self.names:
+            raise DataError(f"unknown sub-dataset {name!r}; the mixture has {self.names}")
+        t = self.names.index(name)
+        if active and self.weights[t] == 0:
+            raise DataError(f"cannot include {name!r}: its mixture weight is 0")
+        if not active and sum(self.active) == 1 and self.active[t]:
+            raise DataError(f"cannot exclude {name!r}: it is the last active sub-dataset")
+        if self.active[t] == active:
+            return
+        self.epoch_base = self.progress
+        self.draws_at_change = self.draws
+        self.active[t] = active
+        self._refresh()
+
+    def exclude(self, name: str) -> None:
+        """Stop drawing from `name` from the next draw on; its position is kept in case it is included again."""
+        self._set_active(name, False)
+
+    def include(self, name: str) -> None:
+        self._set_active(name, True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"names": list(self.names), "sizes": list(self.sizes), "weights": list(self.weights),
+                "seed": self.seed, "draws": self.draws, "passes": list(self.passes), "cursor": list(self.cursor),
+                "active": list(self.active), "epoch_base": self.epoch_base, "draws_at_change": self.draws_at_change}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("names", "sizes", "weights", "seed"):
+            if state[key] != getattr(self, key):
+                raise DataError(f"data state was saved with {key}={state[key]}, but this mixture has "
+                                f"{key}={getattr(self, key)}; resume with the same data, seed and weights")
+        self.draws, self.epoch_base, self.draws_at_change = state["draws"], state["epoch_base"], state["draws_at_change"]
+        self.passes, self.cursor, self.active = list(state["passes"]), list(state["cursor"]), list(state["active"])
+        self._refresh()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The training loader: sampler + greedy packing, one micro-batch per rank per call
+
+
+class MixtureLoader:
+    """Packs the sampler's documents into [B, S] micro-batches, B = max_tokens // seq_len (see the module docstring
+    for the distributed contract). Each document goes into the first row of the current micro-batch with room for it;
+    the first document that fits nowhere closes the micro-batch and opens the next one.
+    """
+
+    def __init__(self, splits: dict[str, TokenizedSplit], *, seq_len: int, max_tokens: int, pad_id: int, seed: int,
+                 weights: dict[str, float] | None = None, rank: int = 0, world_size: int = 1) -> None:
+        if max_tokens < seq_len:
+            raise ValueError(f"max_tokens={max_tokens} is less than seq_len={seq_len}: a micro-batch must hold one row")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is outside [0, world_size={world_size})")
+        longest = max(int(np.diff(s.offsets).max()) for s in splits.values())
+        if longest > seq_len:
+            raise ValueError(f"a document has {longest} tokens, more than seq_len={seq_len}; tokenize with the same "
+                             f"seq_len")
+        self.tasks = list(splits)
+        self.splits = [splits[n] for n in self.tasks]
+        self.seq_len, self.rows, self.pad_id = seq_len, max_tokens // seq_len, pad_id
+        self.rank, self.world_size = rank, world_size
+        self.sampler = MixtureSampler({n: len(s) for n, s in splits.items()}, seed, weights)
+        self._pending: tuple[int, int] | None = None  # drawn, did not fit: opens the next micro-batch
+        self._before_pending: dict[str, Any] | None = None
+
+    def _pack_one(self) -> list[list[tuple[int, int]]]:
+        rows: list[list[tuple[int, int]]] = [[] for _ in range(self.rows)]
+        room = [self.seq_len] * self.rows
+        while True:
+            if self._pending is None:
+                before = self.sampler.state_dict()
+                doc = self.sampler.next()
+            else:
+                before, doc = self._before_pending, self._pending
+            n = self.splits[doc[0]].length(doc[1])
+            b = next((b for b in range(self.rows) if room[b] >= n), None)
+            if b is None:
+                self._pending, self._before_pending = doc, before
+                return rows
+            rows[b].append(doc)
+            room[b] -= n
+            self._pending = self._before_pending = None
+
+    def next_batch(self) -> PackedBatch:
+        """This rank's micro-batch of the next global batch (world_size micro-batches)."""
+        mine: list[list[tuple[int, int]]] = []
+        for r in range(self.world_size):
+            rows = self._pack_one()
+            if r == self.rank:
+                mine = rows
+        return pack_rows(mine, self.splits, self.seq_len, self.pad_id, self.tasks)
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        while True:
+            yield self.next_batch()
+
+    def _drop_pending(self) -> None:
+        # The pending document was drawn but not handed out; un-draw it so the state is exactly "after the last
+        # document in a returned micro-batch".
+        if self._pending is not None:
+            self.sampler.load_state_dict(self._before_pending)
+            self._pending = self._before_pending = None
+
+    @property
+    def progress(self) -> float:
+        """Epochs of the active mixture handed out so far (documents in returned micro-batches, all ranks)."""
+        if self._pending is not None:
+            state = self._before_pending
+            return state["epoch_base"] + (state["draws"] - state["draws_at_change"]) / self.sampler._active_size
+        return self.sampler.progress
+
+    @property
+    def active_tasks(self) -> list[str]:
+        return [n for n, a in zip(self.tasks, self.sampler.active) if a]
+
+    def exclude(self, name: str) -> None:
+        """Stop drawing sub-dataset `name`, effective from the next micro-batch (deterministic and resumable)."""
+        self._drop_pending()
+        self.sampler.exclude(name)
+
+    def include(self, name: str) -> None:
+        self._drop_pending()
+        self.sampler.include(name)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the last returned micro-batch; the same on every rank. Small and JSON-serialisable."""
+        sampler = self._before_pending if self._pending is not None else self.sampler.state_dict()
+        return {"sampler": sampler, "seq_len": self.seq_len, "rows": self.rows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (state["seq_len"], state["rows"]) != (self.seq_len, self.rows):
+            raise DataError(f"data state was saved with seq_len={state['seq_len']}, rows={state['rows']}, but this "
+                            f"loader has seq_len={self.seq_len}, rows={self.rows}; resume with the same packing")
+        self._pending = self._before_pending = None
+        self.sampler.load_state_dict(state["sampler"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Everything together: the splits of a mixture, tokenized once
+
+
+@dataclass
+class HeldoutExample:
+    """A held-out row for generation-based eval: render `prompt` with add_generation_prompt and check the
+    generation against `answer`."""
+
+    task: str
+    prompt: list[dict[str, str]]
+    answer: str
+
+
+class SFTData:
+    """The train and held-out splits of every sub-dataset, tokenized with one tokenizer and seq_len.
+
+    Sub-datasets are indexed in sorted name order, so task ids do not depend on file listing order.
+    """
+
+    def __init__(self, train: dict[str, list[Row]], heldout: dict[str, list[Row]], tokenizer: Any, *,
+                 seq_len: int, truncation: str = "error") -> None:
+        if set(train) != set(heldout):
+            raise DataError(f"train and held-out sub-datasets differ: {sorted(train)} vs {sorted(heldout)}")
+        if tokenizer.pad_id is None:
+            raise DataError(f"{tokenizer.source}: the tokenizer has no pad token; set pad_token in "
+                            f"tokenizer_config.json (any token works: padding never has a target)")
+        self.tasks = sorted(train)
+        self.seq_len, self.pad_id = seq_len, tokenizer.pad_id
+        self.train = {n: tokenize_split(n, train[n], tokenizer, seq_len, truncation, "train") for n in self.tasks}
+        self.heldout = {n: tokenize_split(n, heldout[n], tokenizer, seq_len, truncation, "held-out") for n in self.tasks}
+        self.heldout_rows = {n: [heldout[n][i] for i in self.heldout[n].kept] for n in self.tasks}
+
+    @classmethod
+    def from_dir(cls, root: str | Path, tokenizer: Any, *, seq_len: int, truncation: str = "error",
+                 heldout_fraction: float | None = None, seed: int = 0) -> "SFTData":
+        train, heldout = load_split_dir(root, heldout_fraction, seed)
+        return cls(train, heldout, tokenizer, seq_len=seq_len, truncation=truncation)
+
+    def report(self) -> str:
+        """One line per sub-dataset: sizes, tokens and what the truncation policy did."""
+        lines = []
+        for n in self.tasks:
+            tr, ho = self.train[n], self.heldout[n]
+            lines.append(f"{n}: train {len(tr)} rows {len(tr.ids)} tokens ({tr.truncated} truncated, {tr.dropped} "
+                         f"dropped); held-out {len(ho)} rows ({ho.truncated} truncated, {ho.dropped} dropped)")
+        return "\n".join(lines)
+
+    def loader(self, *, max_tokens: int, seed: int, weights: dict[str, float] | None = None, rank: int = 0,
+               world_size: int = 1) -> MixtureLoader:
+        return MixtureLoader(self.train, seq_len=self.seq_len, max_tokens=max_tokens, pad_id=self.pad_id, seed=seed,
+                             weights=weights, rank=rank, world_size=world_size)
+
+    def heldout_batches(self, task: str, *, max_tokens: int, rank: int = 0,
+                        world_size: int = 1) -> Iterator[PackedBatch]:
+        """`task`'s held-out documents in order, packed like training batches. Every rank yields the same number of
+        batches (trailing all-padding batches with num_loss_tokens == 0 where the split runs out), so sharded models
+        whose forward is collective do not hang: sum losses and token counts, then all-reduce once."""
+        if task not in self.heldout:
+            raise DataError(f"unknown sub-dataset {task!r}; the mixture has {self.tasks}")
+        split, t, rows_per_batch = self.heldout[task], self.tasks.index(task), max_tokens // self.seq_len
+        if rows_per_batch < 1:
+            raise ValueError(f"max_tokens={max_tokens} is less than seq_len={self.seq_len}")
+        splits = [self.heldout[n] for n in self.tasks]
+        batches: list[list[list[tuple[int, int]]]] = []
+        rows: list[list[tuple[int, int]]] = [[] for _ in range(rows_per_batch)]
+        room = [self.seq_len] * rows_per_batch
+        for i in range(len(split)):
+            n = split.length(i)
+            b = next((b for b in range(rows_per_batch) if room[b] >= n), None)
+            if b is None:
+                batches.append(rows)
+                rows, room = [[] for _ in range(rows_per_batch)], [self.seq_len] * rows_per_batch
+                b = 0
+            rows[b].append((t, i))
+            room[b] -= n
+        batches.append(rows)
+        per_rank = -(-len(batches) // world_size)
+        empty = [[] for _ in range(rows_per_batch)]
+        for k in range(per_rank):
+            j = k * world_size + rank
+            yield pack_rows(batches[j] if j < len(batches) else empty, splits, self.seq_len, self.pad_id, self.tasks)
+
+    def heldout_examples(self, task: str, *, rank: int = 0, world_size: int = 1) -> list[HeldoutExample]:
+        """`task`'s held-out rows as (prompt messages, expected answer); rank r gets rows r, r + world_size, ...
+        (counts differ by at most one between ranks)."""
+        if task not in self.heldout_rows:
+            raise DataError(f"unknown sub-dataset {task!r}; the mixture has {self.tasks}")
+        return [HeldoutExample(task, row.messages[:-1], row.answer)
+                for row in self.heldout_rows[task][rank::world_size]]
