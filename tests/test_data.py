@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -69,7 +70,8 @@ def test_packing_keeps_documents_whole_and_targets_on_response_tokens_only(tok, 
                     assert (batch.targets[b, a:e] == IGNORE_INDEX).all() and (batch.task_ids[b, a:e] == -1).all()
                     continue
                 mask, task = ref[tuple(ids)]  # KeyError: a document was cut or merged with another
-                assert batch.tasks[int(batch.task_ids[b, a])] == task and (batch.task_ids[b, a:e] == batch.task_ids[b, a]).all()
+                assert batch.tasks[int(batch.task_ids[b, a])] == task
+                assert (batch.task_ids[b, a:e] == batch.task_ids[b, a]).all()
                 expected = [ids[t + 1] if mask[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
                 assert batch.targets[b, a:e].tolist() == expected
                 trained = [t for t in expected if t != IGNORE_INDEX]
@@ -224,7 +226,8 @@ def test_truncation_policies(tmp_path, tok):
     (tmp_path / "heldout").mkdir()
     for split in ("train", "heldout"):
         (tmp_path / split / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows["t"]))
-    with pytest.raises(DataError, match=rf"{tmp_path / 'train' / 't.jsonl'}:2: .* renders to \d+ tokens, more than seq_len=32"):
+    where = tmp_path / "train" / "t.jsonl"
+    with pytest.raises(DataError, match=rf"{re.escape(str(where))}:2: .* renders to \d+ tokens, more than seq_len=32"):
         SFTData.from_dir(tmp_path, tok, seq_len=32)
     dropped = SFTData.from_dir(tmp_path, tok, seq_len=32, truncation="drop")
     assert len(dropped.train["t"]) == 1 and dropped.train["t"].dropped == 2
@@ -259,7 +262,7 @@ BAD_ROWS = [
 def test_malformed_rows_name_file_line_and_problem(tmp_path, line, message):
     path = tmp_path / "task.jsonl"
     path.write_text('{"prompt": "ok", "response": "fine"}\n\n' + line + "\n")
-    with pytest.raises(DataError, match=rf"{path}:3: .*{message}"):
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:3: .*{message}"):
         read_jsonl(path)
 
 

@@ -68,7 +68,8 @@ class Row:
 
 
 def _type_name(x: Any) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(x), type(x).__name__)
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(x), type(x).__name__)
 
 
 def _need_str(obj: dict, key: str, where: str, *, nonempty: bool = True) -> str:
@@ -95,11 +96,13 @@ def parse_row(obj: Any, where: str, default_task: str | None = None) -> Row:
             raise DataError(f"{where}: has both 'messages' and 'prompt'/'response'; keep one form")
         raw = obj["messages"]
         if not isinstance(raw, list) or not raw:
-            raise DataError(f"{where}: key 'messages' must be a non-empty array, got {_type_name(raw) if raw != [] else 'an empty array'}")
+            got = "an empty array" if raw == [] else _type_name(raw)
+            raise DataError(f"{where}: key 'messages' must be a non-empty array, got {got}")
         messages = []
         for j, m in enumerate(raw):
             if not isinstance(m, dict):
-                raise DataError(f"{where}: messages[{j}] must be an object with 'role' and 'content', got {_type_name(m)}")
+                raise DataError(f"{where}: messages[{j}] must be an object with 'role' and 'content', "
+                                f"got {_type_name(m)}")
             for key in ("role", "content"):
                 if key not in m:
                     raise DataError(f"{where}: messages[{j}] is missing key '{key}'")
@@ -142,7 +145,8 @@ def read_jsonl(path: str | Path) -> dict[str, list[Row]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
+                raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as "
+                                f"UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -429,7 +433,8 @@ class MixtureSampler:
     def _perm(self, t: int) -> np.ndarray:
         cached = self._perms.get(t)
         if cached is None or cached[0] != self.passes[t]:
-            cached = (self.passes[t], np.random.default_rng([self.seed, 1, t, self.passes[t]]).permutation(self.sizes[t]))
+            rng = np.random.default_rng([self.seed, 1, t, self.passes[t]])
+            cached = (self.passes[t], rng.permutation(self.sizes[t]))
             self._perms[t] = cached
         return cached[1]
 
@@ -479,7 +484,8 @@ class MixtureSampler:
             if state[key] != getattr(self, key):
                 raise DataError(f"data state was saved with {key}={state[key]}, but this mixture has "
                                 f"{key}={getattr(self, key)}; resume with the same data, seed and weights")
-        self.draws, self.epoch_base, self.draws_at_change = state["draws"], state["epoch_base"], state["draws_at_change"]
+        self.draws, self.epoch_base = state["draws"], state["epoch_base"]
+        self.draws_at_change = state["draws_at_change"]
         self.passes, self.cursor, self.active = list(state["passes"]), list(state["cursor"]), list(state["active"])
         self._refresh()
 
@@ -614,7 +620,8 @@ class SFTData:
         self.tasks = sorted(train)
         self.seq_len, self.pad_id = seq_len, tokenizer.pad_id
         self.train = {n: tokenize_split(n, train[n], tokenizer, seq_len, truncation, "train") for n in self.tasks}
-        self.heldout = {n: tokenize_split(n, heldout[n], tokenizer, seq_len, truncation, "held-out") for n in self.tasks}
+        self.heldout = {n: tokenize_split(n, heldout[n], tokenizer, seq_len, truncation, "held-out")
+                        for n in self.tasks}
         self.heldout_rows = {n: [heldout[n][i] for i in self.heldout[n].kept] for n in self.tasks}
 
     @classmethod
