@@ -185,11 +185,20 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    @classmethod
+    def wrap(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        """A cache over existing buffers k, v [layers, B, max_len, kv_heads, head_dim], e.g. strided views of a
+        larger cache (every `n`-th row, the first `L` slots) or a flat buffer reshaped; writes go to their storage."""
+        if k.shape != v.shape or k.dim() != 5:
+            raise ValueError(f"KVCache.wrap: k and v must both be [layers, B, max_len, kv_heads, head_dim], got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        view = object.__new__(cls)
+        view.k, view.v = k, v
+        return view
+
     def rows(self, start: int, n: int) -> KVCache:
         """A cache over rows [start, start + n) that shares storage with this one (a view, not a copy)."""
-        view = object.__new__(KVCache)
-        view.k, view.v = self.k[:, start : start + n], self.v[:, start : start + n]
-        return view
+        return KVCache.wrap(self.k[:, start : start + n], self.v[:, start : start + n])
 
     @property
     def batch_size(self) -> int:
@@ -236,7 +245,15 @@ class Attention(nn.Module):
             rows = torch.arange(B, device=x.device)[:, None]
             cache_k[rows, attn.position_ids] = k
             cache_v[rows, attn.position_ids] = v
-            k, v = cache_k, cache_v
+            # Grouped heads without copying K/V: the G query heads that share a kv head become G*S query rows of
+            # that kv head, so SDPA sees kv_heads "heads" and reads the cache in place (masked SDPA kernels do not
+            # take enable_gqa, and repeat_interleave would copy the whole cache every decode step).
+            G, KV, D = self.num_heads // self.num_kv_heads, self.num_kv_heads, self.head_dim
+            q = q.view(B, S, KV, G, D).permute(0, 2, 3, 1, 4).reshape(B, KV, G * S, D)
+            out = F.scaled_dot_product_attention(q, cache_k.transpose(1, 2), cache_v.transpose(1, 2),
+                                                 attn_mask=attn.mask)  # mask [B, 1, G*S, max_len]
+            out = out.view(B, KV, G, S, D).permute(0, 3, 1, 2, 4)  # [B, S, kv_heads, G, D]: head = kv * G + g
+            return self.o_proj(out.reshape(B, S, self.num_heads * D))
 
         if attn.cu_seqlens is not None:  # flash-attn varlen over packed documents, [T, heads, D] layout
             out = flash_attn_varlen_func(
@@ -286,7 +303,8 @@ class LMHead(nn.Linear):
         shape = targets.shape
         logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), self.weight, targets.reshape(-1),
                               temperature=temperature)
-        return logp.view(shape)
+        # A fresh tensor, not a view: FSDP2 hooks backward onto module outputs, which in-place ops on views would lose.
+        return logp.view(shape).clone()
 
 
 class Block(nn.Module):
@@ -315,7 +333,7 @@ class AttentionLayout:
     """How the tokens of one forward may attend, decided once per forward and shared by every layer."""
 
     position_ids: torch.Tensor  # [B, S]
-    mask: torch.Tensor | None = None  # bool [B, 1, S, S_kv], True = may attend; None = plain causal
+    mask: torch.Tensor | None = None  # bool [B, 1, S, S_kv] (with a cache [B, 1, G*S, max_len]), True = may attend
     use_flash: bool = False  # flash_attn_func, causal, no packing
     cu_seqlens: torch.Tensor | None = None  # int32 [docs + 1], flash-attn varlen over packed documents
     max_seqlen: int = 0
@@ -389,7 +407,10 @@ class Transformer(nn.Module):
             # an earlier request or padding; the mask hides them until a later step overwrites them.
             slots = torch.arange(cache.max_len, device=device)
             mask = slots[None, None, :] <= position_ids[:, :, None]  # [B, S, max_len]
-            return AttentionLayout(position_ids, mask=mask[:, None])
+            # One row per (query head in a kv group, token), as the cache branch of Attention lays queries out.
+            G = self.config.num_heads // self.config.num_kv_heads
+            mask = mask[:, None, None].expand(B, 1, G, S, cache.max_len).reshape(B, 1, G * S, cache.max_len)
+            return AttentionLayout(position_ids, mask=mask)
         flash = HAS_FLASH_ATTN and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
         if position_ids is None:
             position_ids = torch.arange(S, device=device).expand(B, S)
