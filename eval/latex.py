@@ -421,7 +421,7 @@ def _answer(tokens: list[str], depth: int):
     if len(parts) > 1:
         if len(parts) > MAX_ELEMENTS:
             raise Refused(f"more than {MAX_ELEMENTS} elements")
-        return ("set", [_answer(p, depth + 1) for p in parts])
+        return ("set", _flatten([_answer(p, depth + 1) for p in parts]))
     if tokens[0] in ("(", "[") and tokens[-1] in (")", "]") and _closes_at_end(tokens):
         inner = _split(tokens[1:-1], {","})
         if len(inner) > 1:
@@ -429,7 +429,7 @@ def _answer(tokens: list[str], depth: int):
                 raise Refused(f"more than {MAX_ELEMENTS} elements")
             return ("seq", tokens[0], tokens[-1], [_answer(p, depth + 1) for p in inner])
     if tokens[0] in ("\\{", "\\lbrace") and _closes_at_end(tokens):
-        return ("set", [_answer(p, depth + 1) for p in _split(tokens[1:-1], {","})])
+        return ("set", _flatten([_answer(p, depth + 1) for p in _split(tokens[1:-1], {","})]))
     parts = _split(tokens, {"="})
     if len(parts) == 2:
         return ("eq", parse_scalar(parts[0]), parse_scalar(parts[1]))
@@ -447,6 +447,16 @@ def _answer(tokens: list[str], depth: int):
             options.append(parse_scalar(alt))
         return ("set", options)
     return parse_scalar(tokens)
+
+
+def _flatten(items: list) -> list:
+    """Elements of a set, with "a \\pm b" (itself a set of two) spread into it: {1 \\pm \\sqrt5, -2} has three."""
+    out = []
+    for item in items:
+        out.extend(item[1] if item[0] == "set" else [item])
+    if len(out) > MAX_ELEMENTS:
+        raise Refused(f"more than {MAX_ELEMENTS} elements")
+    return out
 
 
 def parse_matrix(s: str):

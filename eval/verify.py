@@ -95,7 +95,12 @@ def _looks_like_completion(pred: str) -> bool:
     return (
         "\\boxed" in pred or "\\fbox" in pred or "####" in pred or "\n" in pred or len(pred) > 200
         or re.search(r"answer is", pred, re.I) is not None
+        or len(_WORDS.findall(_COMMANDS.sub(" ", pred))) >= 2  # prose ("she makes $1,600"), not an answer: use the last-resort rule
     )
+
+
+_WORDS = re.compile(r"(?<![a-zA-Z])[a-zA-Z]{3,}\b")
+_COMMANDS = re.compile(r"\\(?:begin|end)\{[^{}]*\}|\\[a-zA-Z]+")
 
 
 def _answer_of(pred: str) -> str | None:
@@ -180,7 +185,7 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _worker_main() -> None:
     """Worker loop (stdin/stdout of a child process). argv: memory cap in bytes, check as "module:function".
 
-    Reads one JSON [gold, answer, rel_tol] per line, writes one verdict per line. No pickle in either direction.
+    Reads one JSON [gold, answer, rel_tol] per line, writes one verdict per line. Plain text both ways, so neither side unpickles.
     """
     import importlib
 
