@@ -1,0 +1,243 @@
+"""kernels/grpo.py against its plain-torch reference: every loss type and option, metrics, d loss / d logp, fused."""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+import kernels.grpo as grpo
+from kernels.grpo import grpo_loss, grpo_loss_reference, linear_grpo_loss
+from kernels.logprob import linear_logprob_reference
+
+
+def batch(B=5, L=13, dtype=torch.float64, seed=0, adv_2d=False):
+    g = torch.Generator().manual_seed(seed)
+    logp = (-torch.rand(B, L, generator=g, dtype=torch.float64) * 2).to(dtype)
+    old = (logp.double() + torch.randn(B, L, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+    ref = (logp.double() + torch.randn(B, L, generator=g, dtype=torch.float64) * 0.3).to(dtype)
+    old[0, :4] = logp[0, :4]  # ratio exactly 1: the tie of the min, gradient split half/half
+    shape = (B, L) if adv_2d else (B,)
+    adv = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    adv[1] = 0.0  # advantages of both signs and zero
+    mask = torch.rand(B, L, generator=g) > 0.3
+    mask[2] = False  # a fully masked sequence
+    return logp.requires_grad_(), old, ref, adv, mask
+
+
+def compare(kw, data, tol):
+    logp, old, ref, adv, mask = data
+    loss, metrics = grpo_loss(logp, old, adv, mask, ref_logp=ref, **kw)
+    (grad,) = torch.autograd.grad(loss, logp)
+    ref_loss, ref_metrics = grpo_loss_reference(logp, old, adv, mask, ref_logp=ref, **kw)
+    (ref_grad,) = torch.autograd.grad(ref_loss, logp)
+    assert metrics.keys() == ref_metrics.keys()
+    torch.testing.assert_close(loss.double(), ref_loss.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=tol, atol=tol)
+    for k in metrics:
+        torch.testing.assert_close(metrics[k].double(), ref_metrics[k].double(), rtol=tol, atol=tol, msg=k)
+    return loss, metrics
+
+
+GRID = list(
+    itertools.product(
+        ["grpo", "bnpo", "dr_grpo", "dapo"], ["token", "sequence"], [0.0, 0.04], [(0.2, 0.2), (0.2, 0.28)], [None, 4.0]
+    )
+)
+
+
+@pytest.mark.parametrize("loss_type,sampling,beta,eps,delta", GRID)
+def test_grid_against_reference(loss_type, sampling, beta, eps, delta):
+    kw = dict(
+        beta=beta, eps_low=eps[0], eps_high=eps[1], delta=delta, loss_type=loss_type,
+        importance_sampling=sampling, max_completion_length=20,
+    )  # fmt: skip
+    # Python floats (eps, beta) reach the kernel as fp32: 1e-7 in float64 rather than 1e-12.
+    loss, metrics = compare(kw, batch(adv_2d=delta is None), 1e-7)
+    assert torch.isfinite(loss)
+
+
+def test_metrics_are_masked_and_nontrivial():
+    logp, old, ref, adv, mask = batch(B=8, L=16)
+    big = logp.detach() + 0.5  # ratios far outside [0.8, 1.2] on every token
+    _, metrics = grpo_loss(logp, big, adv, mask, ref_logp=ref)
+    _, m2 = grpo_loss(logp, logp.detach() - 0.5, adv, mask, ref_logp=ref)
+    adv_tok = adv.unsqueeze(1).expand_as(mask)
+    active = mask.double()
+    want_low = ((adv_tok < 0).double() * active).sum() / active.sum()
+    want_high = ((adv_tok > 0).double() * active).sum() / active.sum()
+    torch.testing.assert_close(metrics["clip_low"].double(), want_low)
+    torch.testing.assert_close(m2["clip_high"].double(), want_high)
+    torch.testing.assert_close(metrics["ratio"].double(), torch.tensor(torch.e**-0.5, dtype=torch.float64))
+    assert metrics["clip_high"] == 0 and m2["clip_low"] == 0
+
+
+def test_fp32_inputs_against_fp64_reference():
+    logp, old, ref, adv, mask = batch(dtype=torch.float32)
+    loss, _ = grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=0.04, loss_type="grpo")
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert loss.dtype == grad.dtype == torch.float32
+    l64 = logp.detach().double().requires_grad_()
+    ref_loss, _ = grpo_loss_reference(l64, old.double(), adv.double(), mask, ref_logp=ref.double(), beta=0.04,
+                                      loss_type="grpo")  # fmt: skip
+    (ref_grad,) = torch.autograd.grad(ref_loss, l64)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_fully_masked_batch_is_zero_not_nan():
+    logp, old, ref, adv, mask = batch()
+    for loss_type in grpo.LOSS_TYPES:
+        loss, metrics = grpo_loss(logp, old, adv, torch.zeros_like(mask), ref_logp=ref, beta=0.1, loss_type=loss_type)
+        (grad,) = torch.autograd.grad(loss, logp)
+        assert loss == 0 and (grad == 0).all() and all(v == 0 for v in metrics.values())
+
+
+def test_dapo_global_token_count_splits_micro_batches():
+    logp, old, ref, adv, mask = batch(B=6, L=11)
+    full, _ = grpo_loss(logp, old, adv, mask, loss_type="dapo")
+    n = mask.sum()
+    parts = [grpo_loss(logp[s], old[s], adv[s], mask[s], loss_type="dapo", num_tokens=n)[0] for s in (slice(0, 2), slice(2, 6))]
+    torch.testing.assert_close(sum(parts), full)
+    (g_full,) = torch.autograd.grad(full, logp)
+    (g_parts,) = torch.autograd.grad(sum(parts), logp)
+    torch.testing.assert_close(g_parts, g_full)
+
+
+def test_torch_fallback_matches_triton(monkeypatch):
+    data = batch(adv_2d=True)
+    logp, old, ref, adv, mask = data
+    for sampling in ("token", "sequence"):
+        kw = dict(ref_logp=ref, beta=0.04, eps_high=0.28, delta=4.0, importance_sampling=sampling, loss_type="grpo")
+        out_t = grpo_loss(logp, old, adv, mask, **kw)
+        g_t = torch.autograd.grad(out_t[0], logp)[0]
+        with monkeypatch.context() as mp:
+            mp.setattr(grpo, "use_triton", lambda t: False)
+            out_f = grpo_loss(logp, old, adv, mask, **kw)
+            g_f = torch.autograd.grad(out_f[0], logp)[0]
+        torch.testing.assert_close(out_t[0], out_f[0])
+        torch.testing.assert_close(g_t, g_f)
+        for k in out_t[1]:
+            torch.testing.assert_close(out_t[1][k], out_f[1][k])
+
+
+@pytest.mark.parametrize("sampling", ["token", "sequence"])
+def test_gradcheck_fp64(sampling):
+    logp, old, ref, adv, mask = batch(B=3, L=5)
+    old = old + 0.05  # keep ratios away from the kinks of min/clamp, where finite differences are meaningless
+    fn = lambda x: grpo_loss(x, old, adv, mask, ref_logp=ref, beta=0.04, importance_sampling=sampling)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (logp,), eps=1e-6, atol=1e-6)
+
+
+def test_errors_name_the_problem():
+    logp, old, ref, adv, mask = batch()
+    with pytest.raises(ValueError, match="loss_type='ppo'"):
+        grpo_loss(logp, old, adv, mask, loss_type="ppo")
+    with pytest.raises(ValueError, match="needs ref_logp"):
+        grpo_loss(logp, old, adv, mask, beta=0.1)
+    with pytest.raises(ValueError, match="advantages"):
+        grpo_loss(logp, old, adv[:2], mask)
+    with pytest.raises(ValueError, match="'token' or 'sequence'"):
+        grpo_loss(logp, old, adv, mask, importance_sampling="seq")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# linear_grpo_loss: from hidden states
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def linear_batch(B=4, L=7, H=8, V=37, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(B, L, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, (B, L), generator=g)
+    targets[0, :2] = -100
+    _, _, _, adv, mask = batch(B, L)
+    with torch.no_grad():  # old and ref near the policy, so ratios straddle the clip range
+        base = linear_logprob_reference(hidden.double(), weight.double(), targets, temperature=0.7)
+    old = base + 0.15 * torch.randn(B, L, generator=g, dtype=torch.float64)
+    ref = base + 0.15 * torch.randn(B, L, generator=g, dtype=torch.float64)
+    return hidden, weight, targets, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("sampling", ["token", "sequence"])
+@pytest.mark.parametrize("chunk", [3, 14, 100])  # under one sequence, two sequences, everything
+def test_linear_against_composed_reference(sampling, chunk):
+    hidden, weight, targets, old, ref, adv, mask = linear_batch()
+    kw = dict(ref_logp=ref, beta=0.04, eps_high=0.28, delta=4.0, loss_type="grpo", importance_sampling=sampling)
+    loss, metrics = linear_grpo_loss(hidden, weight, targets, old, adv, mask, temperature=0.7, chunk_size=chunk, **kw)
+    got = torch.autograd.grad(loss * 1.7, (hidden, weight))
+    logp = linear_logprob_reference(hidden, weight, targets, temperature=0.7)
+    ref_loss, ref_metrics = grpo_loss_reference(logp, old, adv, mask & (targets != -100), **kw)
+    want = torch.autograd.grad(ref_loss * 1.7, (hidden, weight))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-7, atol=1e-7)
+    for a, b in zip(got, want):
+        assert b.abs().max() > 1e-3  # some tokens are unclipped, so the test can fail
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+    if sampling == "token":  # sequence-mean ratios of this batch all stay inside the clip range
+        assert 0 < metrics["clip_region"] < 1
+    for k in ref_metrics:
+        torch.testing.assert_close(metrics[k], ref_metrics[k], rtol=1e-7, atol=1e-7)
+
+
+def test_linear_bf16_and_no_grad():
+    hidden, weight, targets, old, ref, adv, mask = linear_batch(dtype=torch.bfloat16)
+    loss, _ = linear_grpo_loss(hidden, weight, targets, old, adv, mask, loss_type="bnpo")
+    gh, gw = torch.autograd.grad(loss, (hidden, weight))
+    assert gh.dtype == gw.dtype == torch.bfloat16
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    ref_loss, _ = grpo_loss_reference(linear_logprob_reference(h32, w32, targets), old.float(), adv.float(),
+                                      mask & (targets != -100), loss_type="bnpo")  # fmt: skip
+    want = torch.autograd.grad(ref_loss, (h32, w32))
+    torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
+    for a, b in zip((gh, gw), want):
+        assert b.norm() > 0 and (a.float() - b).norm() / b.norm() < 3e-2
+    with torch.no_grad():
+        nl, _ = linear_grpo_loss(hidden, weight, targets, old, adv, mask, loss_type="bnpo")
+    assert nl.grad_fn is None and nl == loss
+
+
+def test_bench_smoke(tmp_path):
+    from bench import bench_grpo
+
+    out = tmp_path / "grpo.json"
+    bench_grpo.main(["--smoke", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} >= {"ours", "eager"}
+    assert all(r["max_abs_err"] < 1e-3 for r in rows if r["impl"] == "ours")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampling", ["token", "sequence"])
+def test_cuda_linear_grpo_real_shape(sampling):
+    torch.manual_seed(0)
+    B, L, H, V = 16, 512, 1536, 151936
+    hidden = torch.randn(B, L, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(V, H, device="cuda") / H**0.5).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, V, (B, L), device="cuda")
+    with torch.no_grad():
+        base = linear_logprob_reference(hidden, weight, targets)
+    old = base + 0.1 * torch.randn_like(base)
+    ref = base + 0.1 * torch.randn_like(base)
+    adv = torch.randn(B, device="cuda")
+    mask = torch.rand(B, L, device="cuda") > 0.2
+    kw = dict(ref_logp=ref, beta=0.04, eps_high=0.28, importance_sampling=sampling)
+    loss, metrics = linear_grpo_loss(hidden, weight, targets, old, adv, mask, **kw)
+    got = torch.autograd.grad(loss, (hidden, weight))
+    ref_loss, ref_metrics = grpo_loss_reference(linear_logprob_reference(hidden, weight, targets), old, adv, mask, **kw)
+    want = torch.autograd.grad(ref_loss, (hidden, weight))
+    assert abs(loss.item() - ref_loss.item()) < 1e-2 * max(1.0, abs(ref_loss.item()))
+    for k in ref_metrics:
+        assert abs(metrics[k].item() - ref_metrics[k].item()) < 2e-2, k
+    for a, b in zip(got, want):
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 3e-2
+
+
+@pytest.mark.gpu
+def test_cuda_grpo_loss_matches_reference():
+    torch.manual_seed(0)
+    logp, old, ref, adv, mask = (t.cuda() for t in batch(B=64, L=1000, dtype=torch.float32, adv_2d=True))
+    logp = logp.detach().requires_grad_()
+    for sampling in ("token", "sequence"):
+        compare(dict(beta=0.04, delta=4.0, eps_high=0.28, loss_type="grpo", importance_sampling=sampling),
+                (logp, old, ref, adv, mask), 1e-4)  # fmt: skip

@@ -1,0 +1,240 @@
+"""kernels/logprob.py against its plain-torch reference: values, every gradient path, odd shapes, masks, strides."""
+
+import json
+
+import pytest
+import torch
+
+import kernels._utils
+import kernels.logprob as lp
+from kernels.logprob import linear_logprob, linear_logprob_reference
+
+SHAPES = [(1, 8, 17), (37, 24, 129), (64, 32, 1000)]
+
+
+def make(T, H, V, dtype=torch.float64, seed=0, ignore_every=4):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, H, generator=g, dtype=torch.float64).to(dtype)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).to(dtype)
+    targets = torch.randint(0, V, (T,), generator=g)
+    if ignore_every:
+        targets[1::ignore_every] = -100
+    return hidden.requires_grad_(), weight.requires_grad_(), targets
+
+
+def grads(out, loss_fn, hidden, weight):
+    return torch.autograd.grad(loss_fn(out), (hidden, weight))
+
+
+def close(a, b, tol):
+    assert torch.allclose(a.double(), b.double(), rtol=tol, atol=tol), f"max |diff| {(a.double() - b.double()).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("T,H,V", SHAPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3])
+def test_values_and_grads_fp64(T, H, V, temperature):
+    hidden, weight, targets = make(T, H, V)
+    kw = dict(temperature=temperature, return_entropy=True)
+    logp, ent = linear_logprob(hidden, weight, targets, chunk_size=16, **kw)
+    ref_logp, ref_ent = linear_logprob_reference(hidden, weight, targets, **kw)
+    # Python floats reach Triton kernels as fp32 (1/temperature), hence 1e-7 rather than 1e-12.
+    close(logp, ref_logp, 1e-7)
+    close(ent, ref_ent, 1e-7)
+    assert logp.dtype == torch.float64
+    # sum (uniform upstream grad: the precomputed path) and a weighted sum (recompute path)
+    w = torch.randn(T, dtype=torch.float64)
+    for loss_fn in (lambda o: -o[0].sum() / T, lambda o: (o[0] * w).sum(), lambda o: o[0].sum() + (o[1] * w).sum()):
+        got = grads(linear_logprob(hidden, weight, targets, chunk_size=16, **kw), loss_fn, hidden, weight)
+        want = grads(linear_logprob_reference(hidden, weight, targets, **kw), loss_fn, hidden, weight)
+        for a, b in zip(got, want):
+            close(a, b, 1e-7)
+
+
+def test_ignored_tokens_have_zero_logp_and_grad():
+    hidden, weight, targets = make(9, 8, 33, ignore_every=2)
+    logp, ent = linear_logprob(hidden, weight, targets, return_entropy=True)
+    ignored = targets == -100
+    assert ignored.any() and (logp[ignored] == 0).all() and (ent[ignored] == 0).all()
+    assert (logp[~ignored] < 0).all()
+    (gh,) = torch.autograd.grad((logp * torch.arange(9.0)).sum(), hidden)
+    assert (gh[ignored] == 0).all() and (gh[~ignored] != 0).any()
+
+
+def test_all_tokens_ignored():
+    hidden, weight, targets = make(5, 8, 17)
+    targets[:] = -100
+    logp = linear_logprob(hidden, weight, targets)
+    gh, gw = torch.autograd.grad(logp.sum(), (hidden, weight))
+    assert (logp == 0).all() and (gh == 0).all() and (gw == 0).all()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 7, 64])
+def test_chunk_sizes_agree(chunk):
+    hidden, weight, targets = make(23, 16, 65)
+    out = linear_logprob(hidden, weight, targets, chunk_size=chunk)
+    got = grads(out, lambda o: o.sum(), hidden, weight)
+    want = grads(linear_logprob_reference(hidden, weight, targets), lambda o: o.sum(), hidden, weight)
+    close(out, linear_logprob_reference(hidden, weight, targets), 1e-7)
+    for a, b in zip(got, want):
+        close(a, b, 1e-7)
+
+
+def test_fp32_inputs():
+    hidden, weight, targets = make(37, 24, 129, dtype=torch.float32)
+    logp = linear_logprob(hidden, weight, targets, temperature=0.7)
+    assert logp.dtype == torch.float32
+    ref = linear_logprob_reference(hidden.double(), weight.double(), targets, temperature=0.7)
+    close(logp, ref, 1e-5)
+    got = grads(logp, lambda o: o.mean(), hidden, weight)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want = grads(linear_logprob_reference(h64, w64, targets, temperature=0.7), lambda o: o.mean(), h64, w64)
+    for a, b in zip(got, want):
+        close(a, b, 1e-5)
+
+
+def test_bf16_within_bf16_tolerance_of_fp32_reference():
+    hidden, weight, targets = make(37, 24, 129, dtype=torch.bfloat16)
+    logp, ent = linear_logprob(hidden, weight, targets, temperature=1.3, return_entropy=True)
+    assert logp.dtype == torch.float32
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    ref, ref_ent = linear_logprob_reference(h32, w32, targets, temperature=1.3, return_entropy=True)
+    close(logp, ref, 3e-2)
+    close(ent, ref_ent, 3e-2)
+    got = grads(logp, lambda o: o.sum(), hidden, weight)
+    want = grads(ref, lambda o: o.sum(), h32, w32)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.bfloat16
+        assert (a.float() - b).norm() / b.norm() < 2e-2
+
+
+def test_non_contiguous_inputs_and_leading_dims():
+    base_h = torch.randn(24, 2, 3, 9, dtype=torch.float64, requires_grad=True)
+    hidden = base_h[:, 1].permute(1, 0, 2)  # [3, 24, 9], a strided view
+    leaf_w = torch.randn(9, 80, dtype=torch.float64, requires_grad=True)
+    weight = leaf_w.t()[::2]  # [40, 9], row stride 2, column stride 80
+    targets = torch.randint(0, 40, (24, 3)).t()  # [3, 24], transposed
+    targets[0, ::5] = -100
+    assert not hidden.is_contiguous() and not weight.is_contiguous() and not targets.is_contiguous()
+    logp = linear_logprob(hidden, weight, targets, chunk_size=10)
+    assert logp.shape == (3, 24)
+    ref = linear_logprob_reference(hidden, weight, targets)
+    close(logp, ref, 1e-7)
+    w = torch.randn(3, 24, dtype=torch.float64)
+    got = torch.autograd.grad((logp * w).sum(), (base_h, leaf_w))
+    want = torch.autograd.grad((ref * w).sum(), (base_h, leaf_w))
+    for a, b in zip(got, want):
+        close(a, b, 1e-7)
+
+
+def test_frozen_weight_or_hidden():
+    hidden, weight, targets = make(11, 8, 40)
+    frozen_w = weight.detach()
+    (gh,) = torch.autograd.grad(linear_logprob(hidden, frozen_w, targets).sum(), hidden)
+    (want,) = torch.autograd.grad(linear_logprob_reference(hidden, frozen_w, targets).sum(), hidden)
+    close(gh, want, 1e-7)
+    frozen_h = hidden.detach()
+    (gw,) = torch.autograd.grad(linear_logprob(frozen_h, weight, targets).sum(), weight)
+    (want,) = torch.autograd.grad(linear_logprob_reference(frozen_h, weight, targets).sum(), weight)
+    close(gw, want, 1e-7)
+
+
+def test_second_backward_with_retain_graph_recomputes():
+    hidden, weight, targets = make(13, 8, 40)
+    logp = linear_logprob(hidden, weight, targets, chunk_size=4)
+    loss = logp.sum()
+    first = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    second = torch.autograd.grad(loss, (hidden, weight))
+    want = grads(linear_logprob_reference(hidden, weight, targets), lambda o: o.sum(), hidden, weight)
+    for a, b, c in zip(first, second, want):
+        close(a, c, 1e-7)
+        close(b, c, 1e-7)
+
+
+def test_no_grad_path_skips_backward_state(monkeypatch):
+    hidden, weight, targets = make(10, 8, 40)
+    calls = []
+    real = lp.logprob_forward
+    monkeypatch.setattr(lp, "logprob_forward", lambda *a, **k: calls.append(k) or real(*a, **k))
+    with torch.no_grad():
+        logp = linear_logprob(hidden, weight, targets)
+    assert logp.grad_fn is None and not calls[0]["grad_hidden"] and not calls[0]["grad_weight"]
+    close(logp, linear_logprob_reference(hidden, weight, targets), 1e-7)
+
+
+def test_uniform_value():
+    active = torch.tensor([True, False, True])
+    assert lp.uniform_value(torch.tensor([2.0, 5.0, 2.0]), active) == 2.0
+    assert lp.uniform_value(torch.tensor([2.0, 5.0, 3.0]), active) is None
+    assert lp.uniform_value(torch.tensor([2.0, 5.0, 3.0]), torch.zeros(3, dtype=torch.bool)) == 0.0
+
+
+def test_torch_fallback_matches_triton(monkeypatch):
+    hidden, weight, targets = make(37, 24, 129, dtype=torch.float32)
+    w = torch.randn(37)
+    fn = lambda o: (o[0] * w).sum() + o[1].sum()  # noqa: E731  weighted + entropy: the recompute path
+    out_t = linear_logprob(hidden, weight, targets, temperature=0.7, return_entropy=True, chunk_size=8)
+    g_t = grads(out_t, fn, hidden, weight)
+    monkeypatch.setattr(lp, "use_triton", lambda t: False)
+    out_f = linear_logprob(hidden, weight, targets, temperature=0.7, return_entropy=True, chunk_size=8)
+    g_f = grads(out_f, fn, hidden, weight)
+    for a, b in zip(out_t + g_t, out_f + g_f):
+        close(a, b, 1e-4)
+
+
+def test_gradcheck_fp64():
+    hidden, weight, targets = make(6, 4, 11, ignore_every=3)
+    fn = lambda h, w: linear_logprob(h, w, targets, temperature=0.7, return_entropy=True, chunk_size=4)  # noqa: E731
+    # Triton receives 1/temperature as fp32, so the function is smooth but not identical to the fp64 reference.
+    assert torch.autograd.gradcheck(fn, (hidden, weight), eps=1e-6, atol=1e-5)
+
+
+def test_addmm_acc_fallback_accumulates_in_fp32():
+    a = torch.randn(6, 5, dtype=torch.bfloat16)
+    b = torch.randn(5, 4, dtype=torch.bfloat16)
+    acc = torch.empty(6, 4)
+    kernels._utils.addmm_acc_(acc, a, b, first=True)
+    kernels._utils.addmm_acc_(acc, a, b, first=False)
+    close(acc, 2 * (a.float() @ b.float()), 2e-2)
+
+
+def test_errors_name_the_problem():
+    hidden, weight, targets = make(4, 8, 17)
+    with pytest.raises(ValueError, match="weight \\[V, H\\]"):
+        linear_logprob(hidden, weight.t(), targets)
+    with pytest.raises(TypeError, match="cast one"):
+        linear_logprob(hidden, weight.float(), targets)
+    with pytest.raises(ValueError, match="leading shape"):
+        linear_logprob(hidden, weight, targets[:3])
+    with pytest.raises(ValueError, match="temperature"):
+        linear_logprob(hidden, weight, targets, temperature=0.0)
+
+
+def test_bench_smoke(tmp_path):
+    from bench import bench_logprob
+
+    out = tmp_path / "logprob.json"
+    bench_logprob.main(["--smoke", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows} >= {"ours", "eager"}
+    assert all(r["max_abs_err"] < 1e-3 for r in rows if r["impl"] == "ours")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,H,V", [(4096, 1536, 151936), (1000, 4096, 128256)])
+def test_cuda_bf16_real_shapes(T, H, V):
+    torch.manual_seed(0)
+    hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(V, H, device="cuda") / H**0.5).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, V, (T,), device="cuda")
+    targets[::7] = -100
+    logp, ent = linear_logprob(hidden, weight, targets, temperature=0.9, return_entropy=True)
+    ref, ref_ent = linear_logprob_reference(hidden, weight, targets, temperature=0.9, return_entropy=True)
+    # Chunked vs whole GEMMs may round the bf16 logits differently (one bf16 ulp of a logit).
+    assert (logp - ref).abs().max() < 5e-2 and (logp - ref).abs().mean() < 5e-3
+    assert (ent - ref_ent).abs().max() < 5e-2
+    for loss_fn in (lambda o: -o.sum() / T, lambda o: (o * torch.linspace(0, 1, T, device="cuda")).sum()):
+        got = torch.autograd.grad(loss_fn(linear_logprob(hidden, weight, targets, temperature=0.9)), (hidden, weight))
+        want = torch.autograd.grad(loss_fn(ref), (hidden, weight), retain_graph=True)
+        for a, b in zip(got, want):
+            assert a.dtype == torch.bfloat16
+            assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-2
