@@ -333,7 +333,8 @@ class AttentionLayout:
     """How the tokens of one forward may attend, decided once per forward and shared by every layer."""
 
     position_ids: torch.Tensor  # [B, S]
-    mask: torch.Tensor | None = None  # bool [B, 1, S, S_kv] (with a cache [B, 1, G*S, max_len]), True = may attend
+    # bool [B, 1, S, S_kv], True = may attend; None = plain causal. With a cache: additive float [B, 1, G*S, max_len].
+    mask: torch.Tensor | None = None
     use_flash: bool = False  # flash_attn_func, causal, no packing
     cu_seqlens: torch.Tensor | None = None  # int32 [docs + 1], flash-attn varlen over packed documents
     max_seqlen: int = 0
@@ -407,10 +408,12 @@ class Transformer(nn.Module):
             # an earlier request or padding; the mask hides them until a later step overwrites them.
             slots = torch.arange(cache.max_len, device=device)
             mask = slots[None, None, :] <= position_ids[:, :, None]  # [B, S, max_len]
-            # One row per (query head in a kv group, token), as the cache branch of Attention lays queries out.
+            # One row per (query head in a kv group, token), as the cache branch of Attention lays queries out; an
+            # additive float mask built once here, not a bool mask that SDPA would convert again in every layer.
             G = self.config.num_heads // self.config.num_kv_heads
-            mask = mask[:, None, None].expand(B, 1, G, S, cache.max_len).reshape(B, 1, G * S, cache.max_len)
-            return AttentionLayout(position_ids, mask=mask)
+            bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+            bias = bias[:, None, None].expand(B, 1, G, S, cache.max_len).reshape(B, 1, G * S, cache.max_len)
+            return AttentionLayout(position_ids, mask=bias)
         flash = HAS_FLASH_ATTN and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
         if position_ids is None:
             position_ids = torch.arange(S, device=device).expand(B, S)
