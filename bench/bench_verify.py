@@ -69,8 +69,8 @@ def run(smoke: bool) -> dict:
                 return [math_verify.verify(math_verify.parse("\\boxed{" + a + "}"), math_verify.parse(b))
                         for a, b in zip(g, p)]
             mv_rate, mv_verdicts = _rate(mv, len(g))
-            row.update(math_verify_per_s=mv_rate, math_verify_agree=sum(bool(v) == e for v, e in zip(mv_verdicts, expect)),
-                       speedup=rate / mv_rate)
+            mv_agree = sum(bool(v) == e for v, e in zip(mv_verdicts, expect))
+            row.update(math_verify_per_s=mv_rate, math_verify_agree=mv_agree, speedup=rate / mv_rate)
         results["sets"][name] = row
     # Deadlines: one call per adversarial completion, timed from outside.
     timeout_s = 1.0 if smoke else 2.0
@@ -98,8 +98,9 @@ def main() -> None:
               if "math_verify_per_s" in r else f"{'(not installed)':>14} {'-':>6} {'-':>8}")
         print(f"{name:18} {r['n']:5d} {r['ours_per_s']:9.0f} {r['ours_agree']:8d} {mv}")
     a = res["adversarial"]
-    print(f"adversarial: {a['n']} calls at timeout {a['timeout_s']} s, worst overrun {a['worst_over_deadline_s']:+.2f} s, "
-          f"workers killed {a['workers_killed']}, pool works after: {a['pool_works_after']}")
+    print(f"adversarial: {a['n']} calls at timeout {a['timeout_s']} s, "
+          f"worst overrun {a['worst_over_deadline_s']:+.2f} s, workers killed {a['workers_killed']}, "
+          f"pool works after: {a['pool_works_after']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -43,13 +43,15 @@ class Undecided(ArithmeticError):
 # ---------------------------------------------------------------------------------------------------------------
 # Normalisation: string -> string, only removing notation that never changes the value.
 
-_UNIT_WORDS = (
-    "units?|square|sq|cubic|cm|mm|km|m|meters?|metres?|inches|inch|in|feet|foot|ft|yards?|miles?|mph|seconds?|"
-    "minutes?|hours?|days?|weeks?|years?|dollars?|cents?|degrees?|points?|pounds?|lbs?|ounces?|oz|grams?|g|kg|"
-    "liters?|litres?|L|ml|gallons?|people|students|ways|times|marbles|apples|cookies|eggs|books|pages|percent"
+_UNIT_WORDS = (  # after a value, these are units; the short ones only after a space ("2m" is 2 times m)
+    "units?|square|sq|cubic|cm|mm|km|meters?|metres?|inches|inch|feet|foot|ft|yards?|miles?|mph|seconds?|"
+    "minutes?|hours?|days?|weeks?|years?|dollars?|cents?|degrees?|points?|pounds?|lbs?|ounces?|oz|grams?|kg|"
+    "liters?|litres?|ml|gallons?|people|students|ways|times|marbles|apples|cookies|eggs|books|pages|percent"
 )
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|mbox|mathrm|mathbf|textnormal|operatorname)\s*\{([^{}]*)\}")
-_TRAILING_UNIT = re.compile(r"(?<=[0-9}.])\s*(?:\\\s*)?(?:" + _UNIT_WORDS + r")(?:\s*\^\s*\{?[23]\}?)?\s*$")
+_TRAILING_UNIT = re.compile(
+    r"(?<=[0-9}.])(?:(?:\s*(?:\\\s*)?(?:" + _UNIT_WORDS + r"))+|\s+(?:m|g|L|in))(?:\s*\^\s*\{?[23]\}?)?\s*$"
+)
 _SPACING = re.compile(r"(?<!\\)\\[,;:! ]|\\(?:quad|qquad|displaystyle|textstyle|limits|nolimits)(?![a-zA-Z])|~")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 
@@ -76,9 +78,9 @@ def normalize(ans: str) -> str:
         s = whole.group(1).strip()
     else:
         s = re.sub(r"\\text\{\s*(?:and|or)\s*\}", ",", s)
-        s = re.sub(_TEXT_CMD.pattern + r"(?:\s*\^\s*\{?[23]\}?)?", lambda m: " " if _has_value(m.string) else m.group(1), s)
-    for _ in range(2):  # "18 dollars", "5 cm^2", then a second unit word ("square feet")
-        s = _TRAILING_UNIT.sub("", s)
+        unit = _has_value(s)  # "5.4 \text{ cents}" loses its unit; "\text{Devon} and \text{Eve}" keeps the names
+        s = re.sub(_TEXT_CMD.pattern + r"(?:\s*\^\s*\{?[23]\}?)?", lambda m: " " if unit else m.group(1), s)
+    s = _TRAILING_UNIT.sub("", s)  # "18 dollars", "5 cm^2", "10 square feet"
     s = s.strip().rstrip(".,;:").strip()
     s = re.sub(r"^(?:[a-zA-Z]\s*\\in|\\text\{is\})\s*", "", s)  # "x \in [-2, 7]"
     compact = re.sub(r"\s+", "", s)
@@ -207,8 +209,8 @@ class _Parser:
             start = self.i
             frac = self.power()
             if frac[0] == "div" and frac[1][0] == "num" and frac[2][0] == "num" and frac[1][2] and frac[2][2]:
-                if left[1] >= 0 and self.peek() not in ("^", "_"):
-                    return ("num", left[1] + frac[1][1] / frac[2][1], True) if frac[2][1] != 0 else ("div", left, frac)
+                if left[1] >= 0 and frac[2][1] != 0 and self.peek() not in ("^", "_"):
+                    return ("num", left[1] + frac[1][1] / frac[2][1], True)
             self.i = start
         return ("mul", [left, self.power()])
 

@@ -95,7 +95,8 @@ def _looks_like_completion(pred: str) -> bool:
     return (
         "\\boxed" in pred or "\\fbox" in pred or "####" in pred or "\n" in pred or len(pred) > 200
         or re.search(r"answer is", pred, re.I) is not None
-        or len(_WORDS.findall(_COMMANDS.sub(" ", pred))) >= 2  # prose ("she makes $1,600"), not an answer: use the last-resort rule
+        # Prose ("she makes $1,600 in total") rather than an answer: the last-resort rule applies.
+        or len(_WORDS.findall(_COMMANDS.sub(" ", pred))) >= 2
     )
 
 
@@ -185,7 +186,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _worker_main() -> None:
     """Worker loop (stdin/stdout of a child process). argv: memory cap in bytes, check as "module:function".
 
-    Reads one JSON [gold, answer, rel_tol] per line, writes one verdict per line. Plain text both ways, so neither side unpickles.
+    Reads one JSON [gold, answer, rel_tol] per line, writes one verdict per line: plain text both ways, so
+    neither side unpickles anything.
     """
     import importlib
 
@@ -437,11 +439,11 @@ def default_verifier(workers: int = 2) -> Verifier:
     """The process-wide Verifier used by the module-level functions; created on first use, closed at exit."""
     global _default
     with _default_lock:
-        if _default is None or _default._closed or _default.workers < workers:
-            if _default is not None:
-                _default.close()
+        if _default is None or _default._closed:
             _default = Verifier(workers=workers)
             atexit.register(_default.close)
+        # Grow, never shrink or replace: another thread may be inside a batch on this Verifier.
+        _default.workers = max(_default.workers, workers)
         return _default
 
 

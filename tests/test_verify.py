@@ -157,7 +157,8 @@ EQUIVALENT = [
     ("\\{1\\pm\\sqrt{5},-2\\}", "-2, 1-\\sqrt5, 1+\\sqrt5"),
     ("3, 5, 7", "7, 3, 5"),
     ("1 \\pm \\sqrt{19}", "1+\\sqrt{19}, 1-\\sqrt{19}"),
-    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}", "\\begin{pmatrix} -\\frac13 \\\\ \\frac23 \\\\ \\frac53 \\end{pmatrix}"),
+    ("\\begin{pmatrix} -1/3 \\\\ 2/3 \\\\ 5/3 \\end{pmatrix}",
+     "\\begin{pmatrix} -\\frac13 \\\\ \\frac23 \\\\ \\frac53 \\end{pmatrix}"),
     ("\\begin{pmatrix} -7 \\\\ 16 \\\\ 5 \\end{pmatrix}", "(-7, 16, 5)"),
     ("(-\\infty, 2) \\cup (3, \\infty)", "(3,\\infty)\\cup(-\\infty,2)"),
     ("\\left(\\frac{3}{5},\\frac{8}{3}\\right]", "(0.6, \\frac{8}{3}]"),
@@ -357,7 +358,9 @@ def test_bad_input_never_raises(verifier):
 
 def test_no_code_evaluation_in_eval_package():
     """Model text must never reach eval/exec or sympy's string parsers: these names do not appear at all."""
-    banned = re.compile(r"\beval\s*\(|\bexec\s*\(|sympify|parse_expr|parse_latex|__import__|\bcompile\s*\(|import pickle|pickle\.load")
+    banned = re.compile(
+        r"\beval\s*\(|\bexec\s*\(|sympify|parse_expr|parse_latex|__import__|\bcompile\s*\(|import pickle|pickle\.load"
+    )
     for path in sorted((REPO / "eval").glob("*.py")):
         for n, line in enumerate(path.read_text().splitlines(), 1):
             code = re.sub(r"re\.compile\(", "", line)
