@@ -4,6 +4,7 @@
 
 Sets (from eval/data/math500.jsonl, the repository's copy):
   gold_vs_solution   every gold answer against its own solution (the boxed answer is extracted): all correct
+  rewritten          every gold against an equivalent rewrite (14/3 for \\frac{14}{3}, "x = 5.0" for 5, …)
   mix_wrong          each solution, plus a completion boxing the next problem's answer: half correct, half wrong
   adversarial        huge powers, factorials, 1 MB strings, 10,000 nested braces, code payloads: all must finish
                      within their deadline + 1 s (ours only; math-verify's signal.alarm does not bound these
@@ -14,6 +15,7 @@ A CPU benchmark (2 cores here): not part of bench/gpu.sh. --smoke uses 40 pairs 
 import argparse
 import json
 import platform
+import re
 import time
 
 from eval.math500 import load_math500
@@ -32,6 +34,18 @@ ADVERSARIAL = [
 ]
 
 
+def _rewrite(gold: str) -> str:
+    """An equivalent answer that is not the same string, so the parser and value stages run (not exact match)."""
+    m = re.fullmatch(r"\\[dt]?frac\{(-?\d+)\}\{(\d+)\}", gold)
+    if m:
+        return f"{m.group(1)}/{m.group(2)}"
+    if re.fullmatch(r"-?\d+", gold):
+        return f"x = {gold}.0"
+    if re.fullmatch(r"[^,=\\]*[a-z][^,=\\]*", gold):  # a polynomial-like expression: reorder the sum
+        return f"0 + {gold}"
+    return re.sub(r"(?<![a-zA-Z])\s+", "", gold.replace("\\frac", "\\dfrac"))  # keep "\\cot x" apart
+
+
 def _rate(fn, n: int) -> tuple[float, object]:
     t = time.perf_counter()
     out = fn()
@@ -48,8 +62,10 @@ def run(smoke: bool) -> dict:
     wrong = [f"Thus the answer is $\\boxed{{{a}}}$." for a in others]
     # The expected verdict of a swapped answer: wrong unless it states the same value ("5" vs "x=5").
     same = [canonical(g) in (canonical(a), canonical(a.split("=")[-1])) for g, a in zip(golds, others)]
+    rewritten = [f"The answer is $\\boxed{{{_rewrite(g)}}}$." for g in golds]
     sets = {
         "gold_vs_solution": (golds, sols, [True] * len(rows)),
+        "rewritten": (golds, rewritten, [True] * len(rows)),
         "mix_wrong": (golds + golds, sols + wrong, [True] * len(rows) + same),
     }
     results = {"env": {"python": platform.python_version(), "machine": platform.machine()}, "sets": {}}

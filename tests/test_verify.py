@@ -374,5 +374,6 @@ def test_bench_smoke(tmp_path):
     res = json.loads(out.read_text())
     gs = res["sets"]["gold_vs_solution"]
     assert gs["ours_agree"] == gs["n"] == 40
+    assert res["sets"]["rewritten"]["ours_agree"] == 40
     assert res["sets"]["mix_wrong"]["ours_agree"] == 80
     assert res["adversarial"]["worst_over_deadline_s"] < 1.0 and res["adversarial"]["pool_works_after"]
