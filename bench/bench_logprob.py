@@ -1,0 +1,221 @@
+"""Benchmark: log-prob of target tokens through the lm-head, forward + backward (the SFT loss), ours vs anchors.
+
+    python -m bench.bench_logprob [--smoke] [--json PATH]
+
+Anchors in the same run: eager (`(h @ W.T).float().log_softmax(-1).gather`), torch.compile of it, and Liger-Kernel's
+LigerFusedLinearCrossEntropyLoss(reduction="none") when importable. On CUDA: median of 10 timed iterations after 3
+warmups (CUDA events), peak memory from torch.cuda.max_memory_allocated (inputs included), effective TFLOP/s counting
+the 3 GEMMs of 2*T*V*H FLOP that forward + backward need, against a bf16 8192^3 matmul measured in the same run.
+On CPU: small shapes, ratios to eager only (CPU times say nothing about the GPU). Results go to a table and JSON;
+the JSON is rewritten after every row so a timeout still leaves what was measured.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from kernels.logprob import default_chunk_size, linear_logprob, linear_logprob_reference
+
+BUDGET_S = 80.0  # bench/gpu.sh gives this script 90 s
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, warmup: int, iters: int) -> float:
+    """Median milliseconds of fn() (CUDA events on GPU, perf_counter on CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_gb(fn) -> float | None:
+    """Peak allocated GB while fn() runs, inputs included (CUDA only)."""
+    if not torch.cuda.is_available():
+        return None
+    sync()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync()
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def matmul_tflops() -> float | None:
+    """Measured bf16 8192^3 matmul rate, the roofline the effective TFLOP/s are compared with."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = time_fn(lambda: a @ a, warmup=3, iters=10)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def environment() -> dict:
+    import triton
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    return {
+        "device": dev,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+
+    widths = [max(len(c), *(len(fmt(r.get(c))) for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(fmt(r.get(c)).ljust(w) for c, w in zip(cols, widths)))
+
+
+class Report:
+    """Rows of one benchmark run, written to JSON after every row."""
+
+    def __init__(self, path: str | None, meta: dict):
+        self.path, self.meta, self.rows = path, meta, []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if self.path:
+            with open(self.path, "w") as f:
+                json.dump({**self.meta, "rows": self.rows}, f, indent=1)
+
+
+def make_inputs(T: int, H: int, V: int, dtype: torch.dtype, device: str):
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(T, H, device=device, dtype=dtype, generator=g).requires_grad_()
+    weight = (torch.randn(V, H, device=device, dtype=torch.float32, generator=g) / H**0.5).to(dtype)
+    targets = torch.randint(0, V, (T,), device=device, generator=g)
+    targets[::50] = -100
+    return hidden, weight.requires_grad_(), targets
+
+
+def liger_fn():
+    """A (hidden, weight, targets) -> logp [T] function through Liger's fused linear CE, or None with the reason."""
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError as e:
+        return None, f"liger_kernel not importable ({e.__class__.__name__})"
+    ce = LigerFusedLinearCrossEntropyLoss(reduction="none")
+    return (lambda h, w, t: -ce(w, h, t)), None
+
+
+def run_case(report, T, H, V, dtype, device, impls, warmup, iters, roof, chunk=None, label=None):
+    hidden, weight, targets = make_inputs(T, H, V, dtype, device)
+    with torch.no_grad():
+        want = linear_logprob_reference(hidden, weight, targets)
+    flop = 3 * 2 * T * V * H
+    eager_ms = None
+    for name, fn in impls:
+        row = {"impl": label or name, "T": T, "H": H, "V": V, "dtype": str(dtype).replace("torch.", "")}
+        if name == "ours":
+            row["chunk"] = chunk or default_chunk_size(T, dtype)
+
+        def step():
+            hidden.grad = weight.grad = None
+            out = fn(hidden, weight, targets)
+            out.sum().backward()
+            return out
+
+        try:
+            out = step()
+            row["max_abs_err"] = (out.detach().float() - want.float()).abs().max().item()
+            row["peak_gb"] = peak_gb(step)
+            row["ms"] = time_fn(step, warmup, iters)
+        except torch.OutOfMemoryError:
+            row["note"] = "out of memory"
+            hidden.grad = weight.grad = None
+            torch.cuda.empty_cache()
+            report.add(row)
+            continue
+        if name == "eager":
+            eager_ms = row["ms"]
+        if torch.cuda.is_available():
+            row["tflops"] = flop / row["ms"] / 1e9
+            row["pct_of_matmul"] = 100 * row["tflops"] / roof if roof else None
+        elif eager_ms:
+            row["x_eager_time"] = row["ms"] / eager_ms
+        report.add(row)
+    del hidden, weight, targets, want
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, a few iterations (CI)")
+    ap.add_argument("--json", default=None, help="write results here")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    roof = matmul_tflops() if cuda else None
+    meta = {"bench": "logprob", **environment(), "matmul_tflops_bf16": roof, "mode": "gpu" if cuda else "cpu-ratios"}
+    print(f"# bench_logprob on {meta['device']}, torch {meta['torch']}, triton {meta['triton']}")
+    report = Report(args.json, meta)
+
+    ours = ("ours", lambda h, w, t: linear_logprob(h, w, t))
+    eager = ("eager", lambda h, w, t: linear_logprob_reference(h, w, t))
+    if not cuda:
+        # CPU: the same code path the tests use (interpreter when TRITON_INTERPRET=1, else the torch fallback).
+        T, H, V, iters = (64, 32, 512, 2) if args.smoke else (1024, 64, 8192, 5)
+        impls = [eager, ours]
+        if not args.smoke:
+            impls.append(("compile", torch.compile(linear_logprob_reference)))
+        run_case(report, T, H, V, torch.float32, device, impls, warmup=1, iters=iters, roof=None)
+    else:
+        compiled = ("compile", torch.compile(linear_logprob_reference, dynamic=False))
+        impls = [eager, ours]
+        lf, why = liger_fn()
+        if lf is None:
+            print(f"  (Liger anchor skipped: {why})")
+            meta["liger"] = why
+        main_impls = impls + ([("liger", lf)] if lf else []) + [compiled]
+        # The issue's headline shape first (all anchors), then the chunk sweep, then the other shapes.
+        run_case(report, 16384, 1536, 151936, torch.bfloat16, device, main_impls, 3, 10, roof)
+        for chunk in (1024, 4096, 8192):
+            fn = ("ours", lambda h, w, t, c=chunk: linear_logprob(h, w, t, chunk_size=c))
+            run_case(report, 16384, 1536, 151936, torch.bfloat16, device, [fn], 2, 8, roof, chunk=chunk)
+        # Per-token weights (same values, gradient scaled by w_t): the recompute path of the backward.
+        w_tok = torch.linspace(0, 1, 16384, device="cuda")
+        weighted = ("ours", lambda h, w, t: (lp := linear_logprob(h, w, t)) * w_tok + lp.detach() * (1 - w_tok))
+        run_case(report, 16384, 1536, 151936, torch.bfloat16, device, [weighted], 2, 8, roof, label="ours-weighted-g")
+        for T, H, V in ((4096, 1536, 151936), (4096, 4096, 128256), (16384, 4096, 128256), (32768, 1536, 151936)):
+            if time.perf_counter() - t_start > BUDGET_S:
+                print(f"  (stopping: {BUDGET_S:.0f} s budget reached before T={T}, H={H})")
+                break
+            run_case(report, T, H, V, torch.bfloat16, device, impls, 2, 8, roof)
+    print()
+    cols = ["impl", "T", "H", "V", "chunk", "ms", "x_eager_time", "peak_gb", "tflops", "pct_of_matmul", "max_abs_err"]
+    print_table(report.rows, [c for c in cols if any(c in r for r in report.rows)])
+    print(f"# took {time.perf_counter() - t_start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
