@@ -1,0 +1,335 @@
+"""Distributed training setup: process group, FSDP2 sharding, sharded HF loading, resumable checkpoints.
+
+One process or many, the training code runs the same path: without torchrun we start a one-rank process group, so
+the model is always an FSDP2 module and nothing branches on "distributed or not".
+
+  init_distributed()       torchrun's env -> process group (nccl on CUDA, gloo on CPU), 1-D device mesh, seeds
+  parallelize()            activation checkpointing -> per-block compile -> fully_shard per block ->
+                           final norm + lm-head as one group -> root, in that order (torchtitan's order)
+  build_model()            meta-device construction, parallelize, then each rank fills only its own shards, from
+                           HF safetensors slices (`safe_open(...).get_slice`) or a reproducible from-scratch init
+  clip_grad_norm_()        gradient clipping on DTensor gradients (one all-reduce for the total norm)
+  build_optimizer()        AdamW (fused on CUDA), no weight decay on norms and biases
+  Checkpointer             resumable sharded checkpoints with torch.distributed.checkpoint: model, optimizer,
+                           scheduler, data position, per-rank RNG, step; a COMPLETE marker written last; keep-last-k
+  export_hf()              a consolidated Hugging Face checkpoint (core/checkpoint.save_hf) from the sharded model
+
+Not here: the training loop (train/), the sampler's unsharding for rollouts (core/sampler.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+
+from safetensors import safe_open
+
+from core.checkpoint import CheckpointError, check_tensor_names, hf_weight_map, read_hf_config, save_hf
+from core.model import ModelConfig, Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ParallelConfig:
+    param_dtype: str = "bfloat16"  # dtype of gathered parameters in forward/backward ("float32": no mixed precision)
+    reduce_dtype: str = "float32"  # dtype of the gradient reduce-scatter
+    reshard_after_forward: bool = True  # False trades memory for one all-gather less per block in backward
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block
+
+    def __post_init__(self) -> None:
+        for key in ("param_dtype", "reduce_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ValueError(f"parallel.{key}: {getattr(self, key)!r} is not one of {', '.join(DTYPES)}")
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(seed: int = 0, *, device: str | None = None, timeout_s: float = 600.0) -> Dist:
+    """Start (or join) the process group from torchrun's environment; a one-rank group without torchrun.
+
+    Seeds python, numpy and torch identically on every rank: model init and data order are global decisions, so
+    every rank must draw the same numbers. Per-rank randomness (none in SFT) would derive its own generator.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+        backend = "cuda:nccl,cpu:gloo"  # gloo for the few CPU-side collectives (e.g. checkpoint metadata)
+    else:
+        dev = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        else:  # plain `python -m ...`: a one-rank group over an in-memory store, same code path as torchrun
+            if world_size != 1:
+                raise RuntimeError("WORLD_SIZE > 1 without MASTER_ADDR: launch with torchrun")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
+    seed_everything(seed)
+    return Dist(rank, world_size, local_rank, dev, mesh)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig) -> Transformer:
+    """Apply, in this order: activation checkpointing per block, torch.compile per block, fully_shard per block,
+    the final norm + lm-head as one group (when not tied to the embedding), then the root."""
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.param_dtype], reduce_dtype=DTYPES[cfg.reduce_dtype])
+    for block in model.layers:
+        block.activation_checkpointing = cfg.activation_checkpointing
+        if cfg.compile:
+            block.compile()  # in place: parameter names stay those of the checkpoint
+    n = len(model.layers)
+    for i, block in enumerate(model.layers):
+        # The last block's parameters are needed again at once by backward: keep them gathered.
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward and i < n - 1)
+    if not model.config.tie_word_embeddings:
+        # A tied lm-head is the embedding's parameter, which the root owns; one parameter cannot be in two groups.
+        fully_shard([model.norm, model.lm_head], mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+    return model
+
+
+# --------------------------------------------------------------------------------------- building and loading
+
+
+def _local_rows(param: torch.Tensor) -> tuple[int, int]:
+    """Rows [start, end) of dim 0 of the full tensor that this rank's FSDP2 shard holds (torch.chunk layout)."""
+    if not isinstance(param, DTensor):
+        return 0, param.shape[0]
+    placements = param.placements
+    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+        raise NotImplementedError(f"only 1-D FSDP sharding on dim 0 is supported, got {placements}")
+    n, world = param.shape[0], param.device_mesh.size()
+    chunk = -(-n // world)
+    start = min(param.device_mesh.get_local_rank() * chunk, n)
+    return start, min(start + chunk, n)
+
+
+@torch.no_grad()
+def fill_sharded(model: nn.Module, fetch: Callable[[str, int, int], torch.Tensor]) -> None:
+    """For every parameter, copy `fetch(name, start, end)` (rows start:end of the full tensor) into this rank's
+    shard. Nothing larger than one rank's rows of one tensor is ever materialised."""
+    for name, param in model.named_parameters():
+        start, end = _local_rows(param)
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if local.shape[0] != end - start:
+            raise RuntimeError(f"{name}: local shard has {local.shape[0]} rows, expected {end - start}")
+        if end > start:
+            local.copy_(fetch(name, start, end))
+
+
+def build_model(
+    cfg: ModelConfig,
+    d: Dist,
+    pcfg: ParallelConfig,
+    *,
+    init_from: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> Transformer:
+    """A sharded Transformer: from an HF checkpoint directory (`init_from`, whose config wins over `cfg`) or
+    initialised from scratch so that any world size gets exactly the weights of `Transformer(cfg).init_weights(seed)`.
+    """
+    if init_from:
+        cfg, _ = read_hf_config(init_from)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    if init_from:  # check names and shapes before anything is allocated or sharded
+        files = hf_weight_map(init_from)
+        names = check_tensor_names(model, files, str(init_from))
+        shapes = {n: list(p.shape) for n, p in model.named_parameters()}
+        handles: dict[Path, Any] = {}
+        for ours, hf in names.items():
+            if files[hf] not in handles:
+                handles[files[hf]] = safe_open(files[hf], framework="pt", device="cpu")
+            got = list(handles[files[hf]].get_slice(hf).get_shape())
+            if got != shapes[ours]:
+                raise CheckpointError(f"{files[hf]}: tensor {hf} has shape {got}, the config implies {shapes[ours]}")
+    parallelize(model, d.mesh, pcfg)
+    model.to_empty(device=d.device)  # allocates only the local shards (fp32 masters)
+    if init_from:
+        fill_sharded(model, lambda name, s, e: handles[files[names[name]]].get_slice(names[name])[s:e])
+        handles.clear()
+    else:
+        # Deterministic per tensor: generate each full tensor on CPU with the same generator sequence as
+        # Transformer.init_weights and keep this rank's rows (one full tensor at a time).
+        reference = _init_reference(cfg, seed)
+        fill_sharded(model, lambda name, s, e: reference[name][s:e])
+    return model
+
+
+def _init_reference(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    full = Transformer(cfg)  # from-scratch models are small; large ones start from a checkpoint
+    full.init_weights(seed=seed)
+    return dict(full.named_parameters())
+
+
+def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip DTensor (or plain) gradients in place; returns the total norm before clipping as a plain tensor.
+    A non-finite norm is returned and nothing is scaled: the caller skips the step."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()  # the all-reduce of the per-shard partial norms
+    if torch.isfinite(norm) and max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
+    return norm
+
+
+def build_optimizer(model: nn.Module, *, lr: float, betas: tuple[float, float], weight_decay: float,
+                    eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (embeddings included), none on norms and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=on_cuda or None)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Gathered full tensors on CPU, on rank 0 only (other ranks get {}); every rank must call it."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts)
+
+
+def export_hf(model: Transformer, path: str | os.PathLike, d: Dist, *, tokenizer_dir: str | os.PathLike | None = None,
+              dtype: torch.dtype | None = None) -> None:
+    """Write a consolidated HF checkpoint of a sharded model (collective; rank 0 writes)."""
+    sd = full_state_dict(model)
+    if d.is_main:
+        save_hf(model, path, tokenizer_dir=tokenizer_dir, state_dict=sd, dtype=dtype)
+    dist.barrier()
+
+
+# --------------------------------------------------------------------------------------- resumable checkpoints
+
+
+class Checkpointer:
+    """Sharded, resumable checkpoints under `root/step_{N:08d}/`.
+
+    Layout: DCP shards of {"model", "optim"} written by all ranks; `trainer.json` (step, scheduler, data position and
+    any other JSON state) written by rank 0; `rng_rank{r}.pt` per rank; `COMPLETE` written by rank 0 last, after a
+    barrier. A directory without COMPLETE (a crash mid-write) is ignored by `latest()` and removed by the next save.
+    """
+
+    MARKER = "COMPLETE"
+
+    def __init__(self, root: str | os.PathLike, d: Dist, *, keep_last: int = 2) -> None:
+        self.root, self.d, self.keep_last = Path(root), d, keep_last
+
+    def _dir(self, step: int) -> Path:
+        return self.root / f"step_{step:08d}"
+
+    def steps(self, *, complete: bool = True) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            m = re.fullmatch(r"step_(\d{8})", p.name)
+            if m and ((p / self.MARKER).is_file() == complete):
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def latest(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+        """Collective. `state` must be JSON-serialisable and identical on all ranks (scheduler, data position...)."""
+        path = self._dir(step)
+        if self.d.is_main:
+            for s in self.steps(complete=False):  # leftovers of an interrupted save
+                shutil.rmtree(self._dir(s), ignore_errors=True)
+            if path.exists():
+                shutil.rmtree(path)
+            path.mkdir(parents=True)
+        dist.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
+        torch.save(_rng_state(), path / f"rng_rank{self.d.rank}.pt")
+        if self.d.is_main:
+            (path / "trainer.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        dist.barrier()
+        if self.d.is_main:
+            (path / self.MARKER).write_text(datetime.datetime.now().isoformat() + "\n")
+            for s in self.steps()[: -self.keep_last] if self.keep_last > 0 else []:
+                shutil.rmtree(self._dir(s), ignore_errors=True)
+        dist.barrier()
+        return path
+
+    def load(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Restore model, optimizer and this rank's RNG in place; returns the JSON state saved with them."""
+        path = self._dir(step)
+        if not (path / self.MARKER).is_file():
+            raise FileNotFoundError(f"{path}: not a complete checkpoint (no {self.MARKER} marker)")
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        rng = path / f"rng_rank{self.d.rank}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return json.loads((path / "trainer.json").read_text())
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
