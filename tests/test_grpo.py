@@ -20,6 +20,10 @@ def batch(B=5, L=13, dtype=torch.float64, seed=0, adv_2d=False):
     shape = (B, L) if adv_2d else (B,)
     adv = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
     adv[1] = 0.0  # advantages of both signs and zero
+    if B > 4:  # ratios above delta = 4 under a negative advantage: the two-sided clip bites (token, sequence)
+        old[3, :3] = logp[3, :3] - 2.0
+        old[4] = logp[4] - 1.6
+        adv[3:5] = -0.7
     mask = torch.rand(B, L, generator=g) > 0.3
     mask[2] = False  # a fully masked sequence
     return logp.requires_grad_(), old, ref, adv, mask
