@@ -158,8 +158,8 @@ def test_loader_resume_mid_epoch_and_after_exclusion_matches_an_uninterrupted_ru
     run = data.loader(max_tokens=MAX_TOKENS, seed=11)
     for _ in range(3):
         run.next_batch()
-    state = json.loads(json.dumps(run.state_dict()))  # mid-epoch, with a drawn document waiting for the next batch
-    assert run._pending is not None
+    state = json.loads(json.dumps(run.state_dict()))  # mid-epoch; the document that closed batch 3 opens batch 4
+    assert 0 < run.progress < 1
     resumed = data.loader(max_tokens=MAX_TOKENS, seed=11)
     resumed.load_state_dict(state)
     assert resumed.progress == run.progress
@@ -175,13 +175,21 @@ def test_loader_resume_mid_epoch_and_after_exclusion_matches_an_uninterrupted_ru
     assert all(_same(again.next_batch(), y) for y in after)
 
 
-def test_loader_progress_counts_epochs_of_the_handed_out_documents(data):
+def test_loader_progress_counts_epochs_and_no_document_is_lost_or_repeated_within_a_pass(data):
     loader = data.loader(max_tokens=MAX_TOKENS, seed=0)
     total, docs = sum(SIZES.values()), 0
-    while loader.progress < 1.0:
+    seen = {t: [] for t in data.tasks}
+    while loader.progress < 3.0:
         batch = loader.next_batch()
+        for b in range(batch.input_ids.shape[0]):
+            for a, e in _documents(batch, b):
+                if batch.task_ids[b, a] >= 0:
+                    seen[batch.tasks[int(batch.task_ids[b, a])]].append(tuple(batch.input_ids[b, a:e].tolist()))
         docs += int(((batch.position_ids == 0) & (batch.task_ids >= 0)).sum())
         assert loader.progress == pytest.approx(docs / total)
+    for t, split in data.train.items():
+        first_pass = seen[t][: len(split)]
+        assert len(first_pass) == len(split) and len(set(first_pass)) == len(split), t
 
 
 def test_ranks_get_disjoint_consecutive_micro_batches_of_one_global_stream(data):

@@ -438,18 +438,26 @@ class MixtureSampler:
             self._perms[t] = cached
         return cached[1]
 
-    def next(self) -> tuple[int, int]:
-        """The next (sub-dataset index, example index)."""
+    def peek(self) -> tuple[int, int]:
+        """The next (sub-dataset index, example index), without drawing it."""
         u = self._uniform(self.draws)
         t = min(int(np.searchsorted(self._cum, u, side="right")), len(self.names) - 1)
         while not self.active[t]:  # only reachable through float rounding at the top of the cumulative sum
             t -= 1
-        i = int(self._perm(t)[self.cursor[t]])
+        return t, int(self._perm(t)[self.cursor[t]])
+
+    def advance(self, t: int) -> None:
+        """Draw the peeked example (`t` is its sub-dataset index)."""
         self.cursor[t] += 1
         if self.cursor[t] == self.sizes[t]:
             self.passes[t] += 1
             self.cursor[t] = 0
         self.draws += 1
+
+    def next(self) -> tuple[int, int]:
+        """Draw the next (sub-dataset index, example index)."""
+        t, i = self.peek()
+        self.advance(t)
         return t, i
 
     def _set_active(self, name: str, active: bool) -> None:
@@ -497,7 +505,8 @@ class MixtureSampler:
 class MixtureLoader:
     """Packs the sampler's documents into [B, S] micro-batches, B = max_tokens // seq_len (see the module docstring
     for the distributed contract). Each document goes into the first row of the current micro-batch with room for it;
-    the first document that fits nowhere closes the micro-batch and opens the next one.
+    the first document that fits nowhere closes the micro-batch and opens the next one. Documents are peeked before
+    they are drawn, so the sampler's state is always exactly "after the last document handed out".
     """
 
     def __init__(self, splits: dict[str, TokenizedSplit], *, seq_len: int, max_tokens: int, pad_id: int, seed: int,
@@ -515,26 +524,19 @@ class MixtureLoader:
         self.seq_len, self.rows, self.pad_id = seq_len, max_tokens // seq_len, pad_id
         self.rank, self.world_size = rank, world_size
         self.sampler = MixtureSampler({n: len(s) for n, s in splits.items()}, seed, weights)
-        self._pending: tuple[int, int] | None = None  # drawn, did not fit: opens the next micro-batch
-        self._before_pending: dict[str, Any] | None = None
 
     def _pack_one(self) -> list[list[tuple[int, int]]]:
         rows: list[list[tuple[int, int]]] = [[] for _ in range(self.rows)]
         room = [self.seq_len] * self.rows
         while True:
-            if self._pending is None:
-                before = self.sampler.state_dict()
-                doc = self.sampler.next()
-            else:
-                before, doc = self._before_pending, self._pending
-            n = self.splits[doc[0]].length(doc[1])
+            t, i = self.sampler.peek()
+            n = self.splits[t].length(i)
             b = next((b for b in range(self.rows) if room[b] >= n), None)
             if b is None:
-                self._pending, self._before_pending = doc, before
                 return rows
-            rows[b].append(doc)
+            rows[b].append((t, i))
             room[b] -= n
-            self._pending = self._before_pending = None
+            self.sampler.advance(t)
 
     def next_batch(self) -> PackedBatch:
         """This rank's micro-batch of the next global batch (world_size micro-batches)."""
@@ -549,19 +551,9 @@ class MixtureLoader:
         while True:
             yield self.next_batch()
 
-    def _drop_pending(self) -> None:
-        # The pending document was drawn but not handed out; un-draw it so the state is exactly "after the last
-        # document in a returned micro-batch".
-        if self._pending is not None:
-            self.sampler.load_state_dict(self._before_pending)
-            self._pending = self._before_pending = None
-
     @property
     def progress(self) -> float:
         """Epochs of the active mixture handed out so far (documents in returned micro-batches, all ranks)."""
-        if self._pending is not None:
-            state = self._before_pending
-            return state["epoch_base"] + (state["draws"] - state["draws_at_change"]) / self.sampler._active_size
         return self.sampler.progress
 
     @property
@@ -570,23 +562,19 @@ class MixtureLoader:
 
     def exclude(self, name: str) -> None:
         """Stop drawing sub-dataset `name`, effective from the next micro-batch (deterministic and resumable)."""
-        self._drop_pending()
         self.sampler.exclude(name)
 
     def include(self, name: str) -> None:
-        self._drop_pending()
         self.sampler.include(name)
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last returned micro-batch; the same on every rank. Small and JSON-serialisable."""
-        sampler = self._before_pending if self._pending is not None else self.sampler.state_dict()
-        return {"sampler": sampler, "seq_len": self.seq_len, "rows": self.rows}
+        return {"sampler": self.sampler.state_dict(), "seq_len": self.seq_len, "rows": self.rows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (state["seq_len"], state["rows"]) != (self.seq_len, self.rows):
             raise DataError(f"data state was saved with seq_len={state['seq_len']}, rows={state['rows']}, but this "
                             f"loader has seq_len={self.seq_len}, rows={self.rows}; resume with the same packing")
-        self._pending = self._before_pending = None
         self.sampler.load_state_dict(state["sampler"])
 
 
