@@ -148,13 +148,16 @@ def main(argv: list[str] | None = None) -> None:
         if lf is None:
             print(f"  (Liger anchor skipped: {why})")
             meta["liger"] = why
-        main_impls = impls + ([("liger", lf)] if lf else []) + [("compile", torch.compile(eager_step, dynamic=False))]
+        main_impls = impls + ([("liger", lf)] if lf else [])
         run_case(report, 16, 512, 1536, 151936, torch.bfloat16, device, main_impls, 3, 10, roof)
         run_loss_only(report, 16, 512, device, 3, 10)
-        if time.perf_counter() - t_start < BUDGET_S - 15:
+        if time.perf_counter() - t_start < BUDGET_S - 35:
             run_case(report, 16, 512, 4096, 128256, torch.bfloat16, device, impls, 2, 8, roof)
         else:
             print(f"  (skipping the Llama-3-8B shape: {BUDGET_S:.0f} s budget)")
+        # torch.compile last: its compile time is the one cost we cannot bound.
+        compiled = ("compile", torch.compile(eager_step, dynamic=False))
+        run_case(report, 16, 512, 1536, 151936, torch.bfloat16, device, [compiled], 2, 8, roof)
     print()
     cols = ["impl", "B", "L", "H", "V", "ms", "x_eager_time", "peak_gb", "tflops", "pct_of_matmul", "max_abs_err", "note"]
     print_table(report.rows, [c for c in cols if any(c in r for r in report.rows)])

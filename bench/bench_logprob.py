@@ -196,8 +196,9 @@ def main(argv: list[str] | None = None) -> None:
         if lf is None:
             print(f"  (Liger anchor skipped: {why})")
             meta["liger"] = why
-        main_impls = impls + ([("liger", lf)] if lf else []) + [compiled]
-        # The headline shape first (all anchors), then the chunk sweep, then the other shapes.
+        main_impls = impls + ([("liger", lf)] if lf else [])
+        # The headline shape first, then the chunk sweep, the other shapes, and torch.compile last
+        # (its compile time is the one cost we cannot bound).
         run_case(report, 16384, 1536, 151936, torch.bfloat16, device, main_impls, 3, 10, roof)
         for chunk in (1024, 4096, 8192):
             fn = ("ours", lambda h, w, t, c=chunk: linear_logprob(h, w, t, chunk_size=c))
@@ -207,10 +208,11 @@ def main(argv: list[str] | None = None) -> None:
         weighted = ("ours", lambda h, w, t: (lp := linear_logprob(h, w, t)) * w_tok + lp.detach() * (1 - w_tok))
         run_case(report, 16384, 1536, 151936, torch.bfloat16, device, [weighted], 2, 8, roof, label="ours-weighted-g")
         for T, H, V in ((4096, 1536, 151936), (4096, 4096, 128256), (16384, 4096, 128256), (32768, 1536, 151936)):
-            if time.perf_counter() - t_start > BUDGET_S:
-                print(f"  (stopping: {BUDGET_S:.0f} s budget reached before T={T}, H={H})")
-                break
+            if time.perf_counter() - t_start > BUDGET_S - 40:
+                print(f"  (skipping T={T}, H={H}: keeping {40} s of the {BUDGET_S:.0f} s budget for torch.compile)")
+                continue
             run_case(report, T, H, V, torch.bfloat16, device, impls, 2, 8, roof)
+        run_case(report, 16384, 1536, 151936, torch.bfloat16, device, [compiled], 2, 8, roof)
     print()
     cols = ["impl", "T", "H", "V", "chunk", "ms", "x_eager_time", "peak_gb", "tflops", "pct_of_matmul", "max_abs_err"]
     print_table(report.rows, [c for c in cols if any(c in r for r in report.rows)])

@@ -37,11 +37,13 @@ def _has_fp32_out_mm(device_type: str, dtype: torch.dtype) -> bool:
     # Probe once per (device, dtype) instead of parsing versions.
     if dtype == torch.float32 or dtype == torch.float64:
         return False
-    try:
-        a = torch.ones(2, 2, device=device_type, dtype=dtype)
-        out = torch.zeros(2, 2, device=device_type, dtype=torch.float32)
-        torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
-        return bool(out[0, 0] == 2.0)
+    try:  # the layout used: a transposed [V, C] operand, overwrite (beta=0) then accumulate
+        a = torch.ones(3, 2, device=device_type, dtype=dtype).t()
+        b = torch.ones(3, 4, device=device_type, dtype=dtype)
+        out = torch.full((2, 4), float("nan"), device=device_type, dtype=torch.float32)
+        torch.addmm(out, a, b, out_dtype=torch.float32, beta=0, out=out)
+        torch.addmm(out, a, b, out_dtype=torch.float32, beta=1, out=out)
+        return bool((out == 6.0).all())
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 

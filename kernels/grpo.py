@@ -212,7 +212,7 @@ if HAS_TRITON:
                 dr_acc += tl.where(m != 0, w * dloss_dr, 0.0)
             else:
                 dloss_dlp += dloss_dr * r
-            tl.store(grad_ptr + row + c, tl.where(m != 0, w * dloss_dlp, 0.0), mask=inb)
+                tl.store(grad_ptr + row + c, tl.where(m != 0, w * dloss_dlp, 0.0), mask=inb)
             low = (r < 1 - eps_low) & (adv < 0)
             high = (r > 1 + eps_high) & (adv > 0)
             loss_acc += tl.where(m != 0, w * loss_t, 0.0)
@@ -222,14 +222,18 @@ if HAS_TRITON:
             ratio_acc += tl.where(m != 0, m * r, 0.0)
             count_acc += m
 
-        if SEQUENCE:  # d log_iw / d logp_t = m_t / n: add the shared ratio term to every token's grad
+        if SEQUENCE:  # d log_iw / d logp_t = m_t / n: the shared ratio term, plus each token's own KL term
             coef = tl.sum(dr_acc, 0) * r_seq / n_seq
             for start in range(0, L, BLOCK_L):
                 c = start + cols
                 inb = c < L
                 m = tl.load(mask_ptr + row + c, mask=inb, other=0.0).to(ACC)
-                g = tl.load(grad_ptr + row + c, mask=inb, other=0.0)
-                tl.store(grad_ptr + row + c, g + coef * m, mask=inb)
+                g = coef * m
+                if HAS_REF:
+                    lp = tl.load(logp_ptr + row + c, mask=inb, other=0.0).to(ACC)
+                    diff = tl.load(ref_ptr + row + c, mask=inb, other=0.0).to(ACC) - lp
+                    g += tl.where(m != 0, m * scale * beta * (1.0 - tl.exp(diff)), 0.0)
+                tl.store(grad_ptr + row + c, g, mask=inb)
 
         out = stats_ptr + b * 7
         tl.store(out + 0, tl.sum(loss_acc, 0))
