@@ -170,18 +170,21 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor 
 
     No host syncs (safe inside a CUDA graph).
     """
+    raw_lse = logits.logsumexp(-1)
     if params.greedy:
         tokens = logits.argmax(-1)
         logprobs = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
     else:
-        scores = filter_logits(logits, params)
-        cdf = scores.softmax(-1).cumsum(-1)  # [B, V]
+        plain = params.temperature == 1.0 and params.top_k == 0 and params.top_p == 1.0 and params.min_p == 0.0
+        scores = logits if plain else filter_logits(logits, params)
+        lse = raw_lse if plain else scores.logsumexp(-1)
+        cdf = (scores - lse[:, None]).exp_().cumsum_(-1)  # [B, V]; in place: one [B, V] temporary
         total = cdf[:, -1:]
         # x < total strictly, so the first index with cdf > x always has probability > 0.
         x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
         tokens = torch.searchsorted(cdf, x, right=True).clamp_(max=logits.shape[-1] - 1)[:, 0]
-        logprobs = scores.gather(-1, tokens[:, None])[:, 0] - scores.logsumexp(-1)
-    raw = logits.gather(-1, tokens[:, None])[:, 0] - logits.logsumexp(-1)
+        logprobs = scores.gather(-1, tokens[:, None])[:, 0] - lse
+    raw = logits.gather(-1, tokens[:, None])[:, 0] - raw_lse
     return tokens, logprobs, raw
 
 
