@@ -11,15 +11,22 @@ The tasks differ on purpose in learning speed and training-set size, so that mul
 sees sub-datasets whose held-out scores peak at different times:
 
   task      example                    train  designed for
-  copy      copy 50721 -> 50721         1000  fastest: one induction step; held-out accuracy saturates early and stays
-  reverse   reverse 50721 -> 12705      1000  medium: needs position arithmetic, learned after copy
-  sort      sort 31415 -> 11345         1000  medium: counting digits; partial credit (right digits) comes early
+  copy      copy 50721 -> 50721         1000  fast once an induction head forms; then saturates and stays
+  reverse   reverse 50721 -> 12705      1000  medium: copy plus position arithmetic, so after copy
+  sort      sort 31415 -> 11345         1000  early: counting digits needs no induction; partial credit comes first
   add       add 123+45 -> 168           2000  slow: carries; the biggest set so it keeps improving late
   mod       mod 4821%7 -> 5             1000  slowest: long division in the head; may stay near chance (1/7) on CPU
   majority  majority 1011001 -> 1         40  overfits first: a tiny fixed set with 10 of 40 training labels
                                               flipped; held-out labels are clean, so held-out loss and accuracy improve
                                               while the rule is learned, then degrade as the flipped labels are
                                               memorised (the classic early-stopping curve)
+
+Measured (the tiny model of configs/tiny_sft.toml shape, 3.2M params, 1024-token micro-batches, AdamW lr 2e-3, seed
+0, 3 epochs = 419 steps, ~6.5 min on a shared 2-core CPU), held-out exact match at 1 / 2 / 3 epochs: sort
+0.20 / 0.30 / 0.41, copy 0.00 / 0.01 / 0.01, reverse 0.01 / 0.01 / 0.03, add 0.00 throughout, mod at chance
+(0.13 / 0.15 / 0.16); majority 0.56 / 0.58 / 0.23 with held-out loss lowest at 1.25 epochs (0.33) and 1.21 at 3
+epochs: the early peak mSFT should find. So within minutes on a CPU the order is majority (peaks and overfits),
+sort (learns), then the rest; copy/reverse need longer runs for their induction heads to form.
 
 Rows are dicts {"prompt", "response", "task", "answer"}: `response` is the SFT target, `answer` the verifiable truth
 that `check` compares against (they differ only on majority's flipped training rows, so an RL reward on training
