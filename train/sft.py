@@ -90,6 +90,7 @@ class TrainConfig:
     max_steps: int = 0  # > 0: stop (and schedule) by optimizer steps instead of epochs
     seed: int = 0
     max_bad_steps: int = 5  # consecutive non-finite steps before the run stops
+    stop_at_step: int = 0  # > 0: checkpoint and exit after this step, schedule untouched (time-sliced jobs)
     log_every: int = 10
 
 
@@ -426,17 +427,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log(d, f"eval @ epoch {run.loader.progress:.2f}  {format_eval(results)}")
         if cfg.checkpoint.every_steps and run.step % cfg.checkpoint.every_steps == 0:
             save_checkpoint(run)
+        if run.step == t.stop_at_step:
+            break
     if pbar is not None:
         pbar.close()
-    save_checkpoint(run)
+    if run.checkpointer.latest() != run.step:
+        save_checkpoint(run)
     out = Path(cfg.out_dir)
-    if cfg.checkpoint.export_hf:
+    finished = frac() >= 1.0
+    if cfg.checkpoint.export_hf and finished:
         tok_dir = out / "tokenizer"
         if d.is_main:
             run.tokenizer.save(tok_dir)
         export_hf(run.model, out / "hf", d, tokenizer_dir=tok_dir)
         log(d, f"exported {out / 'hf'} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
-    log(d, f"done: {run.step} steps, {run.skipped_steps} skipped")
+    log(d, f"{'done' if finished else 'stopped'}: {run.step} steps, {run.skipped_steps} skipped")
     run.metrics.close()
     summary = {"steps": run.step, "skipped_steps": run.skipped_steps, "history": history}
     if d.is_main:
