@@ -9,7 +9,7 @@ setup(
     description="A low-level, performance-first LLM post-training library (SFT, GRPO) in plain PyTorch + Triton.",
     python_requires=">=3.10",
     packages=["core", "kernels", "train", "eval", "bench"],
-    package_data={"eval": ["data/*"], "train": ["data/*"]},
+    package_data={"eval": ["data/*"], "train": ["data/*", "data/tiny_tokenizer/*"]},
     install_requires=[
         "torch>=2.6",
         "triton; sys_platform == 'linux'",
@@ -17,7 +17,7 @@ setup(
         "tokenizers>=0.19",
         "numpy",
         "sympy>=1.12",
-        "jinja2>=3.1",
+        "jinja2>=3.1.6",  # older sandboxes have known escapes (core/tokenizer.py checks)
         "tqdm",
         "tomli; python_version < '3.11'",
     ],
