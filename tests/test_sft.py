@@ -84,3 +84,20 @@ def test_exported_checkpoint_loads_in_transformers(tmp_path):
     ids = torch.tensor([tok.encode("copy 123")])
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny_sft.toml", "qwen2.5-0.5b_sft.toml", "qwen2.5-1.5b_sft.toml"])
+def test_repo_configs_parse(name):
+    from core.config import load_config
+    from train.sft import SFTConfig
+
+    cfg = load_config(SFTConfig, REPO / "configs" / name)
+    assert cfg.data.max_tokens % cfg.data.seq_len == 0
+
+
+def test_bad_flag_names_the_closest_key(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "train.sft", "--config", str(REPO / "configs/tiny_sft.toml"),
+                           "--optim.lrr=1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "flag --optim.lrr: unknown key 'optim.lrr' (did you mean 'optim.lr'?)" in proc.stderr
