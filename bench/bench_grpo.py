@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench.bench_logprob import Report, environment, matmul_tflops, peak_gb, print_table, time_fn
+from bench.common import Report, environment, matmul_tflops, peak_gb, print_table, time_fn
 from kernels.grpo import grpo_loss, grpo_loss_reference, linear_grpo_loss
 from kernels.logprob import linear_logprob_reference
 

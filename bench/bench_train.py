@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from bench.bench_logprob import Report, environment, print_table, time_fn
+from bench.common import Report, environment, print_table, time_fn
 from core.checkpoint import hf_name
 from core.distributed import Dist, ParallelConfig, build_optimizer, clip_grad_norm_, fill_sharded, init_distributed, \
     parallelize
