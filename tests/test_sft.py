@@ -101,3 +101,19 @@ def test_bad_flag_names_the_closest_key(tmp_path):
                            "--optim.lrr=1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "flag --optim.lrr: unknown key 'optim.lrr' (did you mean 'optim.lr'?)" in proc.stderr
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
+    """An absurd learning rate blows the weights up after one step; the following non-finite steps are skipped
+    (never applied) and the run stops with a message after max_bad_steps of them in a row."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "train.sft", "--config", str(REPO / "configs/tiny_sft.toml"),
+           f"--out_dir={tmp_path}", *SMALL, "--optim.lr=1e30", "--optim.warmup_steps=0", "--optim.max_grad_norm=0",
+           "--train.max_steps=20", "--train.max_bad_steps=3"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "non-finite loss" in proc.stdout and "step skipped (3 in a row, 3 in total)" in proc.stdout
+    assert "3 consecutive steps with non-finite loss or gradients" in proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in rows if r.get("skipped")]
+    assert len(skipped) >= 2 and all(r["skipped_total"] >= 1 for r in skipped)

@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results = evaluate(run)
         history.append({"step": 0, "epoch": 0.0, "eval": results})
         run.metrics.write(0, {"epoch": 0.0, "eval": results})
-        log(d, f"eval @ epoch 0.00  {format_eval(results)}")
+        log(d, f"eval @ step 0 (epoch 0.00)  {format_eval(results)}")
 
     flops_tok = run.model.config.flops_per_token(cfg.data.seq_len)
     peak = peak_flops(d.device)
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results = evaluate(run)
             history.append({"step": run.step, "epoch": run.loader.progress, "eval": results})
             run.metrics.write(run.step, {"epoch": run.loader.progress, "eval": results})
-            log(d, f"eval @ epoch {run.loader.progress:.2f}  {format_eval(results)}")
+            log(d, f"eval @ step {run.step} (epoch {run.loader.progress:.2f})  {format_eval(results)}")
         if cfg.checkpoint.every_steps and run.step % cfg.checkpoint.every_steps == 0:
             save_checkpoint(run)
         if run.step == t.stop_at_step:
