@@ -272,7 +272,7 @@ def heldout_loss(run: Run, task: str) -> float:
 @torch.no_grad()
 def exact_match(run: Run, task: str) -> float:
     """Greedy-generation exact-match accuracy on `task`'s held-out rows (each rank generates its share)."""
-    from core.sampler import free_cache, full_weights, generate
+    from core.sampler import full_weights, generate
     from train.synthetic import check
 
     examples = run.data.heldout_examples(task, rank=run.d.rank, world_size=run.d.world_size)
@@ -289,7 +289,6 @@ def exact_match(run: Run, task: str) -> float:
             for out in outs:
                 text = run.tokenizer.decode(out.tokens, skip_special_tokens=True)
                 correct += check(text, examples[out.prompt_index].answer)
-    free_cache(run.model)  # evals are occasional: give the KV cache's memory back to training
     correct, n = global_sum(run.d, correct, len(prompts))
     return correct / max(n, 1.0)
 
@@ -302,6 +301,10 @@ def evaluate(run: Run, tasks: list[str] | None = None) -> dict[str, dict[str, fl
         out[task] = {"loss": heldout_loss(run, task)}
         if run.cfg.eval.generate:
             out[task]["accuracy"] = exact_match(run, task)
+    if run.cfg.eval.generate:
+        from core.sampler import free_cache
+
+        free_cache(run.model)  # evals are occasional: give the KV cache's memory back to training
     run.model.train()
     return out
 
