@@ -178,12 +178,15 @@ def setup(cfg: SFTConfig) -> Run:
                          rank=d.rank, world_size=d.world_size)
     out = Path(cfg.out_dir)
     checkpointer = Checkpointer(cfg.checkpoint.dir or out / "checkpoints", d, keep_last=cfg.checkpoint.keep_last)
-    run = Run(cfg, d, tokenizer, data, model, optimizer, loader, checkpointer, MetricsLog(out, d.is_main))
-    if cfg.checkpoint.resume and (step := checkpointer.latest()) is not None:
-        state = checkpointer.load(step, model, optimizer)
+    resume_step = checkpointer.latest() if cfg.checkpoint.resume else None
+    # A resumed run appends to its metrics; a fresh one starts them anew.
+    metrics = MetricsLog(out, d.is_main, append=resume_step is not None)
+    run = Run(cfg, d, tokenizer, data, model, optimizer, loader, checkpointer, metrics)
+    if resume_step is not None:
+        state = checkpointer.load(resume_step, model, optimizer)
         loader.load_state_dict(state["data"])
         run.step, run.skipped_steps = state["step"], state.get("skipped_steps", 0)
-        log(d, f"resumed from {checkpointer.root}/step_{step:08d} (epoch {loader.progress:.3f})")
+        log(d, f"resumed from {checkpointer.root}/step_{resume_step:08d} (epoch {loader.progress:.3f})")
     return run
 
 
@@ -315,12 +318,12 @@ def evaluate(run: Run, tasks: list[str] | None = None) -> dict[str, dict[str, fl
 class MetricsLog:
     """JSONL metrics (and TensorBoard when installed), written by rank 0 only."""
 
-    def __init__(self, out_dir: Path, enabled: bool) -> None:
+    def __init__(self, out_dir: Path, enabled: bool, *, append: bool) -> None:
         self.enabled = enabled
         self.file = self.tb = None
         if enabled:
             out_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(out_dir / "metrics.jsonl", "a")
+            self.file = open(out_dir / "metrics.jsonl", "a" if append else "w")
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
