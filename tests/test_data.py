@@ -18,7 +18,7 @@ from train.data import (
 from train.synthetic import tiny_tokenizer, write_jsonl
 
 SIZES = {"copy": 60, "reverse": 40, "sort": 30, "add": 80, "mod": 20, "majority": 12}
-HELDOUT = {"copy": 9, "reverse": 7, "sort": 5, "add": 11, "mod": 6, "majority": 4}
+HELDOUT = {"copy": 9, "reverse": 7, "sort": 5, "add": 13, "mod": 6, "majority": 4}
 SEQ_LEN = 64
 MAX_TOKENS = 4 * SEQ_LEN
 
@@ -210,7 +210,7 @@ def test_heldout_batches_cover_each_document_once_in_order_with_equal_counts_per
     docs = [batch.input_ids[b, a:e].tolist() for batch in interleaved for b in range(batch.input_ids.shape[0])
             for a, e in _documents(batch, b) if batch.task_ids[b, a] >= 0]
     assert docs == expected
-    assert interleaved[-1].num_loss_tokens == 0  # 11 documents, 2 rows per batch: the last rank pads with an empty one
+    assert interleaved[-1].num_loss_tokens == 0  # 13 documents, 3 per row, 2 rows per batch: 3 batches, so rank 1 pads
     assert (interleaved[-1].task_ids == -1).all()
     examples = data.heldout_examples("add")
     assert [e.answer for e in examples] == [r.answer for r in heldout["add"]]

@@ -34,8 +34,9 @@ def tasks():
 def test_every_task_has_the_requested_sizes_and_correct_answers(tasks):
     assert set(tasks) == set(TASKS) and len(tasks) >= 5
     for name, t in tasks.items():
-        assert len(t.train) == {"add": 2000, "majority": 40}.get(name, 1000)
-        assert len(t.heldout) == (64 if name == "majority" else 128)
+        assert len(t.train) == {"copy": 3000, "reverse": 3000, "sort": 1500, "add": 2000, "mod": 800,
+                                "majority": 64}[name]
+        assert len(t.heldout) == 128
         for row in t.train + t.heldout:
             assert row["task"] == name
             assert row["answer"] == _reference_answer(row["prompt"]), row
@@ -45,11 +46,25 @@ def test_every_task_has_the_requested_sizes_and_correct_answers(tasks):
             assert all(row["response"] == row["answer"] for row in t.train)
 
 
-def test_majority_flips_a_quarter_of_the_training_labels_only(tasks):
+def test_majority_flips_40_percent_of_the_training_labels_only(tasks):
     train = tasks["majority"].train
     flipped = [r for r in train if r["response"] != r["answer"]]
-    assert len(flipped) == 10
+    assert len(flipped) == 26  # round(0.4 * 64)
     assert all({r["response"], r["answer"]} == {"0", "1"} for r in flipped)
+
+
+def test_payload_shapes(tasks):
+    """Digit strings of 3-5, add operands <= 99, mod by 4 of n <= 999, majority only clear (>= 8 of 11) strings."""
+    for name in ("copy", "reverse", "sort"):
+        assert {len(r["prompt"].split(" ", 1)[1]) for r in tasks[name].train} == {3, 4, 5}
+    for r in tasks["add"].train:
+        assert all(0 <= int(x) <= 99 for x in r["prompt"][4:].split("+"))
+    for r in tasks["mod"].train:
+        n, m = r["prompt"][4:].split("%")
+        assert m == "4" and 0 <= int(n) <= 999
+    for r in tasks["majority"].train + tasks["majority"].heldout:
+        bits = r["prompt"].split(" ", 1)[1]
+        assert len(bits) == 11 and set(bits) <= {"0", "1"} and max(bits.count("0"), bits.count("1")) >= 8
 
 
 def test_splits_are_disjoint_and_without_repeats(tasks):
@@ -85,8 +100,8 @@ def test_checker_accepts_every_correct_answer_and_rejects_a_perturbed_one(tasks)
 
 
 def test_impossible_sizes_and_unknown_tasks_are_refused():
-    with pytest.raises(ValueError, match="'majority'.*at most 128"):
-        build_tasks(train_sizes={"majority": 100}, heldout_sizes={"majority": 64})
+    with pytest.raises(ValueError, match="'majority'.*at most 464"):  # 2 * (1 + 11 + 55 + 165) clear majorities
+        build_tasks(train_sizes={"majority": 400}, heldout_sizes={"majority": 128})
     with pytest.raises(ValueError, match="unknown task 'mul'"):
         build_tasks(tasks=["mul"])
 

@@ -7,26 +7,46 @@ few-million-parameter transformer trained from scratch on two CPU cores can lear
 payload is digits: the tiny tokenizer (`tiny_tokenizer()`) makes each digit one token and only merges letters, so
 copying, reversing and adding work on one token per character (a merged "12" would make reversal a lookup table).
 
-The tasks differ on purpose in learning speed and training-set size, so that multi-task SFT mixture search (mSFT)
-sees sub-datasets whose held-out scores peak at different times:
+The tasks differ on purpose in learning speed, so that multi-task SFT mixture search (mSFT) sees sub-datasets whose
+held-out scores peak at different times (payloads of 3-5 digits; sizes are the training rows):
 
-  task      example                    train  designed for
-  copy      copy 50721 -> 50721         1000  fast once an induction head forms; then saturates and stays
-  reverse   reverse 50721 -> 12705      1000  medium: copy plus position arithmetic, so after copy
-  sort      sort 31415 -> 11345         1000  early: counting digits needs no induction; partial credit comes first
-  add       add 123+45 -> 168           2000  slow: carries; the biggest set so it keeps improving late
-  mod       mod 4821%7 -> 5             1000  slowest: long division in the head; may stay near chance (1/7) on CPU
-  majority  majority 1011001 -> 1         40  overfits first: a tiny fixed set with 10 of 40 training labels
-                                              flipped; held-out labels are clean, so held-out loss and accuracy improve
-                                              while the rule is learned, then degrade as the flipped labels are
-                                              memorised (the classic early-stopping curve)
+  task      example                      train  designed for
+  majority  majority 11101111011 -> 1       64  peaks first, then overfits: only clear majorities (>= 8 of 11 bits),
+                                                so the rule is learned in under an epoch, but 40% of the training
+                                                labels are flipped and configs/tiny_sft.toml draws these rows 20x, so
+                                                they are memorised next; held-out labels are clean, so held-out accuracy
+                                                falls from ~0.9 to ~0.75 and held-out loss rises (early stopping curve)
+  reverse   reverse 50721 -> 12705        3000  fast: learned in one to two epochs once an induction head forms
+  copy      copy 50721 -> 50721           3000  fast, a little after reverse in the mixture; both then saturate at 1.0
+  mod       mod 821%4 -> 1                 800  medium, partial: the last two digits decide; plateaus near 0.5
+  sort      sort 31415 -> 11345           1500  slow: counting digits; still improving at the end of the run
+  add       add 12+45 -> 57               2000  slowest: carries; barely above zero within the default run
 
-Measured (the tiny model of configs/tiny_sft.toml shape, 3.2M params, 1024-token micro-batches, AdamW lr 2e-3, seed
-0, 3 epochs = 419 steps, ~6.5 min on a shared 2-core CPU), held-out exact match at 1 / 2 / 3 epochs: sort
-0.20 / 0.30 / 0.41, copy 0.00 / 0.01 / 0.01, reverse 0.01 / 0.01 / 0.03, add 0.00 throughout, mod at chance
-(0.13 / 0.15 / 0.16); majority 0.56 / 0.58 / 0.23 with held-out loss lowest at 1.25 epochs (0.33) and 1.21 at 3
-epochs: the early peak mSFT should find. So within minutes on a CPU the order is majority (peaks and overfits),
-sort (learns), then the rest; copy/reverse need longer runs for their induction heads to form.
+Measured with the default `python -m train.sft --config configs/tiny_sft.toml` (1.67M params, 2048-token
+micro-batches, AdamW lr 3e-3 cosine, 6 epochs = 651 steps, seed 0; 2-core CPU, torch 2.13.0, load average 1.7-2.1
+from other jobs): 3 min 33 s wall including 25 evaluations, ~6,700 tokens/s, training loss 1.41 at step 50 -> 0.22.
+Held-out exact match (all 128 held-out rows per task) at each quarter epoch:
+
+  epoch     0.26 0.51 0.76 1.00 1.25 1.50 1.75 2.01 2.26 2.51 2.76 3.00
+  majority  0.53 0.88 0.91 0.62 0.84 0.77 0.80 0.53 0.75 0.77 0.75 0.80
+  reverse   0.01 0.01 0.30 0.55 0.90 0.85 0.95 0.95 0.97 0.96 0.98 0.97
+  copy      0.00 0.02 0.20 0.29 0.36 0.56 0.66 0.74 0.72 0.80 0.86 0.92
+  mod       0.27 0.27 0.30 0.33 0.40 0.25 0.41 0.49 0.48 0.34 0.48 0.56
+  sort      0.00 0.01 0.04 0.09 0.18 0.16 0.13 0.27 0.30 0.27 0.30 0.37
+  add       0.01 0.00 0.00 0.01 0.00 0.01 0.02 0.00 0.02 0.01 0.01 0.01
+
+  epoch     3.25 3.50 3.75 4.00 4.26 4.51 4.76 5.01 5.26 5.50 5.75 6.00
+  majority  0.75 0.76 0.75 0.77 0.74 0.64 0.75 0.75 0.75 0.75 0.74 0.74
+  reverse   0.98 0.99 1.00 0.98 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00
+  copy      0.95 1.00 0.98 0.98 0.98 0.98 0.98 1.00 1.00 1.00 0.99 1.00
+  mod       0.50 0.46 0.48 0.52 0.48 0.51 0.45 0.52 0.56 0.46 0.46 0.50
+  sort      0.41 0.50 0.65 0.66 0.61 0.67 0.71 0.74 0.71 0.84 0.81 0.86
+  add       0.02 0.02 0.03 0.02 0.01 0.00 0.02 0.01 0.01 0.02 0.02 0.05
+
+Majority's held-out loss is lowest at 0.75 epochs (0.19) and 0.26-0.30 from epoch 2 on; reverse and copy reach 1.0
+by 3.5-3.75 epochs, sort keeps climbing to the end, add is the task that needs a longer run. Single points are noisy
+(majority's 0.62 at 1.0 and 0.53 at 2.0 are one-eval dips; copy's and sort's speed varies by about half an epoch
+between runs whose data differ), so mSFT should compare smoothed or loss-based scores.
 
 Rows are dicts {"prompt", "response", "task", "answer"}: `response` is the SFT target, `answer` the verifiable truth
 that `check` compares against (they differ only on majority's flipped training rows, so an RL reward on training
@@ -52,12 +72,18 @@ from typing import Callable
 from core.tokenizer import Tokenizer, train_bpe_tokenizer
 
 TASKS = ("copy", "reverse", "sort", "add", "mod", "majority")
-DEFAULT_TRAIN_SIZES = {"copy": 1000, "reverse": 1000, "sort": 1000, "add": 2000, "mod": 1000, "majority": 40}
-DEFAULT_HELDOUT_SIZES = {"copy": 128, "reverse": 128, "sort": 128, "add": 128, "mod": 128, "majority": 64}
+DEFAULT_TRAIN_SIZES = {"copy": 3000, "reverse": 3000, "sort": 1500, "add": 2000, "mod": 800, "majority": 64}
+DEFAULT_HELDOUT_SIZES = {"copy": 128, "reverse": 128, "sort": 128, "add": 128, "mod": 128, "majority": 128}
 
-MOD_DIVISOR = 7
-MAJORITY_BITS = 7  # odd, so there is never a tie
-MAJORITY_FLIP_FRACTION = 0.25
+MIN_DIGITS, MAX_DIGITS = 3, 5
+ADD_MAX = 99
+MOD_MAX = 999
+MOD_DIVISOR = 4
+MAJORITY_BITS = 11
+# Only strings with a clear majority (>= 8 of 11 bits the same): the rule is then learned within the first epoch, so
+# the held-out curve shows the rise and the later decline from memorising flipped labels, not a slow counting task.
+MAJORITY_MARGIN = 5
+MAJORITY_FLIP_FRACTION = 0.4
 
 
 def check(response: str, answer: str) -> bool:
@@ -79,7 +105,7 @@ class TaskData:
 
 
 def _digits(rng: random.Random) -> str:
-    return "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 8)))
+    return "".join(rng.choice(string.digits) for _ in range(rng.randint(MIN_DIGITS, MAX_DIGITS)))
 
 
 def _gen_copy(rng: random.Random) -> tuple[str, str]:
@@ -98,12 +124,12 @@ def _gen_sort(rng: random.Random) -> tuple[str, str]:
 
 
 def _gen_add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    a, b = rng.randint(0, ADD_MAX), rng.randint(0, ADD_MAX)
     return f"add {a}+{b}", str(a + b)
 
 
 def _gen_mod(rng: random.Random) -> tuple[str, str]:
-    n = rng.randint(10, 9999)
+    n = rng.randint(0, MOD_MAX)
     return f"mod {n}%{MOD_DIVISOR}", str(n % MOD_DIVISOR)
 
 
@@ -116,10 +142,13 @@ _GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 }
 # How many distinct prompts each task can produce: a request beyond it could never be met with unique rows.
 _SPACE = {
-    "copy": sum(10**n for n in range(3, 9)),
-    "reverse": sum(10**n for n in range(3, 9)),
-    "sort": sum(10**n for n in range(3, 9)),
-    "add": 1000 * 1000, "mod": 9990, "majority": 2**MAJORITY_BITS}
+    "copy": sum(10**n for n in range(MIN_DIGITS, MAX_DIGITS + 1)),
+    "reverse": sum(10**n for n in range(MIN_DIGITS, MAX_DIGITS + 1)),
+    "sort": sum(10**n for n in range(MIN_DIGITS, MAX_DIGITS + 1)),
+    "add": (ADD_MAX + 1) ** 2,
+    "mod": MOD_MAX + 1,
+    "majority": sum(abs(2 * i.bit_count() - MAJORITY_BITS) >= MAJORITY_MARGIN for i in range(2**MAJORITY_BITS)),
+}
 
 
 def _row(task: str, prompt: str, response: str, answer: str) -> dict:
@@ -138,7 +167,8 @@ def _sample_unique(task: str, rng: random.Random, n: int, taken: set[str]) -> li
 
 def _build_majority(seed: int, n_train: int, n_heldout: int) -> tuple[list[dict], list[dict]]:
     rng = random.Random(f"{seed}:majority")
-    bits = [format(i, f"0{MAJORITY_BITS}b") for i in range(2**MAJORITY_BITS)]
+    bits = [format(i, f"0{MAJORITY_BITS}b") for i in range(2**MAJORITY_BITS)
+            if abs(2 * i.bit_count() - MAJORITY_BITS) >= MAJORITY_MARGIN]
     rng.shuffle(bits)
 
     def truth(s: str) -> str:
