@@ -25,7 +25,7 @@ held-out scores peak at different times (payloads of 3-5 digits; sizes are the t
 Measured with the default `python -m train.sft --config configs/tiny_sft.toml` (1.67M params, 2048-token
 micro-batches, AdamW lr 3e-3 cosine, 6 epochs = 651 steps, seed 0; 2-core CPU, torch 2.13.0): 2 min 58 s wall
 including 25 evaluations and the HF export at load average 0.9-1.9 from other jobs (3 min 33 s at 1.7-2.1, same
-numbers: the run is deterministic), ~7,000 training tokens/s, training loss 1.41 at step 50 -> 0.22 at step 650.
+numbers: the run is deterministic), 6,700-8,100 training tokens/s, training loss 1.41 at step 50 -> 0.22 at step 650.
 Held-out exact match (all 128 held-out rows per task) at each quarter epoch:
 
   epoch     0.26 0.51 0.76 1.00 1.25 1.50 1.75 2.01 2.26 2.51 2.76 3.00
