@@ -61,7 +61,8 @@ class DataConfig:
     seq_len: int = 256  # packed row length
     max_tokens: int = 4096  # tokens per micro-batch per rank (rows = max_tokens // seq_len)
     truncation: str = "error"  # "error" | "truncate_left_prompt" | "drop", for rows longer than seq_len
-    weights: dict[str, float] = field(default_factory=dict)  # sub-dataset -> mixture weight; default: by size
+    # sub-dataset -> mixture weight; default: by size (built-in tasks: train/synthetic.DEFAULT_MIXTURE_WEIGHTS)
+    weights: dict[str, float] = field(default_factory=dict)
     seed: int = 0
 
 
@@ -174,8 +175,11 @@ def setup(cfg: SFTConfig) -> Run:
     cfg.model = model.config  # a checkpoint's config wins; record what was built
     o = cfg.optim
     optimizer = build_optimizer(model, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-    loader = data.loader(max_tokens=cfg.data.max_tokens, seed=cfg.data.seed, weights=cfg.data.weights or None,
-                         rank=d.rank, world_size=d.world_size)
+    weights = cfg.data.weights or None
+    if weights is None and not cfg.data.path:
+        from train.synthetic import DEFAULT_MIXTURE_WEIGHTS as weights
+    loader = data.loader(max_tokens=cfg.data.max_tokens, seed=cfg.data.seed, weights=weights, rank=d.rank,
+                         world_size=d.world_size)
     out = Path(cfg.out_dir)
     checkpointer = Checkpointer(cfg.checkpoint.dir or out / "checkpoints", d, keep_last=cfg.checkpoint.keep_last)
     resume_step = checkpointer.latest() if cfg.checkpoint.resume else None
