@@ -284,6 +284,8 @@ class _Parser:
     def _atom(self):
         tok = self.take()
         if tok[0].isdigit() or (tok[0] == "." and len(tok) > 1):
+            if "." in tok and self.peek() == "\\overline":
+                return self.repeating(tok)
             return ("num", Fraction(tok), "." not in tok)
         if tok.isalpha() and len(tok) == 1:
             if tok == "i":
@@ -327,6 +329,21 @@ class _Parser:
                 raise Refused("unclosed \\lvert")
             return ("abs", node)
         raise Refused(f"unsupported token {tok!r}")
+
+    def repeating(self, head: str):
+        """A repeating decimal, 0.\\overline{3} or 2.1\\overline{36}: an exact rational, not a rounded float."""
+        self.take("\\overline")
+        braced = self.peek() == "{"
+        if braced:
+            self.take()
+        digits = self.take()
+        if braced:
+            self.take("}")
+        if not digits.isdigit():
+            raise Refused(f"\\overline over {digits!r}: only digits repeat in a decimal")
+        places = len(head.split(".")[1])
+        period = Fraction(int(digits), (10 ** len(digits) - 1) * 10**places)
+        return ("num", Fraction(head) + period, True)
 
     def function(self, name: str):
         base = None

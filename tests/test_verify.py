@@ -186,6 +186,14 @@ EQUIVALENT = [
     ("\\binom{5}{2}", "10"),
     ("1.25", "\\frac{5}{4}"),
     ("6.72\\times10^{-5}", ".0000672"),
+    # Repeating decimals are exact rationals (refused as "unparseable" before the grammar knew \overline).
+    ("\\frac{1}{3}", "0.\\overline{3}"),
+    ("\\frac{7}{12}", "0.58\\overline{3}"),
+    ("\\frac{1030}{9999}", "0.\\overline{1030}"),
+    ("-\\frac{4}{3}", "-1.\\overline3"),
+    ("-5", "\u22125"),  # unicode minus
+    ("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2"),
+    ("[2, \\infty)", "[2,\\infty)"),
 ]
 
 NEAR_MISSES = [
@@ -211,6 +219,10 @@ NEAR_MISSES = [
     ("6+9i", "6-9i"),
     ("y = 2x + 3", "y = 2x - 3"),
     ("2k+2", "2k+1"),
+    ("\\frac{1}{3}", "0.\\overline{30}"),  # 30/99
+    ("\\frac{1}{3}", "0.3\\overline{4}"),
+    # A percentage answer is the number before the sign, as MATH and GSM8K grade it: 10\% is 10, so 0.1 is wrong.
+    ("10\\%", "0.1"),
 ]
 
 
