@@ -238,3 +238,56 @@ def test_cuda_bf16_real_shapes(T, H, V):
         for a, b in zip(got, want):
             assert a.dtype == torch.bfloat16
             assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 2e-2
+
+
+_FAR_ROWS = """
+import torch
+from kernels.logprob import _rows
+V, stride = 40, 2**30 + 64  # stride fits int32 (so Triton types it i32), row 2 * stride does not
+big = torch.empty(2 * stride + V, dtype=torch.float16)  # 4.3 GB of address space; only the 3 rows are touched
+logits = big.as_strided((3, V), (stride, 1))
+vals = torch.randn(3, V, generator=torch.Generator().manual_seed(0)).half()
+logits.copy_(vals)
+targets = torch.tensor([3, 17, 39])
+lse, logp = torch.empty(3), torch.empty(3)
+_rows(logits, targets, lse, logp, None, torch.ones(3), None, 1.0, -100, stats=True, grad=True)
+ref = vals.float().log_softmax(-1)
+assert torch.allclose(logp, ref.gather(1, targets[:, None]).squeeze(1), atol=1e-5), (logp, ref)
+dlogits = torch.nn.functional.one_hot(targets, V).float() - ref.exp()
+assert (logits.float() - dlogits).abs().max() < 1e-3
+print("ok")
+"""
+
+
+def test_row_offsets_past_int32():
+    """Row offsets are int64: a chunk of 16384 rows of V = 151936 spans 2.5e9 elements. The interpreter wraps int32
+    arithmetic like the GPU does, so a row 2^31 elements in must be read and written where it is. In a child
+    process: an int32 offset would segfault there instead of failing this test."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _FAR_ROWS], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and "ok" in proc.stdout, (proc.returncode, proc.stderr[-2000:])
+
+
+@pytest.mark.gpu
+def test_cuda_chunk_past_int32_elements():
+    """One chunk of T * V > 2^31 logits (T = 16384, V = 151936): the compiled row pass must address every row."""
+    T, H, V = 16384, 64, 151936
+    torch.manual_seed(0)
+    hidden = torch.randn(T, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    weight = (torch.randn(V, H, device="cuda") / H**0.5).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, V, (T,), device="cuda")
+    logp = linear_logprob(hidden, weight, targets, chunk_size=T)
+    (grad_h,) = torch.autograd.grad(-logp.sum(), (hidden,))
+    tail = slice(T - 64, T)  # rows whose offsets pass 2^31; the reference on them alone stays small
+    h = hidden[tail].detach().requires_grad_()
+    ref = linear_logprob_reference(h, weight.detach(), targets[tail])
+    (want_h,) = torch.autograd.grad(-ref.sum(), (h,))
+    assert (logp[tail] - ref).abs().max() < 5e-2
+    assert ((grad_h[tail].float() - want_h.float()).norm() / want_h.float().norm()).item() < 2e-2
