@@ -42,7 +42,9 @@ from core.distributed import Dist, ParallelConfig, build_optimizer, clip_grad_no
 from core.model import ModelConfig, Transformer
 from train.sft import peak_flops as dense_bf16_peak
 
-BUDGET_S = 80.0  # bench/gpu.sh gives this script 85 s
+# bench/gpu.sh gives this script 85 s. The budget is counted from main(), after the imports (~3 s here, more on a
+# cold machine), and teardown follows it: 10 s of margin so a variant cut at the budget still gets its row written.
+BUDGET_S = 75.0
 LR, MAX_GRAD_NORM = 3e-4, 1.0
 TARGET_SPEEDUP, TARGET_PEAK_GB = 1.5, 30.0
 

@@ -53,3 +53,15 @@ def test_deadline_is_cancelled_when_the_block_ends():
     with deadline(0.05):
         pass
     time.sleep(0.15)  # an alarm left armed would raise OutOfTime here
+
+
+def test_budget_leaves_room_for_imports_and_teardown_under_the_gpu_sh_cap():
+    """The deadline starts in main(), after ~3 s of imports, and teardown follows it; with the budget only 5 s under
+    gpu.sh's `timeout`, a compile variant cut at the budget was killed by the cap instead (no row, step failed)."""
+    import re
+
+    from bench.bench_train import BUDGET_S
+
+    cap = re.search(r"^step bench_train (\d+) ", (REPO / "bench" / "gpu.sh").read_text(), re.M)
+    assert cap, "bench/gpu.sh no longer runs bench_train as a step"
+    assert BUDGET_S <= int(cap.group(1)) - 10
