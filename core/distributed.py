@@ -131,7 +131,9 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig) -> Tr
     if not model.config.tie_word_embeddings:
         # A tied lm-head is the embedding's parameter, which the root owns; one parameter cannot be in two groups.
         fully_shard([model.norm, model.lm_head], mesh=mesh, mp_policy=mp, reshard_after_forward=False)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.reshard_after_forward)
+    # The root's parameters (embedding, tied lm-head) are needed again at once by backward. Passing no value keeps
+    # them gathered on every torch: 2.6-2.7 ignore the root's value, 2.8+ honour an explicit True and reshard.
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 

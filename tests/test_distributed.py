@@ -136,6 +136,26 @@ def test_nonfinite_gradient_is_seen_by_every_rank(tmp_path):
         assert got == {"finite": False, "unchanged": True}
 
 
+def _root_stays_gathered(d, tied: bool) -> None:
+    from core.distributed import ParallelConfig, build_model
+    from torch.distributed.tensor import DTensor
+
+    model = build_model(ModelConfig(**CFG, tie_word_embeddings=tied), d, ParallelConfig(param_dtype="float32"))
+    for _ in range(2):  # the second step runs after the root's lazy init
+        out = model(torch.arange(8).view(1, 8))
+        # Root parameters (embedding, tied lm-head) are used again at once by backward: no reshard, no re-gather.
+        assert not isinstance(model.embed_tokens.weight, DTensor)
+        assert isinstance(model.layers[0].mlp.up_proj.weight, DTensor)  # blocks still reshard
+        out.sum().backward()
+        assert isinstance(model.embed_tokens.weight, DTensor)  # resharded after backward
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_root_keeps_parameters_gathered_after_forward(tied):
+    # torch >= 2.8 honours an explicit reshard_after_forward=True on the root (2.6-2.7 ignored it).
+    spawn(_root_stays_gathered, 1, tied)
+
+
 def test_build_model_rejects_bad_checkpoint_before_sharding(tmp_path):
     from core.distributed import Dist, ParallelConfig, build_model
 
