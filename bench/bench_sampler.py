@@ -12,12 +12,11 @@ CPU (no CUDA, or --smoke): the tiny model, small shapes, ratios only.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import torch
 
+from bench.common import Report, environment
 from core.checkpoint import our_name
 from core.model import ModelConfig, Transformer
 from core.sampler import generate
@@ -117,6 +116,9 @@ def main() -> None:
         dtype, prompt_len, new_tokens = torch.float32, 16, 32 if args.smoke else 64
         cases = [(8, True)] if args.smoke else [(8, True), (32, True)]
         reps = 1 if args.smoke else 3
+    meta = {"bench": "sampler", **environment(), "dtype": str(dtype), "layers": cfg.num_layers,
+            "vocab": cfg.vocab_size}
+    report = Report(args.json, meta)  # JSON rewritten after every row: a timeout keeps what was measured
     hf, ours = build(cfg, dtype, device)
     g = torch.Generator().manual_seed(0)
     # Sanity before timing: same weights, so greedy continuations should agree (bf16 near-ties may split a row).
@@ -125,7 +127,7 @@ def main() -> None:
         ref = hf.generate(check.to(device), max_new_tokens=32, do_sample=False, pad_token_id=0, eos_token_id=None)
     mine = generate(ours, check.tolist(), max_new_tokens=32, temperature=0.0, stop_token_ids=())
     agree = sum(c.tokens == r for c, r in zip(mine, ref[:, prompt_len:].tolist()))
-    rows = []
+    report.meta["greedy_rows_equal_hf"] = agree
     for batch, with_hf in cases:
         prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
         t_ours, t_hf = best_times(hf, ours, prompts, new_tokens, device, reps, with_hf)
@@ -135,10 +137,10 @@ def main() -> None:
         if gpu:
             row["roofline_tokens_per_s"] = roofline_tokens_per_s(cfg, dtype, batch, prompt_len, new_tokens)
             row["fraction_of_roofline"] = row["ours_tokens_per_s"] / row["roofline_tokens_per_s"]
-        rows.append(row)
+        report.add(row)
 
-    dev_name = torch.cuda.get_device_name(0) if gpu else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
-    print(f"sampler: {dev_name}, torch {torch.__version__}, {dtype}, {cfg.num_layers} layers, vocab {cfg.vocab_size}")
+    rows = report.rows
+    print(f"sampler: {meta['device']}, torch {meta['torch']}, {dtype}, {cfg.num_layers} layers, vocab {cfg.vocab_size}")
     head = f"{'batch':>6} {'ours tokens/s':>14} {'HF tokens/s':>12} {'speedup':>8}"
     print(head + (f" {'roofline':>10} {'of roofline':>11}" if gpu else ""))
     for r in rows:
@@ -149,10 +151,6 @@ def main() -> None:
     print(f"greedy agreement with HF generate: {agree}/8 rows identical over 32 tokens")
     if not gpu:
         print("(CPU: compare the speedup ratio only; absolute tokens/s mean little here)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": dev_name, "torch": torch.__version__, "dtype": str(dtype),
-                       "greedy_rows_equal_hf": agree, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
