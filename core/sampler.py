@@ -224,12 +224,18 @@ def full_weights(model: nn.Module) -> Iterator[nn.Module]:
     if not modules or model in _UNSHARDED:
         yield model
         return
-    # Restore exactly what was set (the root defaults to no resharding, blocks to resharding): the setter has no
-    # getter, so remember each param group's post-forward mesh (None = keep unsharded after forward).
+    if modules[0] is model:
+        # The root decides at its lazy init (first forward or backward) to keep its parameters gathered after forward;
+        # take that decision now, or a rollout before the first training forward would save the undecided setting
+        # and restore it afterwards, and the root would reshard after every training forward.
+        model._get_fsdp_state()._lazy_init()
+    # Set and restore each param group's post-forward mesh (None = keep unsharded after forward) directly: the public
+    # setter `set_reshard_after_forward` is newer than torch 2.6, has no getter, and on torch >= 2.8 it also switches
+    # off the root's lazy decision above for good.
     saved = [(g, g.post_forward_mesh_info) for m in modules for g in _param_groups(m)]
     try:
-        for m in modules:
-            m.set_reshard_after_forward(False, recurse=False)
+        for g, _ in saved:
+            g.post_forward_mesh_info = None
         handles = [m.unshard(async_op=True) for m in modules]
         for h in handles:
             if h is not None:

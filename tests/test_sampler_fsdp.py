@@ -51,3 +51,41 @@ def test_fsdp2_greedy_generate_equals_unsharded():
     expected = [c.tokens for c in generate(tiny_model(), PROMPTS, max_new_tokens=20, temperature=0.0)]
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(2, os.path.join(d, "store"), expected), nprocs=2, join=True)
+
+
+def _worker_torch26(rank: int, store_path: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from core.sampler import generate
+    from tests.test_sampler import tiny_model
+
+    torch.set_num_threads(1)
+    # torch 2.6 has no FSDPModule.set_reshard_after_forward: full_weights must not need it.
+    if hasattr(FSDPModule, "set_reshard_after_forward"):
+        delattr(FSDPModule, "set_reshard_after_forward")
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 1), rank=0, world_size=1)
+    try:
+        model = tiny_model()
+        mesh = init_device_mesh("cpu", (1,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        generate(model, PROMPTS, max_new_tokens=3, temperature=0.0)  # a rollout before the first training forward
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        model(torch.tensor([PROMPTS[1]])).sum().backward()
+        # ... leaves the root's setting as its lazy init decides it: gathered after forward until backward.
+        model.zero_grad()
+        out = model(torch.tensor([PROMPTS[1]]))
+        assert not isinstance(model.embed_tokens.weight, DTensor)
+        assert isinstance(model.layers[0].mlp.up_proj.weight, DTensor)
+        out.sum().backward()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+def test_full_weights_without_setter_and_before_first_forward():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker_torch26, args=(os.path.join(d, "store"),), nprocs=1, join=True)
