@@ -133,3 +133,93 @@ def test_num_params_matches_module():
     for kw in ({}, {"qkv_bias": True}, {"qk_norm": True}, {"tie_word_embeddings": True}):
         m = Transformer(tiny(**kw))
         assert m.config.num_params() == sum(p.numel() for p in m.parameters())
+
+
+# ------------------------------------------------------------------- flash-attn branches, with a CPU stand-in
+# The GPU machine has no flash-attn, so these branches never ran anywhere. The stand-ins implement flash-attn 2's
+# documented contract (q [T, heads, D], k/v [T, kv_heads, D], int32 cu_seqlens on q's device, query head h reads
+# kv head h // (heads / kv_heads), causal within each sequence) with SDPA per sequence, and check their inputs.
+
+
+def _flash_varlen_standin(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                          softmax_scale=None, causal=False):
+    T, H, D = q.shape
+    assert k.shape == v.shape == (T, k.shape[1], D) and H % k.shape[1] == 0
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    for cu in (cu_seqlens_q, cu_seqlens_k):
+        assert cu.dtype == torch.int32 and cu.device == q.device and cu.dim() == 1
+    assert torch.equal(cu_seqlens_q, cu_seqlens_k) and cu_seqlens_q[0] == 0 and cu_seqlens_q[-1] == T
+    lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    assert min(lengths) > 0 and max_seqlen_q == max_seqlen_k == max(lengths)
+    assert isinstance(max_seqlen_q, int)
+    out, rep = torch.empty_like(q), H // k.shape[1]
+    for s, e in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()):
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+        out[s:e] = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1)
+    return out
+
+
+def _flash_func_standin(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
+    B, S, H, D = q.shape
+    assert k.shape[:2] == (B, S) and k.shape == v.shape
+    cu = torch.arange(0, B * S + 1, S, dtype=torch.int32, device=q.device)
+    out = _flash_varlen_standin(q.reshape(B * S, H, D), k.reshape(B * S, -1, D), v.reshape(B * S, -1, D),
+                                cu, cu, S, S, causal=causal)
+    return out.view(B, S, H, D)
+
+
+@pytest.fixture
+def flash_standin(monkeypatch):
+    """Route Transformer's attention through the flash-attn branches (as on CUDA with flash-attn installed)."""
+    import core.model as cm
+
+    monkeypatch.setattr(cm, "flash_attn_func", _flash_func_standin, raising=False)
+    monkeypatch.setattr(cm, "flash_attn_varlen_func", _flash_varlen_standin, raising=False)
+    sdpa_layout = Transformer.attention_layout
+
+    def flash_layout(self, position_ids, B, S, device, dtype, cache):
+        layout = sdpa_layout(self, position_ids, B, S, device, dtype, cache)
+        if cache is not None:
+            return layout
+        if position_ids is None:
+            return cm.AttentionLayout(layout.position_ids, use_flash=True)
+        cu, max_len = cm.cu_seqlens_from_positions(position_ids)
+        return cm.AttentionLayout(position_ids, cu_seqlens=cu, max_seqlen=max_len)
+
+    monkeypatch.setattr(Transformer, "attention_layout", flash_layout)
+
+
+def test_flash_attn_branches_equal_sdpa(model, flash_standin):
+    # Packed rows (a one-token document, trailing padding as 0-position tokens, a row that is one document), a
+    # batch of one, and an unpacked forward (flash_attn_func).
+    torch.manual_seed(1)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 0, 1, 2, 0, 0, 0],
+                        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
+    ids = torch.randint(0, 97, pos.shape)
+    with torch.no_grad():
+        got_packed, got_one, got_plain = model(ids, pos), model(ids[1:], pos[1:]), model(ids)
+    assert got_packed.shape == (2, 12, 97)
+    import core.model as cm
+
+    with torch.no_grad():  # the reference: the blocks' SDPA branch with the block-diagonal causal mask
+        x = model.embed_tokens(ids)
+        attn = cm.AttentionLayout(pos, mask=document_mask(pos))
+        cos, sin = cm.rope_cos_sin(model.config, pos, x.dtype)
+        for layer in model.layers:
+            x = layer(x, cos, sin, attn)
+        want_packed = model.lm_head(model.norm(x))
+    assert (got_packed - want_packed).abs().max().item() < 1e-5
+    assert (got_one - want_packed[1:]).abs().max().item() < 1e-5
+    assert (got_plain[1:] - want_packed[1:]).abs().max().item() < 1e-5  # row 1 is one document from 0
+
+
+def test_cu_seqlens_from_positions():
+    from core.model import cu_seqlens_from_positions
+
+    pos = torch.tensor([[0, 1, 2, 0, 1], [0, 0, 1, 2, 3], [0, 1, 2, 3, 4]])
+    cu, max_len = cu_seqlens_from_positions(pos)
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 5, 6, 10, 15] and max_len == 5
+    # A row that continues a document from the previous row still starts a new sequence (rows are independent).
+    cu, max_len = cu_seqlens_from_positions(torch.tensor([[0, 1, 2], [3, 4, 0]]))
+    assert cu.tolist() == [0, 3, 5, 6] and max_len == 3
