@@ -117,3 +117,12 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     skipped = [r for r in rows if r.get("skipped")]
     assert len(skipped) >= 2 and all(r["skipped_total"] >= 1 for r in skipped)
+
+
+def test_sequence_longer_than_the_model_is_refused_up_front(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "train.sft", "--config", str(REPO / "configs/tiny_sft.toml"),
+                           f"--out_dir={tmp_path}", *SMALL, "--eval.generate=true", "--model.max_position_embeddings=64"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "data.seq_len (64) + eval.max_new_tokens (8) exceeds the model's max_position_embeddings (64)" in proc.stderr

@@ -173,6 +173,11 @@ def setup(cfg: SFTConfig) -> Run:
     data = load_data(cfg, tokenizer)
     model = build_model(cfg.model, d, cfg.parallel, init_from=cfg.init.hf_checkpoint or None, seed=cfg.train.seed)
     cfg.model = model.config  # a checkpoint's config wins; record what was built
+    # Checked here, on every rank alike: a prompt the sampler refused on one rank only would hang the others.
+    longest = cfg.data.seq_len + (cfg.eval.max_new_tokens if cfg.eval.generate else 0)
+    if longest > model.config.max_position_embeddings:
+        raise ValueError(f"data.seq_len ({cfg.data.seq_len}) + eval.max_new_tokens ({cfg.eval.max_new_tokens}) exceeds "
+                         f"the model's max_position_embeddings ({model.config.max_position_embeddings}); lower them")
     o = cfg.optim
     optimizer = build_optimizer(model, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     weights = cfg.data.weights or None
