@@ -376,6 +376,11 @@ def format_eval(results: dict[str, dict[str, float]]) -> str:
                      for t, r in results.items())
 
 
+def next_multiple(epoch: float, every: float) -> float:
+    """The first multiple of `every` epochs after `epoch` (never, when every <= 0)."""
+    return (math.floor(epoch / every) + 1) * every if every > 0 else math.inf
+
+
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
@@ -397,13 +402,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return run.step / t.max_steps if t.max_steps > 0 else run.loader.progress / t.epochs
 
     every = cfg.eval.every_epochs
-    next_eval = (math.floor(run.loader.progress / every) + 1) * every if every > 0 else math.inf
     history: list[dict[str, Any]] = []
-    if cfg.eval.at_start and run.step == 0:
+
+    def eval_now() -> float:
+        """Evaluate, record, and return the epoch at which the next evaluation is due."""
+        epoch = run.loader.progress
         results = evaluate(run)
-        history.append({"step": 0, "epoch": 0.0, "eval": results})
-        run.metrics.write(0, {"epoch": 0.0, "eval": results})
-        log(d, f"eval @ step 0 (epoch 0.00)  {format_eval(results)}")
+        history.append({"step": run.step, "epoch": epoch, "eval": results})
+        run.metrics.write(run.step, {"epoch": epoch, "eval": results})
+        log(d, f"eval @ step {run.step} (epoch {epoch:.2f})  {format_eval(results)}")
+        return next_multiple(epoch, every)
+
+    next_eval = next_multiple(run.loader.progress, every)
+    if cfg.eval.at_start and run.step == 0:
+        next_eval = eval_now()
 
     flops_tok = run.model.config.flops_per_token(cfg.data.seq_len)
     peak = peak_flops(d.device)
@@ -435,11 +447,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        + (f"  MFU {record['mfu']:.1%}" if peak else ""))
             window_tokens, window_t0 = 0.0, time.perf_counter()
         if run.loader.progress >= next_eval or frac() >= 1.0:
-            next_eval = (math.floor(run.loader.progress / every) + 1) * every if every > 0 else math.inf
-            results = evaluate(run)
-            history.append({"step": run.step, "epoch": run.loader.progress, "eval": results})
-            run.metrics.write(run.step, {"epoch": run.loader.progress, "eval": results})
-            log(d, f"eval @ step {run.step} (epoch {run.loader.progress:.2f})  {format_eval(results)}")
+            next_eval = eval_now()
         if cfg.checkpoint.every_steps and run.step % cfg.checkpoint.every_steps == 0:
             save_checkpoint(run)
         if run.step == t.stop_at_step:
