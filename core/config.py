@@ -153,13 +153,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
 
 
 def parse_args(cls: type[T], argv: Sequence[str] | None = None, *, default_config: str | None = None) -> T:
-    """`--config FILE [--section.key=value ...]` -> a config. `--help` lists every key with its default."""
+    """`--config FILE [--section.key=value ...]` -> a config. `--help` lists every key with the value it would
+    take (the defaults, or the given file and flags applied)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(f"usage: --config FILE [--section.key=value ...]\nkeys of {cls.__name__} (default):")
-        for key, default in flatten(cls()).items():
-            print(f"  --{key}={default!r}")
-        raise SystemExit(0)
+    wants_help = "-h" in argv or "--help" in argv
     path = default_config
     rest = []
     i = 0
@@ -172,10 +169,16 @@ def parse_args(cls: type[T], argv: Sequence[str] | None = None, *, default_confi
             continue
         if a.startswith("--config="):
             path = a.split("=", 1)[1]
-        else:
+        elif a not in ("-h", "--help"):
             rest.append(a)
         i += 1
-    return load_config(cls, path, rest)
+    cfg = load_config(cls, path, rest)
+    if wants_help:
+        print(f"usage: --config FILE [--section.key=value ...]\nkeys of {cls.__name__} ({path or 'defaults'}):")
+        for key, value in flatten(cfg).items():
+            print(f"  --{key}={value!r}")
+        raise SystemExit(0)
+    return cfg
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:

@@ -96,3 +96,12 @@ def test_repo_configs_load():
     m = load_config(OnlyModel, root / "tiny.toml").model
     n = Transformer(m).config.num_params()
     assert 1e6 < n < 2e7, n  # "a few million parameters"
+
+
+def test_help_lists_the_values_the_file_and_flags_give(tmp_path, capsys):
+    p = write(tmp_path, "[optim]\nlr = 2.0\n")
+    with pytest.raises(SystemExit) as e:
+        parse_args(Run, ["--config", str(p), "--optim.warmup_steps=5", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--optim.lr=2.0" in out and "--optim.warmup_steps=5" in out and "--name='run'" in out
