@@ -37,8 +37,7 @@ import torch.distributed as dist
 
 from bench.common import Report, environment, print_table, time_fn
 from core.checkpoint import hf_name
-from core.distributed import Dist, ParallelConfig, build_optimizer, clip_grad_norm_, fill_sharded, init_distributed, \
-    parallelize
+from core.distributed import Dist, ParallelConfig, build_optimizer, clip_grad_norm_, init_distributed, shard_model
 from core.model import ModelConfig, Transformer
 from train.sft import peak_flops as dense_bf16_peak
 
@@ -126,15 +125,10 @@ def hf_variant(cfg: ModelConfig, input_ids: torch.Tensor, autocast: bool, losses
 
 
 def build_ours(cfg: ModelConfig, d: Dist, pcfg: ParallelConfig, weights: dict[str, torch.Tensor]) -> Transformer:
-    """build_model's checkpoint path with an in-memory source: construct on meta, parallelize, allocate the local
-    shards, fill them from `weights` (full tensors by HF name). Starting from HF's initial weights makes the first
-    losses comparable, and skips build_model's from-scratch CPU init (~10 s at this shape on 2 cores) per variant."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    parallelize(model, d.mesh, pcfg)
-    model.to_empty(device=d.device)
-    fill_sharded(model, lambda name, start, end: weights[hf_name(name)][start:end])
-    return model
+    """Sharded like build_model, filled from `weights` (full tensors by HF name). Starting from HF's initial weights
+    makes the first losses comparable, and skips build_model's from-scratch CPU init (~10 s at this shape on 2 cores)
+    per variant."""
+    return shard_model(cfg, d, pcfg, lambda name, start, end: weights[hf_name(name)][start:end])
 
 
 def ours_variant(cfg: ModelConfig, d: Dist, pcfg: ParallelConfig, weights: dict[str, torch.Tensor],

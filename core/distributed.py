@@ -46,10 +46,9 @@ from torch.distributed.tensor import DTensor, Shard
 
 from safetensors import safe_open
 
-from core.checkpoint import CheckpointError, check_tensor_names, hf_weight_map, read_hf_config, save_hf
+from core.checkpoint import DTYPES, CheckpointError, check_tensor_names, hf_weight_map, read_hf_config, save_hf
 from core.model import ModelConfig, Transformer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -166,6 +165,18 @@ def fill_sharded(model: nn.Module, fetch: Callable[[str, int, int], torch.Tensor
             local.copy_(fetch(name, start, end))
 
 
+def shard_model(cfg: ModelConfig, d: Dist, pcfg: ParallelConfig,
+                fetch: Callable[[str, int, int], torch.Tensor]) -> Transformer:
+    """Construct on the meta device, parallelize, allocate only this rank's shards, fill them from `fetch(name, start,
+    end)` (rows start:end of the full tensor named `name`, our parameter names)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    parallelize(model, d.mesh, pcfg)
+    model.to_empty(device=d.device)  # fp32 masters, local shards only
+    fill_sharded(model, fetch)
+    return model
+
+
 def build_model(
     cfg: ModelConfig,
     d: Dist,
@@ -177,32 +188,28 @@ def build_model(
     """A sharded Transformer: from an HF checkpoint directory (`init_from`, whose config wins over `cfg`) or
     initialised from scratch so that any world size gets exactly the weights of `Transformer(cfg).init_weights(seed)`.
     """
-    if init_from:
-        cfg, _ = read_hf_config(init_from)
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    if init_from:  # check names and shapes before anything is allocated or sharded
-        files = hf_weight_map(init_from)
-        names = check_tensor_names(model, files, str(init_from))
-        shapes = {n: list(p.shape) for n, p in model.named_parameters()}
-        handles: dict[Path, Any] = {}
-        for ours, hf in names.items():
-            if files[hf] not in handles:
-                handles[files[hf]] = safe_open(files[hf], framework="pt", device="cpu")
-            got = list(handles[files[hf]].get_slice(hf).get_shape())
-            if got != shapes[ours]:
-                raise CheckpointError(f"{files[hf]}: tensor {hf} has shape {got}, the config implies {shapes[ours]}")
-    parallelize(model, d.mesh, pcfg)
-    model.to_empty(device=d.device)  # allocates only the local shards (fp32 masters)
-    if init_from:
-        fill_sharded(model, lambda name, s, e: handles[files[names[name]]].get_slice(names[name])[s:e])
-        handles.clear()
-    else:
+    if not init_from:
         # Deterministic per tensor: generate each full tensor on CPU with the same generator sequence as
         # Transformer.init_weights and keep this rank's rows (one full tensor at a time).
         reference = _init_reference(cfg, seed)
-        fill_sharded(model, lambda name, s, e: reference[name][s:e])
-    return model
+        return shard_model(cfg, d, pcfg, lambda name, s, e: reference[name][s:e])
+    cfg, _ = read_hf_config(init_from)
+    with torch.device("meta"):  # check names and shapes before anything is allocated or sharded
+        model = Transformer(cfg)
+    files = hf_weight_map(init_from)
+    names = check_tensor_names(model, files, str(init_from))
+    shapes = {n: list(p.shape) for n, p in model.named_parameters()}
+    handles: dict[Path, Any] = {}
+    for ours, hf in names.items():
+        if files[hf] not in handles:
+            handles[files[hf]] = safe_open(files[hf], framework="pt", device="cpu")
+        got = list(handles[files[hf]].get_slice(hf).get_shape())
+        if got != shapes[ours]:
+            raise CheckpointError(f"{files[hf]}: tensor {hf} has shape {got}, the config implies {shapes[ours]}")
+    try:
+        return shard_model(cfg, d, pcfg, lambda name, s, e: handles[files[names[name]]].get_slice(names[name])[s:e])
+    finally:
+        handles.clear()
 
 
 def _init_reference(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
