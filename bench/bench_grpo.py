@@ -9,12 +9,11 @@ LigerFusedLinearGRPOLoss when importable. Also the loss on given log-probs alone
 Timing, memory and JSON as in bench/bench_logprob.py. On CPU: small shapes and ratios only.
 """
 
-import argparse
 import time
 
 import torch
 
-from bench.common import Report, environment, matmul_tflops, peak_gb, print_table, time_fn
+from bench.common import peak_gb, print_table, start, time_fn
 from kernels.grpo import grpo_loss, grpo_loss_reference, linear_grpo_loss
 from kernels.logprob import linear_logprob_reference
 
@@ -127,17 +126,10 @@ def run_loss_only(report, B, L, device, warmup, iters):
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, a few iterations (CI)")
-    ap.add_argument("--json", default=None, help="write results here")
-    args = ap.parse_args(argv)
     t_start = time.perf_counter()
-    cuda = torch.cuda.is_available() and not args.smoke
+    args, cuda, report = start("grpo", __doc__, argv)
     device = "cuda" if cuda else "cpu"
-    roof = matmul_tflops() if cuda else None
-    meta = {"bench": "grpo", **environment(), "matmul_tflops_bf16": roof, "mode": "gpu" if cuda else "cpu-ratios"}
-    print(f"# bench_grpo on {meta['device']}, torch {meta['torch']}, triton {meta['triton']}")
-    report = Report(args.json, meta)
+    roof = report.meta["matmul_tflops_bf16"]
     impls = [("eager", eager_step), ("ours", ours_step)]
     if not cuda:
         B, L, H, V, iters = (2, 16, 32, 512, 2) if args.smoke else (8, 128, 64, 8192, 5)
@@ -147,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         lf, why = liger_step()
         if lf is None:
             print(f"  (Liger anchor skipped: {why})")
-            meta["liger"] = why
+            report.meta["liger"] = why
         main_impls = impls + ([("liger", lf)] if lf else [])
         run_case(report, 16, 512, 1536, 151936, torch.bfloat16, device, main_impls, 3, 10, roof)
         run_loss_only(report, 16, 512, device, 3, 10)

@@ -10,12 +10,11 @@ On CPU: small shapes, ratios to eager only (CPU times say nothing about the GPU)
 the JSON is rewritten after every row so a timeout still leaves what was measured.
 """
 
-import argparse
 import time
 
 import torch
 
-from bench.common import Report, environment, matmul_tflops, peak_gb, print_table, time_fn
+from bench.common import peak_gb, print_table, start, time_fn
 from kernels.logprob import default_chunk_size, linear_logprob, linear_logprob_reference
 
 BUDGET_S = 80.0  # bench/gpu.sh gives this script 85 s
@@ -80,17 +79,10 @@ def run_case(report, T, H, V, dtype, device, impls, warmup, iters, roof, chunk=N
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, a few iterations (CI)")
-    ap.add_argument("--json", default=None, help="write results here")
-    args = ap.parse_args(argv)
     t_start = time.perf_counter()
-    cuda = torch.cuda.is_available() and not args.smoke
+    args, cuda, report = start("logprob", __doc__, argv)
     device = "cuda" if cuda else "cpu"
-    roof = matmul_tflops() if cuda else None
-    meta = {"bench": "logprob", **environment(), "matmul_tflops_bf16": roof, "mode": "gpu" if cuda else "cpu-ratios"}
-    print(f"# bench_logprob on {meta['device']}, torch {meta['torch']}, triton {meta['triton']}")
-    report = Report(args.json, meta)
+    roof = report.meta["matmul_tflops_bf16"]
 
     ours = ("ours", lambda h, w, t: linear_logprob(h, w, t))
     eager = ("eager", lambda h, w, t: linear_logprob_reference(h, w, t))
@@ -107,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         lf, why = liger_fn()
         if lf is None:
             print(f"  (Liger anchor skipped: {why})")
-            meta["liger"] = why
+            report.meta["liger"] = why
         main_impls = impls + ([("liger", lf)] if lf else [])
         # The issue's headline shape first, then the chunk sweep, the other shapes, and torch.compile last
         # (its compile time is the one cost we cannot bound).

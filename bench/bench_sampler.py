@@ -116,7 +116,7 @@ def main() -> None:
         dtype, prompt_len, new_tokens = torch.float32, 16, 32 if args.smoke else 64
         cases = [(8, True)] if args.smoke else [(8, True), (32, True)]
         reps = 1 if args.smoke else 3
-    meta = {"bench": "sampler", **environment(), "dtype": str(dtype), "layers": cfg.num_layers,
+    meta = {"bench": "sampler", **environment(gpu), "dtype": str(dtype), "layers": cfg.num_layers,
             "vocab": cfg.vocab_size}
     report = Report(args.json, meta)  # JSON rewritten after every row: a timeout keeps what was measured
     hf, ours = build(cfg, dtype, device)

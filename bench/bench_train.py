@@ -212,12 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, (B, S), dtype, warmup, iters = TINY, ((2, 64) if args.smoke else (4, 256)), "float32", 1, 3
     d = init_distributed(seed=0, device="cuda" if cuda else "cpu")
     device = d.device
-    meta = {"bench": "train", **environment(), "mode": "gpu" if cuda else "cpu-ratios", "batch": B, "seq_len": S,
+    meta = {"bench": "train", **environment(cuda), "batch": B, "seq_len": S,
             "compute_dtype": dtype, "model": cfg.to_dict(), "lr": LR, "max_grad_norm": MAX_GRAD_NORM,
             "hf_recipe": "fp32 weights, torch.autocast(bf16) forward, fused AdamW (HF Trainer, bf16=True)" if cuda
             else "fp32 weights, no autocast, AdamW"}
-    if not cuda:  # --smoke on a GPU machine still runs on the CPU
-        meta["device"] = f"cpu ({torch.get_num_threads()} threads)"
     peak_flops = meta["peak_flops"] = dense_bf16_peak(device)  # 989e12 on H100 and H200, None on CPU
     print(f"# bench_train on {meta['device']}, torch {meta['torch']}, triton {meta['triton']}; {B} x {S} tokens, "
           f"{dtype}, {cfg.num_params() / 1e6:.0f}M parameters")

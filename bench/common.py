@@ -4,6 +4,7 @@ Timing is the median of timed iterations after warmups (CUDA events on GPU, perf
 each bench_*.py still reads top to bottom and decides its own shapes and anchors.
 """
 
+import argparse
 import json
 import platform
 import statistics
@@ -59,12 +60,15 @@ def matmul_tflops() -> float | None:
     return 2 * 8192**3 / ms / 1e9
 
 
-def environment() -> dict:
+def environment(cuda: bool) -> dict:
+    """Where the numbers come from. `cuda`: whether this run measures on the GPU (a --smoke run on a GPU machine
+    measures on the CPU and must say so)."""
     import triton
 
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    dev = torch.cuda.get_device_name(0) if cuda else f"cpu ({torch.get_num_threads()} threads)"
     return {
         "device": dev,
+        "mode": "gpu" if cuda else "cpu-ratios",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
@@ -96,3 +100,16 @@ class Report:
         if self.path:
             with open(self.path, "w") as f:
                 json.dump({**self.meta, "rows": self.rows}, f, indent=1)
+
+
+def start(name: str, doc: str, argv: list[str] | None) -> tuple[argparse.Namespace, bool, Report]:
+    """The command line the kernel benchmarks share (`--smoke`: tiny CPU shapes for CI; `--json PATH`), whether this
+    run measures on CUDA, and the report, with the header printed. On CUDA the meta holds the measured matmul rate."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, a few iterations (CI)")
+    ap.add_argument("--json", default=None, help="write results here")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    meta = {"bench": name, **environment(cuda), "matmul_tflops_bf16": matmul_tflops() if cuda else None}
+    print(f"# bench_{name} on {meta['device']}, torch {meta['torch']}, triton {meta['triton']}")
+    return args, cuda, Report(args.json, meta)
