@@ -24,7 +24,8 @@ SMALL = [
 ]
 
 
-def run_sft(out: Path, *flags: str, nproc: int = 1) -> subprocess.CompletedProcess:
+def run_sft(out: Path, *flags: str, nproc: int = 1, ok: bool = True) -> subprocess.CompletedProcess:
+    """train.sft on the small model in a subprocess; asserts it succeeded (or, with ok=False, that it failed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the torch fallback is fast on CPU
     env["OMP_NUM_THREADS"] = "1"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
@@ -32,7 +33,7 @@ def run_sft(out: Path, *flags: str, nproc: int = 1) -> subprocess.CompletedProce
     cmd = launcher + ["-m", "train.sft", "--config", str(REPO / "configs/tiny_sft.toml"), f"--out_dir={out}",
                       *SMALL, *flags]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -96,22 +97,15 @@ def test_repo_configs_parse(name):
 
 
 def test_bad_flag_names_the_closest_key(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "train.sft", "--config", str(REPO / "configs/tiny_sft.toml"),
-                           "--optim.lrr=1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
+    proc = run_sft(tmp_path, "--optim.lrr=1", ok=False)
     assert "flag --optim.lrr: unknown key 'optim.lrr' (did you mean 'optim.lr'?)" in proc.stderr
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     """An absurd learning rate blows the weights up after one step; the following non-finite steps are skipped
     (never applied) and the run stops with a message after max_bad_steps of them in a row."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "train.sft", "--config", str(REPO / "configs/tiny_sft.toml"),
-           f"--out_dir={tmp_path}", *SMALL, "--optim.lr=1e30", "--optim.warmup_steps=0", "--optim.max_grad_norm=0",
-           "--train.max_steps=20", "--train.max_bad_steps=3"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
+    proc = run_sft(tmp_path, "--optim.lr=1e30", "--optim.warmup_steps=0", "--optim.max_grad_norm=0",
+                   "--train.max_steps=20", "--train.max_bad_steps=3", ok=False)
     assert "non-finite loss" in proc.stdout and "step skipped (3 in a row, 3 in total)" in proc.stdout
     assert "3 consecutive steps with non-finite loss or gradients" in proc.stderr
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -120,11 +114,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
 
 
 def test_sequence_longer_than_the_model_is_refused_up_front(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "train.sft", "--config", str(REPO / "configs/tiny_sft.toml"),
-                           f"--out_dir={tmp_path}", *SMALL, "--eval.generate=true", "--model.max_position_embeddings=64"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
+    proc = run_sft(tmp_path, "--eval.generate=true", "--model.max_position_embeddings=64", ok=False)
     assert "data.seq_len (64) + eval.max_new_tokens (8) exceeds the model's max_position_embeddings (64)" in proc.stderr
 
 
