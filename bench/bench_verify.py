@@ -17,11 +17,13 @@ import json
 import platform
 import re
 import time
+from pathlib import Path
 
-from eval.math500 import load_math500
+from eval.math500 import load_gsm8k, load_math500
 from eval.latex import canonical
 from eval.verify import Verifier
 
+CASES = Path(__file__).resolve().parent.parent / "tests" / "data" / "verify_cases.jsonl"  # hand-labelled classes
 ADVERSARIAL = [
     "\\boxed{9^{9^{9^{9^{9}}}}}",
     "\\boxed{10^{10^{10^{10}}}!}",
@@ -46,16 +48,146 @@ def _rewrite(gold: str) -> str:
     return re.sub(r"(?<![a-zA-Z])\s+", "", gold.replace("\\frac", "\\dfrac"))  # keep "\\cot x" apart
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Model-style completions, labelled by construction.
+#
+# Each problem gives a reasoning (its reference solution with the box removed, so the right value appears in the
+# text) followed by a final answer in one of the conventions below. Correct completions state the gold (as
+# written, or in an equivalent rewrite); wrong ones state a value known to differ; truncated ones stop inside the
+# reasoning or inside "\boxed{": they have no final answer, so no verdict may accept them.
+
+CHAT_TAIL = "<|im_end|>\n<|im_start|>user\nThanks! Now what is 3 + 4?<|im_end|>"
+
+# (name, template): {a} is the answer as LaTeX, {r} the reasoning. Each keeps text after the answer where models do.
+CONVENTIONS = [
+    ("boxed", "{r}\n\nTherefore, the final answer is $\\boxed{{{a}}}$."),
+    ("answer_is", "{r}\n\nThe answer is ${a}$."),
+    ("bold_answer_remark", "{r}\n\n**Answer:** ${a}$\n\nI double-checked this with $x = 1$ and $y = 12$."),
+    ("minerva", "{r}\n\nFinal Answer: The final answer is ${a}$. I hope it is correct."),
+    ("answer_paren", "{r}\n\nAnswer: \\({a}\\)"),
+    ("final_answer_display_box", "{r}\n\n**Final Answer**\n\\[\n\\boxed{{{a}}}\n\\]"),
+    ("answer_is_dollars", "{r}\n\nThus the answer is\n$$\n{a}\n$$"),
+    ("boxed_chat_tail", "{r}\n\n## Final Answer\n\n$$\\boxed{{{a}}}$$" + CHAT_TAIL),
+    ("boxed_check_remark", "{r}\n\nSo the final answer is \\boxed{{{a}}}. (Check: substituting back gives 0 = 0.)"),
+    ("bold_inline", "{r}\n\n**Answer: ${a}$**"),
+    ("final_answer_colon", "{r}\n\nFinal answer: ${a}$"),
+    ("answer_is_display", "{r}\n\nThe answer is: \\[ {a} \\]"),
+    ("bare_box", "{r}\n\nPutting it together:\n\n\\boxed{{{a}}}"),
+    ("answer_bold_sentence", "{r}\n\nTherefore the answer is **${a}$**."),
+    ("boxed_note", "{r}\n\nThe final answer is $\\boxed{{{a}}}$.\n\nNote: an earlier step gave 12, which was before "
+                   "simplifying."),
+    ("final_answer_heading", "{r}\n\n### Final Answer\nThe final answer is \\(\\boxed{{{a}}}\\)."),
+    ("short_display", "Answer \\[ {a} \\]"),
+    ("short_inline", "Answer $ {a} $"),
+]
+GSM_CONVENTIONS = [  # GSM8K answers are numbers: plain text conventions and units after the number
+    ("hashes", "{r}\n#### {a}"),
+    ("hashes_unit", "{r}\n#### {a} items"),
+    ("answer_is_unit", "{r}\nThe answer is {a} players."),
+    ("bold_plain", "{r}\n\n**Answer:** {a}\n\nI checked it with the first step: 2 + 3 = 5."),
+]
+
+
+def _reasoning(solution: str) -> str:
+    """A MATH solution without its boxes (their contents stay), or a GSM8K solution without calculator notes."""
+    text = re.sub(r"<<[^>]*>>", "", solution.split("####")[0]).strip()
+    while True:
+        k = text.rfind("\\boxed")
+        if k < 0:
+            return text
+        depth, j = 0, text.find("{", k)
+        for end in range(j, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[end], 0)
+            if depth == 0:
+                break
+        text = text[:k] + text[j + 1 : end] + text[end + 1 :]
+
+
+def _same_string(a: str, b: str) -> bool:
+    """The answers equal as strings up to spacing, \\left/\\right and \\dfrac: a wrong answer must not be one."""
+    def key(s):
+        s = re.sub(r"\\(left|right|[,!;: ])|\s|\\d(?=frac)|^[a-z]=", "", s)
+        return s
+    return key(a) == key(b)
+
+
+def _gsm_gold(answer: str) -> str:
+    return answer.rsplit("####", 1)[-1].strip().replace(",", "")
+
+
+def completions(math_rows: list[dict], gsm_rows: list[dict]) -> list[tuple[str, str, bool, str]]:
+    """(gold, completion, label, kind) for each problem: one correct, one wrong, and every third a truncated one.
+
+    kind is "correct/<convention>", "wrong/<convention>" or "truncated/<how>". Deterministic.
+    """
+    out = []
+    n = len(math_rows)
+    for i, row in enumerate(math_rows):
+        gold, reasoning = row["answer"], _reasoning(row["solution"])
+        name, tpl = CONVENTIONS[i % len(CONVENTIONS)]
+        answer = _rewrite(gold) if i % 3 == 1 else gold
+        out.append((gold, tpl.format(r=reasoning, a=answer), True, "correct/" + name))
+        other = next(r["answer"] for r in math_rows[i + 1 :] + math_rows[:i] if not _same_string(r["answer"], gold))
+        if re.fullmatch(r"-?\d+", gold) and i % 2:
+            other = str(int(gold) + (1 if i % 4 == 1 else -10))
+        name, tpl = CONVENTIONS[(i + 5) % len(CONVENTIONS)]
+        out.append((gold, tpl.format(r=reasoning, a=other), False, "wrong/" + name))
+        if i % 3 == 0:
+            cut = reasoning[: max(1, len(reasoning) * (3 + i % 5) // 8)]
+            how = ("mid_reasoning", cut), ("inside_box", reasoning + "\n\nSo the answer is $\\boxed{" + gold[: len(gold) // 2])
+            kind, text = how[(i // 3) % 2]
+            out.append((gold, text, False, "truncated/" + kind))
+    for i, row in enumerate(gsm_rows):
+        gold, reasoning = _gsm_gold(row["answer"]), _reasoning(row["answer"])
+        value = int(gold) if re.fullmatch(r"-?\d+", gold) else None
+        written = f"{value:,}" if value is not None and i % 4 == 3 else gold
+        if i % 2:
+            name, tpl = CONVENTIONS[i % len(CONVENTIONS)]
+        else:
+            name, tpl = GSM_CONVENTIONS[(i // 2) % len(GSM_CONVENTIONS)]
+        out.append((gold, tpl.format(r=reasoning, a=written), True, "correct/" + name))
+        other = str(value + (1 if i % 3 else 10)) if value is not None else gold + "1"
+        name, tpl = GSM_CONVENTIONS[(i + 1) % len(GSM_CONVENTIONS)]
+        out.append((gold, tpl.format(r=reasoning, a=other), False, "wrong/" + name))
+        if i % 3 == 0:  # the reasoning ends with the right number, but no final answer was reached
+            out.append((gold, reasoning, False, "truncated/no_final_answer"))
+    return out
+
+
 def _rate(fn, n: int) -> tuple[float, object]:
     t = time.perf_counter()
     out = fn()
     return n / (time.perf_counter() - t), out
 
 
+def _split_score(verdicts: list[bool], labels: list[bool], kinds: list[str]) -> dict:
+    """Correct completions accepted, wrong ones rejected, truncated ones rejected; and the kinds that failed."""
+    def rate(group):
+        idx = [i for i, k in enumerate(kinds) if k.startswith(group)]
+        return {"n": len(idx), "right": sum(verdicts[i] == labels[i] for i in idx)}
+
+    misses: dict[str, int] = {}
+    for v, label, kind in zip(verdicts, labels, kinds):
+        if v != label:
+            misses[kind] = misses.get(kind, 0) + 1
+    return {"agree": sum(v == label for v, label in zip(verdicts, labels)), "correct_accepted": rate("correct/"),
+            "wrong_rejected": rate("wrong/"), "truncated_rejected": rate("truncated/"),
+            "misses": dict(sorted(misses.items(), key=lambda kv: -kv[1]))}
+
+
+def _math_verify_fn(math_verify):
+    def check(gold: str, pred: str) -> bool:
+        try:
+            return bool(math_verify.verify(math_verify.parse("\\boxed{" + gold + "}"), math_verify.parse(pred)))
+        except Exception:  # its parser raises on some inputs: count as not accepted
+            return False
+    return check
+
+
 def run(smoke: bool) -> dict:
-    rows = load_math500()
+    rows, gsm = load_math500(), load_gsm8k()
     if smoke:
-        rows = rows[:40]
+        rows, gsm = rows[:40], gsm[:40]
     golds = [r["answer"] for r in rows]
     sols = [r["solution"] for r in rows]
     others = [rows[(i + 1) % len(rows)]["answer"] for i in range(len(rows))]
@@ -63,11 +195,17 @@ def run(smoke: bool) -> dict:
     # The expected verdict of a swapped answer: wrong unless it states the same value ("5" vs "x=5").
     same = [canonical(g) in (canonical(a), canonical(a.split("=")[-1])) for g, a in zip(golds, others)]
     rewritten = [f"The answer is $\\boxed{{{_rewrite(g)}}}$." for g in golds]
+    made = completions(rows, gsm)
+    cases = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()]
     sets = {
         "gold_vs_solution": (golds, sols, [True] * len(rows)),
         "rewritten": (golds, rewritten, [True] * len(rows)),
         "mix_wrong": (golds + golds, sols + wrong, [True] * len(rows) + same),
+        "completions": ([m[0] for m in made], [m[1] for m in made], [m[2] for m in made]),
+        "classes": ([c["gold"] for c in cases], [c["pred"] for c in cases], [c["label"] for c in cases]),
     }
+    kinds = {"completions": [m[3] for m in made],
+             "classes": [("correct/" if c["label"] else "wrong/") + c["class"] for c in cases]}
     results = {"env": {"python": platform.python_version(), "machine": platform.machine()}, "sets": {}}
     verifier = Verifier(workers=2, timeout_s=5.0)
     verifier.verify_batch(["x^2"], ["\\sin^2 x"])  # start the workers outside the timed region
@@ -76,17 +214,20 @@ def run(smoke: bool) -> dict:
     except ImportError:
         math_verify = None
     if math_verify is not None:  # warm up its grammar outside the timed region, as ours is
-        math_verify.verify(math_verify.parse("$\\frac{1}{2}$"), math_verify.parse("$0.5$"))
+        results["env"]["math_verify"] = getattr(math_verify, "__version__", "installed")
+        mv_check = _math_verify_fn(math_verify)
+        mv_check("\\frac{1}{2}", "$0.5$")
     for name, (g, p, expect) in sets.items():
         rate, verdicts = _rate(lambda: verifier.verify_batch(g, p), len(g))
         row = {"n": len(g), "ours_per_s": rate, "ours_agree": sum(v == e for v, e in zip(verdicts, expect))}
+        if name in kinds:
+            row["ours"] = _split_score(verdicts, expect, kinds[name])
         if math_verify is not None:
-            def mv():
-                return [math_verify.verify(math_verify.parse("\\boxed{" + a + "}"), math_verify.parse(b))
-                        for a, b in zip(g, p)]
-            mv_rate, mv_verdicts = _rate(mv, len(g))
+            mv_rate, mv_verdicts = _rate(lambda: [mv_check(a, b) for a, b in zip(g, p)], len(g))
             mv_agree = sum(bool(v) == e for v, e in zip(mv_verdicts, expect))
             row.update(math_verify_per_s=mv_rate, math_verify_agree=mv_agree, speedup=rate / mv_rate)
+            if name in kinds:
+                row["math_verify"] = _split_score(mv_verdicts, expect, kinds[name])
         results["sets"][name] = row
     # Deadlines: one call per adversarial completion, timed from outside.
     timeout_s = 1.0 if smoke else 2.0
@@ -113,6 +254,14 @@ def main() -> None:
         mv = (f"{r['math_verify_per_s']:14.0f} {r['math_verify_agree']:6d} {r['speedup']:7.1f}x"
               if "math_verify_per_s" in r else f"{'(not installed)':>14} {'-':>6} {'-':>8}")
         print(f"{name:18} {r['n']:5d} {r['ours_per_s']:9.0f} {r['ours_agree']:8d} {mv}")
+    for name in ("completions", "classes"):
+        c = res["sets"][name]
+        for who in ("ours", "math_verify"):
+            if who in c:
+                s = c[who]
+                parts = [f"{k.split('_')[0]} {s[k]['right']}/{s[k]['n']}"
+                         for k in ("correct_accepted", "wrong_rejected", "truncated_rejected") if s[k]["n"]]
+                print(f"{name}, {who}: {s['agree']}/{c['n']} right ({', '.join(parts)}); misses: {s['misses']}")
     a = res["adversarial"]
     print(f"adversarial: {a['n']} calls at timeout {a['timeout_s']} s, "
           f"worst overrun {a['worst_over_deadline_s']:+.2f} s, workers killed {a['workers_killed']}, "

@@ -5,7 +5,7 @@ recursive-descent grammar into plain tuples, compares two trees structurally (tu
 equations), and compares scalars by exact rational arithmetic, by floats at random points, or (in the worker pool
 only) by sympy objects built from the tree with sympy's constructors. Every stage has size guards: a tree that
 would need a huge integer, a huge exponent or deep nesting is refused (`Refused`), never computed.
-Not for: general LaTeX, inequalities, proofs. Model text is never handed to eval/exec or to sympy's string parsers.
+Not for: general LaTeX, proofs. Model text is never handed to eval/exec or to sympy's string parsers.
 
 Tree nodes are tuples whose first item names the kind:
     ("num", Fraction, exact: bool)   a literal; exact is False for decimals (they compare with a tolerance)
@@ -15,6 +15,7 @@ Tree nodes are tuples whose first item names the kind:
 Answers (the top level) add:
     ("seq", open, close, [answers])   tuples, points, intervals      ("set", [answers])   \\{…\\}, ± and bare lists
     ("union", [answers])   ("matrix", [[nodes]])   ("eq", lhs, rhs)   ("text", str)
+    ("rel", [(f, op), ...])   every f op 0 holds, op in "<", "<=", "!=", "=" ("x >= 5" is 5 - x <= 0)
 """
 
 import cmath
@@ -46,7 +47,7 @@ class Undecided(ArithmeticError):
 _UNIT_WORDS = (  # after a value, these are units; the short ones only after a space ("2m" is 2 times m)
     "units?|square|sq|cubic|cm|mm|km|meters?|metres?|inches|inch|feet|foot|ft|yards?|miles?|mph|seconds?|"
     "minutes?|hours?|days?|weeks?|years?|dollars?|cents?|degrees?|points?|pounds?|lbs?|ounces?|oz|grams?|kg|"
-    "liters?|litres?|ml|gallons?|people|students|ways|times|marbles|apples|cookies|eggs|books|pages|percent"
+    "liters?|litres?|ml|gallons?|people|students|ways|times|marbles|apples|cookies|eggs|books|pages|percent|pct"
 )
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|mbox|mathrm|mathbf|textnormal|operatorname)\s*\{([^{}]*)\}")
 _TRAILING_UNIT = re.compile(
@@ -61,32 +62,62 @@ def normalize(ans: str) -> str:
     s = ans.strip()
     if len(s) > MAX_CHARS:
         return s
+    s = _unwrap(s)
+    s = s.translate(_UNICODE)
+    s = _RELATION_WORDS.sub(lambda m: _RELATIONS_ASCII[m.group(0)], s)
+    s = re.sub(r"(\d)\{,\}(?=\d{3}(?!\d))", r"\1", s)  # 1{,}000 is a thousands separator, also in \frac{1{,}000}{3}
+    s = re.sub(r"(?<=\{)\d{1,3}(?:,\d{3})+(?=\})", lambda m: m.group(0).replace(",", ""), s)  # \frac{1,000}{3}
     s = s.replace("\\left.", "").replace("\\right.", "")
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
-    s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)
+    s = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", s)
     s = re.sub(r"\\[dt]binom(?![a-zA-Z])", r"\\binom", s)
     s = s.replace("{,}", ",")
     s = _SPACING.sub(" ", s)
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree", "", s)
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "").replace("$", "")
     s = s.replace("−", "-").replace("\\infty", "\\infty ").replace("∞", "\\infty ").replace("\\inf ", "\\infty ")
-    s = re.sub(r"\\(?:le|leqslant)(?![a-zA-Z])", r"\\leq", s)
-    s = re.sub(r"\\(?:ge|geqslant)(?![a-zA-Z])", r"\\geq", s)
     # A whole answer in \text{…} is a word ("Evelyn", "(C)"); \text after a value is a unit; \text{ and } separates.
     whole = _TEXT_CMD.fullmatch(s)
     if whole:
         s = whole.group(1).strip()
     else:
-        s = re.sub(r"\\text\{\s*(?:and|or)\s*\}", ",", s)
+        s = re.sub(r"\\text\{\s*and\s*\}", ",", s)
+        s = re.sub(r"\\text\{\s*or\s*\}", ";", s)
         unit = _has_value(s)  # "5.4 \text{ cents}" loses its unit; "\text{Devon} and \text{Eve}" keeps the names
         s = re.sub(_TEXT_CMD.pattern + r"(?:\s*\^\s*\{?[23]\}?)?", lambda m: " " if unit else m.group(1), s)
     s = _TRAILING_UNIT.sub("", s)  # "18 dollars", "5 cm^2", "10 square feet"
+    s = _TRAILING_WORDS.sub("", s)  # "31 paintings", "33 players": words after a plain number are its unit
+    s = re.sub(r"(?<=[\s)\]}0-9])or(?=[\s($\\0-9-])", ";", s)  # "(5,2) or (7,2)", "x=1 or x=2": alternatives
     s = s.strip().rstrip(".,;:").strip()
-    s = re.sub(r"^(?:[a-zA-Z]\s*\\in|\\text\{is\})\s*", "", s)  # "x \in [-2, 7]"
+    s = re.sub(r"^(?:[a-zA-Z]\s*\\in|\\text\{is\}|=)\s*", "", s)  # "x \in [-2, 7]", "\approx 11"
     compact = re.sub(r"\s+", "", s)
     if _THOUSANDS.fullmatch(compact):
         s = compact.replace(",", "")
     return s
+
+
+def _unwrap(s: str) -> str:
+    """An answer written inside one math span, "$9$", "\\(9\\)", "\\[9\\]", "$$9$$", without it."""
+    for left, right in (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$")):
+        if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
+            inner = s[len(left) : len(s) - len(right)]
+            if left not in inner and right not in inner:
+                return inner.strip()
+    return s
+
+
+# Unicode a model may write for LaTeX; √2 becomes \sqrt 2 and √(x+1) \sqrt (x+1), both in the grammar.
+_UNICODE = str.maketrans({"π": "\\pi ", "√": "\\sqrt ", "−": "-", "–": "-", "≤": "\\leq ", "≥": "\\geq ",
+                          "≠": "\\neq ", "×": "\\times ", "·": "\\cdot ", "⋅": "\\cdot ", "∞": "\\infty ",
+                          "≈": "\\approx ", "∪": "\\cup "})
+# One spelling per relation: \le, \leqslant, <= and \leq are \leq; \lt is <; "x \approx 11" states x = 11
+# (a decimal after \approx still has to be exact: see NumericJudge).
+_RELATIONS_ASCII = {"<=": "\\leq ", ">=": "\\geq ", "=<": "\\leq ", "=>": "\\geq ", "!=": "\\neq ",
+                    "\\ne": "\\neq ", "\\lt": "<", "\\gt": ">", "\\approx": "=", "\\simeq": "=",
+                    "\\leqq": "\\leq ", "\\geqq": "\\geq ", "\\le": "\\leq ", "\\ge": "\\geq ",
+                    "\\leqslant": "\\leq ", "\\geqslant": "\\geq ", "\\neq": "\\neq "}
+_RELATION_WORDS = re.compile(r"<=|>=|=<|=>|!=|\\(?:neq?|lt|gt|approx|simeq|leqq|geqq|leqslant|geqslant|le|ge)(?![a-zA-Z])")
+_TRAILING_WORDS = re.compile(r"(?<=\d)\s+[a-zA-Z][a-zA-Z'-]{2,}(?:\s+[a-zA-Z][a-zA-Z'-]+)*$")
 
 
 def _has_value(s: str) -> bool:
@@ -132,9 +163,10 @@ _GREEK = {
     "\\Omega",
 }
 _MUL_OPS = {"*", "\\cdot", "\\times", "\\ast"}
-_DIV_OPS = {"/", "\\div"}
-_STOP = {"+", "-", "=", ",", "\\pm", "\\mp", "&", "\\\\", "\\cup", "\\leq", "\\geq", "<", ">", "\\neq", "\\in",
-         "\\right", "|"} | _CLOSE | _MUL_OPS | _DIV_OPS
+_DIV_OPS = {"/", "\\div", ":"}  # "7:32" is the ratio 7/32
+_RELATION_OPS = {"<", ">", "\\leq", "\\geq", "\\neq"}
+_STOP = {"+", "-", "=", ",", ";", "\\pm", "\\mp", "&", "\\\\", "\\cup", "\\in", "\\right", "|"} | _RELATION_OPS | _CLOSE \
+    | _MUL_OPS | _DIV_OPS
 
 
 class _Parser:
@@ -418,6 +450,9 @@ def parse_answer(ans: str):
     s = normalize(ans)
     if not s:
         raise Refused("empty answer")
+    wrapped = re.fullmatch(r"[(\[]\s*(\\begin\{(?:array|[pbBvV]?matrix)\}.*\\end\{\w+\})\s*[)\]]", s, re.S)
+    if wrapped:  # \left( \begin{array}{cc} … \end{array} \right): the brackets of an array matrix
+        s = wrapped.group(1)
     if s.startswith("\\begin"):
         return parse_matrix(s)
     tokens = tokenize(s)
@@ -433,6 +468,11 @@ def _answer(tokens: list[str], depth: int):
         raise Refused("empty element")
     if tokens[0] == "\\begin":
         raise Refused("a matrix inside a larger answer")
+    parts = _split(tokens, {";"})  # alternatives: "(5,2); (7,2)", "p=5,q=2; p=7,q=2", "x<-1 or x>2"
+    if len(parts) > 1:
+        if len(parts) > MAX_ELEMENTS:
+            raise Refused(f"more than {MAX_ELEMENTS} alternatives")
+        return _named(("set", _flatten([_answer(p, depth + 1) for p in parts if p])))
     parts = _split(tokens, {"\\cup"})
     if len(parts) > 1:
         return ("union", [_answer(p, depth + 1) for p in parts])
@@ -440,7 +480,10 @@ def _answer(tokens: list[str], depth: int):
     if len(parts) > 1:
         if len(parts) > MAX_ELEMENTS:
             raise Refused(f"more than {MAX_ELEMENTS} elements")
-        return ("set", _flatten([_answer(p, depth + 1) for p in parts]))
+        items = [_answer(p, depth + 1) for p in parts]
+        if all(item[0] == "rel" for item in items):  # "x > 1, x < 3": both hold
+            return ("rel", [r for item in items for r in item[1]])
+        return _named(("set", _flatten(items)))
     if tokens[0] in ("(", "[") and tokens[-1] in (")", "]") and _closes_at_end(tokens):
         inner = _split(tokens[1:-1], {","})
         if len(inner) > 1:
@@ -449,9 +492,18 @@ def _answer(tokens: list[str], depth: int):
             return ("seq", tokens[0], tokens[-1], [_answer(p, depth + 1) for p in inner])
     if tokens[0] in ("\\{", "\\lbrace") and _closes_at_end(tokens):
         return ("set", _flatten([_answer(p, depth + 1) for p in _split(tokens[1:-1], {","})]))
+    if any(op in tokens for op in _RELATION_OPS):
+        rel = _relation(tokens)
+        if rel is not None:
+            return rel
     parts = _split(tokens, {"="})
     if len(parts) == 2:
-        return ("eq", parse_scalar(parts[0]), parse_scalar(parts[1]))
+        lhs = _answer(parts[0], depth + 1)
+        if lhs[0] == "seq" and all(_is_name(x) for x in lhs[3]):  # "(x, y) = (15, -29)": the tuple is the answer
+            return _answer(parts[1], depth + 1)
+        if lhs[0] in _STRUCTURES:
+            raise Refused("an equation between structures")
+        return ("eq", lhs, parse_scalar(parts[1]))
     if len(parts) > 2:  # "x = y = 3": the last side is the value
         return parse_scalar(parts[-1])
     pm = [j for j, tok in enumerate(tokens) if tok in ("\\pm", "\\mp")]
@@ -468,6 +520,59 @@ def _answer(tokens: list[str], depth: int):
     return parse_scalar(tokens)
 
 
+def _relation(tokens: list[str]):
+    """ "1 \\leq |z| \\leq 3/2" -> ("rel", [(f, op), ...]) meaning every f op 0, op in <, <=, !=; None when the
+    relation operators sit inside brackets only."""
+    sides, ops, cur, depth = [], [], [], 0
+    for tok in tokens:
+        if tok in _OPEN or tok == "\\begin":
+            depth += 1
+        elif tok in _CLOSE or tok == "\\end":
+            depth -= 1
+        if depth == 0 and (tok in _RELATION_OPS or tok == "="):
+            sides.append(cur)
+            ops.append(tok)
+            cur = []
+        else:
+            cur.append(tok)
+    sides.append(cur)
+    if not any(op in _RELATION_OPS for op in ops):
+        return None
+    trees = [parse_scalar(s) for s in sides]
+    out = []
+    for a, op, b in zip(trees, ops, trees[1:]):
+        if op in (">", "\\geq"):  # a > b is b < a
+            a, b, op = b, a, {">": "<", "\\geq": "\\leq"}[op]
+        out.append((("add", [a, ("neg", b)]), {"<": "<", "\\leq": "<=", "\\neq": "!=", "=": "="}[op]))
+    return ("rel", out)
+
+
+def _is_name(node) -> bool:
+    """A name that an answer is assigned to: x, x_1, AB, S_{MBCN}:S (symbols only, no numbers)."""
+    if node[0] == "sym":
+        return True
+    if node[0] == "mul":
+        return all(_is_name(x) for x in node[1])
+    if node[0] == "div":
+        return _is_name(node[1]) and _is_name(node[2])
+    return False
+
+
+def _named(node):
+    """A set of assignments read as one answer: "p=5, q=2" is the tuple (5, 2) (distinct names, in the order
+    written); "x=1, x=2" is the set {1, 2} (one name)."""
+    items = node[1]
+    if len(items) < 2 or not all(x[0] == "eq" and _is_name(x[1]) for x in items):
+        return node
+    names = [repr(x[1]) for x in items]
+    values = [x[2] for x in items]
+    if len(set(names)) == len(names):
+        return ("seq", "(", ")", values)
+    if len(set(names)) == 1:
+        return ("set", values)
+    return node
+
+
 def _flatten(items: list) -> list:
     """Elements of a set, with "a \\pm b" (itself a set of two) spread into it: {1 \\pm \\sqrt5, -2} has three."""
     out = []
@@ -480,7 +585,7 @@ def _flatten(items: list) -> list:
 
 def parse_matrix(s: str):
     """\\begin{pmatrix} a & b \\\\ c & d \\end{pmatrix} -> ("matrix", [[a, b], [c, d]])."""
-    m = re.fullmatch(r"\s*\\begin\{([pbBvV]?matrix|array)\}(?:\{[lcr|]*\})?(.*)\\end\{\1\}\s*", s, re.S)
+    m = re.fullmatch(r"\s*\\begin\{([pbBvV]?matrix|array)\}(?:\{[lcr|\s]*\})?(.*)\\end\{\1\}\s*", s, re.S)
     if not m:
         raise Refused("malformed matrix")
     rows = [r for r in re.split(r"\\\\", m.group(2)) if r.strip()]
@@ -501,11 +606,13 @@ def parse_matrix(s: str):
 
 def compare(g, p, judge) -> bool | None:
     """Compare two answer trees (gold first). All elements of a tuple/set/matrix must match."""
-    if g[0] == "eq" and p[0] != "eq" and g[1][0] == "sym":  # "x = 5" against "5"
+    if g[0] == "eq" and p[0] != "eq" and _is_name(g[1]):  # "x = 5", "AB = 4" against "5"
         g = g[2]
-    if p[0] == "eq" and g[0] != "eq" and p[1][0] == "sym":
+    if p[0] == "eq" and g[0] != "eq" and _is_name(p[1]):
         p = p[2]
     kg, kp = g[0], p[0]
+    if "rel" in (kg, kp) or _some_rel(g) or _some_rel(p):
+        return _compare_relations(g, p, judge)
     if kg == "eq" and kp == "eq":
         return judge.equation(("add", [g[1], ("neg", g[2])]), ("add", [p[1], ("neg", p[2])]))
     if kg == "seq" and kp == "seq":
@@ -514,20 +621,144 @@ def compare(g, p, judge) -> bool | None:
         return _all(compare(a, b, judge) for a, b in zip(g[3], p[3]))
     if kg in ("set", "union") and kp == kg:
         return _matching(g[1], p[1], judge)
-    if {kg, kp} == {"set", "seq"}:  # a point written without its brackets: "3, \frac{\pi}{2}"
+    if {kg, kp} == {"set", "seq"} and (g if kg == "seq" else p)[1:3] == ("(", ")"):
+        # a point written without its brackets: "3, \frac{\pi}{2}" (not an interval: "3,4" is not "(3,4]")
         a, b = (g[1], p[3]) if kg == "set" else (g[3], p[1])
         return len(a) == len(b) and _all(compare(x, y, judge) for x, y in zip(a, b))
+    if kg == "matrix" and kp == "matrix" and [len(r) for r in g[1]] != [len(r) for r in p[1]]:
+        return False  # same entries in another shape: a 2x3 is not a 3x2
     if kg == "matrix" or kp == "matrix":
         a, b = _cells(g), _cells(p)
         if a is None or b is None or len(a) != len(b):
             return False
         return _all(judge.scalar(x, y) for x, y in zip(a, b))
+    if (kg == "set") != (kp == "set") and (kg if kp == "set" else kp) not in _STRUCTURES:
+        # One value written several ways ("15\\frac{39}{40}, or \\frac{639}{40}"): a set whose elements all equal it.
+        items, one = (g[1], p) if kg == "set" else (p[1], g)
+        return _all(compare(x, one, judge) if kg == "set" else compare(one, x, judge) for x in items)
     if kg in _STRUCTURES or kp in _STRUCTURES:
         return False
     return judge.scalar(g, p)
 
 
-_STRUCTURES = {"eq", "seq", "set", "union", "matrix", "text"}
+def _some_rel(node) -> bool:
+    """A set or union with a relation in it: "x < -1 or x > 2"."""
+    return node[0] in ("set", "union") and any(x[0] == "rel" for x in node[1])
+
+
+def _compare_relations(g, p, judge) -> bool | None:
+    """Inequalities: two relations agree when their atoms match one to one (same operator, sides proportional with
+    a positive factor: "-x > -1" is "x < 1"); a relation in one variable and a set of intervals agree when they
+    hold at the same points, probed at every endpoint, just beside it, between endpoints and far out."""
+    if g[0] == "rel" and p[0] == "rel":
+        verdict = _matching(g[1], p[1], judge, lambda a, b: a[1] == b[1] and judge.equation(a[0], b[0], a[1] in ("<", "<=")))
+        if verdict is not False:
+            return verdict
+    rg, rp = _region(g), _region(p)
+    if rg is None or rp is None:
+        return False
+    (fg, eg, vg), (fp, ep, vp) = rg, rp
+    if vg and vp and vg != vp:
+        return False
+    ends = sorted({e for e in eg + ep if math.isfinite(e)})
+    if not ends:  # nothing to probe around (relations not linear): the atoms did not match, so call them different
+        return False
+    probes = set(ends)
+    for e in ends:
+        delta = 1e-6 * max(1.0, abs(e))
+        probes |= {e - delta, e + delta}
+    probes |= {(a + b) / 2 for a, b in zip(ends, ends[1:])}
+    span = max(1.0, ends[-1] - ends[0], abs(ends[0]), abs(ends[-1]))
+    probes |= {ends[0] - span, ends[0] - 10 * span - 7, ends[-1] + span, ends[-1] + 10 * span + 7}
+    probes |= {ends[0] + (ends[-1] - ends[0] + 2 * span) * k / 64 - span for k in range(65)}
+    probes |= {-x for x in probes}  # a relation's own boundaries are unknown: |x| and x^2 mirror them about 0
+    undecided = False
+    for x in sorted(probes):
+        a, b = fg(x), fp(x)
+        if a is None or b is None:
+            undecided = True
+        elif a != b:
+            return False
+    return None if undecided else True
+
+
+def _region(node):
+    """(membership(x) -> bool | None, finite endpoints, variable or None) for a relation in one variable, an
+    interval, or a union / alternatives of those; None for anything else."""
+    kind = node[0]
+    if kind == "rel":
+        names = set()
+        for f, _ in node[1]:
+            symbols(f, names)
+        if len(names) != 1:
+            return None
+        (var,) = names
+        return (lambda x: _holds(node[1], var, x)), _linear_roots(node[1], var), var
+    if kind == "seq" and len(node[3]) == 2 and not any(symbols(e) for e in node[3]):
+        try:
+            lo, hi = (_real(e) for e in node[3])
+        except (Refused, Undecided, ArithmeticError, TypeError):
+            return None
+        if lo is None or hi is None:
+            return None
+        closed_lo, closed_hi = node[1] == "[", node[2] == "]"
+        return ((lambda x: (lo < x or (closed_lo and lo == x)) and (x < hi or (closed_hi and x == hi))),
+                [lo, hi], None)
+    if kind in ("union", "set"):
+        parts = [_region(x) for x in node[1]]
+        if not parts or any(r is None for r in parts):
+            return None
+        names = {r[2] for r in parts if r[2]}
+        if len(names) > 1:
+            return None
+
+        def member(x):
+            results = [r[0](x) for r in parts]
+            return True if True in results else (None if None in results else False)
+
+        return member, [e for r in parts for e in r[1]], next(iter(names), None)
+    return None
+
+
+def _linear_roots(atoms, var: str) -> list[float]:
+    """Where each atom f that is linear in var crosses 0: the boundaries of "2x + 1 < 5", to probe around."""
+    roots = []
+    for f, _ in atoms:
+        try:
+            v0, v1, v2 = (_complex(evaluate(f, {var: complex(x)})) for x in (0.0, 1.0, 2.0))
+        except (Undecided, Refused, ArithmeticError):
+            continue
+        slope = v1 - v0
+        if abs(slope) > 1e-12 and abs((v2 - v1) - slope) <= 1e-9 * max(1.0, abs(slope)) and abs(v0.imag) < 1e-12:
+            roots.append(-v0.real / slope.real)
+    return roots
+
+
+def _real(node) -> float | None:
+    inf = _inf_sign(node)
+    if inf:
+        return inf * math.inf
+    v = _complex(evaluate(node, {}))
+    return v.real if abs(v.imag) <= 1e-12 * max(1.0, abs(v)) else None
+
+
+def _holds(atoms, var: str, x: float) -> bool | None:
+    """Whether every atom f op 0 holds at var = x; None when a side cannot be evaluated there (a pole)."""
+    for f, op in atoms:
+        try:
+            v = _complex(evaluate(f, {var: complex(x)}))
+        except (Undecided, Refused, ArithmeticError):
+            return None
+        if abs(v.imag) > 1e-9 * max(1.0, abs(v)):
+            return False  # not real there: outside the set the relation describes
+        r, tol = v.real, 1e-9 * max(1.0, abs(x))
+        ok = {"<": r < -tol, "<=": r <= tol, "!=": abs(r) > tol, "=": abs(r) <= tol}[op]
+        if not ok:
+            return False
+    return True
+
+
+_STRUCTURES = {"eq", "seq", "set", "union", "matrix", "text", "rel"}
 
 
 def _cells(node):
@@ -550,12 +781,13 @@ def _all(results) -> bool | None:
     return None if undecided else True
 
 
-def _matching(a: list, b: list, judge) -> bool | None:
+def _matching(a: list, b: list, judge, same=None) -> bool | None:
     """Unordered comparison: True when a perfect matching exists on True pairs; False when none exists even
-    counting undecided pairs as equal; None in between."""
+    counting undecided pairs as equal; None in between. `same` compares two elements (default: compare)."""
     if len(a) != len(b):
         return False
-    table = [[compare(x, y, judge) for y in b] for x in a]
+    same = same or (lambda x, y: compare(x, y, judge))
+    table = [[same(x, y) for y in b] for x in a]
     if _perfect(table, lambda r: r is True):
         return True
     return None if _perfect(table, lambda r: r is not False) else False
@@ -752,10 +984,16 @@ def _points(names: set, n: int) -> list[dict]:
 
 
 class NumericJudge:
-    """Compares scalars and equations by value: exact for rationals, floats (at random points) otherwise."""
+    """Compares scalars and equations by value: exact for rationals, floats (at random points) otherwise.
 
-    def __init__(self, rel_tol: float = 1e-6):
-        self.rel_tol = rel_tol  # for answers written with decimals; exact answers compare to float noise only
+    Decimals are exact values, not measurements: "0.03515626" is not 9/256 and "6366.2" is not 20000/pi. A decimal matches only what it equals, up to the rounding of the float arithmetic that
+    evaluates the other side (1e-12 relative). A caller that grades rounded answers passes rel_tol > 0: then a
+    comparison that involves a decimal accepts that relative error. Answers without decimals compare exactly
+    (rationals) or to 1e-9 at random points (float noise of irrational or symbolic values).
+    """
+
+    def __init__(self, rel_tol: float = 0.0):
+        self.rel_tol = rel_tol
 
     def scalar(self, a, b) -> bool | None:
         if a[0] == "base" or b[0] == "base":
@@ -763,19 +1001,22 @@ class NumericJudge:
         sa, sb = _inf_sign(a), _inf_sign(b)
         if sa or sb:
             return sa == sb
-        tol = self.rel_tol if has_decimal(a) or has_decimal(b) else 1e-9
+        decimal = has_decimal(a) or has_decimal(b)
+        tolerant = decimal and self.rel_tol > 0
+        tol = self.rel_tol if tolerant else (1e-12 if decimal else 1e-9)
         names = symbols(a) | symbols(b)
         for env in _points(names, 3 if names else 1):
             try:
-                verdict = _close(evaluate(a, env), evaluate(b, env), tol, exact=tol == 1e-9)
+                verdict = _close(evaluate(a, env), evaluate(b, env), tol, exact=not tolerant, decimal=decimal)
             except Undecided:
                 return None
             if verdict is not True:
                 return verdict
         return True
 
-    def equation(self, fa, fb) -> bool | None:
-        """f_a = 0 and f_b = 0 describe the same set when f_a / f_b is a nonzero constant."""
+    def equation(self, fa, fb, positive: bool = False) -> bool | None:
+        """f_a = 0 and f_b = 0 describe the same set when f_a / f_b is a nonzero constant (a positive one, for
+        the sides of two inequalities f_a < 0 and f_b < 0)."""
         names = symbols(fa) | symbols(fb)
         ratios = []
         for env in _points(names, 4):
@@ -790,10 +1031,14 @@ class NumericJudge:
             ratios.append(va / vb)
         if not ratios:
             return None
-        return all(abs(r - ratios[0]) <= 1e-9 * abs(ratios[0]) for r in ratios)
+        same = all(abs(r - ratios[0]) <= 1e-9 * abs(ratios[0]) for r in ratios)
+        if same and positive:
+            r = ratios[0]
+            return abs(r.imag) <= 1e-9 * abs(r) and r.real > 0
+        return same
 
 
-def _close(x, y, tol: float, exact: bool) -> bool | None:
+def _close(x, y, tol: float, exact: bool, decimal: bool = False) -> bool | None:
     if isinstance(x, Fraction) and isinstance(y, Fraction):
         if x == y:
             return True
@@ -807,6 +1052,8 @@ def _close(x, y, tol: float, exact: bool) -> bool | None:
     d = abs(cx - cy)
     if d <= tol * m:
         return True
+    if decimal:  # a decimal off by more than float rounding is a different number: no need for sympy
+        return False
     return None if d <= 1e-6 * m else False
 
 
@@ -888,11 +1135,13 @@ class SympyJudge(NumericJudge):
             return bool(scale != 0 and abs(diff.evalf(50)) <= sympy.Float(1e-30) * scale)
         return bool(x.equals(y))
 
-    def equation(self, fa, fb) -> bool | None:
-        verdict = super().equation(fa, fb)
+    def equation(self, fa, fb, positive: bool = False) -> bool | None:
+        verdict = super().equation(fa, fb, positive)
         if verdict is not None:
             return verdict
         import sympy
 
         ratio = sympy.simplify(to_sympy(fa) / to_sympy(fb))
+        if positive:
+            return bool(ratio.is_number and ratio.is_positive)
         return bool(ratio.is_number and ratio != 0 and ratio.is_finite)

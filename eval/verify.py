@@ -12,6 +12,19 @@ Stages, cheapest first (eval/latex.py has the details):
   3. sympy simplify on trees built with sympy constructors      worker process, only where 2 cannot decide
 A verdict is one of "correct", "wrong", "unparseable" (no answer, or the prediction is outside the grammar or its
 size guards) or "timeout" (the worker ran past its deadline, or died, e.g. on its memory cap; it is replaced).
+
+Judgement calls (each has accepted and rejected cases in tests/data/verify_cases.jsonl):
+  - A completion's answer is what follows its last final-answer convention (extract_answer lists them); text after
+    it is a remark. A completion without one, or cut off inside its last \boxed{, has no answer ("unparseable"):
+    a reward must not come from a number that happens to appear in unfinished reasoning.
+  - Decimals are exact values: 6366.2 is not 20000/pi. Pass rel_tol > 0 to grade rounded answers (latex.NumericJudge).
+  - A percentage is the number before the sign (10\% is 10); words after a number are its unit ("31 paintings").
+  - "x = 5", "AB = 4", "(x, y) = (1, 2)" state the value on the right; "p=5, q=2" is the tuple (5, 2); several
+    boxes separated only by "and"/"or"/commas list one answer ("\boxed{-2} and \boxed{1}" is "-2, 1").
+  - Inequalities compare as sets of real numbers: "-x > -1" is "x < 1" is (-\infty, 1).
+
+Not measured here: how these rules fare on other models' habits. bench/bench_verify.py measures them against
+math-verify on MATH500/GSM8K completions built in many conventions, with labels known by construction.
 """
 
 import atexit
@@ -52,60 +65,163 @@ def _braced(text: str, start: int) -> str | None:
     return None
 
 
-_ANSWER_IS = re.compile(r"answer is\s*:?\s*(.+?)(?:\.\s|\.?$|\n)", re.I)
-_LAST_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+# A chat model's turn ends at its first special token; what follows (a new "user" turn) is not its answer.
+_CHAT_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>|</s>|<eos>|<end_of_turn>")
+# "The (final) answer is", "Answer:", "**Final Answer**", "Answer \[ 9 \]", GSM8K's "####". "answer" must be
+# followed by a verb, a colon, bold, a line break or math, so "to answer this" and "answer choices" are not markers.
+_MARKER = re.compile(
+    r"\b(?:final\s+)?answer\b(?:\s*\*\*)?\s*(?:(?:is|would\s+be|should\s+be|will\s+be)\b\s*:?|[:=])?\s*(?:\*\*)?"
+    r"(?=\s|\$|\\[\[(]|$)|####",
+    re.I,
+)
+# What follows a marker but is a remark about the answer, not the answer: skip to the marker before.
+_REMARK = re.compile(r"(?:correct|incorrect|wrong|right|not\b|indeed|consistent|reasonable|verified|confirmed|"
+                     r"the same|that\b|this\b|also\b|clear|unique|as follows|below|above|to\b|of\b|in\b|for\b)", re.I)
+_DELIMS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
+_LIST_ITEM = re.compile(r"\s*(?:[-*•]|\d+[.)])\s+(.*)")
+# Between two \boxed that list one answer together ("\boxed{-2} and \boxed{1}"): only joining words and math
+# delimiters, and a name being assigned ("x = \boxed{2} or x = \boxed{3}").
+_JOINER = re.compile(r"(?:\s|\$|\\[()\[\],]|,|;|\band\b|\bor\b|\\text\{\s*(?:and|or)\s*\}|\\quad|[a-zA-Z]\s*=)*")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+# Where the answer sentence ends and a remark begins: "16 (I checked it with $x = 1$)", "17 because …".
+_SENTENCE_END = re.compile(r"\.(?:\s|$)|\n|\s+(?:because|since|which|where|as|so|when|if)\s|\s+\((?=[A-Za-z]+\s)", re.I)
+
+
+def _delimited(text: str) -> str | None:
+    """The contents of the math span text opens with ($…$, $$…$$, \\(…\\), \\[…\\]); None if it opens none or
+    leaves it unclosed."""
+    for left, right in _DELIMS:
+        if text.startswith(left):
+            end = text.find(right, len(left))
+            while right == "$" and end > 0 and text[end - 1] == "\\":  # "\$" is a dollar sign, not a delimiter
+                end = text.find(right, end + 1)
+            return text[len(left) : end].strip() if end >= 0 else None
+    return None
+
+
+def _boxes(text: str) -> list[tuple[int, int, str | None]]:
+    """(start, end, contents) of each \\boxed / \\fbox; contents None when the box never closes (cut off)."""
+    out = []
+    for m in re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])", text):
+        inner = _braced(text, m.end())
+        if inner is None:
+            bare = re.match(r"\s+([^\s${}]+)", text[m.end() : m.end() + 200])  # "\boxed 5"
+            if bare and not text[m.end() :].lstrip().startswith("{"):
+                out.append((m.start(), m.end() + bare.end(), bare.group(1)))
+                continue
+            out.append((m.start(), len(text), None))
+        else:
+            close = text.index("{", m.end()) + len(inner) + 2
+            out.append((m.start(), close, inner.strip()))
+    return out
+
+
+def _from_boxes(text: str, boxes: list) -> str | None:
+    """The last box, joined with the boxes just before it when only joining words separate them."""
+    start, _, answer = boxes[-1]
+    if answer is None:
+        return None  # cut off inside the last box: no answer, whatever the reasoning said
+    parts = [answer]
+    for k in range(len(boxes) - 1, 0, -1):
+        between = text[boxes[k - 1][1] : boxes[k][0]]
+        if boxes[k - 1][2] is None or "\n\n" in between or not _JOINER.fullmatch(between):
+            break
+        if boxes[k - 1][2] not in parts:  # the same answer boxed twice is one answer
+            parts.insert(0, boxes[k - 1][2])
+    return ", ".join(parts)
+
+
+def _after_marker(rest: str) -> str | None:
+    """The answer that follows a marker: a math span, a list of lines, or the rest of the sentence."""
+    rest = rest.lstrip(" \t*:")
+    if rest.startswith("\n") or not rest.strip():
+        block = rest.strip("\n ").split("\n\n")[0]
+        if not block:
+            return None
+        inner = _delimited(block.lstrip())
+        if inner is not None:
+            return inner
+        lines = [ln for ln in block.split("\n") if ln.strip()]
+        items = [_LIST_ITEM.fullmatch(ln) for ln in lines]
+        if len(lines) > 1 and all(items):  # "- $p = 6$" / "- $q = 31$" / "- $r = -1$"
+            return ", ".join(_strip_math(m.group(1)) for m in items)
+        rest = lines[0].lstrip(" \t*:")
+    inner = _delimited(rest)
+    if inner is not None:
+        return inner
+    end = _SENTENCE_END.search(rest)
+    sentence = (rest[: end.start()] if end else rest).strip().strip("*").strip()
+    return _strip_math(sentence) or None
+
+
+def _strip_math(s: str) -> str:
+    s = s.strip().strip("*").strip()
+    inner = _delimited(s)
+    return s if inner is None or len(inner) + 4 < len(s) - 2 else inner
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer in a completion, or None.
+    """The final answer in a completion, or None when it states none.
 
-    In order: the contents of the last \\boxed{…} or \\fbox{…} (nested braces allowed, also "\\boxed 5");
-    the text after the last "The answer is" up to the end of the sentence; the text after GSM8K's last "####";
-    otherwise (the last-resort rule) the last number in the text: an integer, decimal or a/b, commas allowed.
+    Rules, in order (each is a convention models use; see the tests for examples of each):
+      - the text ends at the first chat special token (<|im_end|>, <|im_start|>, </s>, …): what follows is not
+        this turn;
+      - \\boxed{…} / \\fbox{…}: the contents of the last box (nested braces allowed, also "\\boxed 5"), together
+        with the boxes right before it when only "and", "or", commas or math delimiters separate them
+        ("\\boxed{-2} and \\boxed{1}" is "-2, 1"). A last box that never closes is a completion cut off: None,
+        never a number from the reasoning;
+      - otherwise the last marker ("the final answer is", "Answer:", "**Answer:**", "Final Answer" as a heading,
+        "####"), skipping markers followed by a remark ("this answer is correct"): the math span that follows
+        ($…$, $$…$$, \\(…\\), \\[…\\]), or a list of "- $p = 6$" lines, or the rest of the sentence. Text after
+        it is a remark, not the answer;
+      - no marker: a short bare answer is itself the answer ("$\\frac12$", "x = 3"); a one-line sentence with
+        exactly one number gives that number ("She makes $1,600 in total."). Anything else has no final answer:
+        None (a completion cut off in its reasoning must not be graded by a number found there).
     Never raises: anything that is not a str gives None.
     """
     if not isinstance(text, str) or not text:
         return None
     text = text[-MAX_TEXT_CHARS:]
-    best = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if best >= 0:
-        start = best + (6 if text.startswith("\\boxed", best) else 5)
-        inner = _braced(text, start)
-        if inner is not None:
-            return inner.strip()
-        m = re.match(r"\s+([^\s$]+)", text[start : start + 200])  # "\boxed 5"
-        if m:
-            return m.group(1)
+    chat = _CHAT_TOKEN.search(text)
+    if chat:
+        text = text[: chat.start()]
+    boxes = _boxes(text) if "\\boxed" in text or "\\fbox" in text else []
+    if boxes:
+        return _from_boxes(text, boxes)
     tail = text[-5000:]
-    matches = list(_ANSWER_IS.finditer(tail))
-    if matches:
-        answer = matches[-1].group(1).strip().strip("$").strip()
+    for m in reversed(list(_MARKER.finditer(tail))):
+        rest = tail[m.end() :]
+        if _REMARK.match(rest.lstrip(" \t*:")):
+            continue
+        answer = _after_marker(rest)
         if answer:
             return answer
-    cut = text.rfind("####")
-    if cut >= 0:
-        answer = text[cut + 4 :].strip().split("\n")[0].strip()
-        if answer:
-            return answer
-    numbers = _LAST_NUMBER.findall(tail)
-    return numbers[-1].rstrip(",") if numbers else None
+    return _bare(text)
 
 
-def _looks_like_completion(pred: str) -> bool:
-    return (
-        "\\boxed" in pred or "\\fbox" in pred or "####" in pred or "\n" in pred or len(pred) > 200
-        or re.search(r"answer is", pred, re.I) is not None
-        # Prose ("she makes $1,600 in total") rather than an answer: the last-resort rule applies.
-        or len(_WORDS.findall(_COMMANDS.sub(" ", pred))) >= 2
-    )
+def _bare(text: str) -> str | None:
+    """A completion without a final-answer marker: a bare answer, or one sentence with one number."""
+    s = text.strip()
+    inner = _delimited(s)
+    if inner is not None and len(inner) + 4 >= len(s) - 1:
+        return inner or None
+    words = len(_WORDS.findall(_COMMANDS.sub(" ", s)))
+    if words < 2 and len(s) <= 1000:  # math without prose, also over several lines (a matrix)
+        return s or None
+    if "\n" in s or len(s) > 200:
+        return None
+    numbers = _NUMBER.findall(s)
+    if len(numbers) == 1 and re.search(r"[.!]\s*$|\d\s*$", s):
+        return numbers[0].rstrip(",")
+    return None
 
 
-_WORDS = re.compile(r"(?<![a-zA-Z])[a-zA-Z]{3,}\b")
+_WORDS = re.compile(r"(?<![a-zA-Z\\])[a-zA-Z]{3,}\b")
 _COMMANDS = re.compile(r"\\(?:begin|end)\{[^{}]*\}|\\[a-zA-Z]+")
 
 
 def _answer_of(pred: str) -> str | None:
-    return extract_answer(pred) if _looks_like_completion(pred) else pred.strip() or None
+    return extract_answer(pred)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -154,7 +270,7 @@ def _expensive(gold: str, answer: str, rel_tol: float) -> str:
     return "correct" if verdict else "wrong"
 
 
-def verify_reason(gold: str, pred: str, *, rel_tol: float = 1e-6) -> str:
+def verify_reason(gold: str, pred: str, *, rel_tol: float = 0.0) -> str:
     """Like verify, with the reason. Runs every stage in this process and thread: no deadline, so use it only on
     trusted or short inputs; verify_batch is the entry point for model output."""
     if not isinstance(gold, str) or not isinstance(pred, str):
@@ -166,7 +282,7 @@ def verify_reason(gold: str, pred: str, *, rel_tol: float = 1e-6) -> str:
     return _expensive(_gold_answer(gold), answer, rel_tol) if verdict == "undecided" else verdict
 
 
-def verify(gold: str, pred: str, *, rel_tol: float = 1e-6) -> bool:
+def verify(gold: str, pred: str, *, rel_tol: float = 0.0) -> bool:
     """True when `pred` (a full completion or an extracted answer) states the same answer as `gold`.
 
     In-process and without a deadline; for model output in bulk use verify_batch, which has one.
@@ -268,7 +384,7 @@ class Verifier:
     `check` names the worker's function as "module:function" (tests swap in a hanging one).
     """
 
-    def __init__(self, workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 2048, rel_tol: float = 1e-6,
+    def __init__(self, workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 2048, rel_tol: float = 0.0,
                  check: str = "eval.verify:_expensive"):
         if workers < 1:
             raise ValueError(f"Verifier(workers={workers}): need at least one worker process")
