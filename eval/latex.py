@@ -53,7 +53,7 @@ _TEXT_CMD = re.compile(r"\\(?:text|textbf|textit|textrm|mbox|mathrm|mathbf|textn
 _TRAILING_UNIT = re.compile(
     r"(?<=[0-9}.])(?:(?:\s*(?:\\\s*)?(?:" + _UNIT_WORDS + r"))+|\s+(?:m|g|L|in))(?:\s*\^\s*\{?[23]\}?)?\s*$"
 )
-_SPACING = re.compile(r"(?<!\\)\\[,;:! ]|\\(?:quad|qquad|displaystyle|textstyle|limits|nolimits)(?![a-zA-Z])|~")
+_SPACING = re.compile(r"(?<!\\)\\[,;:! ]|\\q?quad|\\(?:displaystyle|textstyle|limits|nolimits)(?![a-zA-Z])|~")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 
 
@@ -88,6 +88,7 @@ def normalize(ans: str) -> str:
     s = _TRAILING_UNIT.sub("", s)  # "18 dollars", "5 cm^2", "10 square feet"
     s = _TRAILING_WORDS.sub("", s)  # "31 paintings", "33 players": words after a plain number are its unit
     s = re.sub(r"(?<=[\s)\]}0-9])or(?=[\s($\\0-9-])", ";", s)  # "(5,2) or (7,2)", "x=1 or x=2": alternatives
+    s = re.sub(r"(?<=[\s)\]}0-9])and(?=[\s($\\0-9-])", ",", s)  # "1 and 2 and 3": a list
     s = s.strip().rstrip(".,;:").strip()
     s = re.sub(r"^(?:[a-zA-Z]\s*\\in|\\text\{is\}|=)\s*", "", s)  # "x \in [-2, 7]", "\approx 11"
     compact = re.sub(r"\s+", "", s)
@@ -486,11 +487,15 @@ def _answer(tokens: list[str], depth: int):
         return _named(("set", _flatten(items)))
     if tokens[0] in ("(", "[") and tokens[-1] in (")", "]") and _closes_at_end(tokens):
         inner = _split(tokens[1:-1], {","})
+        if len(inner) == 1:
+            inner = _split(tokens[1:-1], {";"})  # "(0;-2;6)": a tuple written with semicolons
         if len(inner) > 1:
             if len(inner) > MAX_ELEMENTS:
                 raise Refused(f"more than {MAX_ELEMENTS} elements")
             return ("seq", tokens[0], tokens[-1], [_answer(p, depth + 1) for p in inner])
-    if tokens[0] in ("\\{", "\\lbrace") and _closes_at_end(tokens):
+    if tokens[0] in ("\\{", "\\lbrace", "{") and _closes_at_end(tokens) and (
+        tokens[0] != "{" or len(_split(tokens[1:-1], {","})) > 1
+    ):  # "{1, 2, 3}" written without the backslashes is a set too
         return ("set", _flatten([_answer(p, depth + 1) for p in _split(tokens[1:-1], {","})]))
     if any(op in tokens for op in _RELATION_OPS):
         rel = _relation(tokens)
@@ -555,21 +560,21 @@ def _is_name(node) -> bool:
         return all(_is_name(x) for x in node[1])
     if node[0] == "div":
         return _is_name(node[1]) and _is_name(node[2])
-    return False
+    return node[0] == "abs" and _is_name(node[1])  # |AB|
 
 
 def _named(node):
-    """A set of assignments read as one answer: "p=5, q=2" is the tuple (5, 2) (distinct names, in the order
-    written); "x=1, x=2" is the set {1, 2} (one name)."""
+    """A set of assignments read as one answer: "p=5, q=2" is ("named", names, values), which compares by name
+    with another such list and as the tuple (5, 2), in the order written, with anything else; "x=1, x=2" is the
+    set {1, 2} (one name)."""
     items = node[1]
     if len(items) < 2 or not all(x[0] == "eq" and _is_name(x[1]) for x in items):
         return node
     names = [repr(x[1]) for x in items]
-    values = [x[2] for x in items]
     if len(set(names)) == len(names):
-        return ("seq", "(", ")", values)
+        return ("named", names, [x[2] for x in items])
     if len(set(names)) == 1:
-        return ("set", values)
+        return ("set", [x[2] for x in items])
     return node
 
 
@@ -610,6 +615,10 @@ def compare(g, p, judge) -> bool | None:
         g = g[2]
     if p[0] == "eq" and g[0] != "eq" and _is_name(p[1]):
         p = p[2]
+    if g[0] == "named" and p[0] == "named" and sorted(g[1]) == sorted(p[1]):  # "a_3 = 2, a_37 = 19", any order
+        values = dict(zip(p[1], p[2]))
+        return _all(compare(v, values[name], judge) for name, v in zip(g[1], g[2]))
+    g, p = (("seq", "(", ")", x[2]) if x[0] == "named" else x for x in (g, p))
     kg, kp = g[0], p[0]
     if "rel" in (kg, kp) or _some_rel(g) or _some_rel(p):
         return _compare_relations(g, p, judge)
@@ -758,7 +767,7 @@ def _holds(atoms, var: str, x: float) -> bool | None:
     return True
 
 
-_STRUCTURES = {"eq", "seq", "set", "union", "matrix", "text", "rel"}
+_STRUCTURES = {"eq", "seq", "set", "union", "matrix", "text", "rel", "named"}
 
 
 def _cells(node):
@@ -782,31 +791,18 @@ def _all(results) -> bool | None:
 
 
 def _matching(a: list, b: list, judge, same=None) -> bool | None:
-    """Unordered comparison: True when a perfect matching exists on True pairs; False when none exists even
-    counting undecided pairs as equal; None in between. `same` compares two elements (default: compare)."""
-    if len(a) != len(b):
-        return False
+    """Unordered comparison as sets: True when every element on each side equals one on the other (so a repeated
+    element counts once); False when some element equals none even counting undecided pairs as equal; None in
+    between. `same` compares two elements (default: compare)."""
     same = same or (lambda x, y: compare(x, y, judge))
     table = [[same(x, y) for y in b] for x in a]
-    if _perfect(table, lambda r: r is True):
+    columns = list(zip(*table)) if table else []
+    lines = table + [list(c) for c in columns]
+    if len(lines) != len(a) + len(b):
+        return False  # one side empty, the other not
+    if all(True in line for line in lines):
         return True
-    return None if _perfect(table, lambda r: r is not False) else False
-
-
-def _perfect(table, ok) -> bool:
-    n = len(table)
-    owner = [-1] * n
-
-    def augment(i, seen):
-        for j in range(n):
-            if ok(table[i][j]) and not seen[j]:
-                seen[j] = True
-                if owner[j] < 0 or augment(owner[j], seen):
-                    owner[j] = i
-                    return True
-        return False
-
-    return all(augment(i, [False] * n) for i in range(n))
+    return False if any(all(r is False for r in line) for line in lines) else None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,10 +18,10 @@ Judgement calls (each has accepted and rejected cases in tests/data/verify_cases
     it is a remark. A completion without one, or cut off inside its last \boxed{, has no answer ("unparseable"):
     a reward must not come from a number that happens to appear in unfinished reasoning.
   - Decimals are exact values: 6366.2 is not 20000/pi. Pass rel_tol > 0 to grade rounded answers (latex.NumericJudge).
-  - A percentage is the number before the sign (10\% is 10); words after a number are its unit ("31 paintings").
+  - A percentage is the number before the sign (10\\% is 10); words after a number are its unit ("31 paintings").
   - "x = 5", "AB = 4", "(x, y) = (1, 2)" state the value on the right; "p=5, q=2" is the tuple (5, 2); several
     boxes separated only by "and"/"or"/commas list one answer ("\boxed{-2} and \boxed{1}" is "-2, 1").
-  - Inequalities compare as sets of real numbers: "-x > -1" is "x < 1" is (-\infty, 1).
+  - Inequalities compare as sets of real numbers: "-x > -1" is "x < 1" is (-\\infty, 1).
 
 Not measured here: how these rules fare on other models' habits. bench/bench_verify.py measures them against
 math-verify on MATH500/GSM8K completions built in many conventions, with labels known by construction.
@@ -74,6 +74,7 @@ _MARKER = re.compile(
     r"(?=\s|\$|\\[\[(]|$)|####",
     re.I,
 )
+_FINAL = re.compile(r"final\s+answer|####", re.I)
 # What follows a marker but is a remark about the answer, not the answer: skip to the marker before.
 _REMARK = re.compile(r"(?:correct|incorrect|wrong|right|not\b|indeed|consistent|reasonable|verified|confirmed|"
                      r"the same|that\b|this\b|also\b|clear|unique|as follows|below|above|to\b|of\b|in\b|for\b)", re.I)
@@ -81,7 +82,8 @@ _DELIMS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
 _LIST_ITEM = re.compile(r"\s*(?:[-*•]|\d+[.)])\s+(.*)")
 # Between two \boxed that list one answer together ("\boxed{-2} and \boxed{1}"): only joining words and math
 # delimiters, and a name being assigned ("x = \boxed{2} or x = \boxed{3}").
-_JOINER = re.compile(r"(?:\s|\$|\\[()\[\],]|,|;|\band\b|\bor\b|\\text\{\s*(?:and|or)\s*\}|\\quad|[a-zA-Z]\s*=)*")
+_JOINER = re.compile(r"(?:\s|\$|\\[()\[\],]|,|;|\band\b|\bor\b|\\text\{\s*(?:and|or)\s*\}|\\q?quad|"
+                     r"[a-zA-Z](?:_\{?\w+\}?)?\s*=)*")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 # Where the answer sentence ends and a remark begins: "16 (I checked it with $x = 1$)", "17 because …".
 _SENTENCE_END = re.compile(r"\.(?:\s|$)|\n|\s+(?:because|since|which|where|as|so|when|if)\s|\s+\((?=[A-Za-z]+\s)", re.I)
@@ -150,8 +152,15 @@ def _after_marker(rest: str) -> str | None:
     if inner is not None:
         return inner
     end = _SENTENCE_END.search(rest)
-    sentence = (rest[: end.start()] if end else rest).strip().strip("*").strip()
-    return _strip_math(sentence) or None
+    sentence = _strip_math((rest[: end.start()] if end else rest).strip().strip("*").strip())
+    if len(_WORDS.findall(_COMMANDS.sub(" ", sentence))) >= 2:
+        # A sentence, "The largest $n$ is 34": the answer is what it is said to be, and in prose, its one number.
+        said = re.split(r"\s(?:is|are|equals|be)\s", sentence)[-1]
+        if len(_WORDS.findall(_COMMANDS.sub(" ", said))) < 2:
+            return _strip_math(said) or None
+        numbers = _NUMBER.findall(said)
+        return numbers[0].rstrip(",") if len(numbers) == 1 else None
+    return sentence or None
 
 
 def _strip_math(s: str) -> str:
@@ -186,16 +195,22 @@ def extract_answer(text: str) -> str | None:
     if chat:
         text = text[: chat.start()]
     boxes = _boxes(text) if "\\boxed" in text or "\\fbox" in text else []
-    if boxes:
-        return _from_boxes(text, boxes)
-    tail = text[-5000:]
-    for m in reversed(list(_MARKER.finditer(tail))):
-        rest = tail[m.end() :]
+    if boxes and boxes[-1][2] is None:
+        return None  # cut off inside the last box: no answer, whatever the reasoning said
+    offset = max(0, len(text) - 5000)
+    for m in reversed(list(_MARKER.finditer(text, offset))):
+        if boxes and m.start() < boxes[-1][1]:
+            break  # the last box comes after this marker (or holds it): the box is the answer
+        if boxes and not _FINAL.match(m.group(0)):
+            continue  # after a box only "Final Answer" or "####" restates the answer ("check our answer: …" does not)
+        rest = text[m.end() :]
         if _REMARK.match(rest.lstrip(" \t*:")):
             continue
         answer = _after_marker(rest)
         if answer:
             return answer
+    if boxes:
+        return _from_boxes(text, boxes)
     return _bare(text)
 
 
@@ -216,7 +231,7 @@ def _bare(text: str) -> str | None:
     return None
 
 
-_WORDS = re.compile(r"(?<![a-zA-Z\\])[a-zA-Z]{3,}\b")
+_WORDS = re.compile(r"(?<![a-zA-Z\\])(?!and\b)[a-zA-Z]{3,}\b")  # words of prose; "1 and 2" is a list
 _COMMANDS = re.compile(r"\\(?:begin|end)\{[^{}]*\}|\\[a-zA-Z]+")
 
 
