@@ -28,7 +28,9 @@ tokens over all micro-batches of the step and all ranks) / world_size when DDP/F
 import torch
 
 from kernels._utils import HAS_TRITON, addmm_acc_, use_triton
-from kernels.logprob import IGNORE_INDEX, _rows, check_inputs, default_chunk_size
+from kernels.logprob import (
+    IGNORE_INDEX, _rows, check_inputs, check_targets, default_chunk_size, logits_buffer, new_bad_flag, scale_cast,
+)  # fmt: skip
 
 if HAS_TRITON:
     import triton
@@ -295,7 +297,8 @@ def _grpo_rows_torch(logp, old, ref, mask, adv, scale, beta, eps_low, eps_high, 
 
 
 def _grpo_rows(logp, old, ref, mask, adv, scale, grad, stats, beta, eps_low, eps_high, delta, sequence):
-    """Fill grad [B, L] and stats [B, 7] for the sequences given (all [B, L] inputs contiguous, in ACC dtype)."""
+    """Fill grad [B, L] and stats [B, 7] for the sequences given (all [B, L] inputs contiguous, in ACC dtype; a
+    [1, n] piece of a longer row also works, as a sequence of n tokens whose scale is the whole sequence's)."""
     if not use_triton(logp):
         g, s = _grpo_rows_torch(logp, old, ref, mask, adv, scale, beta, eps_low, eps_high, delta, sequence)
         grad.copy_(g)
@@ -405,15 +408,32 @@ def grpo_loss(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _LinearGRPOLoss(torch.autograd.Function):
-    """Chunks of whole sequences: GEMM -> lse/logp -> GRPO grads of the chunk -> dlogits in place -> grad GEMMs.
+def _pieces(B: int, L: int, chunk: int) -> tuple[list[tuple[int, int, int, int]], int]:
+    """Chunks of the [B, L] tokens as (b0, b1, s, e): sequences b0..b1-1, positions s..e-1 of each. Whole sequences
+    (max(1, chunk // L) of them) when a sequence fits in a chunk; otherwise every sequence is cut into n pieces of
+    at most `chunk` tokens (sizes a multiple of 16, so every piece starts 64-byte aligned in the fp32 [B, L]
+    arrays). Returns the chunks and n (1 for whole sequences)."""
+    if L <= chunk:
+        rows = chunk // L
+        return [(b0, min(b0 + rows, B), 0, L) for b0 in range(0, B, rows)], 1
+    per = -(-L // -(-L // chunk))  # L over the fewest pieces, evened out
+    size = min(chunk, -(-per // 16) * 16)
+    n = -(-L // size)
+    return [(b, b + 1, s, min(s + size, L)) for b in range(B) for s in range(0, L, size)], n
 
-    The loss is a scalar, so its upstream gradient is one number and every gradient is exact in the forward;
-    whole sequences per chunk make the sequence-level (GSPO) ratio available there too. 3 GEMMs per token.
+
+class _LinearGRPOLoss(torch.autograd.Function):
+    """Chunks of tokens: GEMM -> lse/logp -> GRPO grads of the chunk -> dlogits in place -> grad GEMMs.
+
+    The loss is a scalar, so its upstream gradient is one number and every gradient is exact in the forward.
+    A chunk holds whole sequences, or a piece of one when a sequence is longer than the chunk, so memory stays
+    at one [chunk, V] buffer at any sequence length. Per-token ratios need only the chunk's tokens: 3 GEMMs per
+    token. The sequence-level (GSPO) ratio needs every log-prob of the sequence before any gradient: with pieces,
+    a first pass computes the log-probs and a second recomputes the logits for the gradients (4 GEMMs per token).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, old, ref, mask, adv, scale, params):
+    def forward(ctx, hidden, weight, targets, old, ref, mask, adv, scale, bad, params):
         beta, eps_low, eps_high, delta, sequence, inv_temp, chunk, ignore_index, grad_on = params
         B, L, H = hidden.shape
         V = weight.shape[0]
@@ -423,35 +443,53 @@ class _LinearGRPOLoss(torch.autograd.Function):
         t = targets.reshape(B * L)
         # Not ctx.needs_input_grad: it stays True under torch.no_grad(), where no gradient work should be done.
         need_h, need_w = hidden.requires_grad and grad_on, weight.requires_grad and grad_on
-        rows = max(1, chunk // L)  # sequences per chunk
+        pieces, n_split = _pieces(B, L, chunk)
+        two_pass = sequence and n_split > 1
         lse = torch.empty(B * L, dtype=acc, device=dev)
         logp = torch.empty(B, L, dtype=acc, device=dev)
         grad_logp = torch.empty(B, L, dtype=acc, device=dev)
-        stats = torch.empty(B, 7, dtype=acc, device=dev)
+        stats = torch.empty(B if two_pass else B * n_split, 7, dtype=acc, device=dev)  # per sequence or piece
         gh = torch.empty(B * L, H, dtype=hidden.dtype, device=dev) if need_h else None
         gw = torch.empty(V, H, dtype=acc, device=dev) if need_w else None
-        buf = torch.empty(min(rows, B) * L, V, dtype=hidden.dtype, device=dev)
-        for b0 in range(0, B, rows):
-            b1 = min(b0 + rows, B)
-            s, e = b0 * L, b1 * L
-            logits = buf[: e - s]
-            torch.mm(h[s:e], weight.t(), out=logits)
-            lp = logp[b0:b1].view(-1)
-            _rows(logits, t[s:e], lse[s:e], lp, None, None, None, inv_temp, ignore_index, stats=True, grad=False)
-            _grpo_rows(
-                logp[b0:b1], old[b0:b1], None if ref is None else ref[b0:b1], mask[b0:b1], adv[b0:b1],
-                scale[b0:b1], grad_logp[b0:b1], stats[b0:b1], beta, eps_low, eps_high, delta, sequence,
-            )  # fmt: skip
-            if not (need_h or need_w):
-                continue
+        buf = logits_buffer(max((b1 - b0 - 1) * L + e - s for b0, b1, s, e in pieces), V, hidden.dtype, dev)
+
+        def logits_of(lo, hi):
+            logits = buf[: hi - lo]
+            torch.mm(h[lo:hi], weight.t(), out=logits)
+            return logits
+
+        def grads_of(logits, lo, hi, first):  # dlogits in place, then the two gradient GEMMs
             _rows(
-                logits, t[s:e], lse[s:e], None, None, grad_logp[b0:b1].view(-1), None, inv_temp, ignore_index,
-                stats=False, grad=True,
+                logits, t[lo:hi], lse[lo:hi], None, None, grad_logp.view(-1)[lo:hi], None, bad, inv_temp,
+                ignore_index, stats=False, grad=True,
             )  # fmt: skip
             if need_h:
-                torch.mm(logits, weight, out=gh[s:e])
+                torch.mm(logits, weight, out=gh[lo:hi])
             if need_w:
-                addmm_acc_(gw, logits.t(), h[s:e], first=b0 == 0)
+                addmm_acc_(gw, logits.t(), h[lo:hi], first=first)
+
+        for i, (b0, b1, s, e) in enumerate(pieces):
+            lo, hi = b0 * L + s, (b1 - 1) * L + e  # the chunk's rows of h, t and the flat [B * L] arrays
+            logits = logits_of(lo, hi)
+            lp = logp.view(-1)[lo:hi]
+            _rows(
+                logits, t[lo:hi], lse[lo:hi], lp, None, None, None, bad, inv_temp, ignore_index, stats=True, grad=False
+            )
+            if two_pass:
+                continue
+            k = b0 * n_split + i % n_split if n_split > 1 else b0
+            _grpo_rows(
+                logp[b0:b1, s:e], old[b0:b1, s:e], None if ref is None else ref[b0:b1, s:e], mask[b0:b1, s:e],
+                adv[b0:b1, s:e], scale[b0:b1], grad_logp[b0:b1, s:e], stats[k : k + b1 - b0], beta, eps_low,
+                eps_high, delta, sequence,
+            )  # fmt: skip
+            if need_h or need_w:
+                grads_of(logits, lo, hi, first=i == 0)
+        if two_pass:
+            _grpo_rows(logp, old, ref, mask, adv, scale, grad_logp, stats, beta, eps_low, eps_high, delta, sequence)
+            for i, (b0, b1, s, e) in enumerate(pieces if need_h or need_w else ()):
+                lo, hi = b0 * L + s, (b1 - 1) * L + e
+                grads_of(logits_of(lo, hi), lo, hi, first=i == 0)
         ctx.gh, ctx.gw = gh, gw
         ctx.shapes = (hidden.shape, weight.dtype)
         stats_sum = stats.sum(0)
@@ -466,8 +504,8 @@ class _LinearGRPOLoss(torch.autograd.Function):
         gh, gw = ctx.gh, ctx.gw
         ctx.gh = ctx.gw = None  # scaled in place: hand the buffers out
         grad_h = None if gh is None else gh.mul_(g_loss).view(hidden_shape)
-        grad_w = None if gw is None else gw.mul_(g_loss).to(wdtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None
+        grad_w = None if gw is None else scale_cast(gw, g_loss, wdtype)
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
 def linear_grpo_loss(
@@ -495,7 +533,10 @@ def linear_grpo_loss(
 
     hidden: [B, L, H] (the policy's final hidden states at the positions predicting targets), weight: [V, H],
     targets/old_logp/mask/ref_logp: [B, L], advantages: [B] or [B, L]. Tokens whose target is ignore_index count as
-    masked. Chunks hold whole sequences (max(1, chunk_size // L) of them). Gradients flow to hidden and weight.
+    masked; a target outside [0, V) raises ValueError (read at the end of the call: one 4-byte host read, its only
+    sync). Chunks hold whole sequences (max(1, chunk_size // L) of them), or pieces of one sequence when L >
+    chunk_size, so extra memory is one [chunk, V] logits buffer plus the fp32 [V, H] grad_weight accumulator at
+    any L (about 1.6 GB at V = 151936, H = 1536, bf16). Gradients flow to hidden and weight.
     """
     check_inputs(hidden, weight, targets, "linear_grpo_loss")
     if hidden.dim() != 3:
@@ -515,5 +556,8 @@ def linear_grpo_loss(
     params = (beta, eps_low, eps_high, delta, importance_sampling == "sequence", 1.0 / temperature, chunk,
               ignore_index, torch.is_grad_enabled())  # fmt: skip
     h = hidden if hidden.is_contiguous() else hidden.contiguous()
-    loss, stats_sum = _LinearGRPOLoss.apply(h, weight, t, old, ref, m, adv.contiguous(), scale, params)
+    bad = new_bad_flag(h.device)
+    loss, stats_sum = _LinearGRPOLoss.apply(h, weight, t, old, ref, m, adv.contiguous(), scale, bad, params)
+    # No host read of its own to share: one 4-byte read, the call's only sync (see kernels/logprob.py).
+    check_targets(bad, None, t, weight.shape[0], ignore_index, "linear_grpo_loss")
     return loss, _metrics(stats_sum, ref_logp is not None)

@@ -5,10 +5,13 @@ import json
 
 import pytest
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels.grpo as grpo
+import kernels.logprob
 from kernels.grpo import grpo_loss, grpo_loss_reference, linear_grpo_loss
-from kernels.logprob import linear_logprob_reference
+from kernels.logprob import linear_logprob_reference, padded_width
 
 
 def batch(B=5, L=13, dtype=torch.float64, seed=0, adv_2d=False):
@@ -245,3 +248,83 @@ def test_cuda_grpo_loss_matches_reference():
     for sampling in ("token", "sequence"):
         compare(dict(beta=0.04, delta=4.0, eps_high=0.28, loss_type="grpo", importance_sampling=sampling),
                 (logp, old, ref, adv, mask), 1e-4)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# linear_grpo_loss: long sequences, bounded memory, bad targets
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PeakBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages created while active and still alive (every aten op is seen, factory
+    functions included): the extra memory a call needs beyond its inputs, measured rather than estimated."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+                st = t.untyped_storage()
+                self.live.setdefault(st.data_ptr(), (StorageWeakRef(st), st.nbytes()))
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("sampling", ["token", "sequence"])
+def test_linear_long_sequences_in_pieces_match_reference_in_bounded_memory(sampling):
+    """Sequences 6x longer than the chunk: values and gradients equal the composed reference, and the extra
+    memory of forward + backward stays under one chunk of logits plus the gradient buffers -- less than the
+    single [L, V] buffer that holding a whole sequence per chunk needs."""
+    B, L, H, V, chunk = 3, 96, 8, 301, 16
+    hidden, weight, targets, old, ref, adv, mask = linear_batch(B, L, H, V)
+    kw = dict(ref_logp=ref, beta=0.04, eps_high=0.28, loss_type="grpo", importance_sampling=sampling)
+    with PeakBytes() as mem:
+        loss, metrics = linear_grpo_loss(hidden, weight, targets, old, adv, mask, temperature=0.7, chunk_size=chunk,
+                                         **kw)  # fmt: skip
+        got = torch.autograd.grad(loss, (hidden, weight))
+    logp = linear_logprob_reference(hidden, weight, targets, temperature=0.7)
+    ref_loss, ref_metrics = grpo_loss_reference(logp, old, adv, mask & (targets != -100), **kw)
+    want = torch.autograd.grad(ref_loss, (hidden, weight))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-7, atol=1e-7)
+    for a, b in zip(got, want):
+        assert b.abs().max() > 1e-6
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+    for k in ref_metrics:
+        torch.testing.assert_close(metrics[k], ref_metrics[k], rtol=1e-7, atol=1e-7)
+    f64 = 8
+    chunk_logits = chunk * padded_width(V) * f64
+    grads = (V * H + 2 * B * L * H) * f64  # fp64 grad_weight accumulator, grad_hidden and its [B, L, H] view
+    per_token = 20 * B * L * f64  # [B, L] arrays: lse, logp, grad_logp, targets, the prepared old/ref/mask/adv...
+    bound = chunk_logits + grads + per_token + 8192  # + [B, 7] stats and scalars
+    assert mem.peak <= bound, (mem.peak, bound)
+    assert bound < L * padded_width(V) * f64  # one whole sequence of logits would not fit: the test can fail
+
+
+@pytest.mark.parametrize("bad", [-1, 37, 42])
+def test_linear_out_of_range_target_raises(monkeypatch, bad):
+    hidden, weight, targets, old, ref, adv, mask = linear_batch()
+    targets[2, 5] = bad
+    for triton_path in (True, False):
+        with monkeypatch.context() as mp:
+            if not triton_path:
+                mp.setattr(kernels.logprob, "use_triton", lambda t: False)
+            with pytest.raises(ValueError, match=rf"linear_grpo_loss: target id {bad} at targets\[2, 5\] .* V=37"):
+                linear_grpo_loss(hidden, weight, targets, old, adv, mask)
+
+
+def test_pieces_cover_every_token_once():
+    for B, L, chunk in [(3, 512, 2048), (2, 5000, 2048), (1, 16384, 2048), (4, 7, 3), (5, 7, 14), (2, 2049, 2048)]:
+        pieces, n = grpo._pieces(B, L, chunk)
+        seen = torch.zeros(B, L, dtype=torch.int64)
+        for b0, b1, s, e in pieces:
+            assert (b1 - b0 - 1) * L + e - s <= max(chunk, L if L <= chunk else 0)
+            assert b1 - b0 == 1 or (s, e) == (0, L)
+            seen[b0:b1, s:e] += 1
+            if L > chunk and chunk >= 16:
+                assert s % 16 == 0
+        assert (seen == 1).all() and (n == 1) == (L <= chunk)

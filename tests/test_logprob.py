@@ -163,9 +163,140 @@ def test_no_grad_path_skips_backward_state(monkeypatch):
 
 def test_uniform_value():
     active = torch.tensor([True, False, True])
-    assert lp.uniform_value(torch.tensor([2.0, 5.0, 2.0]), active) == 2.0
-    assert lp.uniform_value(torch.tensor([2.0, 5.0, 3.0]), active) is None
-    assert lp.uniform_value(torch.tensor([2.0, 5.0, 3.0]), torch.zeros(3, dtype=torch.bool)) == 0.0
+    assert lp.uniform_value(torch.tensor([2.0, 5.0, 2.0]), active) == (2.0, False)
+    assert lp.uniform_value(torch.tensor([2.0, 5.0, 3.0]), active) == (None, False)
+    assert lp.uniform_value(torch.tensor([2.0, 5.0, 3.0]), torch.zeros(3, dtype=torch.bool)) == (0.0, False)
+    flag = torch.ones(1, dtype=torch.int32)
+    assert lp.uniform_value(torch.tensor([2.0, 5.0, 3.0]), active, flag) == (None, True)
+
+
+def test_scale_cast_is_mul_then_round():
+    acc = torch.randn(64, 8) * 100
+    c = torch.tensor(0.37)
+    want = (acc * c).to(torch.bfloat16)
+    assert torch.equal(lp.scale_cast(acc.clone(), c, torch.bfloat16), want)
+    got = lp.scale_cast(acc, c, torch.float32)  # no cast: in place
+    assert got.data_ptr() == acc.data_ptr() and torch.equal(got.to(torch.bfloat16), want)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Out-of-range targets, odd vocabulary sizes, the row pass's online logsumexp
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def both_paths(monkeypatch, fn):
+    """fn() through the Triton kernel (interpreter) and through the plain-torch fallback."""
+    out_t = fn()
+    with monkeypatch.context() as mp:
+        mp.setattr(lp, "use_triton", lambda t: False)
+        out_f = fn()
+    return out_t, out_f
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 5])  # target ids -1, V, V + 5
+@pytest.mark.parametrize("ignored", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_out_of_range_target_raises_on_both_paths(monkeypatch, offset, ignored, grad):
+    V = 33
+    hidden, weight, targets = make(6, 8, V, ignore_every=2 if ignored else 0)
+    bad = -1 if offset == -1 else V + offset
+    targets[3] = bad  # an odd position: never an ignored one
+    targets = targets.view(2, 3)
+    h = hidden.view(2, 3, 8)
+    msg = rf"linear_logprob: target id {bad} at targets\[1, 0\] is out of range for a vocabulary of V={V}"
+
+    def call():
+        with torch.set_grad_enabled(grad):
+            with pytest.raises(ValueError, match=msg):
+                out = linear_logprob(h, weight, targets, chunk_size=4)
+                out.sum().backward()  # (CPU checks in the forward, so backward is never reached)
+
+    both_paths(monkeypatch, call)
+
+
+def test_bad_rows_agree_and_stay_in_their_row(monkeypatch):
+    """The row pass on bad ids directly (no check): NaN log-prob and gradient row, the flag set, every other row
+    and every lse exact, on both paths. A bad id is read as column 0 of its own row, so a poisoned column 0 in
+    the bad rows, and poisoned memory around the chunk, must not leak into anything."""
+    V, C = 37, 6
+    g = torch.Generator().manual_seed(3)
+    vals = torch.randn(C, V, generator=g, dtype=torch.float64)
+    targets = torch.tensor([-1, 5, V, -100, V + 5, 0])
+    bad_rows = torch.tensor([True, False, True, False, True, False])
+
+    def run():
+        store = torch.full((C + 2, V), float("nan"), dtype=torch.float64)  # NaN before and after the chunk
+        logits = store[1 : C + 1]
+        logits.copy_(vals)
+        lse, logp, ent = (torch.empty(C, dtype=torch.float64) for _ in range(3))
+        flag = lp.new_bad_flag(torch.device("cpu"))
+        ones = torch.ones(C, dtype=torch.float64)
+        lp._rows(logits, targets, lse, logp, ent, ones, None, flag, 1.0, -100, stats=True, grad=True)
+        return lse, logp, ent, logits.clone(), flag
+
+    (lse, logp, ent, d, flag), fallback = both_paths(monkeypatch, run)
+    ref = vals.log_softmax(-1)
+    assert flag.item() == 1 and fallback[4].item() == 1
+    close(lse, vals.logsumexp(-1), 1e-12)
+    assert logp[bad_rows].isnan().all() and d[bad_rows].isnan().all()
+    good = ~bad_rows & (targets != -100)
+    close(logp[good], ref[good].gather(1, targets[good, None]).squeeze(1), 1e-12)
+    assert logp[3] == 0 and (d[3] == 0).all()
+    close(ent, torch.where(targets != -100, -(ref.exp() * ref).sum(-1), 0.0), 1e-12)
+    onehot = torch.nn.functional.one_hot(targets[good], V).double()
+    close(d[good], onehot - ref[good].exp(), 1e-12)
+    for a, b in zip((lse, logp, ent, d), fallback):
+        assert torch.equal(a.isnan(), b.isnan())
+        close(a.nan_to_num(), b.nan_to_num(), 1e-12)
+
+
+@pytest.mark.parametrize("V", [5, 17, 4099])  # under one vector, under one block, past one block of 4096
+def test_odd_vocab_pads_rows_and_ignores_the_padding(V):
+    C = 3
+    buf = lp.logits_buffer(C, V, torch.float32, torch.device("cpu"))
+    wide = lp.padded_width(V)
+    assert wide % 16 == 0 and wide - V < 16 and buf.stride(0) == wide and lp._load_width(buf) == wide
+    buf.as_strided((C, wide), (wide, 1)).fill_(float("inf"))  # the padding holds anything; inf must not matter
+    vals = torch.randn(C, V, generator=torch.Generator().manual_seed(V)) * 4
+    buf.copy_(vals)
+    targets = torch.tensor([0, V - 1, -100])
+    lse, logp, ent = torch.empty(C), torch.empty(C), torch.empty(C)
+    flag = lp.new_bad_flag(torch.device("cpu"))
+    lp._rows(buf, targets, lse, logp, ent, torch.ones(C), None, flag, 1 / 0.7, -100, stats=True, grad=True)
+    ref = (vals.double() / 0.7).log_softmax(-1)
+    close(lse, (vals.double() / 0.7).logsumexp(-1), 1e-5)
+    close(logp[:2], ref[[0, 1], [0, V - 1]], 1e-5)
+    close(ent[:2], -(ref.exp() * ref).sum(-1)[:2], 1e-5)
+    onehot = torch.nn.functional.one_hot(targets[:2], V).double()
+    close(buf[:2], (onehot - ref[:2].exp()) / 0.7, 1e-5)
+    assert flag.item() == 0
+
+
+def test_load_width_stays_inside_storage():
+    full = torch.empty(4, 48)
+    assert lp._load_width(full[:, :37]) == 48  # every row owns its padding
+    assert lp._load_width(torch.empty(3 * 48 + 37).as_strided((4, 37), (48, 1))) == 37  # the last not
+    assert lp._load_width(torch.empty(4, 37)) == 37  # contiguous rows: no padding
+    assert lp._load_width(torch.empty(4, 48)) == 48
+
+
+@pytest.mark.parametrize("order", ["ascending", "descending", "spike_last", "flat"])
+def test_row_pass_online_logsumexp(order):
+    """Per-lane running max and sum: a new maximum on every step, never after the first, one at the very end, and
+    ties everywhere; with a spread of 200 that overflows exp without the max shift. Three blocks of 4096."""
+    V = 3 * 4096 - 5
+    x = torch.linspace(-100.0, 100.0, V, dtype=torch.float64)
+    row = {"ascending": x, "descending": x.flip(0), "spike_last": torch.cat([x[:-1] * 0, x[-1:]]),
+           "flat": torch.zeros(V, dtype=torch.float64)}[order]  # fmt: skip
+    logits = row.unsqueeze(0).clone()
+    lse, logp, ent = (torch.empty(1, dtype=torch.float64) for _ in range(3))
+    target = torch.tensor([V // 2])
+    flag = lp.new_bad_flag(torch.device("cpu"))
+    lp._rows(logits, target, lse, logp, ent, None, None, flag, 1.0, -100, stats=True, grad=False)
+    ref = row.log_softmax(-1)
+    close(lse, row.logsumexp(-1, keepdim=True), 1e-10)
+    close(logp, ref[V // 2 : V // 2 + 1], 1e-10)
+    close(ent, -(ref.exp() * ref).sum(-1, keepdim=True), 1e-9)
 
 
 def test_torch_fallback_matches_triton(monkeypatch):
@@ -250,7 +381,8 @@ vals = torch.randn(3, V, generator=torch.Generator().manual_seed(0)).half()
 logits.copy_(vals)
 targets = torch.tensor([3, 17, 39])
 lse, logp = torch.empty(3), torch.empty(3)
-_rows(logits, targets, lse, logp, None, torch.ones(3), None, 1.0, -100, stats=True, grad=True)
+_rows(logits, targets, lse, logp, None, torch.ones(3), None, torch.zeros(1, dtype=torch.int32), 1.0, -100, stats=True,
+      grad=True)
 ref = vals.float().log_softmax(-1)
 assert torch.allclose(logp, ref.gather(1, targets[:, None]).squeeze(1), atol=1e-5), (logp, ref)
 dlogits = torch.nn.functional.one_hot(targets, V).float() - ref.exp()
