@@ -23,7 +23,9 @@ core/distributed.py).
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,6 +43,7 @@ except Exception:  # ImportError, or a broken CUDA build: SDPA serves then
 
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -185,15 +188,22 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    row_index: torch.Tensor | None = None  # [B] long: cache row of each batch row; None = row b is row b
+    prefill: bool = False  # the forward holds whole prompts from position 0 (also implied by S > 1)
+
     @classmethod
-    def wrap(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
-        """A cache over existing buffers k, v [layers, B, max_len, kv_heads, head_dim], e.g. strided views of a
-        larger cache (every `n`-th row, the first `L` slots) or a flat buffer reshaped; writes go to their storage."""
+    def wrap(cls, k: torch.Tensor, v: torch.Tensor, row_index: torch.Tensor | None = None,
+             prefill: bool = False) -> KVCache:
+        """A cache over existing buffers k, v [layers, rows, max_len, kv_heads, head_dim], e.g. strided views of a
+        larger cache (every `n`-th row, the first `L` slots) or a flat buffer reshaped; writes go to their storage.
+        row_index [B]: batch row b of a forward writes cache row row_index[b] (a prefill into scattered rows).
+        prefill: the forward's rows are whole prompts from position 0, so it attends over its own keys only (a
+        forward of S > 1 tokens is taken to be one anyway; this flag covers one-token prompts)."""
         if k.shape != v.shape or k.dim() != 5:
             raise ValueError(f"KVCache.wrap: k and v must both be [layers, B, max_len, kv_heads, head_dim], got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
         view = object.__new__(cls)
-        view.k, view.v = k, v
+        view.k, view.v, view.row_index, view.prefill = k, v, row_index, prefill
         return view
 
     def rows(self, start: int, n: int) -> KVCache:
@@ -207,6 +217,67 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+
+# -------------------------------------------------------------------------------------- attention backend choice
+
+# Backends tried, in order, for the KV-cache forwards (training keeps SDPA's own choice: its numerics are pinned).
+# Decode carries a mask, which rules flash out; prefill is plain causal. CPU has flash (its own kernel) and math.
+SDPA_PREFERENCE: dict[tuple[str, str], list[str]] = {
+    ("cuda", "prefill"): ["FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"],
+    ("cuda", "decode"): ["EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"],
+    ("cpu", "prefill"): ["FLASH_ATTENTION", "MATH"],
+    ("cpu", "decode"): ["FLASH_ATTENTION", "MATH"],
+}
+_SDPA_CHOSEN: dict[tuple, str] = {}  # (phase, device type, dtype, masked, gqa) -> the backend that ran; see sdpa()
+
+
+def sdpa_backends() -> dict[tuple, str]:
+    """The SDPA backend each cached-forward kind runs: {(phase, device, dtype, masked, gqa): backend name}."""
+    return dict(_SDPA_CHOSEN)
+
+
+def sdpa(phase: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+         is_causal: bool = False, enable_gqa: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention pinned to one backend per kind of call, chosen on first use and logged.
+
+    The first call of a kind tries SDPA_PREFERENCE in order; a backend that refuses (RuntimeError) is skipped with
+    a warning, and the first that runs is kept. A kept backend that later refuses a new shape is dropped and the
+    choice is made again, so a refusal never crashes a rollout. Runs eagerly before any CUDA graph captures it.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    key = (phase, q.device.type, q.dtype, attn_mask is not None, enable_gqa)
+    kw = dict(attn_mask=attn_mask, is_causal=is_causal)
+    if enable_gqa:
+        kw["enable_gqa"] = True
+    chosen = _SDPA_CHOSEN.get(key)
+    if chosen is not None:
+        try:
+            with sdpa_kernel([getattr(SDPBackend, chosen)]):
+                return F.scaled_dot_product_attention(q, k, v, **kw)
+        except RuntimeError as e:
+            warnings.warn(f"sdpa: backend {chosen} refused {phase} q{tuple(q.shape)} k{tuple(k.shape)} "
+                          f"({str(e).splitlines()[0]}); choosing again", stacklevel=2)
+            del _SDPA_CHOSEN[key]
+    names = SDPA_PREFERENCE.get((q.device.type, phase), ["MATH"])
+    for name in names:
+        try:
+            with warnings.catch_warnings():  # SDPA explains each refusal as a UserWarning; one line below is enough
+                warnings.simplefilter("ignore")
+                with sdpa_kernel([getattr(SDPBackend, name)]):
+                    out = F.scaled_dot_product_attention(q, k, v, **kw)
+        except RuntimeError as e:
+            if name == names[-1]:
+                raise
+            warnings.warn(f"sdpa: backend {name} refused {phase} q{tuple(q.shape)} k{tuple(k.shape)} "
+                          f"({str(e).splitlines()[0]}); falling back to the next of {names}", stacklevel=2)
+            continue
+        _SDPA_CHOSEN[key] = name
+        log.info("sdpa: %s on %s %s (masked=%s, gqa=%s) runs %s", phase, q.device.type, q.dtype,
+                 attn_mask is not None, enable_gqa, name)
+        return out
+    raise AssertionError("unreachable")
 
 
 class Attention(nn.Module):
@@ -240,18 +311,21 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if cache is not None:  # write this step's keys/values, then attend over the whole preallocated cache
-            cache_k, cache_v = cache  # [B, max_len, kv_heads, D]
-            rows = torch.arange(B, device=x.device)[:, None]
-            cache_k[rows, attn.position_ids] = k
-            cache_v[rows, attn.position_ids] = v
-            # Grouped heads without copying K/V: the G query heads that share a kv head become G*S query rows of
-            # that kv head, so SDPA sees kv_heads "heads" and reads the cache in place (masked SDPA kernels do not
-            # take enable_gqa, and repeat_interleave would copy the whole cache every decode step).
+        if cache is not None:
+            cache_k, cache_v = cache  # [rows, max_len, kv_heads, D]
+            cache_k[attn.cache_rows, attn.position_ids] = k
+            cache_v[attn.cache_rows, attn.position_ids] = v
+            if attn.prefill:  # whole prompts from position 0: causal over the chunk's own keys, no cache read
+                out = sdpa("prefill", q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                           enable_gqa=self.num_heads != self.num_kv_heads)
+                return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+            # Decode: attend over the cache. Grouped heads without copying K/V: the G query heads that share a kv
+            # head become G*S query rows of that kv head, so SDPA sees kv_heads "heads" and reads the cache in place
+            # (masked SDPA kernels do not take enable_gqa, and repeat_interleave would copy the cache every step).
             G, KV, D = self.num_heads // self.num_kv_heads, self.num_kv_heads, self.head_dim
             q = q.view(B, S, KV, G, D).permute(0, 2, 3, 1, 4).reshape(B, KV, G * S, D)
-            out = F.scaled_dot_product_attention(q, cache_k.transpose(1, 2), cache_v.transpose(1, 2),
-                                                 attn_mask=attn.mask)  # mask [B, 1, G*S, max_len]
+            out = sdpa("decode", q, cache_k.transpose(1, 2), cache_v.transpose(1, 2),
+                       attn_mask=attn.mask)  # mask [B, 1, G*S, max_len]
             out = out.view(B, KV, G, S, D).permute(0, 3, 1, 2, 4)  # [B, S, kv_heads, G, D]: head = kv * G + g
             return self.o_proj(out.reshape(B, S, self.num_heads * D))
 
@@ -338,6 +412,8 @@ class AttentionLayout:
     use_flash: bool = False  # flash_attn_func, causal, no packing
     cu_seqlens: torch.Tensor | None = None  # int32 [docs + 1], flash-attn varlen over packed documents
     max_seqlen: int = 0
+    cache_rows: torch.Tensor | None = None  # [B, 1] with a cache: the cache row each batch row writes
+    prefill: bool = False  # with a cache and S > 1: whole prompts from position 0, attending over their own keys
 
 
 def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
@@ -404,16 +480,21 @@ class Transformer(nn.Module):
         if cache is not None:
             if position_ids is None:
                 raise ValueError("forward with kv_cache needs position_ids [B, S]: the cache slots to write")
-            # Query at position p sees cache slots 0..p of its own row. Slots beyond p may hold stale values from
-            # an earlier request or padding; the mask hides them until a later step overwrites them.
+            rows = cache.row_index if cache.row_index is not None else torch.arange(B, device=device)
+            if S > 1 or cache.prefill:
+                # A prefill holds whole prompts starting at position 0 (right-padded): each token needs only the
+                # chunk's own earlier keys, so no mask over the cache length and no cache read.
+                return AttentionLayout(position_ids, cache_rows=rows[:, None], prefill=True)
+            # Decode: a query at position p sees cache slots 0..p of its own row. Slots beyond p may hold stale
+            # values from an earlier request or padding; the mask hides them until a later step overwrites them.
             slots = torch.arange(cache.max_len, device=device)
-            mask = slots[None, None, :] <= position_ids[:, :, None]  # [B, S, max_len]
-            # One row per (query head in a kv group, token), as the cache branch of Attention lays queries out; an
-            # additive float mask built once here, not a bool mask that SDPA would convert again in every layer.
+            mask = slots[None, None, :] <= position_ids[:, :, None]  # [B, 1, max_len]
+            # One row per query head in a kv group, as the cache branch of Attention lays queries out; an additive
+            # float mask built once here, not a bool mask that SDPA would convert again in every layer.
             G = self.config.num_heads // self.config.num_kv_heads
             bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
-            bias = bias[:, None, None].expand(B, 1, G, S, cache.max_len).reshape(B, 1, G * S, cache.max_len)
-            return AttentionLayout(position_ids, mask=bias)
+            bias = bias[:, None].expand(B, 1, G, cache.max_len)
+            return AttentionLayout(position_ids, mask=bias, cache_rows=rows[:, None])
         flash = HAS_FLASH_ATTN and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
         if position_ids is None:
             position_ids = torch.arange(S, device=device).expand(B, S)

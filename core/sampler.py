@@ -2,37 +2,44 @@
 
 What it is for: the GRPO trainer's group rollouts (n samples per prompt, tokens + log-probs + finish reason) and the
 SFT trainer's greedy held-out evals, colocated with training: same process, same weights, no second engine. What it
-is not: a server (no continuous batching, no paged KV, no prefix cache across calls, no speculative decoding).
+is not: a server (no paged KV, no prefix cache across calls, no speculative decoding; refilling rows happens within
+one call).
 
 Design decisions (each one chosen for a measurable reason):
 
-- **Cache.** One static cache k, v [layers, R, L, kv_heads, head_dim] per batch, viewed out of one flat buffer per
-  model that only grows, so repeated calls (every GRPO step) reuse it without allocating; `free_cache(model)` hands
-  it back (e.g. before a memory-hungry training step). Row r of a batch is row r of the cache.
+- **Cache.** One static cache k, v [layers, R, L, kv_heads, head_dim] per call shape, viewed out of one flat buffer
+  per model that only grows, so repeated calls (every GRPO step) reuse it without allocating; `free_cache(model)`
+  hands it back (e.g. before a memory-hungry training step). L = the longest prompt + max_new_tokens, rounded up.
+- **Rows hold sequences; finished rows are refilled.** A sequence is one (prompt, sample) pair. Each of the R rows
+  holds one sequence at a time; when rows finish, pending sequences start in them at the next look at the device
+  (`refill=True`, continuous batching within the call), so a batch with a long tail does not decode dead rows until
+  its longest row ends. `refill=False` starts new sequences only once every row is free (whole batches). R is every
+  sequence when the memory budget allows, else as many as `max_batch_tokens` holds.
 - **Right padding with per-row positions**, not left padding. Prompts keep their natural positions 0..len-1, so RoPE
-  and the model need no pad offsets and the cache needs no attention-mask bookkeeping beyond "slot <= position".
-  Pad tokens of a shorter prompt write slots >= its length; every such slot is rewritten by a decode step before a
-  query can see it. Per-row lengths live on the device as the `positions` tensor. Waste is bounded by **bucketing**:
-  prompts are sorted by length (longest first), so each prefill chunk and each batch pads only to a similar length;
-  the original order is restored in the output.
-- **Group sampling.** Rows are laid out prompt-major: the n samples of batch prompt q are rows q*n .. q*n+n-1. The
-  prefill runs once per prompt into rows q*n (a strided cache view), then one broadcast copy fills the other n-1
-  rows (only the first S slots), and the prompt's last-position logits are repeated n times for the first token.
+  and the model need no pad offsets. Prompts are sorted by length (longest first), so each prefill chunk pads only
+  to a similar length; the original order is restored in the output.
+- **Prefill** runs once per distinct prompt of a fill, into the first row that takes one of its samples (the cache
+  write goes through a row index, so rows need not be adjacent); one indexed copy gives the prompt's slots to its
+  other rows. It attends only over the chunk's own keys (causal SDPA, no mask over the cache length, no cache
+  read). A refill while other rows decode prefills at most one chunk of _PREFILL_TOKENS per look, so decoding
+  rows wait for one chunk at most.
 - **No host sync per token.** The decode step keeps everything on the device: tokens, positions, a `done` mask and
-  a step counter are tensors the step updates in place, sampled tokens and log-probs go into [R, T] output buffers
-  at column `step`. The host looks at the device only every `sync_every` steps ("all done?", and stop strings).
-  Rows that finished keep running until the whole batch is done (cheaper than compacting the batch); their extra
-  tokens are cut off on the host.
+  a per-row step counter are tensors the step updates in place; sampled tokens and log-probs go into [R, T + 1]
+  output buffers at each row's own column. Finished rows keep computing (cheaper than compacting) but advance
+  nothing. The host looks every `sync_every` steps: stop strings, finished rows out, pending sequences in.
 - **Attention window.** The step attends over the first W slots of the cache, W = the largest live position rounded
   up to 64, not the whole cache: early steps do not read empty slots (a handful of shapes, one CUDA graph each).
-- **Sampling.** Temperature (0 = greedy argmax), then top-k, top-p, min-p as masks on the logits (the order
-  transformers applies them), then **inverse-CDF sampling with one counter-based uniform per row**:
-  u = hash(seed, prompt_index, sample_index, step), token = first index where cumsum(probs) > u * total. This is an
-  exact draw from the filtered distribution (as a Gumbel or exponential race is), but it needs one random number per
-  row instead of V, and its noise is a pure function of (seed, prompt_index, sample_index, step).
+  The SDPA backend of prefill and decode is pinned per kind of call and logged (core.model.sdpa), with fallback.
+- **Sampling** (kernels/sample.py): temperature (0 = greedy argmax), then top-k, top-p, min-p (the order
+  transformers applies them), then **inverse-CDF sampling with one uniform per row and step**: token = the first
+  index where the cumulative filtered probability exceeds u * total, an exact draw from the filtered distribution
+  with one random number per row instead of V. On CUDA one Triton kernel per step does all of it on the model-dtype
+  logits without sorting the vocabulary; elsewhere the plain-torch reference does (same draws for the same u).
+  u = counter_uniform(seed, prompt_index, sample_index, step), a hash, evaluated for every (sequence, step) once per
+  call; a step gathers its column.
   **Promise:** with a fixed seed, the completion of (prompt_index i, sample j) does not depend on which other
-  prompts are in the call, on the batch size, on `max_batch_tokens` splitting, or on CUDA graphs vs eager, up to
-  float differences in the model's logits for that row (which can flip a draw only when u lands within float
+  prompts are in the call, on the batch size, on `max_batch_tokens`, on refilling, or on CUDA graphs vs eager, up
+  to float differences in the model's logits for that row (which can flip a draw only when u lands within float
   rounding of a CDF boundary). `seed=None` draws a seed from torch's global generator.
 - **Stops.** Stop tokens (default: the tokenizer's EOS + generation-config eos ids) set `done` on the device. Stop
   strings are checked on the host at sync points, on the decoded text of each live row, searching only the text
@@ -41,23 +48,27 @@ Design decisions (each one chosen for a measurable reason):
   `text` ends just before the stop string. For a stop token, `tokens` end with it (the trainer trains on EOS) and
   `text` leaves it out.
 - **CUDA graphs.** On CUDA the decode step (model forward + sampling + bookkeeping) is captured once per (rows
-  bucket, cache length, window, sampling parameters) and replayed; static inputs are the state tensors above and
-  the cache. Batch rows are bucketed (powers of two up to 32, then multiples of 32) so a few graphs serve all
-  requests; pad rows start done. Prefill runs eagerly. On CPU, or with `use_cuda_graphs=False`, the identical step
-  function runs eagerly. Graphs are dropped when the cache is reallocated or the weights move (data_ptr check).
+  bucket, cache length, window, sampling parameters, number of stop ids) and replayed; static inputs are the state
+  tensors above and the cache (the stop ids are read by value, so a different stop list of the same length reuses
+  the graph). Rows are bucketed (powers of two up to 32, then multiples of 32); spare rows stay free. At most
+  _MAX_GRAPHS graphs per state, least recently used evicted; captures, capture seconds and evictions are counted in
+  `sampler_stats`. Prefill runs eagerly. On CPU, or with `use_cuda_graphs=False`, the identical step function runs
+  eagerly. Graphs are dropped when the cache is reallocated or the weights move (data_ptr check).
 - **FSDP2.** `full_weights(model)` unshards every FSDP module once (all-gather per module), turns off resharding
   after forward, and reshards on exit, so a rollout of T steps costs one all-gather per module instead of T.
   `generate` enters it by itself for an FSDP model. Graphs are off by default for FSDP models (FSDP's forward
   hooks run host-side logic every call).
-- **Memory budget.** `max_batch_tokens` bounds rows x cache length per batch (default: all prompts in one batch on
-  CPU; 40% of free device memory on CUDA). Larger requests run as several batches, whole prompt groups at a time.
+- **Memory budget.** `max_batch_tokens` bounds rows x cache length (default: every sequence a row on CPU; 40% of
+  free device memory on CUDA).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +77,7 @@ import torch
 from torch import nn
 
 from core.model import KVCache
+from kernels.sample import filter_logits, sample, sample_reference  # noqa: F401 (filter_logits: public)
 
 _WINDOW = 64  # cache length and attention window granularity (slots)
 _PREFILL_TOKENS = 8192  # padded tokens per prefill forward: bounds activation memory, not correctness
@@ -140,52 +152,15 @@ def counter_uniform(seed: torch.Tensor, prompt_index: torch.Tensor, sample_index
     return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """logits [B, V] fp32 -> scores [B, V]: / temperature, then -inf outside top-k, top-p and min-p (in that order).
-
-    top-p keeps the smallest prefix of tokens (by descending probability) whose mass reaches top_p: a token is kept
-    when the mass strictly above it is < top_p. Ties at a threshold are kept.
-    """
-    scores = logits / params.temperature
-    V = scores.shape[-1]
-    top = None
-    if 0 < params.top_k < V:
-        top = scores.topk(params.top_k, dim=-1).values  # [B, k], sorted descending
-        scores = scores.masked_fill(scores < top[:, -1:], float("-inf"))
-    if params.top_p < 1.0:
-        ordered = top if top is not None else scores.sort(dim=-1, descending=True).values
-        probs = ordered.softmax(-1)
-        above = probs.cumsum(-1) - probs  # mass strictly above each token
-        n_keep = (above < params.top_p).sum(-1, keepdim=True).clamp_(min=1)
-        scores = scores.masked_fill(scores < ordered.gather(-1, n_keep - 1), float("-inf"))
-    if params.min_p > 0.0:
-        probs = scores.softmax(-1)
-        scores = scores.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), float("-inf"))
-    return scores
+sample_tokens = sample_reference  # the plain-torch sampler (kernels/sample.py), under its historical name
 
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams, u: torch.Tensor | None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [B, V] fp32, u [B] uniforms (unused when greedy) -> tokens [B], logprobs [B], raw_logprobs [B].
-
-    No host syncs (safe inside a CUDA graph).
-    """
-    raw_lse = logits.logsumexp(-1)
-    if params.greedy:
-        tokens = logits.argmax(-1)
-        logprobs = torch.zeros(tokens.shape, dtype=torch.float32, device=logits.device)
-    else:
-        plain = params.temperature == 1.0 and params.top_k == 0 and params.top_p == 1.0 and params.min_p == 0.0
-        scores = logits if plain else filter_logits(logits, params)
-        lse = raw_lse if plain else scores.logsumexp(-1)
-        cdf = (scores - lse[:, None]).exp_().cumsum_(-1)  # [B, V]; in place: one [B, V] temporary
-        total = cdf[:, -1:]
-        # x < total strictly, so the first index with cdf > x always has probability > 0.
-        x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-        tokens = torch.searchsorted(cdf, x, right=True).clamp_(max=logits.shape[-1] - 1)[:, 0]
-        logprobs = scores.gather(-1, tokens[:, None])[:, 0] - lse
-    raw = logits.gather(-1, tokens[:, None])[:, 0] - raw_lse
-    return tokens, logprobs, raw
+def uniform_table(seed: int, prompt_index: torch.Tensor, sample_index: torch.Tensor, steps: int) -> torch.Tensor:
+    """u [B, steps] float32: counter_uniform for every (row, step) of a call, drawn once before decoding starts,
+    so a decode step reads one column instead of hashing (about 60 elementwise kernels per step)."""
+    seed_t = torch.tensor([seed], device=prompt_index.device)
+    step = torch.arange(steps, device=prompt_index.device)[None, :]
+    return counter_uniform(seed_t, prompt_index[:, None], sample_index[:, None], step)
 
 
 # ------------------------------------------------------------------------------------------------- FSDP2 weights
@@ -263,43 +238,45 @@ def _bucket_rows(r: int) -> int:
 
 @dataclass
 class _State:
-    """Device-side state of one batch; the decode step reads and updates it in place (CUDA graph static inputs)."""
+    """Device-side state of R rows; the decode step reads and updates it in place (CUDA graph static inputs).
+
+    Each row holds one sequence (a prompt's sample) at a time; a free row has done = True and position 0.
+    """
 
     k: torch.Tensor  # [layers, R, L, kv_heads, D]
     v: torch.Tensor
     tokens: torch.Tensor  # [R] last sampled token
     positions: torch.Tensor  # [R] position (= cache slot) of `tokens`
     done: torch.Tensor  # [R] bool
-    step: torch.Tensor  # [1] index of the next output column
-    seed: torch.Tensor  # [1] int64
-    prompt_index: torch.Tensor  # [R] noise keys
-    sample_index: torch.Tensor  # [R]
+    step: torch.Tensor  # [R] tokens the row's sequence has so far = its next output column
+    u: torch.Tensor  # [R, T + 1] fp32: the row's sequence's uniforms, one per step (column T: never used)
     stop_ids: torch.Tensor  # [n_stop] (-1 = none)
-    out_tokens: torch.Tensor  # [R, T]
-    out_logprobs: torch.Tensor  # [R, T] fp32
-    out_raw: torch.Tensor  # [R, T] fp32
+    out_tokens: torch.Tensor  # [R, T + 1]: column T takes the writes of rows that ended by length
+    out_logprobs: torch.Tensor  # [R, T + 1] fp32
+    out_raw: torch.Tensor  # [R, T + 1] fp32
     params: SamplingParams = field(default_factory=SamplingParams)
-    graphs: dict = field(default_factory=dict)  # (window, params, n_stop) -> CUDAGraph
-
-
-def _record(logits: torch.Tensor, st: _State) -> None:
-    """Sample from logits [R, V] fp32 and advance the state; the tail of both prefill and every decode step."""
-    u = None if st.params.greedy else counter_uniform(st.seed, st.prompt_index, st.sample_index, st.step)
-    tokens, logprobs, raw = sample_tokens(logits, st.params, u)
-    st.out_tokens.index_copy_(1, st.step, tokens[:, None])
-    st.out_logprobs.index_copy_(1, st.step, logprobs[:, None])
-    st.out_raw.index_copy_(1, st.step, raw[:, None])
-    st.tokens.copy_(tokens)
-    st.done |= (tokens[:, None] == st.stop_ids).any(-1)
-    st.step.add_(1)
+    graphs: OrderedDict = field(default_factory=OrderedDict)  # (window, params, n_stop) -> CUDAGraph, LRU order
 
 
 def _decode_step(model: nn.Module, st: _State, window: int) -> None:
-    """One token for every row: the function CUDA graphs capture and CPU runs as is."""
+    """One token for every live row: the function CUDA graphs capture and CPU runs as is. Done rows compute too
+    (cheaper than compacting) but neither advance nor write anywhere that is read."""
     cache = KVCache.wrap(st.k[:, :, :window], st.v[:, :, :window])
-    logits = model(st.tokens[:, None], st.positions[:, None], kv_cache=cache)[:, 0].float()
-    st.positions.add_(1)
-    _record(logits, st)
+    logits = model(st.tokens[:, None], st.positions[:, None], kv_cache=cache)[:, 0]  # [R, V] in the model dtype
+    u = None if st.params.greedy else st.u.gather(1, st.step[:, None])[:, 0]
+    tokens, logprobs, raw = sample(logits, st.params, u)
+    col = st.step[:, None]
+    st.out_tokens.scatter_(1, col, tokens[:, None])
+    st.out_logprobs.scatter_(1, col, logprobs[:, None])
+    st.out_raw.scatter_(1, col, raw[:, None])
+    live = ~st.done
+    st.tokens.copy_(tokens)
+    st.positions.add_(live)
+    st.step.add_(live)
+    st.done |= (tokens[:, None] == st.stop_ids).any(-1) | (st.step >= st.u.shape[1] - 1)
+
+
+_MAX_GRAPHS = 16  # captured decode graphs kept per batch shape (each holds its own activations in the shared pool)
 
 
 class _Engine:
@@ -311,7 +288,9 @@ class _Engine:
         self.states: dict[tuple, _State] = {}
         self.weights_key: tuple = ()
         self.pool: Any = None
-        self.stats = {"prefill_forwards": 0, "prefill_tokens": 0, "decode_steps": 0, "graph_captures": 0}
+        self.stats: dict[str, float] = {"prefill_forwards": 0, "prefill_tokens": 0, "decode_steps": 0,
+                                        "refilled_rows": 0, "graph_captures": 0, "graph_capture_s": 0.0,
+                                        "graphs_evicted": 0}
 
     def state(self, cfg: Any, R: int, L: int, T: int, dtype: torch.dtype, device: torch.device) -> _State:
         shape = (cfg.num_layers, R, L, cfg.num_kv_heads, cfg.head_dim)
@@ -328,9 +307,9 @@ class _Engine:
             z = lambda *s, dt=torch.long: torch.zeros(s, dtype=dt, device=device)  # noqa: E731
             self.states[key] = _State(
                 k=self.flat_k[:numel].view(shape), v=self.flat_v[:numel].view(shape),
-                tokens=z(R), positions=z(R), done=z(R, dt=torch.bool), step=z(1), seed=z(1),
-                prompt_index=z(R), sample_index=z(R), stop_ids=z(1), out_tokens=z(R, T),
-                out_logprobs=z(R, T, dt=torch.float32), out_raw=z(R, T, dt=torch.float32))
+                tokens=z(R), positions=z(R), done=z(R, dt=torch.bool), step=z(R), u=z(R, T + 1, dt=torch.float32),
+                stop_ids=z(1), out_tokens=z(R, T + 1), out_logprobs=z(R, T + 1, dt=torch.float32),
+                out_raw=z(R, T + 1, dt=torch.float32))
         return self.states[key]
 
     def check_weights(self, model: nn.Module) -> None:
@@ -345,19 +324,28 @@ class _Engine:
         if not use_graphs:
             _decode_step(model, st, window)
             return
+        # The stop ids are a static input read by value: only their count shapes the graph.
         key = (window, st.params, st.stop_ids.numel())
         graph = st.graphs.get(key)
         if graph is None:
+            if len(st.graphs) >= _MAX_GRAPHS:
+                st.graphs.popitem(last=False)
+                self.stats["graphs_evicted"] += 1
+            t0 = time.perf_counter()
             graph = st.graphs[key] = self.capture(model, st, window)
+            self.stats["graph_captures"] += 1
+            self.stats["graph_capture_s"] += time.perf_counter() - t0
+        st.graphs.move_to_end(key)
         graph.replay()
 
     def capture(self, model: nn.Module, st: _State, window: int) -> torch.cuda.CUDAGraph:
         """Capture the decode step; the warm-up runs execute it, so the small state is restored after each one
         (the cache slots and output columns they write are rewritten by the real step before anything reads them)."""
-        saved = [t.clone() for t in (st.tokens, st.positions, st.done, st.step)]
+        small = (st.tokens, st.positions, st.done, st.step)
+        saved = [t.clone() for t in small]
 
         def restore() -> None:
-            for t, s in zip((st.tokens, st.positions, st.done, st.step), saved):
+            for t, s in zip(small, saved):
                 t.copy_(s)
 
         stream = torch.cuda.Stream()
@@ -372,7 +360,7 @@ class _Engine:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             _decode_step(model, st, window)
-        self.stats["graph_captures"] += 1
+        torch.cuda.synchronize()  # so the caller's capture time is the whole of it
         return graph
 
 
@@ -390,8 +378,9 @@ def free_cache(model: nn.Module) -> None:
     _ENGINES.pop(model, None)
 
 
-def sampler_stats(model: nn.Module) -> dict[str, int]:
-    """Counters since the model's first `generate`: prefill forwards and tokens, decode steps, graph captures."""
+def sampler_stats(model: nn.Module) -> dict[str, float]:
+    """Counters since the model's first `generate`: prefill forwards and tokens, decode steps, rows refilled while
+    others decoded, graph captures, seconds spent capturing, graphs evicted from the LRU."""
     return dict(_engine(model).stats)
 
 
@@ -461,14 +450,19 @@ def generate(
     max_batch_tokens: int | None = None,
     use_cuda_graphs: bool | None = None,
     sync_every: int = 8,
+    refill: bool = True,
 ) -> list[Completion]:
     """Sample `n` continuations of each prompt (token-id lists) with a KV cache; returns len(prompts) * n
     Completions ordered by (prompt_index, sample_index).
 
     stop_token_ids: None = the tokenizer's `stop_ids` (EOS + generation-config eos ids) when a tokenizer is given,
         else none; () = no stop tokens. stop_strings need `tokenizer`.
+    max_batch_tokens: bounds rows x cache length (None: every sequence gets a row on CPU; 40% of free device
+        memory on CUDA). refill: when the rows cannot hold every sequence, start pending sequences in rows as they
+        finish (True), or only once every row has finished (False: whole batches, the dead rows of a long tail
+        decode until the batch's longest row ends). Either way each completion is the same (see the promise).
     use_cuda_graphs: None = on for CUDA unless the model is FSDP-sharded. sync_every: decode steps between looks at
-        the device (all-done check, stop strings).
+        the device (all-done check, refills, stop strings).
     The cache and graphs stay allocated for the next call (see `free_cache`).
     """
     _validate(model, prompts, max_new_tokens, n, stop_strings, tokenizer)
@@ -490,144 +484,216 @@ def generate(
             max_batch_tokens = int(0.4 * torch.cuda.mem_get_info(device)[0] / slot_bytes)
 
         T = max_new_tokens
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: tight buckets
-        out: list[Completion | None] = [None] * (len(prompts) * n)
-        start = 0
-        while start < len(order):
-            L = _round_up(len(prompts[order[start]]) + T, _WINDOW)
-            L = min(L, _round_up(cfg.max_position_embeddings, _WINDOW))
-            if max_batch_tokens is None:
-                count = len(order) - start
-            else:
-                count = min(len(order) - start, max_batch_tokens // (L * n))
-                if count == 0:
-                    raise ValueError(
-                        f"generate: max_batch_tokens={max_batch_tokens} cannot hold the {n} samples of one prompt "
-                        f"of {len(prompts[order[start]])} tokens + {T} new tokens; need >= {n * L}")
-            batch = order[start : start + count]
-            rows = len(batch) * n
-            R = rows
-            if use_cuda_graphs:  # few graph shapes; keep within the budget
-                R = _bucket_rows(rows)
-                if max_batch_tokens is not None and R * L > max_batch_tokens:
-                    R = rows
-            for c in _run_batch(model, eng, [list(prompts[i]) for i in batch], batch, n, R, L, T, params,
-                                tuple(stop_token_ids), tuple(stop_strings), tokenizer, seed, use_cuda_graphs,
-                                sync_every, device, dtype):
-                out[c.prompt_index * n + c.sample_index] = c
-            start += count
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: tight prefill chunks
+        longest = len(prompts[order[0]])
+        L = min(_round_up(longest + T, _WINDOW), _round_up(cfg.max_position_embeddings, _WINDOW))
+        N = len(prompts) * n
+        R = N
+        if max_batch_tokens is not None:
+            R = min(N, max_batch_tokens // L)
+            if R == 0:
+                raise ValueError(
+                    f"generate: max_batch_tokens={max_batch_tokens} cannot hold one sequence of a prompt of "
+                    f"{longest} tokens + {T} new tokens; need >= {L}")
+        if use_cuda_graphs:  # few graph shapes; keep within the budget
+            Rb = _bucket_rows(R)
+            R = Rb if max_batch_tokens is None or Rb * L <= max_batch_tokens else R
+        run = _Run(model, eng, [list(prompts[i]) for i in order], order, n, R, L, T, params, tuple(stop_token_ids),
+                   tuple(stop_strings), tokenizer, seed, use_cuda_graphs, device, dtype)
+        completions = run.loop(sync_every, refill)
+    out: list[Completion | None] = [None] * N
+    for c in completions:
+        out[c.prompt_index * n + c.sample_index] = c
     return out  # type: ignore[return-value]
 
 
-def _run_batch(model: nn.Module, eng: _Engine, prompts: list[list[int]], prompt_ids: list[int], n: int, R: int,
-               L: int, T: int, params: SamplingParams, stop_ids: tuple[int, ...], stops: tuple[str, ...],
-               tokenizer: Any, seed: int, use_graphs: bool, sync_every: int, device: torch.device,
-               dtype: torch.dtype) -> list[Completion]:
-    """Prefill `prompts` (sorted longest first) once each, then decode all R rows for up to T tokens."""
-    P, rows = len(prompts), len(prompts) * n
-    st = eng.state(model.config, R, L, T, dtype, device)
-    st.params = params
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    st.prompt_index.zero_()
-    st.prompt_index[:rows] = torch.tensor(prompt_ids, device=device).repeat_interleave(n)
-    st.sample_index.zero_()
-    st.sample_index[:rows] = torch.arange(n, device=device).repeat(P)
-    st.seed.fill_(seed)
-    ids = torch.tensor(stop_ids if stop_ids else (-1,), device=device)
-    if st.stop_ids.shape != ids.shape:
-        st.stop_ids = ids  # a new static tensor: graphs are keyed by its size
-        st.graphs.clear()
-    st.stop_ids.copy_(ids)
-    st.positions.zero_()
-    st.positions[:rows] = lengths.repeat_interleave(n)
-    st.tokens.zero_()
-    st.done.zero_()
-    st.done[rows:] = True  # bucket padding rows
-    st.step.zero_()
+class _Run:
+    """One `generate` call's host side: which sequence each row holds, refills, stop strings, harvesting.
 
-    # Prefill: right-padded chunks of similar length, each prompt once, into cache rows q*n (strided view).
-    logits = torch.zeros(R, model.config.vocab_size, dtype=torch.float32, device=device)
-    q0 = 0
-    while q0 < P:
-        S = len(prompts[q0])
-        q1 = min(P, q0 + max(1, _PREFILL_TOKENS // S))
-        ids = torch.zeros(q1 - q0, S, dtype=torch.long)
-        for j, p in enumerate(prompts[q0:q1]):
-            ids[j, : len(p)] = torch.tensor(p)
-        ids = ids.to(device)
-        pos = torch.arange(S, device=device).expand(q1 - q0, S)
-        view = KVCache.wrap(st.k[:, q0 * n : q1 * n : n], st.v[:, q0 * n : q1 * n : n])
-        hidden = model(ids, pos, kv_cache=view, return_hidden=True)  # [q, S, H]
-        last = hidden[torch.arange(q1 - q0, device=device), lengths[q0:q1] - 1]
-        logits[q0 * n : q1 * n] = model.lm_head(last).float().repeat_interleave(n, dim=0)
-        if n > 1:  # the other n - 1 samples of each prompt get a copy of its prefilled slots
-            for c in (st.k, st.v):
-                group = c[:, q0 * n : q1 * n, :S].unflatten(1, (q1 - q0, n))
-                group[:, :, 1:] = group[:, :, :1]
-        eng.stats["prefill_forwards"] += 1
-        eng.stats["prefill_tokens"] += ids.numel()
-        q0 = q1
-    _record(logits, st)
-    del logits
-
-    # Decode: the device runs ahead; the host looks every `sync_every` steps.
-    max_len = len(prompts[0])
-    scanned: list[int | None] = [0] * rows  # see _check_stop_strings
-    stopped: dict[int, tuple[int, str]] = {}  # row -> (tokens kept, text) from a stop string
-    t = 1
-    while True:
-        if stops:
-            _check_stop_strings(st, tokenizer, stops, stop_ids, t, rows, scanned, stopped)
-        if t >= T or bool(st.done[:rows].all()):
-            break
-        for _ in range(min(sync_every, T - t)):
-            window = min(L, _round_up(max_len + t, _WINDOW))  # input positions <= max_len + t - 1
-            eng.step(model, st, window, use_graphs)
-            t += 1
-
-    tokens, logprobs, raw = st.out_tokens[:rows, :t].tolist(), st.out_logprobs[:rows, :t].tolist(), \
-        st.out_raw[:rows, :t].tolist()
-    stop_set = set(stop_ids)
-    result = []
-    for r in range(rows):
-        toks = tokens[r]
-        end = next((i + 1 for i, x in enumerate(toks) if x in stop_set), None)
-        reason = "stop" if end is not None else "length"
-        text = None
-        if end is not None:
-            toks = toks[:end]
-        if r in stopped and stopped[r][0] <= len(toks):
-            keep, text = stopped[r]
-            toks, reason = toks[:keep], "stop"
-        elif tokenizer is not None:
-            text = tokenizer.decode(toks[:-1] if reason == "stop" else toks)
-        m = len(toks)
-        result.append(Completion(prompt_ids[r // n], r % n, toks, logprobs[r][:m], raw[r][:m], reason, text))
-    return result
-
-
-def _check_stop_strings(st: _State, tokenizer: Any, stops: tuple[str, ...], stop_ids: tuple[int, ...], t: int,
-                        rows: int, scanned: list[int | None], stopped: dict[int, tuple[int, str]]) -> None:
-    """Search the text each live row added since the last check; mark rows that produced a stop string done.
-
-    scanned[r]: characters of row r's text already searched, None once the row is finished (nothing left to look at).
+    Sequences are (prompt, sample) pairs in prompt-major order over the prompts sorted longest first, so the n
+    samples of a prompt usually start together and share one prefill. The device state is `_State`; the host keeps
+    per row the sequence, the decode-step count when it started (for the attention window) and stop-string progress.
     """
-    done = st.done[:rows].tolist()
-    tokens = st.out_tokens[:rows, :t].tolist()
-    stop_set, longest, newly = set(stop_ids), max(len(s) for s in stops), []
-    for r in range(rows):
-        if scanned[r] is None:
-            continue
-        toks = tokens[r]
-        if done[r]:  # ended by a stop token: search only up to it, one last time
-            toks = toks[: next((i + 1 for i, x in enumerate(toks) if x in stop_set), len(toks))]
-        # Back up by the longest stop string (it may span the boundary) and a few characters (a multi-byte
-        # character split across tokens decodes differently once complete).
-        hit, scanned[r] = _find_stop_string(tokenizer, toks, stops, max(0, scanned[r] - longest - 4))
-        if hit is not None:
-            stopped[r] = hit
-            newly.append(r)
-        if hit is not None or done[r]:
-            scanned[r] = None
-    if newly:
-        st.done[torch.tensor(newly, device=st.done.device)] = True
+
+    def __init__(self, model: nn.Module, eng: _Engine, prompts: list[list[int]], prompt_ids: list[int], n: int,
+                 R: int, L: int, T: int, params: SamplingParams, stop_ids: tuple[int, ...], stops: tuple[str, ...],
+                 tokenizer: Any, seed: int, use_graphs: bool, device: torch.device, dtype: torch.dtype) -> None:
+        self.model, self.eng, self.prompts, self.prompt_ids, self.n = model, eng, prompts, prompt_ids, n
+        self.R, self.T, self.params, self.stop_ids, self.stops = R, T, params, stop_ids, stops
+        self.tokenizer, self.use_graphs, self.device = tokenizer, use_graphs, device
+        self.L = L
+        self.N = len(prompts) * n
+        st = self.st = eng.state(model.config, R, L, T, dtype, device)
+        st.params = params
+        ids = torch.tensor(stop_ids if stop_ids else (-1,), device=device)
+        if st.stop_ids.shape != ids.shape:
+            st.stop_ids = ids  # a new static tensor: graphs are keyed by its size
+            st.graphs.clear()
+        st.stop_ids.copy_(ids)
+        st.done.fill_(True)  # every row free
+        st.positions.zero_()
+        st.step.zero_()
+        self.u = None  # [N, T + 1]: every sequence's uniforms, drawn once for the call
+        if not params.greedy:
+            seq = torch.arange(self.N, device=device)
+            pid = torch.tensor(prompt_ids, device=device)[seq // n]
+            self.u = uniform_table(seed, pid, seq % n, T + 1)
+        self.row_seq: list[int | None] = [None] * R  # sequence held by each row
+        self.row_base = [0] * R  # prompt length minus the decode-step count at the row's start: window bound
+        self.scanned: list[int | None] = [0] * R  # see _check_stop_strings
+        self.stopped: dict[int, tuple[int, str]] = {}  # row -> (tokens kept, text) from a stop string
+        self.next_seq = 0
+        self.t = 0  # decode steps run in this call
+        self.result: list[Completion] = []
+
+    def loop(self, sync_every: int, refill: bool) -> list[Completion]:
+        self.fill(list(range(self.R)), budget=None)
+        while True:
+            if self.stops:
+                self._check_stop_strings()
+            done = self.st.done.tolist()
+            finished = [r for r in range(self.R) if done[r] and self.row_seq[r] is not None]
+            if finished:
+                self.harvest(finished)
+            free = [r for r in range(self.R) if self.row_seq[r] is None]
+            if self.next_seq < self.N and free and (refill or len(free) == self.R):
+                # A refill prefills one chunk per look, so the live rows wait for at most one chunk.
+                self.fill(free, budget=None if len(free) == self.R else _PREFILL_TOKENS)
+            live = [r for r in range(self.R) if self.row_seq[r] is not None]
+            if not live:
+                break
+            base = max(self.row_base[r] for r in live)
+            for _ in range(sync_every):
+                window = min(self.L, _round_up(base + self.t + 1, _WINDOW))  # fed positions <= base + t
+                self.eng.step(self.model, self.st, window, self.use_graphs)
+                self.t += 1
+        return self.result
+
+    def fill(self, free: list[int], budget: int | None) -> None:
+        """Start pending sequences in `free` rows: prefill each distinct prompt once (into its first row), copy its
+        slots to its other rows, sample every row's first token. `budget`: padded prefill tokens at most (None: as
+        many forwards of _PREFILL_TOKENS as it takes)."""
+        st, dev, n = self.st, self.device, self.n
+        take: list[tuple[int, int]] = []  # (row, sequence)
+        width = 0
+        while free[len(take):] and self.next_seq < self.N:
+            s = self.next_seq
+            q = s // n
+            if budget is not None and (not take or take[-1][1] // n != q):
+                width = max(width, len(self.prompts[q]))
+                if take and width * (len({x // n for _, x in take}) + 1) > budget:
+                    break
+            take.append((free[len(take)], s))
+            self.next_seq += 1
+        groups: dict[int, list[int]] = {}  # prompt -> rows
+        for r, s in take:
+            groups.setdefault(s // n, []).append(r)
+        qs = list(groups)
+        V = self.model.config.vocab_size
+        first_logits = torch.empty(len(take), V, dtype=torch.float32, device=dev)
+        row_of = {r: i for i, (r, _) in enumerate(take)}
+        i = 0
+        while i < len(qs):  # chunks of similar length (sorted longest first), each prompt once
+            S = len(self.prompts[qs[i]])
+            j = min(len(qs), i + max(1, _PREFILL_TOKENS // S))
+            chunk = qs[i:j]
+            ids = torch.zeros(len(chunk), S, dtype=torch.long)
+            for c, q in enumerate(chunk):
+                ids[c, : len(self.prompts[q])] = torch.tensor(self.prompts[q])
+            ids = ids.to(dev)
+            lengths = torch.tensor([len(self.prompts[q]) for q in chunk], device=dev)
+            heads = torch.tensor([groups[q][0] for q in chunk], device=dev)
+            pos = torch.arange(S, device=dev).expand(len(chunk), S)
+            hidden = self.model(ids, pos, kv_cache=KVCache.wrap(st.k, st.v, heads, prefill=True),
+                                return_hidden=True)  # [q, S, H]
+            last = self.model.lm_head(hidden[torch.arange(len(chunk), device=dev), lengths - 1]).float()  # [q, V]
+            src, dst, at = [], [], []
+            for c, q in enumerate(chunk):
+                for r in groups[q]:
+                    at.append((row_of[r], c))
+                    if r != groups[q][0]:
+                        src.append(groups[q][0])
+                        dst.append(r)
+            first_logits[torch.tensor([a for a, _ in at], device=dev)] = last[torch.tensor([c for _, c in at],
+                                                                                           device=dev)]
+            if dst:  # the other samples of each prompt get a copy of its prefilled slots
+                src_t, dst_t = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
+                for cache in (st.k, st.v):
+                    cache[:, dst_t, :S] = cache[:, src_t, :S]
+            self.eng.stats["prefill_forwards"] += 1
+            self.eng.stats["prefill_tokens"] += ids.numel()
+            i = j
+
+        rows = torch.tensor([r for r, _ in take], device=dev)
+        seqs = torch.tensor([s for _, s in take], device=dev)
+        u0 = None
+        if self.u is not None:
+            st.u[rows] = self.u[seqs]
+            u0 = self.u[seqs, 0]
+        tokens, logprobs, raw = sample(first_logits, self.params, u0)
+        st.out_tokens[rows, 0], st.out_logprobs[rows, 0], st.out_raw[rows, 0] = tokens, logprobs, raw
+        st.tokens[rows] = tokens
+        st.positions[rows] = torch.tensor([len(self.prompts[s // n]) for _, s in take], device=dev)
+        st.step[rows] = 1
+        st.done[rows] = (tokens[:, None] == st.stop_ids).any(-1) | (self.T == 1)
+        if self.t > 0:
+            self.eng.stats["refilled_rows"] += len(take)
+        for r, s in take:
+            self.row_seq[r] = s
+            self.row_base[r] = len(self.prompts[s // n]) - self.t
+            self.scanned[r] = 0
+            self.stopped.pop(r, None)
+
+    def harvest(self, rows: list[int]) -> None:
+        """Turn finished rows into Completions and free them (position 0: a free row's writes stay in range)."""
+        st, n = self.st, self.n
+        idx = torch.tensor(rows, device=self.device)
+        counts = st.step[idx].tolist()
+        tokens, logprobs, raw = st.out_tokens[idx].tolist(), st.out_logprobs[idx].tolist(), st.out_raw[idx].tolist()
+        st.positions[idx] = 0
+        stop_set = set(self.stop_ids)
+        for i, r in enumerate(rows):
+            s = self.row_seq[r]
+            toks = tokens[i][: counts[i]]
+            end = next((k + 1 for k, x in enumerate(toks) if x in stop_set), None)
+            reason = "stop" if end is not None else "length"
+            text = None
+            if end is not None:
+                toks = toks[:end]
+            if r in self.stopped and self.stopped[r][0] <= len(toks):
+                keep, text = self.stopped[r]
+                toks, reason = toks[:keep], "stop"
+            elif self.tokenizer is not None:
+                text = self.tokenizer.decode(toks[:-1] if reason == "stop" else toks)
+            m = len(toks)
+            self.result.append(Completion(self.prompt_ids[s // n], s % n, toks, logprobs[i][:m], raw[i][:m], reason,
+                                          text))
+            self.row_seq[r] = None
+
+    def _check_stop_strings(self) -> None:
+        """Search the text each live row added since the last check; mark rows that produced a stop string done.
+
+        scanned[r]: characters of row r's text already searched, None once the row is finished (nothing to look at).
+        """
+        st = self.st
+        rows = [r for r in range(self.R) if self.row_seq[r] is not None and self.scanned[r] is not None]
+        if not rows:
+            return
+        idx = torch.tensor(rows, device=self.device)
+        done, counts, tokens = st.done[idx].tolist(), st.step[idx].tolist(), st.out_tokens[idx].tolist()
+        stop_set, longest, newly = set(self.stop_ids), max(len(s) for s in self.stops), []
+        for i, r in enumerate(rows):
+            toks = tokens[i][: counts[i]]
+            if done[i]:  # ended by a stop token or length: search only up to it, one last time
+                toks = toks[: next((k + 1 for k, x in enumerate(toks) if x in stop_set), len(toks))]
+            # Back up by the longest stop string (it may span the boundary) and a few characters (a multi-byte
+            # character split across tokens decodes differently once complete).
+            hit, self.scanned[r] = _find_stop_string(self.tokenizer, toks, self.stops,
+                                                     max(0, self.scanned[r] - longest - 4))
+            if hit is not None:
+                self.stopped[r] = hit
+                newly.append(r)
+            if hit is not None or done[i]:
+                self.scanned[r] = None
+        if newly:
+            st.done[torch.tensor(newly, device=self.device)] = True

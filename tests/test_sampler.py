@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from core.model import ModelConfig, Transformer
+from core.model import KVCache, ModelConfig, Transformer
 from core.sampler import (SamplingParams, counter_uniform, filter_logits, free_cache, generate, sample_tokens,
                           sampler_stats)
 from tests.conftest import REPO
@@ -237,3 +237,121 @@ def test_cuda_graphs_give_the_eager_greedy_tokens():
     assert same == len(prompts)
     sampled = [generate(model, prompts, max_new_tokens=50, seed=1, top_p=0.9, use_cuda_graphs=u) for u in (False, True)]
     assert sum(a.tokens == b.tokens for a, b in zip(*sampled)) >= len(prompts) - 1  # bf16 ties may flip one draw
+
+
+def long_tail_setup(model):
+    """8 prompts x 2 samples, and stop tokens chosen from a free run so that lengths range from 1 to 40."""
+    from collections import Counter
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 97, (int(k),), generator=g).tolist() for k in torch.randint(1, 12, (8,), generator=g)]
+    free = generate(model, prompts, max_new_tokens=40, n=2, seed=1, stop_token_ids=())
+    stops = [t for t, _ in Counter(t for c in free for t in c.tokens).most_common(6)[3:]]
+    return prompts, stops
+
+
+@torch.no_grad()
+def test_refill_gives_the_same_completions_in_fewer_steps(model):
+    prompts, stops = long_tail_setup(model)
+    kw = dict(max_new_tokens=40, n=2, seed=1, stop_token_ids=stops, temperature=1.0, top_p=0.95)
+    whole = generate(model, prompts, **kw)  # 16 rows, every sequence at once
+    lengths = [len(c.tokens) for c in whole]
+    assert min(lengths) <= 3 and max(lengths) == 40  # a long tail
+    steps = {}
+    for refill in (True, False):
+        before = sampler_stats(model)["decode_steps"]
+        out = generate(model, prompts, max_batch_tokens=4 * 64, refill=refill, sync_every=4, **kw)  # 4 rows
+        steps[refill] = sampler_stats(model)["decode_steps"] - before
+        assert [(c.prompt_index, c.sample_index, c.tokens, c.finish_reason) for c in out] == \
+            [(c.prompt_index, c.sample_index, c.tokens, c.finish_reason) for c in whole]
+        for a, b in zip(out, whole):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+            assert a.raw_logprobs == pytest.approx(b.raw_logprobs, abs=1e-5)
+    # 4 rows over 16 sequences of sum(lengths) tokens: refilling needs about sum/4 steps, whole batches of 4 need
+    # the sum of each batch's longest row.
+    assert steps[True] < 0.8 * steps[False]
+    assert steps[True] <= sum(lengths) / 4 + 40 + 4
+
+
+@torch.no_grad()
+def test_generate_with_the_fused_kernel_equals_the_reference(model, monkeypatch):
+    """The whole decode loop with kernels/sample.py's Triton kernel (interpreter on CPU) in place of the reference."""
+    from kernels._utils import use_triton
+    from kernels.sample import fused_sample
+
+    if not use_triton(torch.empty(0)):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    kw = dict(max_new_tokens=5, n=2, seed=4, temperature=0.9, top_k=40, top_p=0.9, min_p=0.01)
+    ref = generate(model, PROMPTS[:2], **kw)
+    monkeypatch.setattr("core.sampler.sample", fused_sample)
+    fused = generate(model, PROMPTS[:2], **kw)
+    assert [c.tokens for c in fused] == [c.tokens for c in ref]
+    for a, b in zip(fused, ref):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        assert a.raw_logprobs == pytest.approx(b.raw_logprobs, abs=1e-5)
+
+
+def test_uniform_table_is_the_counter_hash_per_step():
+    from core.sampler import uniform_table
+
+    p, s = torch.tensor([3, 3, 9]), torch.tensor([0, 1, 0])
+    table = uniform_table(12, p, s, 6)
+    for t in range(6):
+        assert torch.equal(table[:, t], counter_uniform(torch.tensor([12]), p, s, torch.tensor([t])))
+
+
+@torch.no_grad()
+def test_attention_backend_is_chosen_logged_and_falls_back(model, monkeypatch, caplog):
+    import logging
+
+    import core.model as M
+
+    ref = generate(model, PROMPTS, max_new_tokens=6, temperature=0.0)
+    monkeypatch.setattr(M, "_SDPA_CHOSEN", {})
+    # EFFICIENT_ATTENTION has no CPU kernel: it must be skipped with a warning, math must serve, and say so.
+    monkeypatch.setitem(M.SDPA_PREFERENCE, ("cpu", "prefill"), ["EFFICIENT_ATTENTION", "MATH"])
+    monkeypatch.setitem(M.SDPA_PREFERENCE, ("cpu", "decode"), ["EFFICIENT_ATTENTION", "MATH"])
+    with caplog.at_level(logging.INFO, logger="core.model"), pytest.warns(UserWarning, match="EFFICIENT_ATTENTION refused"):
+        out = generate(model, PROMPTS, max_new_tokens=6, temperature=0.0)
+    chosen = M.sdpa_backends()
+    assert set(chosen.values()) == {"MATH"} and {k[0] for k in chosen} == {"prefill", "decode"}
+    assert sum("runs MATH" in r.getMessage() for r in caplog.records) == 2  # logged once per kind, not per call
+    assert [c.tokens for c in out] == [c.tokens for c in ref]
+    # The default choice (CPU flash) against the math backend, on the hidden states of a prefill and a decode step.
+    monkeypatch.setattr(M, "_SDPA_CHOSEN", {})
+    monkeypatch.setitem(M.SDPA_PREFERENCE, ("cpu", "prefill"), ["FLASH_ATTENTION"])
+    monkeypatch.setitem(M.SDPA_PREFERENCE, ("cpu", "decode"), ["FLASH_ATTENTION"])
+    ids, results = torch.tensor([[5, 17, 3, 9, 1, 2, 7]]), []
+    for backends in ({}, {"FLASH_ATTENTION": None}):
+        cache = KVCache(model.config, 1, 64, dtype=torch.float32, device="cpu")
+        h = model(ids, torch.arange(7)[None], kv_cache=cache, return_hidden=True)
+        d = model(ids[:, :1], torch.tensor([[7]]), kv_cache=cache, return_hidden=True)
+        results.append((h, d))
+        monkeypatch.setattr(M, "_SDPA_CHOSEN", {})
+        monkeypatch.setitem(M.SDPA_PREFERENCE, ("cpu", "prefill"), ["MATH"])
+        monkeypatch.setitem(M.SDPA_PREFERENCE, ("cpu", "decode"), ["MATH"])
+    for a, b in zip(*results):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_graph_cache_is_lru_and_ignores_stop_list_contents(monkeypatch):
+    """The graph bookkeeping of _Engine.step, with capture stubbed (no CUDA here): bounded, LRU, counted."""
+    import core.sampler as S
+
+    class FakeGraph:
+        replays = 0
+
+        def replay(self):
+            FakeGraph.replays += 1
+
+    eng = S._Engine()
+    monkeypatch.setattr(eng, "capture", lambda model, st, window: FakeGraph())
+    monkeypatch.setattr(S, "_MAX_GRAPHS", 3)
+    st = eng.state(tiny_model().config, 2, 64, 4, torch.float32, torch.device("cpu"))
+    for window in (64, 128, 64, 192, 256, 64):
+        eng.step(None, st, window, use_graphs=True)
+    assert eng.stats["graph_captures"] == 4 and eng.stats["graphs_evicted"] == 1 and FakeGraph.replays == 6
+    assert [k[0] for k in st.graphs] == [192, 256, 64]  # 128 was least recently used
+    st.stop_ids.copy_(torch.tensor([7]))  # same count, other ids: the graph reads them by value
+    eng.step(None, st, 64, use_graphs=True)
+    assert eng.stats["graph_captures"] == 4
