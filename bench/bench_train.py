@@ -39,7 +39,7 @@ from bench.common import Report, environment, print_table, time_fn
 from core.checkpoint import hf_name
 from core.distributed import Dist, ParallelConfig, build_optimizer, clip_grad_norm_, init_distributed, shard_model
 from core.model import ModelConfig, Transformer
-from train.sft import peak_flops as dense_bf16_peak
+from train.runtime import peak_flops as dense_bf16_peak
 
 # bench/gpu.sh gives this script 85 s. The budget is counted from main(), after the imports (~3 s here, more on a
 # cold machine), and teardown follows it: 10 s of margin so a variant cut at the budget still gets its row written.

@@ -226,6 +226,18 @@ class Tokenizer:
         if chat_template is not None:
             self._compile(chat_template)  # a template that does not compile fails at load, not at the first render
 
+    def fingerprint(self) -> str:
+        """A digest of everything that decides how a conversation renders to ids (vocabulary, merges, normaliser,
+        special tokens, chat template, BOS rule): caches of tokenized data are keyed by it."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        for part in (self.backend.to_str(), self.chat_template or "", json.dumps(self.special_tokens, sort_keys=True),
+                     str(self._prepend_bos)):
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()
+
     # -- loading and saving ---------------------------------------------------------------------------------------
 
     @classmethod

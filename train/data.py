@@ -30,8 +30,11 @@ Definitions the trainer relies on:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,9 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from train.checkers import DEFAULT_CHECKER
+from train.checkers import validate as validate_checker
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -57,14 +63,17 @@ class DataError(ValueError):
 class Row:
     """One conversation to train on or evaluate: messages end with the assistant turn that is the response.
 
-    `answer` is what a checker compares a generation against: the row's "answer" field when it has one, else the
-    final assistant content. `where` ("file:line" or "source[i]") is for error messages.
+    `answer` is what `checker` (train/checkers.py) compares a generation against: the row's "answer" field when it
+    has one, else (for checkers that allow it) the final assistant content. `checker` is the row's "checker" field,
+    else the sub-dataset's default from the config, else "exact". `where` ("file:line" or "source[i]") is for error
+    messages.
     """
 
     task: str
     messages: list[dict[str, str]]
     answer: str
     where: str
+    checker: str = DEFAULT_CHECKER
 
 
 def _type_name(x: Any) -> str:
@@ -81,8 +90,10 @@ def _need_str(obj: dict, key: str, where: str, *, nonempty: bool = True) -> str:
     return value
 
 
-def parse_row(obj: Any, where: str, default_task: str | None = None) -> Row:
-    """Validate one decoded JSONL row and turn it into a Row (the prompt/response form becomes messages)."""
+def parse_row(obj: Any, where: str, default_task: str | None = None,
+              checkers: dict[str, str] | None = None) -> Row:
+    """Validate one decoded JSONL row and turn it into a Row (the prompt/response form becomes messages).
+    `checkers` maps a sub-dataset to its default checker (a row's own "checker" field wins)."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object per line, got {_type_name(obj)}")
     task = default_task
@@ -130,11 +141,16 @@ def parse_row(obj: Any, where: str, default_task: str | None = None) -> Row:
         if "system" in obj:
             messages.insert(0, {"role": "system", "content": _need_str(obj, "system", where)})
 
-    answer = _need_str(obj, "answer", where) if "answer" in obj else messages[-1]["content"]
-    return Row(task, messages, answer, where)
+    checker = _need_str(obj, "checker", where) if "checker" in obj else (checkers or {}).get(task, DEFAULT_CHECKER)
+    answer = _need_str(obj, "answer", where) if "answer" in obj else None
+    try:
+        validate_checker(checker, answer, where)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return Row(task, messages, messages[-1]["content"] if answer is None else answer, where, checker)
 
 
-def read_jsonl(path: str | Path) -> dict[str, list[Row]]:
+def read_jsonl(path: str | Path, checkers: dict[str, str] | None = None) -> dict[str, list[Row]]:
     """Rows of one JSONL file grouped by sub-dataset: the row's `task` field, else the file's stem. Blank lines are
     skipped; any other bad line raises DataError naming path:line. An empty file is an error (empty sub-dataset)."""
     path = Path(path)
@@ -154,18 +170,19 @@ def read_jsonl(path: str | Path) -> dict[str, list[Row]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON "
                                 f"object") from None
-            row = parse_row(obj, where, default_task=path.stem)
+            row = parse_row(obj, where, default_task=path.stem, checkers=checkers)
             groups.setdefault(row.task, []).append(row)
     if not groups:
         raise DataError(f"{path}: sub-dataset '{path.stem}' is empty (no rows); fill the file or remove it")
     return groups
 
 
-def rows_from_records(records: Iterable[dict], source: str, default_task: str | None = None) -> dict[str, list[Row]]:
+def rows_from_records(records: Iterable[dict], source: str, default_task: str | None = None,
+                      checkers: dict[str, str] | None = None) -> dict[str, list[Row]]:
     """In-memory rows (e.g. train.synthetic) through the same validation, grouped by their `task` field."""
     groups: dict[str, list[Row]] = {}
     for i, obj in enumerate(records):
-        row = parse_row(obj, f"{source}[{i}]", default_task)
+        row = parse_row(obj, f"{source}[{i}]", default_task, checkers)
         groups.setdefault(row.task, []).append(row)
     return groups
 
@@ -188,11 +205,12 @@ def split_heldout(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row
     return [rows[i] for i in keep], [rows[i] for i in held]
 
 
-def load_split_dir(root: str | Path, heldout_fraction: float | None = None,
-                   seed: int = 0) -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
+def load_split_dir(root: str | Path, heldout_fraction: float | None = None, seed: int = 0,
+                   checkers: dict[str, str] | None = None) -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
     """Read root/train/*.jsonl and root/heldout/*.jsonl (the layout `train.synthetic.write_jsonl` writes).
 
     Without root/heldout/, `heldout_fraction` carves a held-out split off each training sub-dataset (seeded).
+    `checkers` gives sub-datasets a default checker (a name it lists that is not a sub-dataset is an error).
     Returns (train, heldout), each {sub-dataset name: rows}, with the same names in both.
     """
     root = Path(root)
@@ -202,11 +220,11 @@ def load_split_dir(root: str | Path, heldout_fraction: float | None = None,
         raise DataError(f"{train_dir}: no *.jsonl files; put one file per sub-dataset there")
     train: dict[str, list[Row]] = {}
     for f in files:
-        _merge(train, read_jsonl(f))
+        _merge(train, read_jsonl(f, checkers))
     if heldout_dir.is_dir():
         heldout: dict[str, list[Row]] = {}
         for f in sorted(heldout_dir.glob("*.jsonl")):
-            _merge(heldout, read_jsonl(f))
+            _merge(heldout, read_jsonl(f, checkers))
     elif heldout_fraction is not None:
         heldout = {}
         for task in list(train):
@@ -219,7 +237,16 @@ def load_split_dir(root: str | Path, heldout_fraction: float | None = None,
     if missing or extra:
         raise DataError(f"{root}: train and held-out sub-datasets differ (no held-out rows for {missing}, no training "
                         f"rows for {extra}); every sub-dataset needs both splits")
+    check_checker_names(checkers, train, str(root))
     return train, heldout
+
+
+def check_checker_names(checkers: dict[str, str] | None, tasks: Iterable[str], source: str) -> None:
+    """Per-sub-dataset checker defaults must name sub-datasets that exist (a typo would silently fall back)."""
+    unknown = sorted(set(checkers or {}) - set(tasks))
+    if unknown:
+        raise DataError(f"data.checkers names sub-datasets {unknown} that {source} does not have; it has "
+                        f"{sorted(tasks)}")
 
 
 def synthetic_rows(seed: int = 0, train_sizes: dict[str, int] | None = None,
@@ -410,49 +437,94 @@ class MixtureSampler:
         self.cursor = [0] * len(self.names)
         self.epoch_base = 0.0  # progress at the last change of the active set
         self.draws_at_change = 0
-        self._block: tuple[int, np.ndarray] = (-1, np.empty(0))
-        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+        # Caches of pure functions of (seed, block) and (seed, sub-dataset, pass); shared by clones (read-mostly).
+        self._blocks: dict[int, np.ndarray] = {}
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
         self._refresh()
 
     def _refresh(self) -> None:
         w = np.array([wi if a else 0.0 for wi, a in zip(self.weights, self.active)])
         self._cum = np.cumsum(w) / w.sum()
         self._active_size = sum(s for s, a in zip(self.sizes, self.active) if a)
+        # Where a uniform lands on an inactive sub-dataset (float rounding at the top of the cumulative sum only),
+        # step down to the nearest active one below it, as a scalar `while not active[t]: t -= 1` would.
+        self._fix = []
+        for t in range(len(self.names)):
+            while not self.active[t]:
+                t -= 1
+            self._fix.append(t % len(self.names))
+        self._fix_arr = np.array(self._fix)
+
+    def clone(self) -> "MixtureSampler":
+        """An independent copy of the position (for planning ahead without moving this one)."""
+        other = object.__new__(MixtureSampler)
+        other.__dict__.update(self.__dict__)
+        other.passes, other.cursor, other.active = list(self.passes), list(self.cursor), list(self.active)
+        return other
 
     @property
     def progress(self) -> float:
         """Epochs drawn so far, an epoch being sum of the active sub-datasets' sizes in draws."""
         return self.epoch_base + (self.draws - self.draws_at_change) / self._active_size
 
-    def _uniform(self, k: int) -> float:
-        block, offset = divmod(k, self.BLOCK)
-        if self._block[0] != block:
-            self._block = (block, np.random.default_rng([self.seed, 0, block]).random(self.BLOCK))
-        return float(self._block[1][offset])
+    def _block(self, block: int) -> np.ndarray:
+        u = self._blocks.get(block)
+        if u is None:
+            if len(self._blocks) > 64:
+                self._blocks.clear()
+            u = self._blocks[block] = np.random.default_rng([self.seed, 0, block]).random(self.BLOCK)
+        return u
 
-    def _perm(self, t: int) -> np.ndarray:
-        cached = self._perms.get(t)
-        if cached is None or cached[0] != self.passes[t]:
-            rng = np.random.default_rng([self.seed, 1, t, self.passes[t]])
-            cached = (self.passes[t], rng.permutation(self.sizes[t]))
-            self._perms[t] = cached
-        return cached[1]
+    def _uniforms(self, k: int, n: int) -> np.ndarray:
+        """Uniforms k .. k+n-1 of the stream."""
+        first, last = k // self.BLOCK, (k + n - 1) // self.BLOCK
+        u = np.concatenate([self._block(b) for b in range(first, last + 1)]) if n else np.empty(0)
+        off = k - first * self.BLOCK
+        return u[off:off + n]
+
+    def _perm(self, t: int, p: int) -> np.ndarray:
+        """Sub-dataset t's example order in its pass p."""
+        perm = self._perms.get((t, p))
+        if perm is None:
+            if len(self._perms) > 4 * len(self.names) + 64:
+                self._perms.clear()
+            perm = self._perms[(t, p)] = np.random.default_rng([self.seed, 1, t, p]).permutation(self.sizes[t])
+        return perm
+
+    def lookahead(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next n draws as (sub-dataset indices [n], example indices [n]), without drawing them.
+        Vectorised: a few numpy passes over n, whatever the mixture."""
+        u = self._uniforms(self.draws, n)
+        t = self._fix_arr[np.minimum(np.searchsorted(self._cum, u, side="right"), len(self.names) - 1)]
+        idx = np.empty(n, dtype=np.int64)
+        for task in np.unique(t):
+            where = np.flatnonzero(t == task)
+            pos = self.cursor[task] + np.arange(len(where))
+            size = self.sizes[task]
+            passes = pos // size
+            for dp in np.unique(passes):
+                sel = passes == dp
+                idx[where[sel]] = self._perm(int(task), self.passes[task] + int(dp))[pos[sel] % size]
+        return t, idx
+
+    def advance_many(self, tasks: np.ndarray) -> None:
+        """Draw the next len(tasks) examples, `tasks` being their sub-dataset indices (from lookahead)."""
+        counts = np.bincount(tasks, minlength=len(self.names)) if len(tasks) else np.zeros(len(self.names), int)
+        for t, c in enumerate(counts.tolist()):
+            if c:
+                total = self.cursor[t] + c
+                self.passes[t] += total // self.sizes[t]
+                self.cursor[t] = total % self.sizes[t]
+        self.draws += len(tasks)
 
     def peek(self) -> tuple[int, int]:
         """The next (sub-dataset index, example index), without drawing it."""
-        u = self._uniform(self.draws)
-        t = min(int(np.searchsorted(self._cum, u, side="right")), len(self.names) - 1)
-        while not self.active[t]:  # only reachable through float rounding at the top of the cumulative sum
-            t -= 1
-        return t, int(self._perm(t)[self.cursor[t]])
+        t, i = self.lookahead(1)
+        return int(t[0]), int(i[0])
 
     def advance(self, t: int) -> None:
         """Draw the peeked example (`t` is its sub-dataset index)."""
-        self.cursor[t] += 1
-        if self.cursor[t] == self.sizes[t]:
-            self.passes[t] += 1
-            self.cursor[t] = 0
-        self.draws += 1
+        self.advance_many(np.array([t]))
 
     def next(self) -> tuple[int, int]:
         """Draw the next (sub-dataset index, example index)."""
@@ -505,12 +577,22 @@ class MixtureSampler:
 class MixtureLoader:
     """Packs the sampler's documents into [B, S] micro-batches, B = max_tokens // seq_len (see the module docstring
     for the distributed contract). Each document goes into the first row of the current micro-batch with room for it;
-    the first document that fits nowhere closes the micro-batch and opens the next one. Documents are peeked before
-    they are drawn, so the sampler's state is always exactly "after the last document handed out".
+    the first document that fits nowhere closes the micro-batch and opens the next one.
+
+    Two levels, so that a rank's cost stays flat as world_size grows:
+      - the global plan, computed alike on every rank from document lengths only: the next draws of the whole
+        global round in a few vectorised numpy passes (`MixtureSampler.lookahead`), then the first-fit boundaries
+        over a list of small ints (no tokens are touched);
+      - rank-local packing: only this rank's micro-batch is laid out row by row and tensorized (the token copies,
+        the per-document work that used to be done for every rank's micro-batch on every rank).
+    With `prefetch`, the next call's micro-batch is prepared in a background thread while the caller trains on this
+    one; the loader's state stays "after the last micro-batch handed out" (the thread works on a clone of the
+    position), and exclude/include/load_state_dict discard whatever was prepared ahead.
     """
 
     def __init__(self, splits: dict[str, TokenizedSplit], *, seq_len: int, max_tokens: int, pad_id: int, seed: int,
-                 weights: dict[str, float] | None = None, rank: int = 0, world_size: int = 1) -> None:
+                 weights: dict[str, float] | None = None, rank: int = 0, world_size: int = 1,
+                 prefetch: bool = False) -> None:
         if max_tokens < seq_len:
             raise ValueError(f"max_tokens={max_tokens} is less than seq_len={seq_len}: a micro-batch must hold one row")
         if not 0 <= rank < world_size:
@@ -521,35 +603,95 @@ class MixtureLoader:
                              f"seq_len")
         self.tasks = list(splits)
         self.splits = [splits[n] for n in self.tasks]
+        self._lengths = [np.diff(s.offsets) for s in self.splits]
+        self._shortest = min(int(n.min()) for n in self._lengths)
         self.seq_len, self.rows, self.pad_id = seq_len, max_tokens // seq_len, pad_id
         self.rank, self.world_size = rank, world_size
         self.sampler = MixtureSampler({n: len(s) for n, s in splits.items()}, seed, weights)
+        self._docs_per_micro = 4.0 * self.rows  # running estimate, sizes the lookahead
+        self._executor = None
+        self._pending = None  # Future of (PackedBatch, sampler after it)
+        if prefetch:
+            from concurrent.futures import ThreadPoolExecutor
 
-    def _pack_one(self) -> list[list[tuple[int, int]]]:
-        rows: list[list[tuple[int, int]]] = [[] for _ in range(self.rows)]
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack")
+
+    # -- the global plan: first-fit boundaries over document lengths -------------------------------------------
+
+    def _first_fit(self, lens: list[int], j: int) -> tuple[list[list[int]], int] | None:
+        """First-fit from document j: the positions in each row, and the first position that fits nowhere (None
+        when `lens` runs out first: look further ahead)."""
+        rows: list[list[int]] = [[] for _ in range(self.rows)]
         room = [self.seq_len] * self.rows
+        first, shortest = 0, self._shortest  # rows before `first` have less room than any document: skip them
+        while j < len(lens):
+            n = lens[j]
+            for b in range(first, self.rows):
+                if room[b] >= n:
+                    rows[b].append(j)
+                    room[b] -= n
+                    while first < self.rows and room[first] < shortest:
+                        first += 1
+                    break
+            else:
+                return rows, j
+            j += 1
+        return None
+
+    def _plan(self, sampler: MixtureSampler) -> list[list[tuple[int, int]]]:
+        """Advance `sampler` past the next global round (world_size micro-batches) and return this rank's rows as
+        (sub-dataset index, document index) pairs."""
+        n = int(self._docs_per_micro * self.world_size * 1.25) + 16
         while True:
-            t, i = self.sampler.peek()
-            n = self.splits[t].length(i)
-            b = next((b for b in range(self.rows) if room[b] >= n), None)
-            if b is None:
-                return rows
-            rows[b].append((t, i))
-            room[b] -= n
-            self.sampler.advance(t)
+            tasks, idx = sampler.lookahead(n)
+            lens = np.empty(n, dtype=np.int64)
+            for t in np.unique(tasks):
+                sel = tasks == t
+                lens[sel] = self._lengths[t][idx[sel]]
+            lens_list, j, mine = lens.tolist(), 0, None
+            for r in range(self.world_size):
+                fit = self._first_fit(lens_list, j)
+                if fit is None:
+                    break
+                rows, j = fit
+                if r == self.rank:
+                    mine = [[(int(tasks[k]), int(idx[k])) for k in row] for row in rows]
+            else:
+                self._docs_per_micro = 0.9 * self._docs_per_micro + 0.1 * j / self.world_size
+                sampler.advance_many(tasks[:j])
+                return mine
+            n *= 2
+
+    def _prepare(self, sampler: MixtureSampler) -> tuple[PackedBatch, MixtureSampler]:
+        rows = self._plan(sampler)
+        return pack_rows(rows, self.splits, self.seq_len, self.pad_id, self.tasks), sampler
+
+    def _discard_prefetch(self) -> None:
+        if self._pending is not None:
+            self._pending.result()  # let it finish; its result describes a future that is no longer wanted
+            self._pending = None
 
     def next_batch(self) -> PackedBatch:
         """This rank's micro-batch of the next global batch (world_size micro-batches)."""
-        mine: list[list[tuple[int, int]]] = []
-        for r in range(self.world_size):
-            rows = self._pack_one()
-            if r == self.rank:
-                mine = rows
-        return pack_rows(mine, self.splits, self.seq_len, self.pad_id, self.tasks)
+        if self._pending is not None:
+            batch, self.sampler = self._pending.result()
+        else:
+            batch, self.sampler = self._prepare(self.sampler.clone())
+        self._pending = None
+        if self._executor is not None:
+            self._pending = self._executor.submit(self._prepare, self.sampler.clone())
+        return batch
 
     def __iter__(self) -> Iterator[PackedBatch]:
         while True:
             yield self.next_batch()
+
+    def close(self) -> None:
+        """Stop the prefetch thread (idempotent)."""
+        self._discard_prefetch()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     @property
     def progress(self) -> float:
@@ -562,9 +704,11 @@ class MixtureLoader:
 
     def exclude(self, name: str) -> None:
         """Stop drawing sub-dataset `name`, effective from the next micro-batch (deterministic and resumable)."""
+        self._discard_prefetch()
         self.sampler.exclude(name)
 
     def include(self, name: str) -> None:
+        self._discard_prefetch()
         self.sampler.include(name)
 
     def state_dict(self) -> dict[str, Any]:
@@ -575,6 +719,7 @@ class MixtureLoader:
         if (state["seq_len"], state["rows"]) != (self.seq_len, self.rows):
             raise DataError(f"data state was saved with seq_len={state['seq_len']}, rows={state['rows']}, but this "
                             f"loader has seq_len={self.seq_len}, rows={self.rows}; resume with the same packing")
+        self._discard_prefetch()
         self.sampler.load_state_dict(state["sampler"])
 
 
@@ -585,11 +730,12 @@ class MixtureLoader:
 @dataclass
 class HeldoutExample:
     """A held-out row for generation-based eval: render `prompt` with add_generation_prompt and check the
-    generation against `answer`."""
+    generation against `answer` with `checker` (train/checkers.py)."""
 
     task: str
     prompt: list[dict[str, str]]
     answer: str
+    checker: str = DEFAULT_CHECKER
 
 
 class SFTData:
@@ -614,9 +760,59 @@ class SFTData:
 
     @classmethod
     def from_dir(cls, root: str | Path, tokenizer: Any, *, seq_len: int, truncation: str = "error",
-                 heldout_fraction: float | None = None, seed: int = 0) -> "SFTData":
-        train, heldout = load_split_dir(root, heldout_fraction, seed)
+                 heldout_fraction: float | None = None, seed: int = 0,
+                 checkers: dict[str, str] | None = None) -> "SFTData":
+        train, heldout = load_split_dir(root, heldout_fraction, seed, checkers)
         return cls(train, heldout, tokenizer, seq_len=seq_len, truncation=truncation)
+
+    # -- the on-disk cache: tokenize a large mixture once per node ----------------------------------------------
+
+    CACHE_VERSION = 1
+
+    def save_cache(self, path: str | Path) -> None:
+        """Write the tokenized splits and the held-out rows under `path`, atomically (a temporary directory renamed
+        into place: readers never see half a cache; of two writers racing, the first rename wins)."""
+        path = Path(path)
+        if path.exists():
+            return
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=False)
+        meta: dict[str, Any] = {"version": self.CACHE_VERSION, "tasks": self.tasks, "seq_len": self.seq_len,
+                                "pad_id": self.pad_id, "splits": {}}
+        for i, name in enumerate(self.tasks):
+            for split, ts in (("train", self.train[name]), ("heldout", self.heldout[name])):
+                for field in ("ids", "loss", "offsets"):
+                    np.save(tmp / f"{i}.{split}.{field}.npy", getattr(ts, field))
+                meta["splits"][f"{i}.{split}"] = {"kept": ts.kept, "truncated": ts.truncated, "dropped": ts.dropped}
+        rows = {n: [[r.messages, r.answer, r.where, r.checker] for r in self.heldout_rows[n]] for n in self.tasks}
+        (tmp / "heldout_rows.json").write_text(json.dumps(rows))
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process renamed its copy first
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load_cache(cls, path: str | Path) -> "SFTData":
+        """A cache written by save_cache; token arrays are memory-mapped (shared by the ranks of a node)."""
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("version") != cls.CACHE_VERSION:
+            raise DataError(f"{path}: tokenization cache version {meta.get('version')}, expected {cls.CACHE_VERSION}; "
+                            f"delete it to rebuild")
+        rows = json.loads((path / "heldout_rows.json").read_text())
+        self = object.__new__(cls)
+        self.tasks, self.seq_len, self.pad_id = meta["tasks"], meta["seq_len"], meta["pad_id"]
+        self.train, self.heldout = {}, {}
+        for i, name in enumerate(self.tasks):
+            for split, out in (("train", self.train), ("heldout", self.heldout)):
+                arrays = [np.load(path / f"{i}.{split}.{f}.npy", mmap_mode="r") for f in ("ids", "loss", "offsets")]
+                m = meta["splits"][f"{i}.{split}"]
+                out[name] = TokenizedSplit(name, *arrays, m["kept"], m["truncated"], m["dropped"])
+        self.heldout_rows = {n: [Row(n, msgs, answer, where, checker) for msgs, answer, where, checker in rows[n]]
+                             for n in self.tasks}
+        return self
+
 
     def report(self) -> str:
         """One line per sub-dataset: sizes, tokens and what the truncation policy did."""
@@ -628,9 +824,9 @@ class SFTData:
         return "\n".join(lines)
 
     def loader(self, *, max_tokens: int, seed: int, weights: dict[str, float] | None = None, rank: int = 0,
-               world_size: int = 1) -> MixtureLoader:
+               world_size: int = 1, prefetch: bool = False) -> MixtureLoader:
         return MixtureLoader(self.train, seq_len=self.seq_len, max_tokens=max_tokens, pad_id=self.pad_id, seed=seed,
-                             weights=weights, rank=rank, world_size=world_size)
+                             weights=weights, rank=rank, world_size=world_size, prefetch=prefetch)
 
     def heldout_batches(self, task: str, *, max_tokens: int, rank: int = 0,
                         world_size: int = 1) -> Iterator[PackedBatch]:
@@ -667,5 +863,26 @@ class SFTData:
         (counts differ by at most one between ranks)."""
         if task not in self.heldout_rows:
             raise DataError(f"unknown sub-dataset {task!r}; the mixture has {self.tasks}")
-        return [HeldoutExample(task, row.messages[:-1], row.answer)
+        return [HeldoutExample(task, row.messages[:-1], row.answer, row.checker)
                 for row in self.heldout_rows[task][rank::world_size]]
+
+
+def mixture_cache_key(root: str | Path, tokenizer: Any, *, seq_len: int, truncation: str,
+                      heldout_fraction: float | None, seed: int, checkers: dict[str, str] | None) -> str:
+    """The cache key of a JSONL mixture directory: a digest of every file's content (not its name or date), the
+    tokenizer's fingerprint and every option that changes the tokenized result."""
+    root = Path(root)
+    h = hashlib.blake2b(digest_size=16)
+    files = sorted((root / "train").glob("*.jsonl")) + sorted((root / "heldout").glob("*.jsonl"))
+    carve = not (root / "heldout").is_dir()
+    options = {"version": SFTData.CACHE_VERSION, "tokenizer": tokenizer.fingerprint(), "seq_len": seq_len,
+               "truncation": truncation, "checkers": sorted((checkers or {}).items()),
+               "carve": [heldout_fraction, seed] if carve else None}
+    h.update(json.dumps(options, sort_keys=True).encode())
+    for f in files:
+        h.update(f"{f.relative_to(root)}\0".encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()

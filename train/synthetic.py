@@ -49,9 +49,10 @@ by 3.5-3.75 epochs, sort keeps climbing to the end, add is the task that needs a
 (majority's 0.62 at 1.0 and 0.53 at 2.0 are one-eval dips; copy's and sort's speed varies by about half an epoch
 between runs whose data differ), so mSFT should compare smoothed or loss-based scores.
 
-Rows are dicts {"prompt", "response", "task", "answer"}: `response` is the SFT target, `answer` the verifiable truth
-that `check` compares against (they differ only on majority's flipped training rows, so an RL reward on training
-prompts is never computed against a deliberately wrong label). Held-out rows always have response == answer.
+Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
+verifiable truth that `check` compares against (they differ only on majority's flipped training rows, so an RL
+reward on training prompts is never computed against a deliberately wrong label), and "checker": "synthetic" names
+`check` for train/checkers.py. Held-out rows always have response == answer.
 
 The tiny tokenizer ships as files under train/data/tiny_tokenizer/ (built once by `python -m train.synthetic
 --write-tokenizer train/data/tiny_tokenizer`) rather than trained at start-up: BPE training takes well under a
@@ -158,7 +159,7 @@ _SPACE = {
 
 
 def _row(task: str, prompt: str, response: str, answer: str) -> dict:
-    return {"prompt": prompt, "response": response, "task": task, "answer": answer}
+    return {"prompt": prompt, "response": response, "task": task, "answer": answer, "checker": "synthetic"}
 
 
 def _sample_unique(task: str, rng: random.Random, n: int, taken: set[str]) -> list[tuple[str, str]]:
