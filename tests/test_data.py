@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import numpy as np
@@ -192,13 +193,123 @@ def test_loader_progress_counts_epochs_and_no_document_is_lost_or_repeated_withi
         assert len(first_pass) == len(split) and len(set(first_pass)) == len(split), t
 
 
-def test_ranks_get_disjoint_consecutive_micro_batches_of_one_global_stream(data):
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_ranks_get_disjoint_consecutive_micro_batches_of_one_global_stream(data, world_size, prefetch):
+    """1, 2 and 3 ranks draw one global stream (rank r gets micro-batch r of each round), also with the
+    background packer, across an exclusion (mSFT) and a resume from a saved state."""
     single = data.loader(max_tokens=MAX_TOKENS, seed=4)
-    ranks = [data.loader(max_tokens=MAX_TOKENS, seed=4, rank=r, world_size=2) for r in range(2)]
-    for _ in range(4):
+    ranks = [data.loader(max_tokens=MAX_TOKENS, seed=4, rank=r, world_size=world_size, prefetch=prefetch)
+             for r in range(world_size)]
+    for k in range(8):
+        if k == 3:
+            for loader in (single, *ranks):
+                loader.exclude("add")
+        if k == 5:  # a restart from the saved position
+            state = ranks[0].state_dict()
+            for loader in ranks:
+                loader.close()
+            ranks = [data.loader(max_tokens=MAX_TOKENS, seed=4, rank=r, world_size=world_size, prefetch=prefetch)
+                     for r in range(world_size)]
+            for loader in ranks:
+                loader.load_state_dict(state)
         mine = [r.next_batch() for r in ranks]
-        assert _same(mine[0], single.next_batch()) and _same(mine[1], single.next_batch())
-    assert ranks[0].state_dict() == ranks[1].state_dict() == single.state_dict()
+        for batch in mine:
+            assert _same(batch, single.next_batch())
+    assert all(r.state_dict() == single.state_dict() for r in ranks)
+    for loader in ranks:
+        loader.close()
+
+
+def test_packing_work_per_rank_does_not_grow_with_world_size(data, monkeypatch):
+    """Simulated world sizes 1, 8, 64: each rank tensorizes only its own micro-batch (one pack_rows call of its
+    own documents per round); only the lengths-only global plan sees the other ranks' documents. Prints the
+    measured time per round (the closing note's table)."""
+    import time
+
+    import train.data as data_module
+
+    packed = []
+    real = data_module.pack_rows
+    monkeypatch.setattr(data_module, "pack_rows", lambda rows, *a: packed.append(sum(map(len, rows))) or
+                        real(rows, *a))
+    times = {}
+    for world_size in (1, 8, 64):
+        loader = data.loader(max_tokens=MAX_TOKENS, seed=1, rank=world_size - 1, world_size=world_size)
+        loader.next_batch()
+        packed.clear()
+        rounds = max(4, 128 // world_size)
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            loader.next_batch()
+        times[world_size] = (time.perf_counter() - t0) / rounds * 1e3
+        assert len(packed) == rounds  # one tensorization per round: this rank's micro-batch only
+        assert max(packed) <= 4 * SEQ_LEN  # ... holding at most its own micro-batch's documents
+    print("ms per round, rank-local view:", {w: round(t, 3) for w, t in times.items()})
+
+
+def test_row_checker_field_and_config_defaults(tmp_path, tok):
+    root = tmp_path / "mix"
+    (root / "train").mkdir(parents=True)
+    (root / "heldout").mkdir()
+    rows = [{"prompt": "2+2?", "response": "It is 4. #### 4", "answer": "4"},
+            {"prompt": "Pick", "response": "B", "answer": "B", "checker": "choice"}]
+    for split in ("train", "heldout"):
+        (root / split / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, heldout = load_split_dir(root, checkers={"m": "math"})
+    assert [r.checker for r in heldout["m"]] == ["math", "choice"]
+    assert [r.answer for r in heldout["m"]] == ["4", "B"]
+    data = SFTData(train, heldout, tok, seq_len=SEQ_LEN)
+    assert [(e.checker, e.answer) for e in data.heldout_examples("m")] == [("math", "4"), ("choice", "B")]
+    assert [r.checker for r in load_split_dir(root)[1]["m"]] == ["exact", "choice"]  # no default: exact
+    with pytest.raises(DataError, match=r"data.checkers names sub-datasets \['n'\]"):
+        load_split_dir(root, checkers={"n": "math"})
+
+
+@pytest.mark.parametrize("row,checkers,message", [
+    ({"prompt": "q", "response": "r", "checker": "regex"}, None, r"m.jsonl:2: unknown checker 'regex'"),
+    ({"prompt": "q", "response": "r"}, {"m": "math"}, r"m.jsonl:2: checker 'math' needs an \"answer\" field"),
+    ({"prompt": "q", "response": "r", "answer": "12", "checker": "choice"}, None,
+     r"m.jsonl:2: checker 'choice' needs a single letter"),
+    ({"prompt": "q", "response": "r", "checker": 3}, None, r"m.jsonl:2: key 'checker' must be a string"),
+])
+def test_bad_checker_rows_name_file_and_line(tmp_path, row, checkers, message):
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"prompt": "ok", "response": "fine", "answer": "A"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=message):
+        read_jsonl(f, checkers)
+
+
+def test_tokenization_cache_round_trip_and_key(tmp_path, tok):
+    from train.data import mixture_cache_key
+
+    write_jsonl(tmp_path / "mix", seed=0, train_sizes=SIZES, heldout_sizes=HELDOUT)
+    root = tmp_path / "mix"
+    built = SFTData.from_dir(root, tok, seq_len=SEQ_LEN)
+    key = mixture_cache_key(root, tok, seq_len=SEQ_LEN, truncation="error", heldout_fraction=None, seed=0,
+                            checkers=None)
+    built.save_cache(tmp_path / "cache" / key)
+    built.save_cache(tmp_path / "cache" / key)  # a second writer finds it there and leaves it
+    loaded = SFTData.load_cache(tmp_path / "cache" / key)
+    assert loaded.tasks == built.tasks
+    for name in built.tasks:
+        for a, b in ((built.train[name], loaded.train[name]), (built.heldout[name], loaded.heldout[name])):
+            assert np.array_equal(a.ids, b.ids) and np.array_equal(a.loss, b.loss)
+            assert np.array_equal(a.offsets, b.offsets) and a.kept == b.kept
+        assert built.heldout_examples(name) == loaded.heldout_examples(name)
+    a, b = built.loader(max_tokens=MAX_TOKENS, seed=2), loaded.loader(max_tokens=MAX_TOKENS, seed=2)
+    assert all(_same(a.next_batch(), b.next_batch()) for _ in range(3))
+
+    def key_of(**kw):
+        args = dict(seq_len=SEQ_LEN, truncation="error", heldout_fraction=None, seed=0, checkers=None) | kw
+        return mixture_cache_key(root, tok, **args)
+
+    f = root / "train" / "copy.jsonl"
+    os.utime(f, (1, 1))  # a new date alone keeps the key: it is the content that counts
+    assert key_of() == key
+    assert len({key, key_of(seq_len=128), key_of(checkers={"copy": "exact"}), key_of(truncation="drop")}) == 4
+    f.write_text(f.read_text().replace("copy", "copy ", 1))
+    assert key_of() != key
 
 
 def test_heldout_batches_cover_each_document_once_in_order_with_equal_counts_per_rank(tok, data):

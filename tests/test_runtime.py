@@ -1,0 +1,158 @@
+"""train/runtime.py end to end: the refactor changed no number, runs share a process, ranks agree on the stream and
+on the resume point, a kill mid-run resumes exactly, and the rollback-safe bookkeeping."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_sft import REPO, SMALL, losses, run_sft
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the torch fallback is fast on CPU
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _python(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_first_50_steps_of_the_embedded_default_match_the_record(tmp_path):
+    """Losses and held-out results (loss and accuracy per task, at step 0 and 28) of the embedded default, bitwise
+    as recorded before the runtime existed (tests/data/tiny_sft_first50.json says how)."""
+    record = json.loads((REPO / "tests/data/tiny_sft_first50.json").read_text())
+    cmd = [sys.executable, "-m", "train.sft", "--config", str(REPO / "configs/tiny_sft.toml"), f"--out_dir={tmp_path}",
+           "--train.stop_at_step=50", "--train.log_every=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _metrics(tmp_path)
+    assert {str(r["step"]): r["loss"] for r in rows if "loss" in r} == record["loss"]
+    assert {str(r["step"]): r["grad_norm"] for r in rows if "loss" in r} == record["grad_norm"]
+    assert {str(r["step"]): r["eval"] for r in rows if "eval" in r} == record["eval"]
+
+
+FLAGS = SMALL + ["--train.max_steps=3", "--eval.generate=true", "--eval.max_examples=4", "--eval.every_epochs=0.01",
+                 "--eval.at_start=true"]
+
+
+def test_two_runs_in_one_process_equal_two_processes(tmp_path):
+    """run(cfg) returns and leaves the process group up: a second run in the same process (another seed) gives
+    what it gives alone."""
+    for name, seed in (("a", 0), ("b", 1)):
+        run_sft(tmp_path / f"alone_{name}", *FLAGS, f"--train.seed={seed}")
+    code = f"""
+import json, sys
+from core.config import parse_args
+from train.sft import SFTConfig, run
+import torch.distributed as dist
+out = {str(tmp_path)!r}
+for name, seed in (("a", 0), ("b", 1)):
+    cfg = parse_args(SFTConfig, ["--config", "configs/tiny_sft.toml", f"--out_dir={{out}}/shared_{{name}}",
+                                 f"--train.seed={{seed}}", *{FLAGS!r}])
+    summary = run(cfg)
+    assert dist.is_initialized() and summary["finished"] and summary["steps"] == 3, summary
+dist.destroy_process_group()
+"""
+    _python(code)
+    for name in ("a", "b"):
+        alone, shared = _metrics(tmp_path / f"alone_{name}"), _metrics(tmp_path / f"shared_{name}")
+        strip = lambda rows: [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rows]
+        assert strip(alone) == strip(shared)
+        assert any("eval" in r for r in alone) and any("loss" in r for r in alone)
+    assert losses(tmp_path / "alone_a") != losses(tmp_path / "alone_b")
+
+
+def test_three_gloo_ranks_draw_the_global_stream_of_one_process(tmp_path):
+    run_sft(tmp_path / "one", "--train.max_steps=3", "--optim.grad_accum=3")
+    run_sft(tmp_path / "three", "--train.max_steps=3", nproc=3)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "three")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5 * abs(a[step]), (step, a[step], b[step])
+
+
+def test_kill_mid_run_on_two_ranks_resumes_exactly(tmp_path):
+    """Two gloo ranks, a checkpoint every 2 steps, SIGKILL to the whole job once step 4's checkpoint is complete;
+    the restarted job (rank 0 picks the checkpoint for both) reproduces the uninterrupted run's losses, its
+    evaluation history (restored from the checkpoint) and its final weights."""
+    flags = ["--train.max_steps=10", "--checkpoint.every_steps=2", "--checkpoint.keep_last=3",
+             "--eval.every_epochs=0.005"]
+    run_sft(tmp_path / "full", *flags, nproc=2)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.sft",
+           "--config", str(REPO / "configs/tiny_sft.toml"), f"--out_dir={out}", *SMALL, *flags]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoints/step_00000004/COMPLETE").exists():
+        assert proc.poll() is None and time.time() < deadline, "the job ended or stalled before step 4"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "hf").exists()
+    resumed = run_sft(out, *flags, nproc=2)
+    assert "resumed from" in resumed.stdout
+    a, b = losses(tmp_path / "full"), losses(out)
+    assert sorted(a) == list(range(1, 11)) and all(b[s] == a[s] for s in a)
+    summary_a = json.loads((tmp_path / "full/summary.json").read_text())
+    summary_b = json.loads((out / "summary.json").read_text())
+    assert summary_b["history"] == summary_a["history"] and len(summary_a["history"]) >= 3
+    assert summary_b["counters"]["step"] == 10
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(tmp_path / "full/hf/model.safetensors"), load_file(out / "hf/model.safetensors")
+    assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_rollback_safe_counters_and_rearmed_warmup(tmp_path):
+    """A roll-back (restore an earlier data position) and a fresh optimizer: the global step and the compute
+    counters keep counting, warmup starts again, and a checkpoint written after the roll-back gets a new name."""
+    code = f"""
+from core.config import parse_args
+from train.sft import SFTConfig, make_loader, train_step
+from train.runtime import Runtime
+import torch.distributed as dist
+cfg = parse_args(SFTConfig, ["--config", "configs/tiny_sft.toml", "--out_dir={tmp_path}", *{SMALL!r},
+                             "--optim.warmup_steps=4", "--checkpoint.keep_last=3"])
+rt = Runtime(cfg)
+loader = make_loader(rt)
+rt.resume(loader)
+lrs = []
+def steps(n):
+    for _ in range(n):
+        lrs.append(rt.lr(0.0))
+        train_step(rt, [loader.next_batch()], lrs[-1])
+steps(3)
+position = loader.state_dict()
+tokens_at_3 = rt.counters.tokens
+rt.save(loader)
+steps(2)
+loader.load_state_dict(position)  # roll back the data; the weights would come from the ring (mSFT)
+rt.new_optimizer()
+steps(2)
+rt.save(loader)
+c = rt.counters
+assert c.step == 7 and c.optimizer_steps == 7, c
+assert c.tokens > tokens_at_3 * 7 / 3 * 0.9, c  # discarded steps 4-5 are counted
+lr = cfg.optim.lr
+assert lrs == [lr / 4, lr / 2, 3 * lr / 4, lr, lr, lr / 4, lr / 2], lrs
+assert rt.checkpointer.steps() == [3, 7], rt.checkpointer.steps()
+rt.finish(loader, finished=False)
+loader.close()
+dist.destroy_process_group()
+"""
+    _python(code)
