@@ -190,20 +190,22 @@ class KVCache:
 
     row_index: torch.Tensor | None = None  # [B] long: cache row of each batch row; None = row b is row b
     prefill: bool = False  # the forward holds whole prompts from position 0 (also implied by S > 1)
+    fused: bool = False  # decode through the fused kernels (Transformer.decode_fused)
 
     @classmethod
     def wrap(cls, k: torch.Tensor, v: torch.Tensor, row_index: torch.Tensor | None = None,
-             prefill: bool = False) -> KVCache:
+             prefill: bool = False, fused: bool = False) -> KVCache:
         """A cache over existing buffers k, v [layers, rows, max_len, kv_heads, head_dim], e.g. strided views of a
         larger cache (every `n`-th row, the first `L` slots) or a flat buffer reshaped; writes go to their storage.
         row_index [B]: batch row b of a forward writes cache row row_index[b] (a prefill into scattered rows).
         prefill: the forward's rows are whole prompts from position 0, so it attends over its own keys only (a
-        forward of S > 1 tokens is taken to be one anyway; this flag covers one-token prompts)."""
+        forward of S > 1 tokens is taken to be one anyway; this flag covers one-token prompts).
+        fused: a one-token decode forward runs Transformer.decode_fused (fewer kernels, same numbers)."""
         if k.shape != v.shape or k.dim() != 5:
             raise ValueError(f"KVCache.wrap: k and v must both be [layers, B, max_len, kv_heads, head_dim], got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
         view = object.__new__(cls)
-        view.k, view.v, view.row_index, view.prefill = k, v, row_index, prefill
+        view.k, view.v, view.row_index, view.prefill, view.fused = k, v, row_index, prefill, fused
         return view
 
     def rows(self, start: int, n: int) -> KVCache:
@@ -504,6 +506,58 @@ class Transformer(nn.Module):
             return AttentionLayout(position_ids, cu_seqlens=cu, max_seqlen=max_len)
         return AttentionLayout(position_ids, mask=document_mask(position_ids))
 
+    def rope_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cos, sin [max_position_embeddings, D/2] fp32 of position * inv_freq (exactly what rope_cos_sin computes
+        per forward), and slots = arange(max_position_embeddings): computed once per device for decode_fused.
+        A cache owned by the model (not a buffer: no state-dict entry, nothing for FSDP or `.to(dtype)` to touch)."""
+        cached = self.__dict__.setdefault("_rope_tables", {})
+        if device not in cached:
+            pos = torch.arange(self.config.max_position_embeddings, device=device)
+            freqs = pos.float()[:, None] * rope_inv_freq(self.config, device)
+            cached[device] = (freqs.cos(), freqs.sin(), pos)
+        return cached[device]
+
+    def decode_fused(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One decode step through the fused kernels: tokens, positions [B] -> final normed hidden [B, H].
+
+        Per layer 12 kernels: 2 norms with the residual add fused (kernels/norm.py), the q/k/v GEMMs (biases in
+        the GEMM epilogue), RoPE + KV-cache write (kernels/rope.py), attention, o_proj, gate and up GEMMs, SwiGLU
+        (kernels/swiglu.py), down_proj. Outside the layers: the embedding, the mask (2 kernels) and the first norm.
+        The same arithmetic as the plain forward in the same order, so the same numbers up to the fp32 rounding of
+        the norm's mean. Where Triton cannot run, each kernel's plain-torch reference runs instead.
+        """
+        from kernels.norm import rms_norm
+        from kernels.rope import rope_kv_write
+        from kernels.swiglu import swiglu
+
+        cfg = self.config
+        B, W = tokens.shape[0], cache.max_len
+        HQ, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        rows = cache.row_index if cache.row_index is not None else torch.arange(B, device=tokens.device)
+        cos, sin, slots = self.rope_table(tokens.device)
+        x = self.embed_tokens(tokens)  # [B, H]
+        # Additive mask: slots 0..position of each row. [B, 1, G, W] as a view; one kv head's G query heads share it.
+        mask = torch.zeros(B, W, dtype=x.dtype, device=x.device).masked_fill_(slots[:W] > positions[:, None],
+                                                                               float("-inf"))
+        mask = mask[:, None, None].expand(B, 1, HQ // KV, W)
+        h, res = rms_norm(x, self.layers[0].input_layernorm.weight, cfg.rms_norm_eps)
+        for i, layer in enumerate(self.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            q = a.q_proj(h).view(B, HQ, D)
+            k = a.k_proj(h).view(B, KV, D)
+            v = a.v_proj(h).view(B, KV, D)
+            if a.q_norm is not None:
+                q, k = a.q_norm(q), a.k_norm(k)
+            ck, cv = cache.k[i], cache.v[i]  # [R, W, KV, D]
+            rope_kv_write(q, k, v, ck, cv, positions, rows, cos, sin)
+            out = sdpa("decode", q.view(B, KV, HQ // KV, D), ck.transpose(1, 2), cv.transpose(1, 2), attn_mask=mask)
+            h, res = rms_norm(a.o_proj(out.reshape(B, HQ * D)), layer.post_attention_layernorm.weight,
+                              cfg.rms_norm_eps, res)
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            h, res = rms_norm(mlp.down_proj(swiglu(mlp.gate_proj(h), mlp.up_proj(h))), nxt.weight,
+                              cfg.rms_norm_eps, res)
+        return h
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -524,6 +578,11 @@ class Transformer(nn.Module):
         `KVCache.rows(start, n)` to run a forward over a block of cache rows).
         """
         B, S = input_ids.shape
+        if kv_cache is not None and kv_cache.fused and S == 1 and not kv_cache.prefill and targets is None:
+            if position_ids is None:
+                raise ValueError("forward with kv_cache needs position_ids [B, S]: the cache slots to write")
+            hidden = self.decode_fused(input_ids[:, 0], position_ids[:, 0], kv_cache)[:, None]
+            return hidden if return_hidden else self.lm_head(hidden)
         x = self.embed_tokens(input_ids)
         attn = self.attention_layout(position_ids, B, S, x.device, x.dtype, kv_cache)
         cos, sin = rope_cos_sin(self.config, attn.position_ids, x.dtype)

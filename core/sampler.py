@@ -77,7 +77,7 @@ import torch
 from torch import nn
 
 from core.model import KVCache
-from kernels.sample import filter_logits, sample, sample_reference  # noqa: F401 (filter_logits: public)
+from kernels.sample import filter_logits, sample, sample_reference, sample_step  # noqa: F401 (filter_logits: public)
 
 _WINDOW = 64  # cache length and attention window granularity (slots)
 _PREFILL_TOKENS = 8192  # padded tokens per prefill forward: bounds activation memory, not correctness
@@ -255,25 +255,17 @@ class _State:
     out_logprobs: torch.Tensor  # [R, T + 1] fp32
     out_raw: torch.Tensor  # [R, T + 1] fp32
     params: SamplingParams = field(default_factory=SamplingParams)
+    fused: bool = False  # the model's fused decode kernels (kernels/norm.py, rope.py, swiglu.py); on for CUDA
     graphs: OrderedDict = field(default_factory=OrderedDict)  # (window, params, n_stop) -> CUDAGraph, LRU order
 
 
 def _decode_step(model: nn.Module, st: _State, window: int) -> None:
     """One token for every live row: the function CUDA graphs capture and CPU runs as is. Done rows compute too
     (cheaper than compacting) but neither advance nor write anywhere that is read."""
-    cache = KVCache.wrap(st.k[:, :, :window], st.v[:, :, :window])
+    cache = KVCache.wrap(st.k[:, :, :window], st.v[:, :, :window], fused=st.fused)
     logits = model(st.tokens[:, None], st.positions[:, None], kv_cache=cache)[:, 0]  # [R, V] in the model dtype
-    u = None if st.params.greedy else st.u.gather(1, st.step[:, None])[:, 0]
-    tokens, logprobs, raw = sample(logits, st.params, u)
-    col = st.step[:, None]
-    st.out_tokens.scatter_(1, col, tokens[:, None])
-    st.out_logprobs.scatter_(1, col, logprobs[:, None])
-    st.out_raw.scatter_(1, col, raw[:, None])
-    live = ~st.done
-    st.tokens.copy_(tokens)
-    st.positions.add_(live)
-    st.step.add_(live)
-    st.done |= (tokens[:, None] == st.stop_ids).any(-1) | (st.step >= st.u.shape[1] - 1)
+    sample_step(logits, st.params, st.u, st.step, st.out_tokens, st.out_logprobs, st.out_raw, st.tokens,
+                st.positions, st.done, st.stop_ids)
 
 
 _MAX_GRAPHS = 16  # captured decode graphs kept per batch shape (each holds its own activations in the shared pool)
@@ -451,6 +443,7 @@ def generate(
     use_cuda_graphs: bool | None = None,
     sync_every: int = 8,
     refill: bool = True,
+    fused_kernels: bool | None = None,
 ) -> list[Completion]:
     """Sample `n` continuations of each prompt (token-id lists) with a KV cache; returns len(prompts) * n
     Completions ordered by (prompt_index, sample_index).
@@ -461,6 +454,8 @@ def generate(
         memory on CUDA). refill: when the rows cannot hold every sequence, start pending sequences in rows as they
         finish (True), or only once every row has finished (False: whole batches, the dead rows of a long tail
         decode until the batch's longest row ends). Either way each completion is the same (see the promise).
+    fused_kernels: decode through the model's fused kernels (Transformer.decode_fused); None = on for CUDA. On CPU
+        they run under TRITON_INTERPRET=1 only (tests), else as their plain-torch references.
     use_cuda_graphs: None = on for CUDA unless the model is FSDP-sharded. sync_every: decode steps between looks at
         the device (all-done check, refills, stop strings).
     The cache and graphs stay allocated for the next call (see `free_cache`).
@@ -499,7 +494,8 @@ def generate(
             Rb = _bucket_rows(R)
             R = Rb if max_batch_tokens is None or Rb * L <= max_batch_tokens else R
         run = _Run(model, eng, [list(prompts[i]) for i in order], order, n, R, L, T, params, tuple(stop_token_ids),
-                   tuple(stop_strings), tokenizer, seed, use_cuda_graphs, device, dtype)
+                   tuple(stop_strings), tokenizer, seed, use_cuda_graphs, device, dtype,
+                   device.type == "cuda" if fused_kernels is None else bool(fused_kernels))
         completions = run.loop(sync_every, refill)
     out: list[Completion | None] = [None] * N
     for c in completions:
@@ -517,7 +513,8 @@ class _Run:
 
     def __init__(self, model: nn.Module, eng: _Engine, prompts: list[list[int]], prompt_ids: list[int], n: int,
                  R: int, L: int, T: int, params: SamplingParams, stop_ids: tuple[int, ...], stops: tuple[str, ...],
-                 tokenizer: Any, seed: int, use_graphs: bool, device: torch.device, dtype: torch.dtype) -> None:
+                 tokenizer: Any, seed: int, use_graphs: bool, device: torch.device, dtype: torch.dtype,
+                 fused: bool = False) -> None:
         self.model, self.eng, self.prompts, self.prompt_ids, self.n = model, eng, prompts, prompt_ids, n
         self.R, self.T, self.params, self.stop_ids, self.stops = R, T, params, stop_ids, stops
         self.tokenizer, self.use_graphs, self.device = tokenizer, use_graphs, device
@@ -525,6 +522,7 @@ class _Run:
         self.N = len(prompts) * n
         st = self.st = eng.state(model.config, R, L, T, dtype, device)
         st.params = params
+        st.fused = fused
         ids = torch.tensor(stop_ids if stop_ids else (-1,), device=device)
         if st.stop_ids.shape != ids.shape:
             st.stop_ids = ids  # a new static tensor: graphs are keyed by its size

@@ -145,10 +145,14 @@ if HAS_TRITON:
         return tl.where(keep, e, 0.0)
 
     @triton.jit
-    def _sample_kernel(logits_ptr, stride, u_ptr, tok_ptr, lp_ptr, raw_ptr, V, temperature, top_k, top_p, min_p,
+    def _sample_kernel(logits_ptr, stride, u_ptr, u_stride, tok_ptr, lp_ptr, raw_ptr, out_stride, V, temperature,
+                       top_k, top_p, min_p, step_ptr, cur_ptr, pos_ptr, done_ptr, stop_ptr, n_stop, T,
                        GREEDY: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, MIN_P: tl.constexpr,
-                       SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+                       RECORD: tl.constexpr, SHIFT: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
+        col = tl.zeros((), dtype=tl.int64)  # RECORD: the row's step, its output column and uniform
+        if RECORD:
+            col = tl.load(step_ptr + row).to(tl.int64)
         base = logits_ptr + row * stride
         offs = tl.arange(0, BLOCK)
 
@@ -219,7 +223,7 @@ if HAS_TRITON:
             else:
                 z = s_y
             # Draw: the first kept index whose running mass exceeds u * z, scanning blocks in vocabulary order.
-            goal = tl.load(u_ptr + row) * z
+            goal = tl.load(u_ptr + row * u_stride + col) * z
             acc = tl.zeros((), dtype=tl.float32)
             tok = tl.full((), -1, tl.int64)
             last = tl.zeros((), dtype=tl.int64)  # the last kept index: the answer if rounding leaves goal uncrossed
@@ -239,9 +243,28 @@ if HAS_TRITON:
             tok = tl.where(tok < 0, last, tok)
             x_tok = tl.load(base + tok).to(tl.float32)
             lp = tl.div_rn(x_tok, temperature) - m_y - tl.log(z)
-        tl.store(tok_ptr + row, tok)
-        tl.store(lp_ptr + row, lp)
-        tl.store(raw_ptr + row, x_tok - raw_lse)
+        out = row * out_stride + col
+        tl.store(tok_ptr + out, tok)
+        tl.store(lp_ptr + out, lp)
+        tl.store(raw_ptr + out, x_tok - raw_lse)
+        if RECORD:  # the decode step's bookkeeping, as sample_step_reference
+            done = tl.load(done_ptr + row) != 0
+            live = (~done).to(tl.int64)
+            tl.store(cur_ptr + row, tok)
+            tl.store(pos_ptr + row, tl.load(pos_ptr + row) + live)
+            tl.store(step_ptr + row, col + live)
+            hit = col + live >= T
+            for i in range(0, n_stop):
+                hit = hit | (tl.load(stop_ptr + i) == tok)
+            tl.store(done_ptr + row, (done | hit).to(tl.int1))
+
+
+def _check(logits: torch.Tensor) -> None:
+    if logits.dtype not in _KEY_SHIFT:
+        raise ValueError(f"fused_sample: logits dtype {logits.dtype} not supported (bf16, fp16 or fp32)")
+    if logits.dim() != 2 or logits.stride(-1) != 1:
+        raise ValueError(f"fused_sample: logits must be [B, V] with contiguous rows, got {tuple(logits.shape)} "
+                         f"strides {logits.stride()}")
 
 
 def fused_sample(logits: torch.Tensor, params: Any, u: torch.Tensor | None, *, block: int | None = None
@@ -251,11 +274,7 @@ def fused_sample(logits: torch.Tensor, params: Any, u: torch.Tensor | None, *, b
     One launch, no [B, V] temporaries, no host syncs (CUDA-graph safe). `block`: vocabulary tile (tests use a
     small one to exercise several tiles at a tiny V).
     """
-    if logits.dtype not in _KEY_SHIFT:
-        raise ValueError(f"fused_sample: logits dtype {logits.dtype} not supported (bf16, fp16 or fp32)")
-    if logits.dim() != 2 or logits.stride(-1) != 1:
-        raise ValueError(f"fused_sample: logits must be [B, V] with contiguous rows, got {tuple(logits.shape)} "
-                         f"strides {logits.stride()}")
+    _check(logits)
     B, V = logits.shape
     greedy = params.temperature == 0.0
     if not greedy and (u is None or u.shape != (B,)):
@@ -265,21 +284,84 @@ def fused_sample(logits: torch.Tensor, params: Any, u: torch.Tensor | None, *, b
     tokens = torch.empty(B, dtype=torch.long, device=dev)
     logprobs = torch.empty(B, dtype=torch.float32, device=dev)
     raw = torch.empty(B, dtype=torch.float32, device=dev)
+    uu = u.float().contiguous() if u is not None else logprobs  # unread when greedy
+    _launch(logits, params, uu, 1, tokens, logprobs, raw, 1, None, block)
+    return tokens, logprobs, raw
+
+
+def _launch(logits: torch.Tensor, params: Any, u: torch.Tensor, u_stride: int, tokens: torch.Tensor,
+            logprobs: torch.Tensor, raw: torch.Tensor, out_stride: int, record: tuple | None, block: int | None
+            ) -> None:
+    B, V = logits.shape
+    greedy = params.temperature == 0.0
     if block is None:
         block = min(triton.next_power_of_2(V), 4096)
-    uu = u.float().contiguous() if u is not None else logprobs  # unread when greedy
+    step, cur, pos, done, stop_ids, T = record if record is not None else (tokens,) * 5 + (0,)
     _sample_kernel[(B,)](
-        logits, logits.stride(0), uu, tokens, logprobs, raw, V, float(params.temperature) or 1.0,
-        int(params.top_k), float(params.top_p), float(params.min_p),
+        logits, logits.stride(0), u, u_stride, tokens, logprobs, raw, out_stride, V,
+        float(params.temperature) or 1.0, int(params.top_k), float(params.top_p), float(params.min_p),
+        step, cur, pos, done, stop_ids, stop_ids.numel() if record is not None else 0, T,
         GREEDY=greedy, TOP_K=not greedy and 0 < params.top_k < V, TOP_P=not greedy and params.top_p < 1.0,
-        MIN_P=not greedy and params.min_p > 0.0, SHIFT=_KEY_SHIFT[logits.dtype], BLOCK=block, num_warps=4)
-    return tokens, logprobs, raw
+        MIN_P=not greedy and params.min_p > 0.0, RECORD=record is not None, SHIFT=_KEY_SHIFT[logits.dtype],
+        BLOCK=block, num_warps=4)
 
 
 def sample(logits: torch.Tensor, params: Any, u: torch.Tensor | None
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sampler's entry point: the fused kernel on CUDA, the reference elsewhere. Not the interpreter: it runs
     each row program in Python, far too slow for a decode loop; tests call `fused_sample` directly."""
-    if HAS_TRITON and logits.is_cuda and logits.dtype in _KEY_SHIFT and logits.stride(-1) == 1:
-        return fused_sample(logits, params, u)
-    return sample_reference(logits, params, u)
+    return (fused_sample if _fused_ok(logits) else sample_reference)(logits, params, u)
+
+
+def _fused_ok(logits: torch.Tensor) -> bool:
+    return HAS_TRITON and logits.is_cuda and logits.dtype in _KEY_SHIFT and logits.stride(-1) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sample and record: the whole tail of a decode step
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sample_step_reference(logits: torch.Tensor, params: Any, u: torch.Tensor, step: torch.Tensor,
+                          out_tokens: torch.Tensor, out_logprobs: torch.Tensor, out_raw: torch.Tensor,
+                          tokens: torch.Tensor, positions: torch.Tensor, done: torch.Tensor,
+                          stop_ids: torch.Tensor) -> None:
+    """Sample row r with u[r, step[r]], write the token and log-probs at column step[r] of out_* [R, T + 1], then
+    advance the rows that were live (positions, step) and mark done the rows that drew a stop id or reached T.
+
+    logits [R, V]; u [R, T + 1] fp32; step, tokens, positions [R] int64; done [R] bool; stop_ids [n] int64.
+    Done rows compute too (cheaper than compacting) but only rewrite their own next, unread, column.
+    """
+    uu = None if params.temperature == 0.0 else u.gather(1, step[:, None])[:, 0]
+    tok, lp, raw = sample(logits, params, uu)
+    col = step[:, None]
+    out_tokens.scatter_(1, col, tok[:, None])
+    out_logprobs.scatter_(1, col, lp[:, None])
+    out_raw.scatter_(1, col, raw[:, None])
+    live = ~done
+    tokens.copy_(tok)
+    positions.add_(live)
+    step.add_(live)
+    done |= (tok[:, None] == stop_ids).any(-1) | (step >= u.shape[1] - 1)
+
+
+def fused_sample_step(logits: torch.Tensor, params: Any, u: torch.Tensor, step: torch.Tensor,
+                      out_tokens: torch.Tensor, out_logprobs: torch.Tensor, out_raw: torch.Tensor,
+                      tokens: torch.Tensor, positions: torch.Tensor, done: torch.Tensor, stop_ids: torch.Tensor,
+                      *, block: int | None = None) -> None:
+    """As sample_step_reference in one launch (the decode step's only kernel outside the model)."""
+    _check(logits)
+    for name, t in (("u", u), ("out_tokens", out_tokens), ("out_logprobs", out_logprobs), ("out_raw", out_raw)):
+        if t.stride(1) != 1 or t.stride(0) != u.shape[1] or t.shape[0] != logits.shape[0]:
+            raise ValueError(f"fused_sample_step: {name} must be a contiguous [R, T + 1] buffer, got "
+                             f"{tuple(t.shape)} strides {t.stride()}")
+    _launch(logits, params, u, u.stride(0), out_tokens, out_logprobs, out_raw, out_tokens.stride(0),
+            (step, tokens, positions, done, stop_ids, u.shape[1] - 1), block)
+
+
+def sample_step(logits: torch.Tensor, params: Any, u: torch.Tensor, step: torch.Tensor, out_tokens: torch.Tensor,
+                out_logprobs: torch.Tensor, out_raw: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                done: torch.Tensor, stop_ids: torch.Tensor) -> None:
+    """The sampler's decode-step tail: fused on CUDA, the reference elsewhere (see `sample`)."""
+    fn = fused_sample_step if _fused_ok(logits) else sample_step_reference
+    fn(logits, params, u, step, out_tokens, out_logprobs, out_raw, tokens, positions, done, stop_ids)

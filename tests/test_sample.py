@@ -115,3 +115,36 @@ def test_dispatch_and_bad_input():
     # A strided row view (every other row of a batch) is fine: rows need only be contiguous themselves.
     big = torch.randn(6, 10, device=DEV)
     assert_same(fused_sample(big[::2], SamplingParams(top_p=0.9), u), sample_reference(big[::2], SamplingParams(top_p=0.9), u))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_p=0.8)])
+def test_fused_sample_step_equals_reference(params):
+    """The decode step's tail in one launch: per-row uniform and output column, live rows advance, stop ids and the
+    length limit set done, done rows change nothing that is read."""
+    from kernels.sample import fused_sample_step, sample_step_reference
+
+    g = torch.Generator().manual_seed(3)
+    R, V, T = 5, 40, 4
+    logits = torch.randn(R, V, generator=g).to(DEV)
+    stop = int(logits[1].argmax())  # row 1 draws its argmax greedily: a stop
+    state = dict(u=torch.rand(R, T + 1, generator=g).to(DEV), step=torch.tensor([0, 1, 3, 2, 4], device=DEV),
+                 out_tokens=torch.zeros(R, T + 1, dtype=torch.long, device=DEV),
+                 out_logprobs=torch.zeros(R, T + 1, device=DEV), out_raw=torch.zeros(R, T + 1, device=DEV),
+                 tokens=torch.zeros(R, dtype=torch.long, device=DEV), positions=torch.tensor([3, 9, 4, 7, 8], device=DEV),
+                 done=torch.tensor([False, False, False, True, True], device=DEV),
+                 stop_ids=torch.tensor([stop, 1000], device=DEV))
+    results = []
+    for fn in (fused_sample_step, sample_step_reference):
+        st = {k: v.clone() for k, v in state.items()}
+        fn(logits, params, st["u"], st["step"], st["out_tokens"], st["out_logprobs"], st["out_raw"], st["tokens"],
+           st["positions"], st["done"], st["stop_ids"])
+        results.append(st)
+    a, b = results
+    for k in ("step", "out_tokens", "tokens", "positions", "done"):
+        assert torch.equal(a[k], b[k]), k
+    assert (a["out_logprobs"] - b["out_logprobs"]).abs().max() < 1e-5
+    assert (a["out_raw"] - b["out_raw"]).abs().max() < 1e-5
+    assert a["step"].tolist() == [1, 2, 4, 2, 4] and a["positions"].tolist() == [4, 10, 5, 7, 8]
+    assert a["done"].tolist()[2:] == [True, True, True]  # row 2 reached T; rows 3, 4 were done
+    if params.temperature == 0.0:
+        assert a["done"][1]  # drew the stop id

@@ -14,8 +14,9 @@ from tests.conftest import REPO
 
 def tiny_model(vocab: int = 97, seed: int = 0, **kw) -> Transformer:
     # init_std 0.2 makes the logits peaked, so greedy argmax is far from float ties between cached and full forwards
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=128, init_std=0.2, **kw)
+    kw = dict(dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                   max_position_embeddings=128, init_std=0.2), **kw)
+    cfg = ModelConfig(vocab_size=vocab, **kw)
     model = Transformer(cfg)
     model.init_weights(seed)
     return model.eval()
@@ -355,3 +356,95 @@ def test_graph_cache_is_lru_and_ignores_stop_list_contents(monkeypatch):
     st.stop_ids.copy_(torch.tensor([7]))  # same count, other ids: the graph reads them by value
     eng.step(None, st, 64, use_graphs=True)
     assert eng.stats["graph_captures"] == 4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kw", [dict(), dict(qkv_bias=True, tie_word_embeddings=True), dict(qk_norm=True)])
+def test_fused_decode_path_equals_the_plain_forward(kw):
+    """Transformer.decode_fused (the Triton norm / RoPE+KV-write / SwiGLU kernels under the interpreter) gives the
+    plain decode's tokens and log-probs, Llama, Qwen2 and Qwen3 layouts."""
+    from kernels._utils import use_triton
+
+    if not use_triton(torch.empty(0)):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    model = tiny_model(**kw)
+    args = dict(max_new_tokens=6, n=2, seed=5, temperature=1.0, top_p=0.95)
+    plain = generate(model, PROMPTS, fused_kernels=False, **args)
+    fused = generate(model, PROMPTS, fused_kernels=True, **args)
+    assert [c.tokens for c in fused] == [c.tokens for c in plain]
+    for a, b in zip(fused, plain):
+        assert a.raw_logprobs == pytest.approx(b.raw_logprobs, abs=1e-5)
+
+
+class KernelCounter:
+    """Counts what a step would launch: aten ops that are not views or allocations (each one kernel on CUDA; the
+    GEMMs with bias count once, as addmm), plus Triton launches, which the dispatcher does not see."""
+
+    NOT_KERNELS = {"aten.empty.memory_format", "aten.empty_like.default", "aten.empty_strided.default",
+                   "aten.lift_fresh.default", "aten._unsafe_view.default"}
+
+    def __init__(self, monkeypatch):
+        from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self.ops, self.active = [], False
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not func.is_view and str(func) not in KernelCounter.NOT_KERNELS:
+                    counter.ops.append(str(func))
+                return func(*args, **(kwargs or {}))
+
+        run = InterpretedFunction.run
+
+        def counted_run(fn, *args, **kwargs):
+            if not counter.active:
+                return run(fn, *args, **kwargs)
+            counter.ops.append("triton:" + fn.fn.__name__)
+            with _disable_current_modes():
+                return run(fn, *args, **kwargs)
+
+        monkeypatch.setattr(InterpretedFunction, "run", counted_run)
+        self.mode = Mode()
+
+    def count(self, fn, *args) -> list[str]:
+        self.ops, self.active = [], True
+        try:
+            with self.mode:
+                fn(*args)
+        finally:
+            self.active = False
+        return self.ops
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fused", [False, True])
+def test_kernels_per_decode_step(fused, monkeypatch):
+    """Kernel launches of one decode step (Qwen2 layout: q/k/v biases, tied embeddings), per layer and outside the
+    layers, from the difference between a 2- and a 3-layer model. The fused path must meet the targets of <= 12
+    per layer and <= 10 outside; the plain path (CPU's) is counted to report the gain."""
+    import core.sampler as S
+    from kernels._utils import use_triton
+    from kernels.sample import fused_sample_step
+
+    if not use_triton(torch.empty(0)):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    if fused:
+        monkeypatch.setattr(S, "sample_step", fused_sample_step)  # what CUDA dispatches to
+    counts = {}
+    counter = KernelCounter(monkeypatch)
+    for layers in (2, 3):
+        model = tiny_model(num_layers=layers, qkv_bias=True, tie_word_embeddings=True)
+        run = S._Run(model, S._engine(model), [[1, 2, 3]], [0], 2, 2, 64, 4, SamplingParams(top_p=0.9), (5,), (),
+                     None, 0, False, torch.device("cpu"), torch.float32, fused=fused)
+        run.fill([0, 1], None)
+        S._decode_step(model, run.st, 64)  # warm-up: the rope table and the attention backend are chosen once
+        counts[layers] = counter.count(S._decode_step, model, run.st, 64)
+    per_layer = len(counts[3]) - len(counts[2])
+    outside = len(counts[2]) - 2 * per_layer
+    print(f"fused={fused}: {per_layer} kernels per layer, {outside} outside the layers: {counts[2]}")
+    if fused:
+        assert per_layer <= 12 and outside <= 10, counts[2]
+    else:
+        assert per_layer > 12  # the plain path is the one the fused one improves on (CPU keeps it)
