@@ -156,3 +156,21 @@ loader.close()
 dist.destroy_process_group()
 """
     _python(code)
+
+
+def test_jsonl_mixture_is_tokenized_once_and_shared_by_the_ranks(tmp_path):
+    """A JSONL mixture on 2 ranks: one cache entry is written (by local rank 0; the other rank waits and maps it);
+    a later 1-process run reads it instead of tokenizing, and draws the same global batches."""
+    from train.synthetic import write_jsonl
+
+    write_jsonl(tmp_path / "mix", seed=0, train_sizes={t: 40 for t in ("copy", "reverse", "sort", "add", "mod")} |
+                {"majority": 20}, heldout_sizes={t: 4 for t in ("copy", "reverse", "sort", "add", "mod", "majority")})
+    flags = [f"--data.path={tmp_path / 'mix'}", f"--data.cache_dir={tmp_path / 'cache'}", "--train.max_steps=2",
+             "--checkpoint.export_hf=false"]
+    two = run_sft(tmp_path / "two", *flags, nproc=2)
+    entries = [p for p in (tmp_path / "cache").iterdir()]
+    assert len(entries) == 1 and (entries[0] / "meta.json").is_file() and "written to" in two.stdout
+    one = run_sft(tmp_path / "one", *flags, "--optim.grad_accum=2")
+    assert "read from" in one.stdout and len(list((tmp_path / "cache").iterdir())) == 1
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == [1, 2] and all(abs(a[s] - b[s]) < 1e-5 * abs(a[s]) for s in a)

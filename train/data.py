@@ -35,6 +35,7 @@ import json
 import os
 import random
 import shutil
+import socket
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -775,7 +776,7 @@ class SFTData:
         path = Path(path)
         if path.exists():
             return
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=False)
         meta: dict[str, Any] = {"version": self.CACHE_VERSION, "tasks": self.tasks, "seq_len": self.seq_len,
                                 "pad_id": self.pad_id, "splits": {}}

@@ -84,7 +84,7 @@ class DataConfig:
     weights: dict[str, float] = field(default_factory=dict)
     # sub-dataset -> default checker ("exact", "math", "choice", "synthetic"); a row's own "checker" field wins
     checkers: dict[str, str] = field(default_factory=dict)
-    cache_dir: str = ""  # tokenized JSONL mixtures are cached here (default: <data.path>/.cache); "off": no cache
+    cache_dir: str = ""  # tokenized JSONL mixtures are cached here (default: runtime.default_cache_dir()); "off": none
     prefetch: bool = True  # pack the next micro-batch in a background thread while the current step runs
     seed: int = 0
 
@@ -316,20 +316,29 @@ def load_data(cfg: RunConfig, d: Dist, tokenizer: Tokenizer) -> SFTData:
     key = broadcast(d, mixture_cache_key(c.path, tokenizer, seq_len=c.seq_len, truncation=c.truncation,
                                          heldout_fraction=c.heldout_fraction, seed=c.seed, checkers=c.checkers)
                     if d.is_main else None)
-    entry = Path(c.cache_dir or Path(c.path) / ".cache") / key
-    error = None
-    if d.local_rank == 0 and not (entry / "meta.json").is_file():
+    entry = Path(c.cache_dir or default_cache_dir()) / key
+    hit, error = (entry / "meta.json").is_file(), None
+    if d.local_rank == 0 and not hit:
         try:
             build().save_cache(entry)
-        except (DataError, OSError) as e:  # tell the other ranks rather than leave them waiting at the barrier
+        except Exception as e:  # raised after the barrier, so the other ranks are not left waiting there
             error = e
-    failed = broadcast(d, repr(error) if error else None) if d.world_size > 1 else None
     dist.barrier()
     if error is not None:
         raise error
-    if failed:
-        raise DataError(f"rank 0 could not tokenize {c.path}: {failed}")
+    if not (entry / "meta.json").is_file():
+        raise DataError(f"{entry}: the tokenization cache entry is missing: local rank 0 of this node failed to "
+                        f"build it (its error is above)")
+    log(d, f"{c.path}: tokenized mixture {'read from' if hit else 'written to'} {entry}")
     return SFTData.load_cache(entry)
+
+
+def default_cache_dir() -> Path:
+    """Where tokenized mixtures are cached: $POSTTRAIN_CACHE, else $XDG_CACHE_HOME/posttrain/tokenized, else
+    ~/.cache/posttrain/tokenized (shared by the ranks of a node, and by nodes when the home directory is)."""
+    if os.environ.get("POSTTRAIN_CACHE"):
+        return Path(os.environ["POSTTRAIN_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "posttrain" / "tokenized"
 
 
 # ----------------------------------------------------------------------------------------------------- runtime
