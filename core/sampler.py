@@ -54,10 +54,14 @@ Design decisions (each one chosen for a measurable reason):
   _MAX_GRAPHS graphs per state, least recently used evicted; captures, capture seconds and evictions are counted in
   `sampler_stats`. Prefill runs eagerly. On CPU, or with `use_cuda_graphs=False`, the identical step function runs
   eagerly. Graphs are dropped when the cache is reallocated or the weights move (data_ptr check).
-- **FSDP2.** `full_weights(model)` unshards every FSDP module once (all-gather per module), turns off resharding
-  after forward, and reshards on exit, so a rollout of T steps costs one all-gather per module instead of T.
-  `generate` enters it by itself for an FSDP model. Graphs are off by default for FSDP models (FSDP's forward
-  hooks run host-side logic every call).
+- **FSDP2.** FSDP's forward hooks run host-side logic every call and its gathered weights move, so a sharded model
+  cannot be graph-captured. On CUDA `generate` decodes an FSDP model on its `rollout_replica`: a plain copy whose
+  parameters keep their storage and are refreshed in place from the gathered shards at the start of every call, so
+  graphs captured once stay valid across training steps (memory: one copy of the weights per rank, reported as
+  `replica_bytes` in `sampler_stats`, freed by `free_cache`). Without the replica (`replica=False`, the default on
+  CPU), `full_weights(model)` unshards every FSDP module once (all-gather per module), turns off resharding after
+  forward, and reshards on exit, so a rollout of T steps costs one all-gather per module instead of T; graphs are
+  off then.
 - **Memory budget.** `max_batch_tokens` bounds rows x cache length (default: every sequence a row on CPU; 40% of
   free device memory on CUDA).
 """
@@ -225,6 +229,46 @@ def full_weights(model: nn.Module) -> Iterator[nn.Module]:
             g.post_forward_mesh_info = info
 
 
+_REPLICAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # sharded model -> its rollout replica
+
+
+@torch.no_grad()
+def rollout_replica(model: nn.Module) -> nn.Module:
+    """A plain, unsharded copy of an FSDP2-sharded model for rollouts, its weights refreshed in place from the
+    gathered shards on every call; the model itself when it is not sharded.
+
+    Why: FSDP's forward hooks run host-side logic on every call, so a sharded model cannot be captured in CUDA
+    graphs, and its gathered parameters get new storage at each unshard. The replica is an ordinary module whose
+    parameters keep their storage across refreshes, so the decode graphs captured for it stay valid across training
+    steps. Cost: one more copy of the weights in the unsharded dtype per rank, kept between rollouts (see
+    `replica_bytes`); `free_cache(model)` drops it. The refresh gathers the weights (`full_weights`): collective,
+    every rank calls it together, and for its duration a second full copy exists.
+    """
+    if not _fsdp_modules(model):
+        return model
+    replica = _REPLICAS.get(model)
+    with full_weights(model):
+        full = dict(model.named_parameters())
+        if replica is None:
+            with torch.device("meta"):
+                replica = type(model)(model.config)
+            replica.to_empty(device=next(iter(full.values())).device)
+            replica.tie_weights()
+            for name, p in replica.named_parameters():
+                p.data = p.data.to(full[name].dtype)
+            replica.eval().requires_grad_(False)
+            _REPLICAS[model] = replica
+        for name, p in replica.named_parameters():
+            p.copy_(full[name])
+    return replica
+
+
+def replica_bytes(model: nn.Module) -> int:
+    """Bytes held by `model`'s rollout replica (0 when it has none)."""
+    replica = _REPLICAS.get(model)
+    return 0 if replica is None else sum(p.numel() * p.element_size() for p in replica.parameters())
+
+
 # ------------------------------------------------------------------------------------------------ decode engine
 
 
@@ -282,7 +326,7 @@ class _Engine:
         self.pool: Any = None
         self.stats: dict[str, float] = {"prefill_forwards": 0, "prefill_tokens": 0, "decode_steps": 0,
                                         "refilled_rows": 0, "graph_captures": 0, "graph_capture_s": 0.0,
-                                        "graphs_evicted": 0}
+                                        "graphs_evicted": 0, "replica_bytes": 0}
 
     def state(self, cfg: Any, R: int, L: int, T: int, dtype: torch.dtype, device: torch.device) -> _State:
         shape = (cfg.num_layers, R, L, cfg.num_kv_heads, cfg.head_dim)
@@ -366,13 +410,15 @@ def _engine(model: nn.Module) -> _Engine:
 
 
 def free_cache(model: nn.Module) -> None:
-    """Drop the KV cache and CUDA graphs `generate` keeps for `model` between calls."""
+    """Drop the KV cache, CUDA graphs and rollout replica `generate` keeps for `model` between calls."""
     _ENGINES.pop(model, None)
+    _REPLICAS.pop(model, None)
 
 
 def sampler_stats(model: nn.Module) -> dict[str, float]:
     """Counters since the model's first `generate`: prefill forwards and tokens, decode steps, rows refilled while
-    others decoded, graph captures, seconds spent capturing, graphs evicted from the LRU."""
+    others decoded, graph captures, seconds spent capturing, graphs evicted from the LRU; and the bytes of the
+    rollout replica held now (FSDP2 models)."""
     return dict(_engine(model).stats)
 
 
@@ -444,6 +490,7 @@ def generate(
     sync_every: int = 8,
     refill: bool = True,
     fused_kernels: bool | None = None,
+    replica: bool | None = None,
 ) -> list[Completion]:
     """Sample `n` continuations of each prompt (token-id lists) with a KV cache; returns len(prompts) * n
     Completions ordered by (prompt_index, sample_index).
@@ -456,7 +503,9 @@ def generate(
         decode until the batch's longest row ends). Either way each completion is the same (see the promise).
     fused_kernels: decode through the model's fused kernels (Transformer.decode_fused); None = on for CUDA. On CPU
         they run under TRITON_INTERPRET=1 only (tests), else as their plain-torch references.
-    use_cuda_graphs: None = on for CUDA unless the model is FSDP-sharded. sync_every: decode steps between looks at
+    replica: for an FSDP2-sharded model, decode on its `rollout_replica` (refreshed from the shards first), which
+        CUDA graphs can capture; None = on for CUDA. Off: decode on the gathered model itself (`full_weights`).
+    use_cuda_graphs: None = on for CUDA unless the forwards run on an FSDP-sharded model. sync_every: decode steps between looks at
         the device (all-done check, refills, stop strings).
     The cache and graphs stay allocated for the next call (see `free_cache`).
     """
@@ -466,14 +515,19 @@ def generate(
         stop_token_ids = tuple(tokenizer.stop_ids) if tokenizer is not None else ()
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    with full_weights(model):
-        device = model.embed_tokens.weight.device
+    sharded = bool(_fsdp_modules(model))
+    if replica is None:
+        replica = sharded and model.embed_tokens.weight.device.type == "cuda"
+    net = rollout_replica(model) if replica else model  # what the forwards run on
+    with full_weights(net):  # a no-op for an unsharded model or replica
+        device = net.embed_tokens.weight.device
         if use_cuda_graphs is None:
-            use_cuda_graphs = device.type == "cuda" and not _fsdp_modules(model)
+            use_cuda_graphs = device.type == "cuda" and not _fsdp_modules(net)
         use_cuda_graphs = bool(use_cuda_graphs) and device.type == "cuda"
         eng = _engine(model)
-        eng.check_weights(model)
-        cfg, dtype = model.config, model.embed_tokens.weight.dtype
+        eng.check_weights(net)
+        eng.stats["replica_bytes"] = replica_bytes(model)
+        cfg, dtype = net.config, net.embed_tokens.weight.dtype
         if max_batch_tokens is None and device.type == "cuda":
             slot_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
             max_batch_tokens = int(0.4 * torch.cuda.mem_get_info(device)[0] / slot_bytes)
@@ -493,7 +547,7 @@ def generate(
         if use_cuda_graphs:  # few graph shapes; keep within the budget
             Rb = _bucket_rows(R)
             R = Rb if max_batch_tokens is None or Rb * L <= max_batch_tokens else R
-        run = _Run(model, eng, [list(prompts[i]) for i in order], order, n, R, L, T, params, tuple(stop_token_ids),
+        run = _Run(net, eng, [list(prompts[i]) for i in order], order, n, R, L, T, params, tuple(stop_token_ids),
                    tuple(stop_strings), tokenizer, seed, use_cuda_graphs, device, dtype,
                    device.type == "cuda" if fused_kernels is None else bool(fused_kernels))
         completions = run.loop(sync_every, refill)

@@ -89,3 +89,55 @@ def _worker_torch26(rank: int, store_path: str) -> None:
 def test_full_weights_without_setter_and_before_first_forward():
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker_torch26, args=(os.path.join(d, "store"),), nprocs=1, join=True)
+
+
+def _worker_replica(rank: int, world: int, store_path: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from core.sampler import free_cache, generate, replica_bytes, rollout_replica, sampler_stats
+    from tests.test_sampler import tiny_model
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        model = tiny_model()
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        kw = dict(max_new_tokens=12, n=2, seed=3, temperature=1.0, top_p=0.9)
+
+        def same(a, b):
+            assert [c.tokens for c in a] == [c.tokens for c in b]
+            for x, y in zip(a, b):
+                assert x.raw_logprobs == pytest.approx(y.raw_logprobs, abs=1e-5)
+
+        gathered = generate(model, PROMPTS, replica=False, **kw)
+        same(generate(model, PROMPTS, replica=True, **kw), gathered)
+        rep = rollout_replica(model)
+        assert not any(isinstance(p, DTensor) for p in rep.parameters())
+        assert all(isinstance(p, DTensor) for p in model.parameters())  # the model stays sharded
+        ptrs = [p.data_ptr() for p in rep.parameters()]
+        size = sum(p.numel() * p.element_size() for p in rep.parameters())
+        assert replica_bytes(model) == size and sampler_stats(model)["replica_bytes"] == size
+
+        # A training step moves the weights; the replica follows at the next rollout, in the same storage.
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        model(torch.tensor([PROMPTS[1]])).logsumexp(-1).mean().backward()
+        opt.step()
+        after = generate(model, PROMPTS, replica=False, **kw)
+        assert [c.tokens for c in after] != [c.tokens for c in gathered]
+        same(generate(model, PROMPTS, replica=True, **kw), after)
+        assert [p.data_ptr() for p in rollout_replica(model).parameters()] == ptrs
+        free_cache(model)
+        assert replica_bytes(model) == 0
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+def test_rollout_replica_equals_gathered_model_and_follows_training():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker_replica, args=(2, os.path.join(d, "store")), nprocs=2, join=True)
