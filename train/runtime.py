@@ -76,11 +76,12 @@ class InitConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # directory with train/*.jsonl (+ heldout/*.jsonl); empty: the built-in synthetic tasks
+    synthetic: str = "default"  # which built-in task set (train/synthetic.TASK_SETS) when path is empty
     heldout_fraction: float = 0.05  # carved from each training file when there is no heldout/ directory
     seq_len: int = 256  # packed row length
     max_tokens: int = 4096  # tokens per micro-batch per rank (rows = max_tokens // seq_len)
     truncation: str = "error"  # "error" | "truncate_left_prompt" | "drop", for rows longer than seq_len
-    # sub-dataset -> mixture weight; default: by size (built-in tasks: train/synthetic.DEFAULT_MIXTURE_WEIGHTS)
+    # sub-dataset -> mixture weight; default: by size (built-in tasks: their task set's weights)
     weights: dict[str, float] = field(default_factory=dict)
     # sub-dataset -> default checker ("exact", "math", "choice", "synthetic"); a row's own "checker" field wins
     checkers: dict[str, str] = field(default_factory=dict)
@@ -300,7 +301,7 @@ def load_data(cfg: RunConfig, d: Dist, tokenizer: Tokenizer) -> SFTData:
     then every rank memory-maps it. The built-in tasks are small and built in memory on every rank."""
     c = cfg.data
     if not c.path:
-        train, heldout = synthetic_rows(c.seed)
+        train, heldout = synthetic_rows(c.seed, task_set=c.synthetic)
         check_checker_names(c.checkers, train, "the built-in tasks")
         for rows in (*train.values(), *heldout.values()):  # the config's defaults do not override a row's own
             for row in rows:

@@ -37,7 +37,9 @@ def make_loader(rt: Runtime) -> MixtureLoader:
     c = rt.cfg.data
     weights = c.weights or None
     if weights is None and not c.path:
-        from train.synthetic import DEFAULT_MIXTURE_WEIGHTS as weights
+        from train.synthetic import task_set
+
+        weights = task_set(c.synthetic).weights
     return rt.data.loader(max_tokens=c.max_tokens, seed=c.seed, weights=weights, rank=rt.d.rank,
                           world_size=rt.d.world_size, prefetch=c.prefetch)
 

@@ -82,6 +82,28 @@ DEFAULT_HELDOUT_SIZES = {"copy": 128, "reverse": 128, "sort": 128, "add": 128, "
 # epochs: the early peak mSFT should find.
 DEFAULT_MIXTURE_WEIGHTS = {"copy": 3000, "reverse": 3000, "sort": 1500, "add": 2000, "mod": 800, "majority": 1280}
 
+
+@dataclass(frozen=True)
+class TaskSet:
+    """A named mixture of built-in tasks (`data.synthetic` in a config picks one): which tasks, their split sizes
+    and their mixture weights."""
+
+    tasks: tuple[str, ...]
+    train_sizes: dict[str, int]
+    heldout_sizes: dict[str, int]
+    weights: dict[str, float]
+
+
+TASK_SETS = {
+    "default": TaskSet(TASKS, DEFAULT_TRAIN_SIZES, DEFAULT_HELDOUT_SIZES, DEFAULT_MIXTURE_WEIGHTS),
+}
+
+
+def task_set(name: str) -> TaskSet:
+    if name not in TASK_SETS:
+        raise ValueError(f"data.synthetic: unknown task set {name!r}; the built-in sets are {', '.join(TASK_SETS)}")
+    return TASK_SETS[name]
+
 MIN_DIGITS, MAX_DIGITS = 3, 5
 ADD_MAX = 99
 MOD_MAX = 999
