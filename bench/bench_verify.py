@@ -33,6 +33,8 @@ ADVERSARIAL = [
     "\\boxed{(lambda: __import__('os').system('touch /tmp/bench_verify_pwned'))()}",
     "\\boxed{(x+1)^{9999} - (x+1)^{9998}(x+1)}",
     "x" * 1_000_000,
+    "\\boxed{" * 100_000,
+    "**Answer:**" + "\n- $p = 6$" * 50_000,
 ]
 
 

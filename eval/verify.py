@@ -41,6 +41,7 @@ from eval.latex import NumericJudge, Refused, SympyJudge, canonical, compare, no
 
 REASONS = ("correct", "wrong", "unparseable", "timeout")
 MAX_TEXT_CHARS = 1_000_000  # a completion longer than this is cut to its last MAX_TEXT_CHARS characters
+MAX_JOINED_BOXES = 32  # boxes listed together as one answer (an answer has at most latex.MAX_ELEMENTS elements)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Extraction
@@ -101,35 +102,40 @@ def _delimited(text: str) -> str | None:
     return None
 
 
-def _boxes(text: str) -> list[tuple[int, int, str | None]]:
-    """(start, end, contents) of each \\boxed / \\fbox; contents None when the box never closes (cut off)."""
-    out = []
-    for m in re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])", text):
-        inner = _braced(text, m.end())
-        if inner is None:
-            bare = re.match(r"\s+([^\s${}]+)", text[m.end() : m.end() + 200])  # "\boxed 5"
-            if bare and not text[m.end() :].lstrip().startswith("{"):
-                out.append((m.start(), m.end() + bare.end(), bare.group(1)))
-                continue
-            out.append((m.start(), len(text), None))
-        else:
-            close = text.index("{", m.end()) + len(inner) + 2
-            out.append((m.start(), close, inner.strip()))
-    return out
-
-
-def _from_boxes(text: str, boxes: list) -> str | None:
-    """The last box, joined with the boxes just before it when only joining words separate them."""
-    start, _, answer = boxes[-1]
-    if answer is None:
-        return None  # cut off inside the last box: no answer, whatever the reasoning said
-    parts = [answer]
-    for k in range(len(boxes) - 1, 0, -1):
-        between = text[boxes[k - 1][1] : boxes[k][0]]
-        if boxes[k - 1][2] is None or "\n\n" in between or not _JOINER.fullmatch(between):
+def _box_before(text: str, pos: int) -> tuple[int, int, str | None] | None:
+    """(start, end, contents) of the last \\boxed / \\fbox starting before pos, or None; contents None when the
+    box never closes (cut off). Searches backwards, so a text of many boxes costs one scan, not one per box."""
+    k = pos
+    while True:
+        k = max(text.rfind("\\boxed", 0, k), text.rfind("\\fbox", 0, k))
+        if k < 0:
+            return None
+        after = k + (6 if text.startswith("\\boxed", k) else 5)
+        if after >= len(text) or not text[after].isalpha():
             break
-        if boxes[k - 1][2] not in parts:  # the same answer boxed twice is one answer
-            parts.insert(0, boxes[k - 1][2])
+    inner = _braced(text, after)
+    if inner is not None:
+        return k, text.index("{", after) + len(inner) + 2, inner.strip()
+    bare = re.match(r"\s+([^\s${}]+)", text[after : after + 200])  # "\boxed 5"
+    if bare and not text[after:].lstrip().startswith("{"):
+        return k, after + bare.end(), bare.group(1)
+    return k, len(text), None
+
+
+def _from_boxes(text: str, last: tuple[int, int, str]) -> str:
+    """The last box, joined with the boxes just before it when only joining words separate them."""
+    parts = [last[2]]
+    box = last
+    for _ in range(MAX_JOINED_BOXES):
+        prev = _box_before(text, box[0])
+        if prev is None or prev[2] is None:
+            break
+        between = text[prev[1] : box[0]]
+        if len(between) > 200 or "\n\n" in between or not _JOINER.fullmatch(between):
+            break
+        if prev[2] not in parts:  # the same answer boxed twice is one answer
+            parts.insert(0, prev[2])
+        box = prev
     return ", ".join(parts)
 
 
@@ -194,14 +200,14 @@ def extract_answer(text: str) -> str | None:
     chat = _CHAT_TOKEN.search(text)
     if chat:
         text = text[: chat.start()]
-    boxes = _boxes(text) if "\\boxed" in text or "\\fbox" in text else []
-    if boxes and boxes[-1][2] is None:
+    box = _box_before(text, len(text))
+    if box is not None and box[2] is None:
         return None  # cut off inside the last box: no answer, whatever the reasoning said
     offset = max(0, len(text) - 5000)
     for m in reversed(list(_MARKER.finditer(text, offset))):
-        if boxes and m.start() < boxes[-1][1]:
+        if box is not None and m.start() < box[1]:
             break  # the last box comes after this marker (or holds it): the box is the answer
-        if boxes and not _FINAL.match(m.group(0)):
+        if box is not None and not _FINAL.match(m.group(0)):
             continue  # after a box only "Final Answer" or "####" restates the answer ("check our answer: …" does not)
         rest = text[m.end() :]
         if _REMARK.match(rest.lstrip(" \t*:")):
@@ -209,8 +215,8 @@ def extract_answer(text: str) -> str | None:
         answer = _after_marker(rest)
         if answer:
             return answer
-    if boxes:
-        return _from_boxes(text, boxes)
+    if box is not None:
+        return _from_boxes(text, box)
     return _bare(text)
 
 

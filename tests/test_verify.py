@@ -285,6 +285,12 @@ ADVERSARIAL = [
     "{" * 10_000,
     "\\boxed{" + "(" * 5_000 + "1" + ")" * 5_000 + "}",
     "\\boxed{(x+1)^{9999} - (x+1)^{9998}(x+1)}",
+    # Extraction: many unclosed or joined boxes (one backward scan, not one per box), long runs after a marker.
+    "\\boxed{" * 100_000,
+    "\\boxed{1} and " * 60_000,
+    "answer" + " " * 5_000 + "x",
+    "**Answer:**" + "\n- $p = 6$" * 50_000,
+    "x < " * 300 + "1",
 ]
 PAYLOADS = [
     f"__import__('os').system('touch {SENTINEL}')",
