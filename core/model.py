@@ -23,9 +23,11 @@ core/distributed.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -224,12 +226,14 @@ class KVCache:
 # -------------------------------------------------------------------------------------- attention backend choice
 
 # Backends tried, in order, for the KV-cache forwards (training keeps SDPA's own choice: its numerics are pinned).
-# Decode carries a mask, which rules flash out; prefill is plain causal. CPU has flash (its own kernel) and math.
+# Decode carries a mask, which rules flash out; prefill is plain causal. "DEFAULT" = no pinning, SDPA's own per-call
+# choice: on CPU that is its flash kernel whenever the inputs allow, else math, and pinning it there would only add
+# the context switch's host time (~25 us per call, 5% of a tiny model's decode step) for the same kernel.
 SDPA_PREFERENCE: dict[tuple[str, str], list[str]] = {
     ("cuda", "prefill"): ["FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"],
     ("cuda", "decode"): ["EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"],
-    ("cpu", "prefill"): ["FLASH_ATTENTION", "MATH"],
-    ("cpu", "decode"): ["FLASH_ATTENTION", "MATH"],
+    ("cpu", "prefill"): ["DEFAULT"],
+    ("cpu", "decode"): ["DEFAULT"],
 }
 _SDPA_CHOSEN: dict[tuple, str] = {}  # (phase, device type, dtype, masked, gqa) -> the backend that ran; see sdpa()
 
@@ -247,13 +251,15 @@ def sdpa(phase: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_
     a warning, and the first that runs is kept. A kept backend that later refuses a new shape is dropped and the
     choice is made again, so a refusal never crashes a rollout. Runs eagerly before any CUDA graph captures it.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     key = (phase, q.device.type, q.dtype, attn_mask is not None, enable_gqa)
     kw = dict(attn_mask=attn_mask, is_causal=is_causal)
     if enable_gqa:
         kw["enable_gqa"] = True
     chosen = _SDPA_CHOSEN.get(key)
+    if chosen == "DEFAULT":
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     if chosen is not None:
         try:
             with sdpa_kernel([getattr(SDPBackend, chosen)]):
@@ -267,7 +273,7 @@ def sdpa(phase: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_
         try:
             with warnings.catch_warnings():  # SDPA explains each refusal as a UserWarning; one line below is enough
                 warnings.simplefilter("ignore")
-                with sdpa_kernel([getattr(SDPBackend, name)]):
+                with contextlib.nullcontext() if name == "DEFAULT" else sdpa_kernel([getattr(SDPBackend, name)]):
                     out = F.scaled_dot_product_attention(q, k, v, **kw)
         except RuntimeError as e:
             if name == names[-1]:
@@ -371,7 +377,9 @@ class LMHead(nn.Linear):
     its weight (its hooks fire on `__call__`, not on reading `.weight`)."""
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor | None = None,
-                temperature: float = 1.0) -> torch.Tensor:
+                temperature: float = 1.0, head_loss: Callable[[torch.Tensor, torch.Tensor], Any] | None = None) -> Any:
+        if head_loss is not None:  # e.g. the GRPO loss from hidden states (train/grpo.py), with the gathered weight
+            return head_loss(hidden, self.weight)
         if targets is None:
             return super().forward(hidden)
         from kernels.logprob import linear_logprob  # lazy: Triton is only needed by training
@@ -567,11 +575,17 @@ class Transformer(nn.Module):
         return_hidden: bool = False,
         targets: torch.Tensor | None = None,
         temperature: float = 1.0,
-    ) -> torch.Tensor:
+        head_loss: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    ) -> Any:
         """input_ids [B, S] -> logits [B, S, V] (or final normed hidden [B, S, H] with return_hidden=True).
 
         targets [B, S] (token ids, -100 = ignore): return their log-probs [B, S] float32 under logits/temperature
         instead, computed by the fused kernel (0 where ignored). This is the training path.
+
+        head_loss(hidden [B, S, H], weight [V, H]) -> anything: return what it returns instead, called inside the
+        lm-head module call, so under FSDP2 `weight` is the gathered one and its gradient is reduce-scattered (reading
+        `model.lm_head.weight` outside that call would see a shard). For losses other than log-probs of targets
+        (kernels/grpo.linear_grpo_loss); its tensors must be fresh (not views of `hidden`) for FSDP2's backward hooks.
 
         position_ids [B, S]: per-token positions; a 0 starts a new document (packed sequences). With `kv_cache`
         they are also the cache slots this forward writes; row b of the batch is row b of the cache (use
@@ -592,6 +606,8 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if return_hidden:
             return x
+        if head_loss is not None:
+            return self.lm_head(x, head_loss=head_loss)
         if targets is not None:
             return self.lm_head(x, targets, temperature)
         return self.lm_head(x)
