@@ -6,10 +6,17 @@ Sets (from eval/data/math500.jsonl, the repository's copy):
   gold_vs_solution   every gold answer against its own solution (the boxed answer is extracted): all correct
   rewritten          every gold against an equivalent rewrite (14/3 for \\frac{14}{3}, "x = 5.0" for 5, …)
   mix_wrong          each solution, plus a completion boxing the next problem's answer: half correct, half wrong
+  completions        model-style completions of every MATH500 and GSM8K problem (eval/data/gsm8k_test.jsonl too):
+                     reasoning, then a right or a wrong final answer in one of 22 conventions, plus completions cut
+                     off in the reasoning or inside \\boxed{ (see `completions`); reported as correct ones accepted,
+                     wrong ones rejected, truncated ones rejected, and the conventions that failed
+  classes            tests/data/verify_cases.jsonl: hand-labelled cases of each judgement call (markers, truncation,
+                     relations, matrices, tuples, named assignments, notation, decimals), same split
   adversarial        huge powers, factorials, 1 MB strings, 10,000 nested braces, code payloads: all must finish
                      within their deadline + 1 s (ours only; math-verify's signal.alarm does not bound these
                      outside the main thread, so it is not run on them)
-A CPU benchmark (2 cores here): not part of bench/gpu.sh. --smoke uses 40 pairs per set and runs in seconds.
+Both verifiers run on the same pairs in the same process; math-verify gets the gold as \\boxed{gold}.
+A CPU benchmark (2 cores here): not part of bench/gpu.sh. --smoke uses 40 problems per set and runs in seconds.
 """
 
 import argparse

@@ -19,6 +19,7 @@ Answers (the top level) add:
 """
 
 import cmath
+import functools
 import math
 import random
 import re
@@ -60,8 +61,11 @@ _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 def normalize(ans: str) -> str:
     """Drop notation that does not change a value: \\left/\\right, \\dfrac, units, degrees, \\%, \\$, 1{,}000, …"""
     s = ans.strip()
-    if len(s) > MAX_CHARS:
-        return s
+    return s if len(s) > MAX_CHARS else _normalize(s)
+
+
+@functools.lru_cache(maxsize=8192)  # golds repeat (a group of samples per prompt) and each side is read twice
+def _normalize(s: str) -> str:
     s = _unwrap(s)
     s = s.translate(_UNICODE)
     s = _RELATION_WORDS.sub(lambda m: _RELATIONS_ASCII[m.group(0)], s)

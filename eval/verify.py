@@ -15,12 +15,12 @@ size guards) or "timeout" (the worker ran past its deadline, or died, e.g. on it
 
 Judgement calls (each has accepted and rejected cases in tests/data/verify_cases.jsonl):
   - A completion's answer is what follows its last final-answer convention (extract_answer lists them); text after
-    it is a remark. A completion without one, or cut off inside its last \boxed{, has no answer ("unparseable"):
+    it is a remark. A completion without one, or cut off inside its last \\boxed{, has no answer ("unparseable"):
     a reward must not come from a number that happens to appear in unfinished reasoning.
   - Decimals are exact values: 6366.2 is not 20000/pi. Pass rel_tol > 0 to grade rounded answers (latex.NumericJudge).
   - A percentage is the number before the sign (10\\% is 10); words after a number are its unit ("31 paintings").
   - "x = 5", "AB = 4", "(x, y) = (1, 2)" state the value on the right; "p=5, q=2" is the tuple (5, 2); several
-    boxes separated only by "and"/"or"/commas list one answer ("\boxed{-2} and \boxed{1}" is "-2, 1").
+    boxes separated only by "and"/"or"/commas list one answer ("\\boxed{-2} and \\boxed{1}" is "-2, 1").
   - Inequalities compare as sets of real numbers: "-x > -1" is "x < 1" is (-\\infty, 1).
 
 Not measured here: how these rules fare on other models' habits. bench/bench_verify.py measures them against
@@ -68,11 +68,13 @@ def _braced(text: str, start: int) -> str | None:
 
 # A chat model's turn ends at its first special token; what follows (a new "user" turn) is not its answer.
 _CHAT_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>|</s>|<eos>|<end_of_turn>")
-# "The (final) answer is", "Answer:", "**Final Answer**", "Answer \[ 9 \]", GSM8K's "####". "answer" must be
-# followed by a verb, a colon, bold, a line break or math, so "to answer this" and "answer choices" are not markers.
+# "The (final) answer is", "Answer:", "**Answer:**", "answer = ", "**Final Answer**" or "Answer" before a line break
+# or math ("Answer \\[ 9 \\]"), GSM8K's "####". A bare "answer" before a word ("to answer this", "the answer
+# choices") is not a marker.
 _MARKER = re.compile(
-    r"\b(?:final\s+)?answer\b(?:\s*\*\*)?\s*(?:(?:is|would\s+be|should\s+be|will\s+be)\b\s*:?|[:=])?\s*(?:\*\*)?"
-    r"(?=\s|\$|\\[\[(]|$)|####",
+    r"\b(?:final\s+)?answer\b\s*(?:\*\*\s*)?(?:(?:is|would\s+be|should\s+be|will\s+be)\b[ \t]*:?|[:=])[ \t]*(?:\*\*)?"
+    r"|\b(?:final\s+)?answer\b[ \t]*(?:\*\*)?(?=[ \t]*(?:\n|\$|\\[\[(]|$))"
+    r"|####",
     re.I,
 )
 _FINAL = re.compile(r"final\s+answer|####", re.I)
@@ -203,10 +205,9 @@ def extract_answer(text: str) -> str | None:
     box = _box_before(text, len(text))
     if box is not None and box[2] is None:
         return None  # cut off inside the last box: no answer, whatever the reasoning said
-    offset = max(0, len(text) - 5000)
+    # Markers before the last box do not count (the box comes after them), so the search starts after it.
+    offset = max(len(text) - 5000, box[1] if box is not None else 0, 0)
     for m in reversed(list(_MARKER.finditer(text, offset))):
-        if box is not None and m.start() < box[1]:
-            break  # the last box comes after this marker (or holds it): the box is the answer
         if box is not None and not _FINAL.match(m.group(0)):
             continue  # after a box only "Final Answer" or "####" restates the answer ("check our answer: …" does not)
         rest = text[m.end() :]

@@ -401,4 +401,7 @@ def test_bench_smoke(tmp_path):
     assert gs["ours_agree"] == gs["n"] == 40
     assert res["sets"]["rewritten"]["ours_agree"] == 40
     assert res["sets"]["mix_wrong"]["ours_agree"] == 80
+    made = res["sets"]["completions"]
+    assert made["ours_agree"] == made["n"] > 80 and made["ours"]["truncated_rejected"]["n"] > 0
+    assert res["sets"]["classes"]["ours_agree"] == res["sets"]["classes"]["n"]
     assert res["adversarial"]["worst_over_deadline_s"] < 1.0 and res["adversarial"]["pool_works_after"]

@@ -76,6 +76,8 @@ def test_model_style_completions():
         ("Answer \\[ 9 \\]", "9"),
         ("Answer $ 9 $", "9"),
         ("#### 31 paintings", "31 paintings"),
+        ("To answer this, look at the answer choices: 3 or 5.\nThen we", None),  # "answer" before a word: no marker
+        ("Final Answer:\n1. $p = 6$\n2. $q = 31$", "p = 6, q = 31"),
     ],
 )
 def test_extract_conventions(text, answer):
