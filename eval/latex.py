@@ -66,6 +66,8 @@ def normalize(ans: str) -> str:
 
 @functools.lru_cache(maxsize=8192)  # golds repeat (a group of samples per prompt) and each side is read twice
 def _normalize(s: str) -> str:
+    if "\\\\" in s and "\\begin" not in s:  # escaped twice (JSON written as text): "\\\\frac" is \\frac
+        s = re.sub(r"\\\\(?=[a-zA-Z{}])", r"\\", s)
     s = _unwrap(s)
     s = s.translate(_UNICODE)
     s = _RELATION_WORDS.sub(lambda m: _RELATIONS_ASCII[m.group(0)], s)
@@ -76,6 +78,7 @@ def _normalize(s: str) -> str:
     s = re.sub(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac", s)
     s = re.sub(r"\\[dt]binom(?![a-zA-Z])", r"\\binom", s)
     s = s.replace("{,}", ",")
+    s = re.sub(r",\s*\\!\s*", ",", s)  # "11,\\! 111": a thousands separator with its spacing, before \\! is a space
     s = _SPACING.sub(" ", s)
     s = re.sub(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree", "", s)
     s = s.replace("\\%", "").replace("%", "").replace("\\$", "").replace("$", "")
@@ -95,9 +98,8 @@ def _normalize(s: str) -> str:
     s = re.sub(r"(?<=[\s)\]}0-9])and(?=[\s($\\0-9-])", ",", s)  # "1 and 2 and 3": a list
     s = s.strip().rstrip(".,;:").strip()
     s = re.sub(r"^(?:[a-zA-Z]\s*\\in|\\text\{is\}|=)\s*", "", s)  # "x \in [-2, 7]", "\approx 11"
-    compact = re.sub(r"\s+", "", s)
-    if _THOUSANDS.fullmatch(compact):
-        s = compact.replace(",", "")
+    if _THOUSANDS.fullmatch(s):  # "1,000" is 1000; "32, 349" (a space after the comma) is a list
+        s = s.replace(",", "")
     return s
 
 
