@@ -92,3 +92,11 @@ def test_decimals_are_exact_unless_a_tolerance_is_asked():
     assert verify("\\frac{9}{256}", "0.03515625")
     with Verifier(workers=1, rel_tol=1e-4) as v:  # the pool path passes the caller's tolerance on
         assert v.verify_batch(["\\frac{20000}{\\pi}", "\\frac{20000}{\\pi}"], ["6366.2", "6360"]) == [True, False]
+
+
+def test_relations_floats_cannot_decide_go_to_sympy(verifier):
+    # Sides scaled by e^{-40} are below the float stage's floor: the worker's sympy ratio decides, sign included.
+    golds = ["e^{-40} x < e^{-40}", "-e^{-40} x < -e^{-40}", "-e^{-40} x < -e^{-40}"]
+    preds = ["x < 1", "x < 1", "x > 1"]
+    assert verifier.verify_batch_reasons(golds, preds) == ["correct", "wrong", "correct"]
+    assert [verify_reason(g, p) for g, p in zip(golds, preds)] == ["correct", "wrong", "correct"]
