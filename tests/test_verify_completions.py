@@ -15,16 +15,10 @@ from bench.bench_verify import CONVENTIONS, completions
 from eval.math500 import load_gsm8k, load_math500
 from eval.verify import Verifier, extract_answer, verify, verify_reason
 from tests.conftest import REPO
+from tests.test_verify import verifier  # noqa: F401  -- the module-scoped worker pool fixture
 
 CASES = [json.loads(line) for line in (REPO / "tests" / "data" / "verify_cases.jsonl").read_text().splitlines()
          if line.strip()]
-
-
-@pytest.fixture(scope="module")
-def verifier():
-    v = Verifier(workers=2, timeout_s=5.0)
-    yield v
-    v.close()
 
 
 def test_every_class_has_positive_and_negative_cases():
