@@ -19,9 +19,18 @@ Judgement calls (each has accepted and rejected cases in tests/data/verify_cases
     a reward must not come from a number that happens to appear in unfinished reasoning.
   - Decimals are exact values: 6366.2 is not 20000/pi. Pass rel_tol > 0 to grade rounded answers (latex.NumericJudge).
   - A percentage is the number before the sign (10\\% is 10); words after a number are its unit ("31 paintings").
-  - "x = 5", "AB = 4", "(x, y) = (1, 2)" state the value on the right; "p=5, q=2" is the tuple (5, 2); several
-    boxes separated only by "and"/"or"/commas list one answer ("\\boxed{-2} and \\boxed{1}" is "-2, 1").
-  - Inequalities compare as sets of real numbers: "-x > -1" is "x < 1" is (-\\infty, 1).
+  - "x = 5", "AB = 4", "(x, y) = (1, 2)" state the value on the right; "p=5, q=2" is the tuple (5, 2) and matches
+    "q=2, p=5" by name; "x=1, x=2" is the set {1, 2}. Several boxes separated only by "and"/"or"/commas list one
+    answer ("\\boxed{-2} and \\boxed{1}" is "-2, 1"); the same value boxed twice is one answer.
+  - Sets compare as sets (a repeated element counts once); ";" and "or" separate alternatives, "and" and ","
+    elements; "1,000" is a thousand but "32, 349" (a space after the comma) is a list of two.
+  - Inequalities compare as sets of real numbers: "-x > -1" is "x < 1" is (-\\infty, 1). Two relations agree when
+    their atoms match (sides proportional with a positive factor); a relation in one variable and intervals agree
+    when they hold at the same probe points (every endpoint and linear boundary, beside it, between, far out, a
+    grid, all mirrored about 0): a nonlinear boundary ("|z| <= 3/2") that is not an endpoint is seen only by the
+    grid, so two sets that differ only on a sliver between grid points would be taken as equal.
+  - After a \\boxed answer only "Final Answer" or "####" restates it ("check our answer: ..." is a remark); a
+    sentence after a marker gives what it says "is" ("Final Answer: The largest $n$ is 34").
 
 Not measured here: how these rules fare on other models' habits. bench/bench_verify.py measures them against
 math-verify on MATH500/GSM8K completions built in many conventions, with labels known by construction.
