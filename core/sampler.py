@@ -49,8 +49,8 @@ Design decisions (each one chosen for a measurable reason):
   `text` leaves it out.
 - **CUDA graphs.** On CUDA the decode step (model forward + sampling + bookkeeping) is captured once per (rows
   bucket, cache length, window, sampling parameters, number of stop ids) and replayed; static inputs are the state
-  tensors above and the cache (the stop ids are read by value, so a different stop list of the same length reuses
-  the graph). Rows are bucketed (powers of two up to 32, then multiples of 32); spare rows stay free. At most
+  tensors above and the cache (the stop ids are read by value, padded to a power-of-two length, so a different stop
+  list reuses the graph). Rows are bucketed (powers of two up to 32, then multiples of 32); spare rows stay free. At most
   _MAX_GRAPHS graphs per state, least recently used evicted; captures, capture seconds and evictions are counted in
   `sampler_stats`. Prefill runs eagerly. On CPU, or with `use_cuda_graphs=False`, the identical step function runs
   eagerly. Graphs are dropped when the cache is reallocated or the weights move (data_ptr check).
@@ -577,9 +577,12 @@ class _Run:
         st = self.st = eng.state(model.config, R, L, T, dtype, device)
         st.params = params
         st.fused = fused
-        ids = torch.tensor(stop_ids if stop_ids else (-1,), device=device)
+        # Padded with -1 (never a token) to a power of two >= 8, so a changed stop list reuses the graphs unless its
+        # length crosses a bucket.
+        size = max(8, 1 << (len(stop_ids) - 1).bit_length()) if stop_ids else 8
+        ids = torch.tensor(tuple(stop_ids) + (-1,) * (size - len(stop_ids)), device=device)
         if st.stop_ids.shape != ids.shape:
-            st.stop_ids = ids  # a new static tensor: graphs are keyed by its size
+            st.stop_ids = ids  # a new static tensor: graphs read it, and are keyed by its size
             st.graphs.clear()
         st.stop_ids.copy_(ids)
         st.done.fill_(True)  # every row free

@@ -80,3 +80,32 @@ def test_swiglu(dtype):
     gate = (3 * torch.randn(3, 301, generator=g)).to(dtype).to(DEV)
     up = torch.randn(3, 301, generator=g).to(dtype).to(DEV)
     close(swiglu(gate, up, block=128), swiglu_reference(gate, up), dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_kernels_round_like_torch():
+    """Compiled on the GPU (round-to-nearest casts, unlike the interpreter), in bf16 at the Qwen2-0.5B widths: the
+    residual sum, the RoPE rotation and the KV write equal torch bit for bit; the norm and SwiGLU within one ulp."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T, H, I, HQ, KV, D = 64, 896, 4864, 14, 2, 64
+    x, res = (torch.randn(T, H, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    w = 1 + 0.1 * torch.randn(H, device="cuda", generator=g, dtype=torch.bfloat16)
+    (out, s), (ref_out, ref_s) = rms_norm(x, w, 1e-6, res), rms_norm_reference(x, w, 1e-6, res)
+    assert torch.equal(s, ref_s)
+    assert ((out.float() - ref_out.float()).abs() <= ref_out.float().abs() * 2**-7 + 1e-6).all()
+    gate, up = (torch.randn(T, I, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    a, b = swiglu(gate, up), swiglu_reference(gate, up)
+    assert ((a.float() - b.float()).abs() <= b.float().abs() * 2**-7 + 1e-6).all()
+    q = torch.randn(T, HQ, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(T, KV, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    positions = torch.randint(0, 4096, (T,), device="cuda", generator=g)
+    rows = torch.randperm(T, device="cuda", generator=g)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    freqs = torch.arange(4096, device="cuda").float()[:, None] * inv_freq
+    outs = []
+    for fn in (rope_kv_write, rope_kv_write_reference):
+        qq, ck, cv = q.clone(), *(torch.zeros(T, 4096, KV, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        fn(qq, k, v, ck, cv, positions, rows, freqs.cos(), freqs.sin())
+        outs.append((qq, ck, cv))
+    for x1, x2 in zip(*outs):
+        assert torch.equal(x1, x2)

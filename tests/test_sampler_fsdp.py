@@ -141,3 +141,38 @@ def _worker_replica(rank: int, world: int, store_path: str) -> None:
 def test_rollout_replica_equals_gathered_model_and_follows_training():
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker_replica, args=(2, os.path.join(d, "store")), nprocs=2, join=True)
+
+
+def _worker_replica_graphs(rank: int, store_path: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from core.sampler import generate, sampler_stats
+    from tests.test_sampler import tiny_model
+
+    dist.init_process_group("nccl", store=dist.FileStore(store_path, 1), rank=0, world_size=1)
+    try:
+        model = tiny_model().cuda()
+        expected = [c.tokens for c in generate(model.to(torch.bfloat16), PROMPTS, max_new_tokens=20, temperature=0.0)]
+        mesh = init_device_mesh("cuda", (1,))
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        sharded = tiny_model().cuda()
+        for block in sharded.layers:
+            fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+        fully_shard(sharded, mesh=mesh, mp_policy=mp_policy)
+        for _ in range(2):  # the second call reuses the replica's storage and the graphs captured by the first
+            out = generate(sharded, PROMPTS, max_new_tokens=20, temperature=0.0)
+        stats = sampler_stats(sharded)
+        assert stats["replica_bytes"] > 0 and stats["graph_captures"] >= 1
+        captures = stats["graph_captures"]
+        generate(sharded, PROMPTS, max_new_tokens=20, temperature=0.0)
+        assert sampler_stats(sharded)["graph_captures"] == captures
+        assert sum(a.tokens == b for a, b in zip(out, expected)) >= len(PROMPTS) - 1  # bf16 near-ties
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+def test_gpu_fsdp2_rollouts_use_graphs_through_the_replica():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker_replica_graphs, args=(os.path.join(d, "store"),), nprocs=1, join=True)
