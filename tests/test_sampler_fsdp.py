@@ -12,22 +12,30 @@ import torch.multiprocessing as mp
 PROMPTS = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
 
 
-def _worker(rank: int, world: int, store_path: str, expected: list) -> None:
+def sharded_tiny_model(world: int, device: str = "cpu", **fsdp_kw):
+    """tests/test_sampler's tiny model, fully_shard-ed per block and at the root over a 1-D mesh of `world` ranks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    from tests.test_sampler import tiny_model
+
+    model = tiny_model().to(device)
+    mesh = init_device_mesh(device, (world,))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, **fsdp_kw)
+    fully_shard(model, mesh=mesh, **fsdp_kw)
+    return model
+
+
+def _worker(rank: int, world: int, store_path: str, expected: list) -> None:
     from torch.distributed.tensor import DTensor
 
     from core.sampler import full_weights, generate
-    from tests.test_sampler import tiny_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     try:
-        model = tiny_model()
-        mesh = init_device_mesh("cpu", (world,))
-        for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = sharded_tiny_model(world)
         assert all(isinstance(p, DTensor) for p in model.parameters())
         with full_weights(model):
             assert not any(isinstance(p, DTensor) for p in model.parameters())
@@ -54,12 +62,10 @@ def test_fsdp2_greedy_generate_equals_unsharded():
 
 
 def _worker_torch26(rank: int, store_path: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     from core.sampler import generate
-    from tests.test_sampler import tiny_model
 
     torch.set_num_threads(1)
     # torch 2.6 has no FSDPModule.set_reshard_after_forward: full_weights must not need it.
@@ -67,11 +73,7 @@ def _worker_torch26(rank: int, store_path: str) -> None:
         delattr(FSDPModule, "set_reshard_after_forward")
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 1), rank=0, world_size=1)
     try:
-        model = tiny_model()
-        mesh = init_device_mesh("cpu", (1,))
-        for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = sharded_tiny_model(1)
         generate(model, PROMPTS, max_new_tokens=3, temperature=0.0)  # a rollout before the first training forward
         assert all(isinstance(p, DTensor) for p in model.parameters())
         model(torch.tensor([PROMPTS[1]])).sum().backward()
@@ -92,21 +94,14 @@ def test_full_weights_without_setter_and_before_first_forward():
 
 
 def _worker_replica(rank: int, world: int, store_path: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
     from core.sampler import free_cache, generate, replica_bytes, rollout_replica, sampler_stats
-    from tests.test_sampler import tiny_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
     try:
-        model = tiny_model()
-        mesh = init_device_mesh("cpu", (world,))
-        for block in model.layers:
-            fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = sharded_tiny_model(world)
         kw = dict(max_new_tokens=12, n=2, seed=3, temperature=1.0, top_p=0.9)
 
         def same(a, b):
@@ -144,8 +139,7 @@ def test_rollout_replica_equals_gathered_model_and_follows_training():
 
 
 def _worker_replica_graphs(rank: int, store_path: str) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     from core.sampler import generate, sampler_stats
     from tests.test_sampler import tiny_model
@@ -154,12 +148,8 @@ def _worker_replica_graphs(rank: int, store_path: str) -> None:
     try:
         model = tiny_model().cuda()
         expected = [c.tokens for c in generate(model.to(torch.bfloat16), PROMPTS, max_new_tokens=20, temperature=0.0)]
-        mesh = init_device_mesh("cuda", (1,))
         mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        sharded = tiny_model().cuda()
-        for block in sharded.layers:
-            fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-        fully_shard(sharded, mesh=mesh, mp_policy=mp_policy)
+        sharded = sharded_tiny_model(1, "cuda", mp_policy=mp_policy)
         for _ in range(2):  # the second call reuses the replica's storage and the graphs captured by the first
             out = generate(sharded, PROMPTS, max_new_tokens=20, temperature=0.0)
         stats = sampler_stats(sharded)
