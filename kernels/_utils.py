@@ -1,6 +1,7 @@
 """Helpers shared by the Triton kernels in this package: where Triton can run, and fp32-accumulating matmuls.
 
-Not a kernel library: just the two decisions every kernel wrapper makes the same way.
+Not a kernel library: just the two decisions every kernel wrapper makes the same way (plus the switch that
+kernels/aot.py uses to compile every launch ahead of time).
 """
 
 import functools
@@ -21,6 +22,11 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# True only inside kernels.aot.compile_only(), which owns it: launches compile for a stand-in GPU and return, and
+# the wrappers are called with meta tensors (shapes without data), which must then take the Triton path.
+_COMPILE_ONLY = False
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Triton can run on `t`: compiled on a CUDA tensor, or interpreted on a CPU tensor under TRITON_INTERPRET=1.
 
@@ -28,6 +34,8 @@ def use_triton(t: torch.Tensor) -> bool:
     """
     if not HAS_TRITON:
         return False
+    if _COMPILE_ONLY:
+        return t.device.type == "meta"
     return t.is_cuda or (t.device.type == "cpu" and interpreter_on())
 
 
