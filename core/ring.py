@@ -47,8 +47,20 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module back in its sharded state (no communication): after a forward without backward (an
+    evaluation) FSDP keeps the root's parameters gathered, and a module's `parameters()` are then the gathered
+    copies, not the shards that the optimizer updates."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _sources(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
     """The tensors a snapshot copies, in a fixed order: parameters, then each parameter's optimizer state."""
+    reshard(model)
     out = [_local(p.detach()) for p in model.parameters()]
     if optimizer is not None:
         for p in model.parameters():
@@ -214,6 +226,7 @@ class CheckpointRing:
         """Copy slot `key` back into the model (and the optimizer, which must be the kind snapshotted, or a fresh
         one of that kind: its missing state is created). Returns the snapshot's meta."""
         slot = self._slot(key)
+        reshard(model)
         params = list(model.parameters())
         targets = [_local(p.detach()) for p in params]
         if optimizer is not None and slot.optim_keys:

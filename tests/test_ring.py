@@ -159,3 +159,29 @@ def _step_cuda(model, opt, seed):
     (-model(ids[:, :-1], targets=ids[:, 1:]).mean()).backward()
     opt.step()
     opt.zero_grad()
+
+
+def _after_eval(d, out):
+    """After a forward without backward FSDP2 keeps the root's parameters (the tied embedding) gathered; the ring
+    must still snapshot and restore the shards the optimizer updates."""
+    from core.distributed import ParallelConfig, build_model, build_optimizer
+
+    cfg = ModelConfig(**{**CFG, "tie_word_embeddings": True})
+    model = build_model(cfg, d, ParallelConfig(param_dtype="float32"), seed=0)
+    opt = build_optimizer(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))  # an evaluation: the root stays gathered
+    ring = CheckpointRing(1 << 30)
+    ring.snapshot("s", model)
+    want = [p.detach().full_tensor().clone() for p in model.parameters()]
+    _train(model, opt, 2, seed=3)
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long))
+    ring.restore("s", model)
+    _train(model, opt, 0, seed=0)
+    got = [p.detach().full_tensor() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_snapshot_after_an_evaluation_forward_takes_the_shards(tmp_path):
+    spawn(_after_eval, 2, str(tmp_path))
