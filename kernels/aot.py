@@ -310,9 +310,64 @@ def _grpo_cases() -> list[LaunchCase]:
     return cases
 
 
+def _sample_cases() -> list[LaunchCase]:
+    """kernels/sample.py as the sampler launches it on CUDA: one row per sequence, the logits in the model dtype,
+    each filter combination a constexpr variant; bare sampling (fused_sample) and the decode step's tail with its
+    bookkeeping (fused_sample_step, [R, T + 1] buffers)."""
+    from core.sampler import SamplingParams
+    from kernels.sample import fused_sample, fused_sample_step
+
+    variants = {"greedy": SamplingParams(temperature=0.0), "plain": SamplingParams(),
+                "top_p": SamplingParams(top_p=0.9),
+                "all": SamplingParams(temperature=0.8, top_k=200, top_p=0.95, min_p=0.05)}  # every branch at once
+    cases = []
+    for dtype, V, names in ((torch.bfloat16, 151936, ("greedy", "plain", "all")), (torch.bfloat16, 151937, ("all",)),
+                            (torch.float16, 128256, ("top_p",)), (torch.float32, 32000, ("all",))):
+        for name in names:
+            params = variants[name]
+
+            def fn(dtype=dtype, V=V, params=params):
+                R, T = 256, 256
+                fused_sample(meta(R, V, dtype=dtype), params, meta(R))
+                fused_sample_step(meta(R, V, dtype=dtype), params, meta(R, T + 1), meta(R, dtype=torch.int64),
+                                  meta(R, T + 1, dtype=torch.int64), meta(R, T + 1), meta(R, T + 1),
+                                  meta(R, dtype=torch.int64), meta(R, dtype=torch.int64), meta(R, dtype=torch.bool),
+                                  meta(8, dtype=torch.int64))  # fmt: skip
+
+            cases.append(LaunchCase(f"sample {str(dtype)[6:]} V={V} {name}", fn))
+    return cases
+
+
+def _decode_cases() -> list[LaunchCase]:
+    """kernels/norm.py, rope.py, swiglu.py in Transformer.decode_fused: 256 rows, Qwen2-0.5B widths (hidden 896,
+    14 x 64 heads, 2 kv heads, intermediate 4864) and Llama-3-8B's (4096, 32 x 128, 8, 14336)."""
+    from kernels.norm import rms_norm
+    from kernels.rope import rope_kv_write
+    from kernels.swiglu import swiglu
+
+    cases = []
+    for H, HQ, KV, D, I, dtypes in ((896, 14, 2, 64, 4864, (torch.bfloat16, torch.float32)),
+                                     (4096, 32, 8, 128, 14336, (torch.bfloat16,))):
+        for dtype in dtypes:
+
+            def fn(H=H, HQ=HQ, KV=KV, D=D, I=I, dtype=dtype):
+                B, L, P = 256, 2048, 32768
+                x = meta(B, H, dtype=dtype)
+                rms_norm(x, meta(H, dtype=dtype), 1e-6)
+                rms_norm(x, meta(H, dtype=dtype), 1e-6, meta(B, H, dtype=dtype))
+                cache = meta(B, L, KV, D, dtype=dtype)
+                rope_kv_write(meta(B, HQ, D, dtype=dtype), meta(B, KV, D, dtype=dtype), meta(B, KV, D, dtype=dtype),
+                              cache, meta(B, L, KV, D, dtype=dtype), meta(B, dtype=torch.int64),
+                              meta(B, dtype=torch.int64), meta(P, D // 2), meta(P, D // 2))  # fmt: skip
+                swiglu(meta(B, I, dtype=dtype), meta(B, I, dtype=dtype))
+
+            cases.append(LaunchCase(f"decode kernels {str(dtype)[6:]} H={H} heads={HQ}/{KV}x{D} I={I}", fn))
+    return cases
+
+
 def all_cases() -> list[LaunchCase]:
     """Every launch case; one list entry (a function) per kernel file. Append new kernels' cases here."""
-    return _logprob_cases() + _grpo_cases()
+    return _logprob_cases() + _grpo_cases() + _sample_cases() + _decode_cases()
 
 
 def compile_all(arch: int, cases: list[LaunchCase] | None = None) -> list[Variant]:
