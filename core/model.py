@@ -12,8 +12,10 @@ What this file is for:
   - Packed sequences: pass `position_ids` [B, S] that restart at 0 at each document; tokens attend only within
     their own document (flash-attn varlen on CUDA when installed, otherwise SDPA with a block-diagonal causal mask).
   - The KV-cache seam: pass a `KVCache` and `position_ids`; each layer writes its keys/values at those positions
-    and attends to cache slots 0..position. The sampler (core/sampler.py) owns the decoding loop; this file only
-    reads and writes the buffers.
+    and attends to cache slots 0..position (or, for a cache flagged `prefill`, only to the forward's own keys). A
+    cache flagged `fused` sends one-token decode forwards through `decode_fused` (Triton kernels: norm + residual,
+    RoPE + KV write, SwiGLU). The sampler (core/sampler.py) owns the decoding loop; this file only reads and writes
+    the buffers.
   - `init_weights()` for training from scratch, and meta-device construction (`with torch.device("meta")`), then
     `to_empty(...)` and loading or `init_weights()` (FSDP2 shards before materialising).
 
@@ -191,7 +193,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     row_index: torch.Tensor | None = None  # [B] long: cache row of each batch row; None = row b is row b
-    prefill: bool = False  # the forward holds whole prompts from position 0 (also implied by S > 1)
+    prefill: bool = False  # the forward holds whole prompts from position 0: attend over its own keys only
     fused: bool = False  # decode through the fused kernels (Transformer.decode_fused)
 
     @classmethod
@@ -200,8 +202,9 @@ class KVCache:
         """A cache over existing buffers k, v [layers, rows, max_len, kv_heads, head_dim], e.g. strided views of a
         larger cache (every `n`-th row, the first `L` slots) or a flat buffer reshaped; writes go to their storage.
         row_index [B]: batch row b of a forward writes cache row row_index[b] (a prefill into scattered rows).
-        prefill: the forward's rows are whole prompts from position 0, so it attends over its own keys only (a
-        forward of S > 1 tokens is taken to be one anyway; this flag covers one-token prompts).
+        prefill: the forward's rows are whole prompts from position 0, so it attends over its own keys only (causal,
+        no mask over the cache length, no cache read); without it a forward attends over cache slots 0..position
+        (decode, or a chunk that continues cached tokens).
         fused: a one-token decode forward runs Transformer.decode_fused (fewer kernels, same numbers)."""
         if k.shape != v.shape or k.dim() != 5:
             raise ValueError(f"KVCache.wrap: k and v must both be [layers, B, max_len, kv_heads, head_dim], got "
@@ -423,7 +426,7 @@ class AttentionLayout:
     cu_seqlens: torch.Tensor | None = None  # int32 [docs + 1], flash-attn varlen over packed documents
     max_seqlen: int = 0
     cache_rows: torch.Tensor | None = None  # [B, 1] with a cache: the cache row each batch row writes
-    prefill: bool = False  # with a cache and S > 1: whole prompts from position 0, attending over their own keys
+    prefill: bool = False  # with a cache flagged prefill: whole prompts from position 0, attending over own keys
 
 
 def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
@@ -491,19 +494,20 @@ class Transformer(nn.Module):
             if position_ids is None:
                 raise ValueError("forward with kv_cache needs position_ids [B, S]: the cache slots to write")
             rows = cache.row_index if cache.row_index is not None else torch.arange(B, device=device)
-            if S > 1 or cache.prefill:
-                # A prefill holds whole prompts starting at position 0 (right-padded): each token needs only the
-                # chunk's own earlier keys, so no mask over the cache length and no cache read.
+            if cache.prefill:
+                # Whole prompts starting at position 0 (right-padded): each token needs only the chunk's own earlier
+                # keys, so no mask over the cache length and no cache read.
                 return AttentionLayout(position_ids, cache_rows=rows[:, None], prefill=True)
-            # Decode: a query at position p sees cache slots 0..p of its own row. Slots beyond p may hold stale
-            # values from an earlier request or padding; the mask hides them until a later step overwrites them.
+            # Decode, or a chunk continuing cached tokens: a query at position p sees cache slots 0..p of its own
+            # row. Slots beyond p may hold stale values from an earlier request or padding; the mask hides them until
+            # a later step overwrites them.
             slots = torch.arange(cache.max_len, device=device)
-            mask = slots[None, None, :] <= position_ids[:, :, None]  # [B, 1, max_len]
-            # One row per query head in a kv group, as the cache branch of Attention lays queries out; an additive
-            # float mask built once here, not a bool mask that SDPA would convert again in every layer.
+            mask = slots[None, None, :] <= position_ids[:, :, None]  # [B, S, max_len]
+            # One row per (query head in a kv group, token), as the cache branch of Attention lays queries out; an
+            # additive float mask built once here, not a bool mask that SDPA would convert again in every layer.
             G = self.config.num_heads // self.config.num_kv_heads
             bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
-            bias = bias[:, None].expand(B, 1, G, cache.max_len)
+            bias = bias[:, None, None].expand(B, 1, G, S, cache.max_len).reshape(B, 1, G * S, cache.max_len)
             return AttentionLayout(position_ids, mask=bias, cache_rows=rows[:, None])
         flash = HAS_FLASH_ATTN and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
         if position_ids is None:

@@ -465,3 +465,19 @@ def test_gpu_attention_backends_are_pinned_and_match_math():
                                                                    "EFFICIENT_ATTENTION")
     assert (h1 - h2).abs().max() < 0.05 and (d1 - d2).abs().max() < 0.05
     M._SDPA_CHOSEN.clear()
+
+
+@torch.no_grad()
+def test_prefill_over_own_keys_then_a_continuing_chunk_equal_the_full_forward(model):
+    """A cache flagged prefill attends only over the chunk's own keys (scattered cache rows through row_index, stale
+    garbage elsewhere); an unflagged multi-token chunk then continues from the cache. Both equal the full forward."""
+    seqs = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    cache = KVCache(model.config, 4, 64, dtype=torch.float32, device="cpu")
+    cache.k.normal_()
+    cache.v.normal_()
+    rows = torch.tensor([3, 1])
+    first = model(seqs[:, :7], torch.arange(7).expand(2, 7), kv_cache=KVCache.wrap(cache.k, cache.v, rows, prefill=True))
+    view = KVCache.wrap(cache.k[:, rows], cache.v[:, rows])  # a copy of the two rows, as a plain cache
+    rest = model(seqs[:, 7:], torch.arange(7, 12).expand(2, 5), kv_cache=view)
+    full = model(seqs)
+    assert (torch.cat([first, rest], 1) - full).abs().max() < 1e-5
