@@ -30,7 +30,7 @@ step() {  # step NAME TIMEOUT_S CMD...
   timeout "$t" "$@" || { echo "!!! $name failed (rc=$?)"; status=1; }
   echo "=== $name took $((SECONDS - t0)) s"
 }
-# Caps add up to 7.25 minutes (typical runs take far less); each benchmark also keeps its own time budget and
+# Caps add up to 7.75 minutes (typical runs take far less); each benchmark also keeps its own time budget and
 # writes JSON after every row.
 step gpu_tests 75 python3 -m pytest -q -m gpu -p no:cacheprovider tests
 # The whole trainer once on CUDA: one-rank nccl group, bf16 FSDP2, per-block compile with activation checkpointing,
@@ -42,4 +42,5 @@ step bench_logprob 85 python3 -m bench.bench_logprob --json "$OUT/bench_logprob.
 step bench_grpo 55 python3 -m bench.bench_grpo --json "$OUT/bench_grpo.json"
 step bench_sampler 75 python3 -m bench.bench_sampler --json "$OUT/bench_sampler.json"
 step bench_train 85 python3 -m bench.bench_train --json "$OUT/bench_train.json"
+step bench_ring 30 python3 -m bench.bench_ring --json "$OUT/bench_ring.json"
 exit $status

@@ -55,6 +55,17 @@ def reshard(model: nn.Module) -> None:
 
     for m in model.modules():
         if isinstance(m, FSDPModule):
+            # A group of several modules (the final norm + lm-head) whose last module was run outside its module
+            # call (the sampler reads the lm-head weight) stays in its FORWARD state, where reshard() is a no-op
+            # for a group that keeps its parameters gathered after forward: end that forward first. Private state,
+            # read defensively (torch 2.6 has one group per state, later versions a list).
+            state = m._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:
+                groups = [g for g in [getattr(state, "_fsdp_param_group", None)] if g is not None]
+            for group in groups:
+                if getattr(group, "_training_state", None) is not None and group._training_state.name == "FORWARD":
+                    group._training_state = type(group._training_state).IDLE
             m.reshard()
 
 

@@ -162,15 +162,19 @@ def _step_cuda(model, opt, seed):
 
 
 def _after_eval(d, out):
-    """After a forward without backward FSDP2 keeps the root's parameters (the tied embedding) gathered; the ring
-    must still snapshot and restore the shards the optimizer updates."""
+    """After a forward without backward FSDP2 keeps the root's parameters gathered, and after a rollout the final
+    norm + lm-head group is left gathered; the ring must still snapshot and restore the shards the optimizer
+    updates."""
     from core.distributed import ParallelConfig, build_model, build_optimizer
 
-    cfg = ModelConfig(**{**CFG, "tie_word_embeddings": True})
-    model = build_model(cfg, d, ParallelConfig(param_dtype="float32"), seed=0)
+    from core.sampler import full_weights, generate
+
+    model = build_model(ModelConfig(**CFG), d, ParallelConfig(param_dtype="float32"), seed=0)
     opt = build_optimizer(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
     with torch.no_grad():
         model(torch.zeros(1, 4, dtype=torch.long))  # an evaluation: the root stays gathered
+        with full_weights(model):  # and a rollout, which reads the lm-head outside its module call
+            generate(model, [[1, 2, 3]], max_new_tokens=3, temperature=0.0)
     ring = CheckpointRing(1 << 30)
     ring.snapshot("s", model)
     want = [p.detach().full_tensor().clone() for p in model.parameters()]
@@ -185,3 +189,15 @@ def _after_eval(d, out):
 
 def test_snapshot_after_an_evaluation_forward_takes_the_shards(tmp_path):
     spawn(_after_eval, 2, str(tmp_path))
+
+
+def test_bench_smoke(tmp_path):
+    import json
+
+    from bench import bench_ring
+
+    out = tmp_path / "ring.json"
+    bench_ring.main(["--smoke", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3 and all(r["snapshot_gbps"] > 0 and r["torch_save_gbps"] > 0 for r in rows[:2])
+    assert rows[2]["step_ms"] > 0 and "overhead" in rows[2]

@@ -1,0 +1,148 @@
+"""train/msft.py: the decision rule on scripted curves, and the driver end to end on a small mixture."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from train.msft import decide, peak_index, temperature_weights
+
+P = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_earliest_peak_is_excluded_and_rolled_back_to():
+    scores = {"a": [0.1, 0.5, 0.4, 0.3, 0.2],   # peaks at 0.25
+              "b": [0.1, 0.2, 0.6, 0.5, 0.5],   # peaks at 0.5
+              "c": [0.0, 0.1, 0.2, 0.3, 0.4]}   # still improving
+    assert decide(P, scores, ["a", "b", "c"]) == ("a", 0.25)
+    assert decide(P, scores, ["b", "c"]) == ("b", 0.5)
+    assert decide(P, scores, ["c"]) == (None, 1.0)  # no active task peaked before C: continue from θ_C
+
+
+def test_exclusion_order_over_stages_follows_each_stages_curves():
+    """A driver-like loop: stage curves are scripted per stage; the order of exclusion is by earliest peak."""
+    stages = [
+        {"a": [0.2, 0.6, 0.5, 0.5, 0.4], "b": [0.1, 0.3, 0.5, 0.7, 0.6], "c": [0.0, 0.1, 0.2, 0.3, 0.4]},
+        {"a": [0.6, 0.6, 0.6, 0.6, 0.6], "b": [0.5, 0.6, 0.8, 0.7, 0.7], "c": [0.2, 0.3, 0.4, 0.5, 0.6]},
+        {"a": [0.6] * 5, "b": [0.8] * 5, "c": [0.4, 0.5, 0.6, 0.7, 0.8]},
+        {"a": [0.6] * 5, "b": [0.8] * 5, "c": [0.8, 0.9, 0.85, 0.8, 0.8]},
+    ]
+    active, order = ["a", "b", "c"], []
+    for curves in stages:
+        j, c = decide(P, curves, active)
+        order.append((j, c))
+        if j is not None:
+            active.remove(j)
+    assert order == [("a", 0.25), ("b", 0.5), (None, 1.0), ("c", 0.25)] and active == []
+
+
+def test_ties_by_name_and_first_argmax():
+    scores = {"b": [0.1, 0.5, 0.5, 0.2, 0.2], "a": [0.3, 0.4, 0.5, 0.5, 0.1], "c": [0.1, 0.5, 0.1, 0.1, 0.1]}
+    # b and c both peak first at 0.25 (b's 0.5 at 0.5 is not a strict improvement); b < c by name
+    assert decide(P, scores, ["a", "b", "c"]) == ("b", 0.25)
+    assert peak_index([0.5, 0.5, 0.5]) == 0
+
+
+def test_a_peak_at_the_start_rolls_back_to_the_start():
+    scores = {"a": [0.9, 0.8, 0.7, 0.6, 0.5], "b": [0.1, 0.2, 0.3, 0.4, 0.5]}
+    assert decide(P, scores, ["a", "b"]) == ("a", 0.0)
+
+
+def test_a_task_that_never_learns():
+    scores = {"flat": [0.0] * 5, "b": [0.1, 0.4, 0.6, 0.5, 0.4], "c": [0.1, 0.2, 0.3, 0.4, 0.5]}
+    # The reference rule: the first argmax of a flat curve is c = 0, so it goes first, rolling back everything.
+    assert decide(P, scores, ["flat", "b", "c"]) == ("flat", 0.0)
+    # skip_flat: a task that has not moved is not a candidate; b peaked at 0.5.
+    assert decide(P, scores, ["flat", "b", "c"], skip_flat=True) == ("b", 0.5)
+    assert decide(P, {"flat": [0.0] * 5}, ["flat"], skip_flat=True) == (None, 1.0)
+    # A task that only goes down is not flat: its peak at 0 is real.
+    assert decide(P, {"down": [0.5, 0.4, 0.4, 0.4, 0.4], "c": [0.1] * 4 + [0.2]}, ["down", "c"],
+                  skip_flat=True) == ("down", 0.0)
+
+
+def test_margin_ignores_small_later_gains():
+    scores = {"a": [0.50, 0.60, 0.62, 0.64, 0.61], "b": [0.1, 0.2, 0.3, 0.4, 0.5]}
+    assert decide(P, scores, ["a", "b"]) == ("a", 0.75)
+    # With a 0.05 margin the gains after 0.25 are noise: a peaked at 0.25.
+    assert decide(P, scores, ["a", "b"], margin=0.05) == ("a", 0.25)
+    # ... and a later gain beyond the margin over the current peak is a new peak.
+    assert peak_index([0.5, 0.52, 0.56], margin=0.05) == 2
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="no active task"):
+        decide(P, {}, [])
+    with pytest.raises(ValueError, match="task 'a' has 2 scores for 5 points"):
+        decide(P, {"a": [0.1, 0.2]}, ["a"])
+
+
+def test_temperature_weights_flatten_the_mixture():
+    w = temperature_weights({"big": 1000, "small": 10}, tau=2.0)
+    assert w == {"big": 1000 ** 0.5, "small": 10 ** 0.5}
+    assert temperature_weights({"big": 1000, "small": 10}, tau=1.0) == {"big": 1000, "small": 10}
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+from tests.test_sft import REPO, SMALL  # noqa: E402
+
+TASKS = ("copy", "reverse", "sort", "add", "mod", "majority")
+
+
+def _run_msft(out, data, *flags, nproc=1):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    small = [f for f in SMALL if not f.startswith("--eval.")]
+    cmd = launcher + ["-m", "train.msft", "--config", str(REPO / "configs/tiny_msft.toml"), f"--out_dir={out}",
+                      *small, f"--data.path={data}", f"--data.cache_dir={out}/cache", "--optim.lr=1e-2",
+                      "--msft.budget_epochs=0.5", "--msft.eval_every=0.125", "--msft.max_stages=4",
+                      "--eval.max_new_tokens=8", *flags]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory):
+    from train.synthetic import write_jsonl
+
+    root = tmp_path_factory.mktemp("mix")
+    write_jsonl(root, seed=0, train_sizes={t: 48 for t in TASKS}, heldout_sizes={t: 8 for t in TASKS})
+    return root
+
+
+def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
+    """mSFT and every baseline on a small mixture: each roll-back restored exactly the snapshot it names (weights
+    digests), compute adds up (tokens per stage, the discarded part, equal budgets), and 2 gloo ranks make the
+    same decisions and select the same weights as 1 process with the same global batch."""
+    methods = '--msft.methods=["msft", "sft", "early_stop", "sro", "temperature"]'
+    one = _run_msft(tmp_path / "one", mixture, methods, "--optim.grad_accum=2", "--msft.skip_flat=true")
+    r = one["runs"]["msft"]
+    stages = r["stages"]
+    assert stages and all(s["restored_weights"] == s["point_weights"] for s in stages if s["excluded"])
+    assert r["selected"]["restored_weights"] == r["selected"]["weights"]
+    for s in stages:
+        if s["excluded"]:
+            assert s["discarded_tokens"] >= 0 and s["rollback_to"] <= s["points"][-1]
+            assert s["excluded"] not in sum((t["active"] for t in stages[stages.index(s) + 1:]), [])
+    assert r["curve"][-1]["tokens"] == r["tokens"] and r["tokens"] > 0
+    budget = r["tokens"]
+    for method in ("sft", "sro", "temperature"):
+        run = one["runs"][method]
+        assert budget <= run["tokens"] < budget * 1.2, (method, run["tokens"], budget)  # equal tokens, one step over
+        assert run["selected"]["restored_weights"] == run["selected"]["weights"]
+    es = one["summary"]["early_stop"]["accuracy"]
+    sft_curve = one["runs"]["sft"]["curve"]
+    assert all(es[t] == max(p["eval"][t]["accuracy"] for p in sft_curve) for t in TASKS)
+    assert (tmp_path / "one" / "msft.png").exists() or "matplotlib is not installed" in ""
+
+    two = _run_msft(tmp_path / "two", mixture, '--msft.methods=["msft"]', "--msft.skip_flat=true", nproc=2)
+    decisions = lambda rep: [(s["excluded"], s["rollback_to"]) for s in rep["runs"]["msft"]["stages"]]  # noqa
+    assert decisions(two) == decisions(one)
+    a, b = one["runs"]["msft"]["selected"], two["runs"]["msft"]["selected"]
+    assert (a["step"], a["accuracy"]) == (b["step"], b["accuracy"])
+    assert abs(a["weights"] - b["weights"]) < 1e-6 * a["weights"]

@@ -1,0 +1,445 @@
+"""mSFT: overfitting-aware multi-task mixture search (arXiv 2603.21606), with its baselines in the same harness.
+
+    python -m train.msft --config configs/tiny_msft.toml                       mSFT, then the SFT baseline
+    python -m train.msft --config configs/tiny_msft.toml --msft.methods='["msft", "sft", "sro", "temperature"]'
+
+The method. Sub-datasets D_1..D_N each have a train and a held-out split. A stage trains the pooled, shuffled
+examples of the active sub-datasets with a fresh optimizer for C epochs of the active mixture (`msft.budget_epochs`,
+the method's one hyperparameter), evaluating every held-out split at c = 0, Δ, 2Δ, ..., C (`msft.eval_every`).
+`decide` finds each active task's peak c_i* (first argmax) and the earliest one, j. If j peaked before C, j is
+excluded and the weights and data position roll back to c_j* (the work after it is discarded); otherwise training
+continues from θ_C with the same mixture. Stop when every task is excluded or after `msft.max_stages` stages. The
+output is the snapshot with the best overall (micro-averaged) held-out accuracy seen in any stage.
+
+Snapshots live in an in-memory ring (core/ring.py): θ_c is kept while it is some active task's best so far (strict
+improvement) or the best overall, so at most N + 1 are live; the ring is sized for that.
+
+Deviations from the reference, each a config switch with the reference as default unless said:
+  - the peak signal: held-out accuracy (reference), or held-out loss (`msft.signal = "loss"`), or accuracy with a
+    margin (`msft.margin > 0`: a later point is a new peak only if it beats the current peak by more than margin);
+  - the optimizer is the config's [optim] (reference: Adam, lr 1e-5, constant, no warm-up; configs/tiny_msft.toml
+    uses AdamW at a higher constant lr, as a model trained from scratch needs), recreated fresh at every stage;
+  - the data position rolls back with the weights (the reference re-shuffles; here the stream is deterministic and
+    resumable, and the examples seen after c_j* are seen again, by the remaining tasks' draws);
+  - evaluation points are the first optimizer step at or after each multiple of Δ (so c is a little past kΔ).
+
+Baselines (`msft.methods`), every one from the same θ0, reported with its tokens and FLOPs:
+  sft          standard SFT for the tokens mSFT spent (its discarded work included); the best checkpoint by overall
+               held-out accuracy;
+  early_stop   per-task early stopping on the SFT run's curves: each task's accuracy at its own best checkpoint
+               (an oracle needing N models; no extra training);
+  sro          SRO SFT: one roll-out of C epochs records every c_i*; a re-run excludes each task when the mixture
+               reaches its recorded peak; the best checkpoint by overall held-out accuracy;
+  temperature  SFT with mixture weights proportional to size^(1/τ) (`msft.temperature`), equal tokens.
+
+Reads top to bottom: config -> `decide` (pure) -> the mSFT driver -> baselines -> report and plot -> main.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from core.ring import CheckpointRing, reshard
+from train.runtime import RunConfig, Runtime, entry_point, global_sum, log
+from train.sft import make_loader, train_step
+
+METHODS = ("msft", "sft", "early_stop", "sro", "temperature")
+
+
+@dataclass
+class MSFTSection:
+    budget_epochs: float = 1.0  # C: one roll-out window, in epochs of the active mixture
+    eval_every: float = 0.25  # Δ, in epochs of the active mixture
+    max_stages: int = 10
+    signal: str = "accuracy"  # "accuracy" (reference) | "loss" (lower held-out NLL is better)
+    margin: float = 0.0  # > 0: a later point is a new peak only if it beats the current one by more than this
+    # True: a task whose score is the same at every point of a stage (not learning yet, e.g. 0 accuracy from
+    # scratch) is no peak candidate in that stage. The reference (False) takes its first argmax, c = 0.
+    skip_flat: bool = False
+    methods: list[str] = field(default_factory=lambda: ["msft", "sft"])
+    temperature: float = 2.0  # the temperature baseline's τ
+    ring_gb: float = 0.0  # ring capacity; 0: room for N + 2 snapshots of this rank's weights
+
+    def __post_init__(self) -> None:
+        if self.signal not in ("accuracy", "loss"):
+            raise ValueError(f"msft.signal: {self.signal!r} is not 'accuracy' or 'loss'")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"msft.methods: unknown {bad}; use some of {', '.join(METHODS)}")
+        if self.budget_epochs <= 0 or not 0 < self.eval_every <= self.budget_epochs:
+            raise ValueError(f"msft: need 0 < eval_every ({self.eval_every}) <= budget_epochs "
+                             f"({self.budget_epochs})")
+        if self.margin < 0:
+            raise ValueError(f"msft.margin must be >= 0, got {self.margin}")
+
+
+@dataclass
+class MSFTConfig(RunConfig):
+    msft: MSFTSection = field(default_factory=MSFTSection)
+    out_dir: str = "runs/msft"
+
+
+# ---------------------------------------------------------------------------------------------- the decision
+
+
+def peak_index(scores: Sequence[float], margin: float = 0.0) -> int:
+    """The first argmax of `scores`; with margin > 0, a later point is a new peak only if it beats the current
+    peak's score by more than `margin`."""
+    best = 0
+    for k in range(1, len(scores)):
+        if scores[k] > scores[best] + margin:
+            best = k
+    return best
+
+
+def decide(points: Sequence[float], scores: dict[str, Sequence[float]], active: Sequence[str], *,
+           margin: float = 0.0, skip_flat: bool = False) -> tuple[str | None, float]:
+    """One stage's decision. points: the evaluation points in epochs [0, Δ, ..., C]; scores[task]: the held-out
+    scores there (higher is better); active: the tasks still trained. Returns (None, C) when no active task peaked
+    before C, else (j, c_j*): the active task whose peak is earliest (ties by name) and its peak. With skip_flat,
+    tasks whose scores are all equal are not candidates."""
+    if not active:
+        raise ValueError("decide: no active task")
+    for task in active:
+        if len(scores[task]) != len(points):
+            raise ValueError(f"decide: task {task!r} has {len(scores[task])} scores for {len(points)} points")
+    candidates = [t for t in active if not (skip_flat and min(scores[t]) == max(scores[t]))]
+    if not candidates:
+        return None, points[-1]
+    peaks = {task: peak_index(scores[task], margin) for task in candidates}
+    j = min(candidates, key=lambda task: (peaks[task], task))
+    if peaks[j] == len(points) - 1:
+        return None, points[-1]
+    return j, points[peaks[j]]
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def micro_accuracy(rt: Runtime, results: dict[str, dict[str, float]]) -> float:
+    """Held-out accuracy over all evaluated examples of every task (tasks weigh by their held-out sizes)."""
+    sizes = {t: len(rt.data.heldout_rows[t]) for t in results}
+    if rt.cfg.eval.max_examples:
+        sizes = {t: min(n, rt.cfg.eval.max_examples) for t, n in sizes.items()}
+    return sum(results[t]["accuracy"] * sizes[t] for t in results) / max(sum(sizes.values()), 1)
+
+
+def weights_digest(rt: Runtime) -> float:
+    """Sum of squares of every weight (float64, all ranks): recorded at each evaluation, compared after each
+    restore, so the report shows that a roll-back restored exactly the snapshot it names."""
+    reshard(rt.model)
+    local = sum(float(p.detach().to_local().double().pow(2).sum()) for p in rt.model.parameters())
+    return global_sum(rt.d, local)[0]
+
+
+def signal_of(cfg: MSFTConfig, result: dict[str, float]) -> float:
+    return -result["loss"] if cfg.msft.signal == "loss" else result["accuracy"]
+
+
+class Tracker:
+    """Evaluations of one run: records them (runtime history + metrics), keeps the best-overall snapshot in the
+    ring, and, for mSFT, each active task's best-so-far snapshot. Snapshot keys are never reused."""
+
+    def __init__(self, rt: Runtime, ring: CheckpointRing, loader: Any, method: str) -> None:
+        self.rt, self.ring, self.loader, self.method = rt, ring, loader, method
+        self.best_overall: tuple[float, str] | None = None  # (micro accuracy, key)
+        self.task_best: dict[str, tuple[float, str]] = {}  # active task -> (score, key), this stage
+        self.curve: list[dict[str, Any]] = []  # every evaluation: tokens, flops, epoch, stage, c, results
+        self._n = 0
+
+    def evaluate(self, *, stage: int = 0, c: float = 0.0, active: Sequence[str] = (),
+                 results: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+        rt = self.rt
+        results = results if results is not None else rt.evaluate()
+        overall = micro_accuracy(rt, results)
+        point = {"tokens": rt.counters.tokens, "flops": rt.counters.flops, "step": rt.counters.step,
+                 "epoch": self.loader.progress, "stage": stage, "c": c, "overall": overall, "eval": results,
+                 "weights": weights_digest(rt)}
+        self.curve.append(point)
+        rt.record_eval(self.loader.progress, results, method=self.method, stage=stage, c=c, overall=overall)
+        improved = [t for t in active if t not in self.task_best or
+                    signal_of(rt.cfg, results[t]) > self.task_best[t][0]]
+        better = self.best_overall is None or overall > self.best_overall[0]
+        if improved or better:
+            key = f"{self.method}/{self._n}"
+            self._n += 1
+            self.ring.snapshot(key, rt.model, meta={"data": self.loader.state_dict(), "point": point})
+            for t in improved:
+                self.task_best[t] = (signal_of(rt.cfg, results[t]), key)
+            if better:
+                self.best_overall = (overall, key)
+            self._gc()
+        point["snapshot"] = improved or better
+        return point
+
+    def _gc(self) -> None:
+        """Drop snapshots that are no active task's best and not the best overall."""
+        live = {k for _, k in self.task_best.values()} | ({self.best_overall[1]} if self.best_overall else set())
+        for key in self.ring.keys():
+            if key.startswith(f"{self.method}/") and key not in live:
+                self.ring.drop(key)
+
+    def new_stage(self) -> None:
+        self.task_best = {}
+        self._gc()
+
+
+# ---------------------------------------------------------------------------------------------- the runs
+
+
+def _ring(rt: Runtime) -> CheckpointRing:
+    reshard(rt.model)
+    per = sum(p.to_local().numel() * p.element_size() for p in rt.model.parameters())
+    gb = rt.cfg.msft.ring_gb
+    capacity = int(gb * 2**30) if gb > 0 else per * (len(rt.data.tasks) + 2)
+    return CheckpointRing(capacity, device="cpu")
+
+
+def _train_until(rt: Runtime, loader: Any, frac: Callable[[], float], evaluate: Callable[[], Any],
+                 progress: Callable[[], float], every: float) -> None:
+    """Steps of SFT on `loader` until `frac()` (also the lr schedule's position) reaches 1; `evaluate()` at every
+    `every` epochs of `progress()` and at the end (the caller evaluates the start)."""
+    def step(lr: Callable[[], float]) -> dict[str, float]:
+        batches = [loader.next_batch() for _ in range(rt.cfg.optim.grad_accum)]
+        return train_step(rt, batches, lr())
+
+    rt.loop(step, progress=progress, frac=frac, evaluate=evaluate, every_epochs=every)
+
+
+def run_msft(rt: Runtime, loader: Any, ring: CheckpointRing) -> dict[str, Any]:
+    m = rt.cfg.msft
+    tracker = Tracker(rt, ring, loader, "msft")
+    active = list(loader.active_tasks)
+    stages: list[dict[str, Any]] = []
+    carry: dict[str, Any] | None = None  # the evaluation at a roll-back point: the next stage's c = 0
+    while active and len(stages) < m.max_stages:
+        stage = len(stages) + 1
+        rt.new_optimizer()
+        tracker.new_stage()
+        start, first = loader.progress, len(tracker.curve)
+        rel = lambda: loader.progress - start  # noqa: E731
+        ev = lambda results=None: tracker.evaluate(stage=stage, c=rel(), active=active, results=results)  # noqa
+        ev(carry)
+        _train_until(rt, loader, lambda: rel() / m.budget_epochs + 1e-9, ev, rel, m.eval_every)
+        curve = tracker.curve[first:]
+        points = [p["c"] for p in curve]
+        scores = {t: [signal_of(rt.cfg, p["eval"][t]) for p in curve] for t in rt.data.tasks}
+        excluded, c_star = decide(points, scores, active, margin=m.margin, skip_flat=m.skip_flat)
+        peaks = {t: points[peak_index(scores[t], m.margin)] for t in active}
+        record = {"stage": stage, "active": list(active), "points": points, "peaks": peaks, "excluded": excluded,
+                  "rollback_to": c_star, "tokens_end": rt.counters.tokens}
+        if excluded is None:
+            carry = None
+            record["discarded_tokens"] = 0.0
+        else:
+            key = tracker.task_best[excluded][1]
+            meta = ring.restore(key, rt.model)
+            record["restored_weights"], record["point_weights"] = weights_digest(rt), meta["point"]["weights"]
+            loader.load_state_dict(meta["data"])
+            if len(active) > 1:  # the last task is not excluded from the loader: the run ends here
+                loader.exclude(excluded)
+            active.remove(excluded)
+            carry = meta["point"]["eval"]
+            record["discarded_tokens"] = rt.counters.tokens - meta["point"]["tokens"]
+            record["rollback_step"] = meta["point"]["step"]
+        stages.append(record)
+        log(rt.d, f"mSFT stage {stage}: peaks {({t: round(c, 3) for t, c in peaks.items()})} -> "
+                  + (f"exclude {excluded}, roll back to c = {c_star:.3f}" if excluded else "no peak before C"))
+    return _result(rt, ring, tracker, "msft", stages=stages)
+
+
+def run_sft_budget(rt: Runtime, loader: Any, ring: CheckpointRing, method: str, tokens: float,
+                   exclude_at: dict[str, float] | None = None) -> dict[str, Any]:
+    """Plain SFT until `tokens` input tokens (all ranks); with `exclude_at` (SRO) each task is excluded when the
+    mixture's progress reaches its recorded peak."""
+    tracker = Tracker(rt, ring, loader, method)
+    pending = dict(sorted((exclude_at or {}).items(), key=lambda kv: (kv[1], kv[0])))
+
+    def evaluate() -> None:
+        tracker.evaluate(c=loader.progress)
+        for task, at in list(pending.items()):
+            if loader.progress >= at and len(loader.active_tasks) > 1:
+                loader.exclude(task)
+                del pending[task]
+                log(rt.d, f"{method}: exclude {task} at epoch {loader.progress:.3f} (its peak: {at:.3f})")
+
+    tracker.evaluate(c=0.0)
+    _train_until(rt, loader, lambda: rt.counters.tokens / tokens, evaluate, lambda: loader.progress,
+                 rt.cfg.msft.eval_every)
+    return _result(rt, ring, tracker, method)
+
+
+def _result(rt: Runtime, ring: CheckpointRing, tracker: Tracker, method: str, **extra: Any) -> dict[str, Any]:
+    """Restore the best-overall snapshot and summarise the run."""
+    overall, key = tracker.best_overall
+    point = ring.restore(key, rt.model)["point"]
+    return {"method": method, "selected": {"step": point["step"], "epoch": point["epoch"], "stage": point["stage"],
+                                           "c": point["c"], "overall": overall, "weights": point["weights"],
+                                           "restored_weights": weights_digest(rt),
+                                           "accuracy": {t: r["accuracy"] for t, r in point["eval"].items()}},
+            "tokens": rt.counters.tokens, "flops": rt.counters.flops, "optimizer_steps": rt.counters.optimizer_steps,
+            "curve": tracker.curve, **extra}
+
+
+def early_stop(sft: dict[str, Any]) -> dict[str, Any]:
+    """Per-task early stopping on an SFT run's curve: each task at its own best evaluation (no training)."""
+    tasks = list(sft["curve"][0]["eval"])
+    best = {t: max(p["eval"][t]["accuracy"] for p in sft["curve"]) for t in tasks}
+    return {"method": "early_stop", "selected": {"accuracy": best, "overall": None, "note": "one checkpoint per task"},
+            "tokens": sft["tokens"], "flops": sft["flops"], "curve": []}
+
+
+def temperature_weights(sizes: dict[str, int], tau: float) -> dict[str, float]:
+    return {t: n ** (1.0 / tau) for t, n in sizes.items()}
+
+
+# ---------------------------------------------------------------------------------------------- one command
+
+
+def run(cfg: MSFTConfig) -> dict[str, Any]:
+    """Every method of `msft.methods` from the same θ0, one after another in this process; returns the report."""
+    results: dict[str, dict[str, Any]] = {}
+    out = Path(cfg.out_dir)
+    budget: float | None = None  # the tokens mSFT spent: every other method's budget
+    order = [m for m in METHODS if m in cfg.msft.methods]
+    if "msft" not in order:
+        raise ValueError("msft.methods must include 'msft': it sets the token budget of the others")
+    for method in order:
+        if method == "early_stop":
+            continue
+        sub = replace(cfg, out_dir=str(out / method))
+        sub.checkpoint = replace(cfg.checkpoint, resume=False, export_hf=False)
+        rt = Runtime(sub)
+        if method == "temperature":
+            rt.cfg.data = replace(sub.data, weights=temperature_weights(
+                {t: len(rt.data.train[t]) for t in rt.data.tasks}, cfg.msft.temperature))
+        loader = make_loader(rt)
+        rt.resume(loader)  # fresh start (resume=False): opens the metrics log
+        ring = _ring(rt)
+        log(rt.d, f"=== {method} ===")
+        if method == "msft":
+            results[method] = run_msft(rt, loader, ring)
+            budget = results[method]["tokens"]
+        elif method == "sro":
+            sro_peaks, rollout_tokens = _rollout_peaks(cfg)
+            results[method] = run_sft_budget(rt, loader, ring, method, budget - rollout_tokens, exclude_at=sro_peaks)
+            results[method].update(recorded_peaks=sro_peaks, rollout_tokens=rollout_tokens)
+            results[method]["tokens"] += rollout_tokens
+        else:
+            results[method] = run_sft_budget(rt, loader, ring, method, budget)
+        if method == "msft" and cfg.checkpoint.export_hf:
+            rt.export(out / "hf")
+        rt.finish(loader, finished=True)
+        loader.close()
+        ring.clear()
+    if "early_stop" in cfg.msft.methods and "sft" in results:
+        results["early_stop"] = early_stop(results["sft"])
+    report = make_report(cfg, results)
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        print(format_table(report), flush=True)
+        plot(report, out / "msft.png")
+    return report
+
+
+def _rollout_peaks(cfg: MSFTConfig) -> tuple[dict[str, float], float]:
+    """SRO's roll-out: plain SFT for C epochs from θ0, recording each task's first-argmax peak (in epochs of the
+    mixture). Returns the peaks and the tokens the roll-out cost (they count in SRO's budget)."""
+    sub = replace(cfg, out_dir=str(Path(cfg.out_dir) / "sro_rollout"))
+    sub.checkpoint = replace(cfg.checkpoint, resume=False, export_hf=False)
+    rt = Runtime(sub)
+    loader = make_loader(rt)
+    rt.resume(loader)
+    ring = _ring(rt)
+    tracker = Tracker(rt, ring, loader, "sro_rollout")
+    tracker.evaluate()
+    _train_until(rt, loader, lambda: loader.progress / cfg.msft.budget_epochs + 1e-9,
+                 lambda: tracker.evaluate(c=loader.progress), lambda: loader.progress, cfg.msft.eval_every)
+    points = [p["epoch"] for p in tracker.curve]
+    peaks = {t: points[peak_index([signal_of(cfg, p["eval"][t]) for p in tracker.curve], cfg.msft.margin)]
+             for t in rt.data.tasks}
+    tokens = rt.counters.tokens
+    rt.finish(loader, finished=True)
+    loader.close()
+    ring.clear()
+    return peaks, tokens
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def make_report(cfg: MSFTConfig, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    rows = {}
+    for method, r in results.items():
+        acc = r["selected"]["accuracy"]
+        rows[method] = {"accuracy": acc, "average": sum(acc.values()) / len(acc), "overall": r["selected"]["overall"],
+                        "tokens": r["tokens"], "flops": r["flops"]}
+    return {"config": {"budget_epochs": cfg.msft.budget_epochs, "eval_every": cfg.msft.eval_every,
+                       "signal": cfg.msft.signal, "margin": cfg.msft.margin, "seed": cfg.train.seed},
+            "summary": rows, "runs": results}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    rows = report["summary"]
+    tasks = list(next(iter(rows.values()))["accuracy"])
+    head = f"{'method':<12}" + "".join(f"{t:>9}" for t in tasks) + f"{'average':>9}{'tokens':>12}"
+    lines = [head, "-" * len(head)]
+    for method, r in rows.items():
+        lines.append(f"{method:<12}" + "".join(f"{r['accuracy'][t]:>9.3f}" for t in tasks)
+                     + f"{r['average']:>9.3f}{r['tokens']:>12,.0f}")
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Per-task held-out accuracy over compute (tokens), one panel per trained method; mSFT's exclusions and
+    roll-backs marked. Needs matplotlib (pip install -e '.[plot]'); without it, says so and returns."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot at {path} (pip install -e '.[plot]')", flush=True)
+        return
+    runs = [r for r in report["runs"].values() if r["curve"]]
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False, sharey=True)
+    for ax, r in zip(axes[0], runs):
+        tasks = list(r["curve"][0]["eval"])
+        for i, t in enumerate(tasks):
+            color = f"C{i}"
+            segments: list[list[tuple[float, float]]] = [[]]
+            for p in r["curve"]:
+                if segments[-1] and p["c"] == 0.0 and p["stage"] > 1:
+                    segments.append([])  # a new stage starts from the roll-back point
+                segments[-1].append((p["tokens"], p["eval"][t]["accuracy"]))
+            for k, seg in enumerate(segments):
+                ax.plot(*zip(*seg), color=color, label=t if k == 0 else None, lw=1.4)
+        for s in r.get("stages", []):
+            if s["excluded"]:
+                ax.axvline(s["tokens_end"], color="grey", ls=":", lw=0.8)
+                ax.annotate(f"−{s['excluded']}", (s["tokens_end"], 1.0), fontsize=8, rotation=90, va="top")
+        ax.set_title(f"{r['method']} (selected: overall {r['selected']['overall']:.3f})")
+        ax.set_xlabel("tokens trained (discarded included)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out accuracy")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return entry_point(run, MSFTConfig, argv)
+
+
+if __name__ == "__main__":
+    main()
