@@ -22,7 +22,7 @@ setup(
         "tomli; python_version < '3.11'",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.45"],
+        "test": ["pytest>=7", "transformers>=4.45", "matplotlib"],
         "bench": ["transformers>=4.45", "math-verify"],
         "flash": ["flash-attn"],
         "plot": ["matplotlib"],
