@@ -15,6 +15,7 @@ import time
 import torch
 
 from bench.common import peak_gb, print_table, start, time_fn
+from kernels._utils import fp32_out_mm_available
 from kernels.logprob import default_chunk_size, linear_logprob, linear_logprob_reference
 
 BUDGET_S = 80.0  # bench/gpu.sh gives this script 85 s
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     args, cuda, report = start("logprob", __doc__, argv)
     device = "cuda" if cuda else "cpu"
     roof = report.meta["matmul_tflops_bf16"]
+    # grad_weight accumulation: one fp32-output GEMM per chunk, or a bf16 GEMM + fp32 add (slower, rounds partials)
+    report.meta["addmm_fp32_out"] = fp32_out_mm_available(device, torch.bfloat16)
 
     ours = ("ours", lambda h, w, t: linear_logprob(h, w, t))
     eager = ("eager", lambda h, w, t: linear_logprob_reference(h, w, t))
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         # The headline shape first, then the chunk sweep, the other shapes, and torch.compile last
         # (its compile time is the one cost we cannot bound).
         run_case(report, 16384, 1536, 151936, torch.bfloat16, device, main_impls, 3, 10, roof)
-        for chunk in (1024, 4096, 8192):
+        for chunk in (1024, 4096, 8192):  # the default (2048) ran above
             fn = ("ours", lambda h, w, t, c=chunk: linear_logprob(h, w, t, chunk_size=c))
             run_case(report, 16384, 1536, 151936, torch.bfloat16, device, [fn], 2, 8, roof, chunk=chunk)
         # Per-token weights (same values, gradient scaled by w_t): the recompute path of the backward.

@@ -56,6 +56,12 @@ def _has_fp32_out_mm(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
+def fp32_out_mm_available(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether addmm_acc_ accumulates `dtype` operands with one fp32-output GEMM on this device type; without it
+    each chunk's partial grad_weight is rounded to `dtype` before the fp32 add (benchmarks record which ran)."""
+    return _has_fp32_out_mm(device_type, dtype)
+
+
 def addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
     """acc (+)= a @ b, with `acc` in a wider dtype than a and b (fp32 for bf16/fp16 operands).
 

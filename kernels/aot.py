@@ -264,7 +264,7 @@ def _logprob_cases() -> list[LaunchCase]:
 
     cases = []
     for dtype in DTYPES:
-        for V in VOCABS:
+        for V in VOCABS if dtype == torch.bfloat16 else VOCABS[:-1]:  # the odd V in the training dtype (CI time)
             tag = f"{str(dtype)[6:]} T={T_SFT} V={V}"
 
             def fwd(dtype=dtype, V=V):  # every forward variant: with / without grad, with / without entropy

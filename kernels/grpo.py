@@ -38,8 +38,10 @@ if HAS_TRITON:
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 METRICS = ("clip_low", "clip_high", "clip_region", "ratio", "kl")
-# Per-sequence sums the kernel writes, in this order.
+# Per-sequence sums the kernel writes, in this order, in rows of 8 (32 bytes: a chunk's rows start aligned wherever
+# it starts, so Triton compiles one variant, not one per alignment class).
 _LOSS, _LOW, _HIGH, _REGION, _RATIO, _KL, _COUNT = range(7)
+_STATS = 8
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,16 +156,16 @@ if HAS_TRITON:
     def _grpo_rows_kernel(
         logp_ptr, old_ptr, ref_ptr, mask_ptr,  # [B, L], rows `L` apart (contiguous)
         adv_ptr, stride_adv_b, stride_adv_l,  # [B, L] view, stride_adv_l = 0 for per-sequence advantages
-        scale_ptr,  # [B] aggregation weight of each sequence's tokens
+        scale_ptr, stride_scale,  # [B] aggregation weight of each sequence's tokens (16-byte stride, see _prepare)
         grad_ptr,  # [B, L] out: d loss / d logp
-        stats_ptr,  # [B, 7] out: per-sequence sums (loss, low, high, region, ratio, kl, count)
+        stats_ptr,  # [B, 8] out: per-sequence sums (loss, low, high, region, ratio, kl, count; one unused)
         L, beta, eps_low, eps_high, delta,
         SEQUENCE: tl.constexpr, HAS_REF: tl.constexpr, HAS_DELTA: tl.constexpr,
         ACC: tl.constexpr, BLOCK_L: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0).to(tl.int64)
         row = b * L
-        scale = tl.load(scale_ptr + b).to(ACC)
+        scale = tl.load(scale_ptr + b * stride_scale).to(ACC)
         cols = tl.arange(0, BLOCK_L)
         zero = tl.zeros([BLOCK_L], ACC)
 
@@ -237,7 +239,7 @@ if HAS_TRITON:
                     g += tl.where(m != 0, m * scale * beta * (1.0 - tl.exp(diff)), 0.0)
                 tl.store(grad_ptr + row + c, g, mask=inb)
 
-        out = stats_ptr + b * 7
+        out = stats_ptr + b * 8
         tl.store(out + 0, tl.sum(loss_acc, 0))
         tl.store(out + 1, tl.sum(low_acc, 0))
         tl.store(out + 2, tl.sum(high_acc, 0))
@@ -297,17 +299,17 @@ def _grpo_rows_torch(logp, old, ref, mask, adv, scale, beta, eps_low, eps_high, 
 
 
 def _grpo_rows(logp, old, ref, mask, adv, scale, grad, stats, beta, eps_low, eps_high, delta, sequence):
-    """Fill grad [B, L] and stats [B, 7] for the sequences given (all [B, L] inputs contiguous, in ACC dtype; a
+    """Fill grad [B, L] and stats [B, 8] for the sequences given (all [B, L] inputs contiguous, in ACC dtype; a
     [1, n] piece of a longer row also works, as a sequence of n tokens whose scale is the whole sequence's)."""
     if not use_triton(logp):
         g, s = _grpo_rows_torch(logp, old, ref, mask, adv, scale, beta, eps_low, eps_high, delta, sequence)
         grad.copy_(g)
-        stats.copy_(s)
+        stats[:, :7].copy_(s)
         return
     B, L = logp.shape
     _grpo_rows_kernel[(B,)](
         logp, old, ref if ref is not None else logp, mask,
-        adv, adv.stride(0), adv.stride(1), scale, grad, stats,
+        adv, adv.stride(0), adv.stride(1), scale, scale.stride(0), grad, stats,
         L, float(beta), float(eps_low), float(eps_high), float(delta if delta is not None else 0.0),
         SEQUENCE=sequence, HAS_REF=ref is not None, HAS_DELTA=delta is not None,
         ACC=tl.float64 if logp.dtype == torch.float64 else tl.float32,
@@ -347,7 +349,10 @@ def _prepare(acc, old_logp, advantages, mask, ref_logp, loss_type, max_completio
     ref = None if ref_logp is None else ref_logp.to(acc).contiguous()
     m = mask.to(acc).contiguous()
     adv = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).to(acc).expand(B, L)
-    scale = _row_scale(m, loss_type, max_completion_length, num_tokens)
+    # [B] with a 16-byte stride: a chunk's slice of it starts aligned wherever it starts (one compiled variant)
+    scale = torch.zeros(B, 4, dtype=acc, device=m.device)[:, 0].copy_(
+        _row_scale(m, loss_type, max_completion_length, num_tokens)
+    )
     return old, ref, m, adv, scale
 
 
@@ -357,11 +362,11 @@ class _GRPOLoss(torch.autograd.Function):
         acc = old.dtype
         lp = logp.to(acc).contiguous()
         grad = torch.empty_like(lp)
-        stats = torch.empty(lp.shape[0], 7, dtype=acc, device=lp.device)
+        stats = torch.empty(lp.shape[0], _STATS, dtype=acc, device=lp.device)
         _grpo_rows(lp, old, ref, mask, adv, scale, grad, stats, beta, eps_low, eps_high, delta, sequence)
         ctx.save_for_backward(grad)
         ctx.logp_dtype = logp.dtype
-        stats_sum = stats.sum(0)
+        stats_sum = stats[:, :7].sum(0)
         ctx.mark_non_differentiable(stats_sum)
         return stats_sum[_LOSS].clone(), stats_sum
 
@@ -448,7 +453,7 @@ class _LinearGRPOLoss(torch.autograd.Function):
         lse = torch.empty(B * L, dtype=acc, device=dev)
         logp = torch.empty(B, L, dtype=acc, device=dev)
         grad_logp = torch.empty(B, L, dtype=acc, device=dev)
-        stats = torch.empty(B if two_pass else B * n_split, 7, dtype=acc, device=dev)  # per sequence or piece
+        stats = torch.empty(B if two_pass else B * n_split, _STATS, dtype=acc, device=dev)  # per sequence or piece
         gh = torch.empty(B * L, H, dtype=hidden.dtype, device=dev) if need_h else None
         gw = torch.empty(V, H, dtype=acc, device=dev) if need_w else None
         buf = logits_buffer(max((b1 - b0 - 1) * L + e - s for b0, b1, s, e in pieces), V, hidden.dtype, dev)
@@ -492,7 +497,7 @@ class _LinearGRPOLoss(torch.autograd.Function):
                 grads_of(logits_of(lo, hi), lo, hi, first=i == 0)
         ctx.gh, ctx.gw = gh, gw
         ctx.shapes = (hidden.shape, weight.dtype)
-        stats_sum = stats.sum(0)
+        stats_sum = stats[:, :7].sum(0)
         ctx.mark_non_differentiable(stats_sum)
         return stats_sum[_LOSS].clone(), stats_sum
 

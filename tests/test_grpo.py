@@ -214,17 +214,22 @@ def test_bench_smoke(tmp_path):
     assert all(r["max_abs_err"] < 1e-3 for r in rows if r["impl"] == "ours")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("sampling", ["token", "sequence"])
-def test_cuda_linear_grpo_real_shape(sampling):
+def cuda_policy(B, L, H, V, logprob=linear_logprob_reference):
+    """bf16 hidden [B, L, H] and weight [V, H] needing grad, targets, their log-probs and old log-probs near them."""
     torch.manual_seed(0)
-    B, L, H, V = 16, 512, 1536, 151936
     hidden = torch.randn(B, L, H, device="cuda", dtype=torch.bfloat16).requires_grad_()
     weight = (torch.randn(V, H, device="cuda") / H**0.5).to(torch.bfloat16).requires_grad_()
     targets = torch.randint(0, V, (B, L), device="cuda")
     with torch.no_grad():
-        base = linear_logprob_reference(hidden, weight, targets)
-    old = base + 0.1 * torch.randn_like(base)
+        base = logprob(hidden, weight, targets)
+    return hidden, weight, targets, base, base + 0.1 * torch.randn_like(base)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampling", ["token", "sequence"])
+def test_cuda_linear_grpo_real_shape(sampling):
+    B, L, H, V = 16, 512, 1536, 151936
+    hidden, weight, targets, base, old = cuda_policy(B, L, H, V)
     ref = base + 0.1 * torch.randn_like(base)
     adv = torch.randn(B, device="cuda")
     mask = torch.rand(B, L, device="cuda") > 0.2
@@ -328,3 +333,36 @@ def test_pieces_cover_every_token_once():
             if L > chunk and chunk >= 16:
                 assert s % 16 == 0
         assert (seen == 1).all() and (n == 1) == (L <= chunk)
+
+
+@pytest.mark.gpu
+def test_cuda_linear_grpo_long_sequence_bounded_memory():
+    """L = 16384, V = 151936, bf16: chunks within the sequence keep the extra memory of forward + backward <= 2 GB."""
+    B, L, H, V = 1, 16384, 1536, 151936
+    hidden, weight, targets, base, old = cuda_policy(B, L, H, V, kernels.logprob.linear_logprob)
+    adv, mask = torch.ones(B, device="cuda"), torch.rand(B, L, device="cuda") > 0.1
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss, _ = linear_grpo_loss(hidden, weight, targets, old, adv, mask)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    extra = torch.cuda.max_memory_allocated() - before
+    assert extra <= 2e9, f"{extra / 1e9:.2f} GB"
+    ref_loss, _ = grpo_loss_reference(base.float(), old, adv, mask)
+    assert abs(loss.item() - ref_loss.item()) < 1e-2 * max(1.0, abs(ref_loss.item()))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.gpu
+def test_cuda_out_of_range_target_raises():
+    """CUDA: without grad at the call; with grad the forward gives NaN and backward raises (its one host read)."""
+    hidden = torch.randn(64, 32, device="cuda").requires_grad_()
+    weight = torch.randn(100, 32, device="cuda").requires_grad_()
+    targets = torch.randint(0, 100, (64,), device="cuda")
+    targets[7] = 100
+    with torch.no_grad(), pytest.raises(ValueError, match=r"target id 100 at targets\[7\] .* V=100"):
+        kernels.logprob.linear_logprob(hidden, weight, targets)
+    logp = kernels.logprob.linear_logprob(hidden, weight, targets)
+    assert logp[7].isnan() and torch.isfinite(logp[:7]).all()
+    with pytest.raises(ValueError, match=r"target id 100 at targets\[7\] .* V=100"):
+        logp.sum().backward()
