@@ -271,8 +271,8 @@ def run_sft_budget(rt: Runtime, loader: Any, ring: CheckpointRing, method: str, 
                 log(rt.d, f"{method}: exclude {task} at epoch {loader.progress:.3f} (its peak: {at:.3f})")
 
     tracker.evaluate(c=0.0)
-    _train_until(rt, loader, lambda: rt.counters.tokens / tokens, evaluate, lambda: loader.progress,
-                 rt.cfg.msft.eval_every)
+    _train_until(rt, loader, lambda: rt.counters.tokens / tokens if tokens > 0 else 1.0, evaluate,
+                 lambda: loader.progress, rt.cfg.msft.eval_every)
     return _result(rt, ring, tracker, method)
 
 
@@ -314,6 +314,8 @@ def run(cfg: MSFTConfig) -> dict[str, Any]:
     for method in order:
         if method == "early_stop":
             continue
+        if method == "sro":  # its roll-out first, so that two models are never held at once
+            sro_peaks, rollout_tokens = _rollout_peaks(cfg)
         sub = replace(cfg, out_dir=str(out / method))
         sub.checkpoint = replace(cfg.checkpoint, resume=False, export_hf=False)
         rt = Runtime(sub)
@@ -328,7 +330,6 @@ def run(cfg: MSFTConfig) -> dict[str, Any]:
             results[method] = run_msft(rt, loader, ring)
             budget = results[method]["tokens"]
         elif method == "sro":
-            sro_peaks, rollout_tokens = _rollout_peaks(cfg)
             results[method] = run_sft_budget(rt, loader, ring, method, budget - rollout_tokens, exclude_at=sro_peaks)
             results[method].update(recorded_peaks=sro_peaks, rollout_tokens=rollout_tokens)
             results[method]["tokens"] += rollout_tokens
@@ -364,8 +365,11 @@ def _rollout_peaks(cfg: MSFTConfig) -> tuple[dict[str, float], float]:
     _train_until(rt, loader, lambda: loader.progress / cfg.msft.budget_epochs + 1e-9,
                  lambda: tracker.evaluate(c=loader.progress), lambda: loader.progress, cfg.msft.eval_every)
     points = [p["epoch"] for p in tracker.curve]
-    peaks = {t: points[peak_index([signal_of(cfg, p["eval"][t]) for p in tracker.curve], cfg.msft.margin)]
-             for t in rt.data.tasks}
+    peaks = {}
+    for t in rt.data.tasks:
+        scores = [signal_of(cfg, p["eval"][t]) for p in tracker.curve]
+        if not (cfg.msft.skip_flat and min(scores) == max(scores)):  # as in decide: a flat curve has no peak
+            peaks[t] = points[peak_index(scores, cfg.msft.margin)]
     tokens = rt.counters.tokens
     rt.finish(loader, finished=True)
     loader.close()
