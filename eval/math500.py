@@ -1,9 +1,9 @@
 """MATH500 and GSM8K scorers: completions in, accuracy out (overall, and per subject and level for MATH500).
 
 For: evaluating a model's completions against the copies of the test sets in eval/data (see its README for sources
-and licences). Verification is eval/verify.py's verify_batch (deadline per item, worker pool). A completion must state its final
-answer in a convention eval.verify.extract_answer knows (\\boxed{}, "The answer is", "Answer:", "####", ...): one
-that stops in its reasoning scores 0 even when the right number appears there.
+and licences). Verification is eval/verify.py's verify_batch (deadline per item, worker pool). A completion must
+state its final answer in a convention eval.verify.extract_answer knows (\\boxed{}, "The answer is", "Answer:",
+"####", ...): one that stops in its reasoning scores 0 even when the right number appears there.
 Not for: generating the completions (that is the sampler's job) or prompting.
 """
 
