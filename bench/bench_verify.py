@@ -143,8 +143,8 @@ def completions(math_rows: list[dict], gsm_rows: list[dict]) -> list[tuple[str, 
         out.append((gold, tpl.format(r=reasoning, a=other), False, "wrong/" + name))
         if i % 3 == 0:
             cut = reasoning[: max(1, len(reasoning) * (3 + i % 5) // 8)]
-            how = ("mid_reasoning", cut), ("inside_box", reasoning + "\n\nSo the answer is $\\boxed{" + gold[: len(gold) // 2])
-            kind, text = how[(i // 3) % 2]
+            boxed = reasoning + "\n\nSo the answer is $\\boxed{" + gold[: len(gold) // 2]
+            kind, text = (("mid_reasoning", cut), ("inside_box", boxed))[(i // 3) % 2]
             out.append((gold, text, False, "truncated/" + kind))
     for i, row in enumerate(gsm_rows):
         gold, reasoning = _gsm_gold(row["answer"]), _reasoning(row["answer"])

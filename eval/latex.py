@@ -123,7 +123,9 @@ _RELATIONS_ASCII = {"<=": "\\leq ", ">=": "\\geq ", "=<": "\\leq ", "=>": "\\geq
                     "\\ne": "\\neq ", "\\lt": "<", "\\gt": ">", "\\approx": "=", "\\simeq": "=",
                     "\\leqq": "\\leq ", "\\geqq": "\\geq ", "\\le": "\\leq ", "\\ge": "\\geq ",
                     "\\leqslant": "\\leq ", "\\geqslant": "\\geq ", "\\neq": "\\neq "}
-_RELATION_WORDS = re.compile(r"<=|>=|=<|=>|!=|\\(?:neq?|lt|gt|approx|simeq|leqq|geqq|leqslant|geqslant|le|ge)(?![a-zA-Z])")
+_RELATION_WORDS = re.compile(
+    r"<=|>=|=<|=>|!=|\\(?:neq?|lt|gt|approx|simeq|leqq|geqq|leqslant|geqslant|le|ge)(?![a-zA-Z])"
+)
 _TRAILING_WORDS = re.compile(r"(?<=\d)\s+[a-zA-Z][a-zA-Z'-]{2,}(?:\s+[a-zA-Z][a-zA-Z'-]+)*$")
 
 
@@ -172,8 +174,8 @@ _GREEK = {
 _MUL_OPS = {"*", "\\cdot", "\\times", "\\ast"}
 _DIV_OPS = {"/", "\\div", ":"}  # "7:32" is the ratio 7/32
 _RELATION_OPS = {"<", ">", "\\leq", "\\geq", "\\neq"}
-_STOP = {"+", "-", "=", ",", ";", "\\pm", "\\mp", "&", "\\\\", "\\cup", "\\in", "\\right", "|"} | _RELATION_OPS | _CLOSE \
-    | _MUL_OPS | _DIV_OPS
+_STOP = {"+", "-", "=", ",", ";", "\\pm", "\\mp", "&", "\\\\", "\\cup", "\\in", "\\right", "|"}
+_STOP |= _RELATION_OPS | _CLOSE | _MUL_OPS | _DIV_OPS
 
 
 class _Parser:
@@ -666,7 +668,10 @@ def _compare_relations(g, p, judge) -> bool | None:
     a positive factor: "-x > -1" is "x < 1"); a relation in one variable and a set of intervals agree when they
     hold at the same points, probed at every endpoint, just beside it, between endpoints and far out."""
     if g[0] == "rel" and p[0] == "rel":
-        verdict = _matching(g[1], p[1], judge, lambda a, b: a[1] == b[1] and judge.equation(a[0], b[0], a[1] in ("<", "<=")))
+        def same(a, b):  # atoms (f, op): the same operator, and f_a / f_b a constant (positive for < and <=)
+            return a[1] == b[1] and judge.equation(a[0], b[0], a[1] in ("<", "<="))
+
+        verdict = _matching(g[1], p[1], judge, same)
         if verdict is not False:
             return verdict
     rg, rp = _region(g), _region(p)
@@ -988,10 +993,11 @@ def _points(names: set, n: int) -> list[dict]:
 class NumericJudge:
     """Compares scalars and equations by value: exact for rationals, floats (at random points) otherwise.
 
-    Decimals are exact values, not measurements: "0.03515626" is not 9/256 and "6366.2" is not 20000/pi. A decimal matches only what it equals, up to the rounding of the float arithmetic that
-    evaluates the other side (1e-12 relative). A caller that grades rounded answers passes rel_tol > 0: then a
-    comparison that involves a decimal accepts that relative error. Answers without decimals compare exactly
-    (rationals) or to 1e-9 at random points (float noise of irrational or symbolic values).
+    Decimals are exact values, not measurements: "0.03515626" is not 9/256 and "6366.2" is not 20000/pi. A decimal
+    matches only what it equals, up to the rounding of the float arithmetic that evaluates the other side (1e-12
+    relative). A caller that grades rounded answers passes rel_tol > 0: then a comparison that involves a decimal
+    accepts that relative error. Answers without decimals compare exactly (rationals) or to 1e-9 at random points
+    (float noise of irrational or symbolic values).
     """
 
     def __init__(self, rel_tol: float = 0.0):
