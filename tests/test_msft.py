@@ -165,3 +165,13 @@ def test_bad_msft_settings_are_refused():
         load_config(MSFTConfig, None, ['--msft.methods=["msft", "dynamix"]'])
     with pytest.raises(ConfigError, match=r"need 0 < eval_every \(2.0\) <= budget_epochs \(1.0\)"):
         load_config(MSFTConfig, None, ["--msft.eval_every=2.0"])
+
+
+def test_study_aggregates_mean_and_std_over_seeds():
+    from train.msft import aggregate
+
+    r = {0: {"msft": {"accuracy": {"a": 0.5}, "average": 0.5, "tokens": 100.0}},
+         1: {"msft": {"accuracy": {"a": 0.7}, "average": 0.7, "tokens": 120.0}}}
+    study = aggregate(r)["msft"]
+    assert study["a"][0] == pytest.approx(0.6) and study["a"][1] == pytest.approx(0.1414213562)
+    assert study["tokens"] == (110.0, pytest.approx(14.1421356237))

@@ -66,6 +66,8 @@ class MSFTSection:
     methods: list[str] = field(default_factory=lambda: ["msft", "sft"])
     temperature: float = 2.0  # the temperature baseline's τ
     ring_gb: float = 0.0  # ring capacity; 0: room for N + 2 snapshots of this rank's weights
+    seeds: list[int] = field(default_factory=list)  # several: the whole comparison per seed (train.seed = data.seed
+    #                                                 = s, out_dir/seed<s>), then mean ± std over seeds
 
     def __post_init__(self) -> None:
         if self.signal not in ("accuracy", "loss"):
@@ -304,6 +306,48 @@ def temperature_weights(sizes: dict[str, int], tau: float) -> dict[str, float]:
 
 
 def run(cfg: MSFTConfig) -> dict[str, Any]:
+    """One comparison (`run_one`), or one per seed of `msft.seeds` and their mean ± std (written to
+    <out_dir>/study.json and printed)."""
+    if not cfg.msft.seeds:
+        return run_one(cfg)
+    reports = {}
+    for seed in cfg.msft.seeds:
+        sub = replace(cfg, out_dir=str(Path(cfg.out_dir) / f"seed{seed}"), train=replace(cfg.train, seed=seed),
+                      data=replace(cfg.data, seed=seed), msft=replace(cfg.msft, seeds=[]))
+        reports[seed] = run_one(sub)["summary"]
+    study = aggregate(reports)
+    if dist.get_rank() == 0:
+        (Path(cfg.out_dir) / "study.json").write_text(json.dumps({"seeds": reports, "mean_std": study}, indent=1))
+        print(format_study(study, cfg.msft.seeds), flush=True)
+    return study
+
+
+def aggregate(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """{method: {task or "average"/"tokens": (mean, std over seeds)}} from per-seed summaries."""
+    import statistics
+
+    out: dict[str, Any] = {}
+    for method in next(iter(reports.values())):
+        rows = [r[method] for r in reports.values()]
+        keys = list(rows[0]["accuracy"])
+        values = {k: [row["accuracy"][k] for row in rows] for k in keys}
+        values["average"] = [row["average"] for row in rows]
+        values["tokens"] = [row["tokens"] for row in rows]
+        out[method] = {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in values.items()}
+    return out
+
+
+def format_study(study: dict[str, Any], seeds: Sequence[int]) -> str:
+    keys = [k for k in next(iter(study.values())) if k != "tokens"]
+    head = f"{'method':<12}" + "".join(f"{k:>14}" for k in keys) + f"{'tokens':>16}"
+    lines = [f"mean ± std over seeds {list(seeds)}", head, "-" * len(head)]
+    for method, row in study.items():
+        lines.append(f"{method:<12}" + "".join(f"{row[k][0]:>8.3f}±{row[k][1]:.3f}" for k in keys)
+                     + f"{row['tokens'][0]:>16,.0f}")
+    return "\n".join(lines)
+
+
+def run_one(cfg: MSFTConfig) -> dict[str, Any]:
     """Every method of `msft.methods` from the same θ0, one after another in this process; returns the report."""
     results: dict[str, dict[str, Any]] = {}
     out = Path(cfg.out_dir)
