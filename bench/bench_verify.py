@@ -130,7 +130,6 @@ def completions(math_rows: list[dict], gsm_rows: list[dict]) -> list[tuple[str, 
     kind is "correct/<convention>", "wrong/<convention>" or "truncated/<how>". Deterministic.
     """
     out = []
-    n = len(math_rows)
     for i, row in enumerate(math_rows):
         gold, reasoning = row["answer"], _reasoning(row["solution"])
         name, tpl = CONVENTIONS[i % len(CONVENTIONS)]
