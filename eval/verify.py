@@ -101,15 +101,17 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 _SENTENCE_END = re.compile(r"\.(?:\s|$)|\n|\s+(?:because|since|which|where|as|so|when|if)\s|\s+\((?=[A-Za-z]+\s)", re.I)
 
 
-def _delimited(text: str) -> str | None:
+def _delimited(text: str, whole: bool = False) -> str | None:
     """The contents of the math span text opens with ($…$, $$…$$, \\(…\\), \\[…\\]); None if it opens none or
-    leaves it unclosed."""
+    leaves it unclosed, or (whole=True) if text goes on after the span closes."""
     for left, right in _DELIMS:
         if text.startswith(left):
             end = text.find(right, len(left))
             while right == "$" and end > 0 and text[end - 1] == "\\":  # "\$" is a dollar sign, not a delimiter
                 end = text.find(right, end + 1)
-            return text[len(left) : end].strip() if end >= 0 else None
+            if end < 0 or (whole and end + len(right) != len(text)):
+                return None
+            return text[len(left) : end].strip()
     return None
 
 
@@ -181,9 +183,10 @@ def _after_marker(rest: str) -> str | None:
 
 
 def _strip_math(s: str) -> str:
+    """"$x = 5$" -> "x = 5"; text with math inside it ("$n$ is 34") stays as it is."""
     s = s.strip().strip("*").strip()
-    inner = _delimited(s)
-    return s if inner is None or len(inner) + 4 < len(s) - 2 else inner
+    inner = _delimited(s, whole=True)
+    return s if inner is None else inner
 
 
 def extract_answer(text: str) -> str | None:
@@ -195,7 +198,8 @@ def extract_answer(text: str) -> str | None:
       - \\boxed{…} / \\fbox{…}: the contents of the last box (nested braces allowed, also "\\boxed 5"), together
         with the boxes right before it when only "and", "or", commas or math delimiters separate them
         ("\\boxed{-2} and \\boxed{1}" is "-2, 1"). A last box that never closes is a completion cut off: None,
-        never a number from the reasoning;
+        never a number from the reasoning. After the last box, only a "Final Answer" or "####" line can restate
+        the answer ("We may check our answer: …" is a remark);
       - otherwise the last marker ("the final answer is", "Answer:", "**Answer:**", "Final Answer" as a heading,
         "####"), skipping markers followed by a remark ("this answer is correct"): the math span that follows
         ($…$, $$…$$, \\(…\\), \\[…\\]), or a list of "- $p = 6$" lines, or the rest of the sentence. Text after
@@ -233,8 +237,8 @@ def extract_answer(text: str) -> str | None:
 def _bare(text: str) -> str | None:
     """A completion without a final-answer marker: a bare answer, or one sentence with one number."""
     s = text.strip()
-    inner = _delimited(s)
-    if inner is not None and len(inner) + 4 >= len(s) - 1:
+    inner = _delimited(s.rstrip(".").rstrip(), whole=True)  # "$\\frac12$."
+    if inner is not None:
         return inner or None
     words = len(_WORDS.findall(_COMMANDS.sub(" ", s)))
     if words < 2 and len(s) <= 1000:  # math without prose, also over several lines (a matrix)
