@@ -239,8 +239,7 @@ def compile_only(arch: int):
         yield drv
     finally:
         _utils._COMPILE_ONLY = False
-        triton.runtime.driver.reset_active() if triton.runtime.driver._default else None
-        triton.runtime.driver._active = None
+        triton.runtime.driver._active = None  # back to the default driver, picked lazily as before
 
 
 # ----------------------------------------------------------------------------------------------------------------
