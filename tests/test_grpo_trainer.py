@@ -199,27 +199,30 @@ def test_failing_and_timing_out_rewards_are_counted_not_fatal(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Whole runs in subprocesses: a small model from scratch, rewards from digit_reward (a random model earns some)
+# Whole runs in subprocesses: a small, barely trained model; rewards from digit_reward (such a model earns some)
 
+# The policy starts from a 2-step SFT of a small model, which the first run trains itself (grpo.sft_config).
+SFT = ["--model.hidden_size=64", "--model.intermediate_size=128", "--model.num_layers=2", "--model.num_heads=4",
+       "--model.num_kv_heads=2", "--model.max_position_embeddings=128", "--data.seq_len=64", "--data.max_tokens=256",
+       "--train.max_steps=2", "--eval.at_start=false", "--eval.generate=false", "--eval.every_epochs=0"]
 RUN = [
-    "--init.hf_checkpoint=", "--grpo.sft_config=",
-    "--model.vocab_size=512", "--model.hidden_size=64", "--model.intermediate_size=128", "--model.num_layers=2",
-    "--model.num_heads=4", "--model.num_kv_heads=2", "--model.max_position_embeddings=128",
+    "--grpo.sft_config=configs/tiny_sft.toml", "--grpo.sft_overrides=[" + ", ".join(f'"{f}"' for f in SFT) + "]",
+    "--data.seq_len=64", "--data.max_tokens=256",
     "--grpo.prompts_per_step=4", "--grpo.group_size=4", "--grpo.max_new_tokens=6", "--grpo.rollout_shards=2",
     "--grpo.correct_weight=0", '--grpo.reward_fns={"tests.test_grpo_trainer:digit_reward" = 1.0}',
     "--grpo.iterations=2", "--grpo.beta=0.05", "--grpo.entropy=true", "--grpo.micro_batch_seqs=3",
-    "--optim.lr=3e-3", "--train.max_steps=4", "--train.log_every=2",
+    "--optim.lr=3e-3", "--optim.warmup_steps=0", "--train.max_steps=4", "--train.log_every=2",
     "--eval.at_start=false", "--eval.generate=false", "--grpo.eval_every_steps=0",
 ]
 
 
-def run_grpo(out: Path, *flags: str, nproc: int = 1) -> list[dict]:
+def run_grpo(out: Path, sft_hf: Path, *flags: str, nproc: int = 1) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the torch fallback is fast on CPU
     env["OMP_NUM_THREADS"] = "1"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
     cmd = launcher + ["-m", "train.grpo", "--config", str(REPO / "configs/tiny_grpo.toml"), f"--out_dir={out}",
-                      *RUN, *flags]
+                      f"--init.hf_checkpoint={sft_hf}", *RUN, *flags]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -232,17 +235,21 @@ KEYS = ("loss", "reward_mean", "accuracy", "clip_low", "clip_high", "ratio", "kl
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    out = tmp_path_factory.mktemp("grpo") / "straight"
-    return out, run_grpo(out)
+    """The reference run; it first trains its starting point (<tmp>/sft/hf does not exist yet)."""
+    root = tmp_path_factory.mktemp("grpo")
+    out, sft_hf = root / "straight", root / "sft" / "hf"
+    metrics = run_grpo(out, sft_hf)
+    assert (sft_hf / "config.json").is_file() and (root / "sft" / "summary.json").is_file()
+    return out, sft_hf, metrics
 
 
 def test_resume_mid_run_reproduces_the_following_steps_exactly(straight, tmp_path):
     """Stop after the first rollout (2 updates), resume: the second rollout and its losses are identical."""
-    out, full = straight
+    out, sft_hf, full = straight
     assert [m["step"] for m in full] == [2, 4] and full[0]["reward_std"] > 0 and full[1]["kl"] > 0
     assert full[0]["loss"] != 0 and math.isfinite(full[1]["entropy"]) and full[0]["logprob_gap"] < 1e-4
-    run_grpo(tmp_path / "split", "--train.stop_at_step=2")
-    resumed = run_grpo(tmp_path / "split")
+    run_grpo(tmp_path / "split", sft_hf, "--train.stop_at_step=2")
+    resumed = run_grpo(tmp_path / "split", sft_hf)
     assert [m["step"] for m in resumed] == [2, 4]
     for key in KEYS:
         assert resumed[1][key] == full[1][key], key
@@ -253,8 +260,8 @@ def test_resume_mid_run_reproduces_the_following_steps_exactly(straight, tmp_pat
 def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(straight, tmp_path):
     """Each rank rolls out its shard (the one process rolls out both shards with the same seeds) and trains on it
     under FSDP2: same rollouts, same losses and metrics, same weights."""
-    out, one = straight
-    two = run_grpo(tmp_path / "two", nproc=2)
+    out, sft_hf, one = straight
+    two = run_grpo(tmp_path / "two", sft_hf, nproc=2)
     assert [m["step"] for m in two] == [2, 4]
     for a, b in zip(one, two):
         assert a["completion_len"] == b["completion_len"] and a["reward_mean"] == pytest.approx(b["reward_mean"])

@@ -115,6 +115,7 @@ class GRPOSection:
     eval_every_steps: int = 0  # greedy held-out evaluation period in global steps (0: eval.every_epochs of prompts)
     eval_tasks: list[str] = field(default_factory=list)  # default: grpo.tasks, else every sub-dataset
     sft_config: str = ""  # when init.hf_checkpoint (<dir>/hf) is missing, run this SFT config into <dir> first
+    sft_overrides: list[str] = field(default_factory=list)  # its --section.key=value flags, e.g. ["--train.epochs=2"]
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, what: str) -> None:
@@ -732,7 +733,7 @@ def bootstrap_sft(cfg: GRPOConfig) -> None:
     from train.sft import run as run_sft
 
     print(f"grpo: {path} is missing; running {cfg.grpo.sft_config} first", flush=True)
-    run_sft(load_config(SFTConfig, cfg.grpo.sft_config, [f"--out_dir={Path(path).parent}"]))
+    run_sft(load_config(SFTConfig, cfg.grpo.sft_config, [*cfg.grpo.sft_overrides, f"--out_dir={Path(path).parent}"]))
 
 
 def run(cfg: GRPOConfig) -> dict[str, Any]:
