@@ -217,10 +217,15 @@ def prompt_pool(cfg: GRPOConfig, rt: Runtime) -> list[Prompt]:
     if g.prompts:
         prompts = read_prompts(g.prompts, c.checkers)
     else:
-        rows: dict[str, list[Row]] = (synthetic_rows(c.seed)[0] if not c.path else
-                                      load_split_dir(c.path, c.heldout_fraction, c.seed, c.checkers)[0])
-        prompts = [Prompt(r.task, r.messages[:-1], r.answer, c.checkers.get(r.task, r.checker) if not c.path
-                          else r.checker, r.where) for task in sorted(rows) for r in rows[task]]
+        if c.path:  # data.checkers are applied as the sub-datasets' defaults while reading
+            rows: dict[str, list[Row]] = load_split_dir(c.path, c.heldout_fraction, c.seed, c.checkers)[0]
+        else:  # the built-in tasks: data.checkers override, as in train/runtime.load_data
+            rows = synthetic_rows(c.seed)[0]
+            for task_rows in rows.values():
+                for r in task_rows:
+                    r.checker = c.checkers.get(r.task, r.checker)
+        prompts = [Prompt(r.task, r.messages[:-1], r.answer, r.checker, r.where) for task in sorted(rows)
+                   for r in rows[task]]
     if g.tasks:
         unknown = sorted(set(g.tasks) - {p.task for p in prompts})
         if unknown:
