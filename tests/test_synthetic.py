@@ -3,7 +3,18 @@ import re
 
 import pytest
 
-from train.synthetic import TASKS, build_tasks, build_tiny_tokenizer, check, tiny_tokenizer, write_jsonl
+from train.data import synthetic_rows
+from train.synthetic import (
+    LABEL_NOISE,
+    TASK_SETS,
+    TASKS,
+    build_tasks,
+    build_tiny_tokenizer,
+    check,
+    task_set,
+    tiny_tokenizer,
+    write_jsonl,
+)
 
 
 def _reference_answer(prompt: str) -> str:
@@ -21,8 +32,12 @@ def _reference_answer(prompt: str) -> str:
     if task == "mod":
         n, m = re.fullmatch(r"(\d+)%(\d+)", payload).groups()
         return str(int(n) % int(m))
-    if task == "majority":
+    if task in ("majority", "vote"):
         return "1" if payload.count("1") > payload.count("0") else "0"
+    if task == "first":
+        return payload[0]
+    if task == "last":
+        return payload[-1]
     raise AssertionError(task)
 
 
@@ -136,3 +151,85 @@ def test_tiny_tokenizer_gives_every_digit_its_own_token_and_masks_the_response(t
 
 def test_tiny_tokenizer_build_is_deterministic():
     assert build_tiny_tokenizer().backend.to_str() == build_tiny_tokenizer().backend.to_str()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The "msft" set: the mixture for overfitting-aware mixture search (several tasks memorise noisy labels at different
+# times, others are still learning).
+
+
+@pytest.fixture(scope="module")
+def msft():
+    ts = task_set("msft")
+    return ts, build_tasks(0, ts.train_sizes, ts.heldout_sizes, ts.tasks)
+
+
+def test_msft_sizes_weights_and_correct_heldout_answers(msft):
+    ts, tasks = msft
+    assert list(tasks) == list(ts.tasks) and set(ts.weights) == set(ts.tasks)
+    assert all(w > 0 for w in ts.weights.values())
+    noisy = [t for t in ts.tasks if LABEL_NOISE.get(t, 0) > 0]
+    assert len(noisy) >= 3 and len(noisy) < len(ts.tasks)  # tasks that overfit and tasks that keep learning
+    for name, t in tasks.items():
+        assert len(t.train) == ts.train_sizes[name] and len(t.heldout) == ts.heldout_sizes[name] == 500
+        for row in t.heldout:
+            assert row["response"] == row["answer"] == _reference_answer(row["prompt"]), row
+            assert row["checker"] == "synthetic" and row["task"] == name
+        for row in t.train:
+            assert row["answer"] == _reference_answer(row["prompt"]), row
+
+
+def test_msft_label_noise_is_on_training_rows_only_and_at_the_stated_rate(msft):
+    ts, tasks = msft
+    for name, t in tasks.items():
+        flipped = [r for r in t.train if r["response"] != r["answer"]]
+        assert len(flipped) == round(LABEL_NOISE.get(name, 0.0) * len(t.train)), name
+        # a wrong label is still a well-formed answer: one digit (one bit for a two-way task)
+        alphabet = "01" if {r["answer"] for r in t.heldout} <= {"0", "1"} else "0123456789"
+        assert all(len(r["response"]) == 1 and r["response"] in alphabet for r in flipped), name
+        assert all(r["response"] == r["answer"] for r in t.heldout)
+
+
+def test_msft_is_deterministic_disjoint_and_loads_through_the_data_layer(msft):
+    ts, tasks = msft
+    again = build_tasks(0, ts.train_sizes, ts.heldout_sizes, ts.tasks)
+    assert {k: (v.train, v.heldout) for k, v in again.items()} == {k: (v.train, v.heldout) for k, v in tasks.items()}
+    other = build_tasks(1, ts.train_sizes, ts.heldout_sizes, ts.tasks)
+    for name in ts.tasks:
+        assert other[name].train != tasks[name].train
+        train = [r["prompt"] for r in tasks[name].train]
+        heldout = [r["prompt"] for r in tasks[name].heldout]
+        assert len(set(train)) == len(train) and len(set(heldout)) == len(heldout)
+        assert not set(train) & set(heldout)
+    train, heldout = synthetic_rows(0, task_set="msft")
+    assert sorted(train) == sorted(heldout) == sorted(ts.tasks)
+    assert {k: len(v) for k, v in heldout.items()} == ts.heldout_sizes
+
+
+def test_msft_payloads_are_one_token_per_digit(msft):
+    tok = tiny_tokenizer()
+    for t in msft[1].values():
+        for row in t.train[:20] + t.heldout[:20]:
+            payload = row["prompt"].split(" ", 1)[1]
+            assert tok.decode(tok.encode(row["prompt"])) == row["prompt"]
+            assert len(tok.encode(payload)) == len(payload)
+            assert len(tok.encode(row["response"])) == len(row["response"])
+
+
+def test_msft_writes_as_jsonl_and_its_tasks_need_explicit_sizes(tmp_path, msft):
+    ts, tasks = msft
+    dirs = write_jsonl(tmp_path, seed=0, task_set_name="msft")
+    assert sorted(p.name for p in dirs["heldout"].iterdir()) == sorted(f"{t}.jsonl" for t in ts.tasks)
+    rows = [json.loads(line) for line in (dirs["train"] / "vote.jsonl").read_text().splitlines()]
+    assert rows == tasks["vote"].train
+    with pytest.raises(ValueError, match="'first' has no default size"):
+        build_tasks(tasks=["first"])
+    with pytest.raises(ValueError, match="unknown task set 'msf'"):
+        task_set("msf")
+
+
+def test_default_set_is_unchanged_by_the_other_sets():
+    assert TASK_SETS["default"].tasks == TASKS
+    ts = task_set("default")
+    assert build_tasks(0, ts.train_sizes, ts.heldout_sizes, ts.tasks)["majority"].train == \
+        build_tasks(0)["majority"].train

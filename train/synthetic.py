@@ -49,8 +49,45 @@ by 3.5-3.75 epochs, sort keeps climbing to the end, add is the task that needs a
 (majority's 0.62 at 1.0 and 0.53 at 2.0 are one-eval dips; copy's and sort's speed varies by about half an epoch
 between runs whose data differ), so mSFT should compare smoothed or loss-based scores.
 
+The "msft" set (`data.synthetic = "msft"`; configs/tiny_msft_sft.toml trains it with plain SFT) is the mixture for
+overfitting-aware mixture search (train/msft.py), where the default's single overfitting task leaves any gain within
+noise. Three small tasks have label noise on their training rows only and are drawn many times per epoch, so each
+learns its rule, then memorises its wrong labels while its held-out accuracy falls; their rules are learned at
+different speeds, which spreads the peaks. Copy, reverse and sort are clean and still learning when the first task
+peaks. Every held-out split has 500 rows (standard error <= 2.2 points per evaluation). A wrong label is another digit
+(another bit for vote), so it is still a well-formed answer:
+
+  task     example                 train  noise  draws per row and epoch
+  vote     vote 1101101111011 -> 1    64    40%  10.5  majority of 13 bits, only clear ones (>= 9 alike)
+  first    first 50721 -> 5          100    50%  10.5  the first digit
+  last     last 50721 -> 1           300    50%   4.2  the last digit
+  copy     copy 50721 -> 50721      3000     0    0.7
+  reverse  reverse 50721 -> 12705   3000     0    0.7
+  sort     sort 31415 -> 11345      1500     0    0.5
+
+Measured with `python -m train.sft --config configs/tiny_msft_sft.toml` (2026-11-29; 1.67M params, 2048-token
+micro-batches, AdamW lr 3e-3 constant after 20 warm-up steps, 3 epochs = 256 steps, seed 0; torch 2.13.0+cpu,
+Python 3.11.7, OMP_NUM_THREADS=1): 17 min 10 s wall on a 2-core CPU shared with other jobs at load average 5-15
+(not an idle-machine time: the default run's 651 steps took 3 min there; this is 256 steps and 13 evaluations of
+3,000 rows), training loss 1.41 at step 50 -> 0.30 at step 250. Held-out exact match (all 500 rows per task) at each quarter epoch:
+
+  epoch    0.00 0.26 0.51 0.75 1.01 1.26 1.50 1.76 2.01 2.25 2.51 2.76 3.00
+  vote     0.00 0.00 0.56 0.81 0.83 0.89 0.92 0.83 0.74 0.72 0.83 0.63 0.67
+  first    0.00 0.15 0.30 0.41 0.51 0.41 0.41 0.44 0.42 0.39 0.42 0.43 0.49
+  last     0.00 0.20 0.40 0.55 0.55 0.62 0.75 0.78 0.84 0.76 0.87 0.78 0.78
+  copy     0.00 0.00 0.00 0.03 0.09 0.15 0.18 0.35 0.52 0.69 0.69 0.73 0.68
+  reverse  0.00 0.00 0.01 0.05 0.13 0.31 0.45 0.58 0.82 0.90 0.93 0.97 0.95
+  sort     0.00 0.00 0.01 0.04 0.08 0.08 0.11 0.15 0.21 0.17 0.16 0.22 0.27
+
+First peaks at 1.0 epoch (0.51, then 0.39-0.44: -7 to -12 points), vote at 1.5 (0.92, then 0.63-0.83: up to -29),
+last at 2.5 (0.87, then 0.78 twice: -9). When first peaks, vote, last, copy, reverse and sort are all still
+improving. Held-out loss agrees: lowest for first at 1.0 (0.63 -> 0.73-0.93 after), for vote at 1.0-1.75 (0.20 ->
+0.28-0.31 from 2.25), for last at 2.0 (0.43 -> 0.48-0.61). Last's fall is the weakest (9 points, about 3.5 standard
+errors of a difference of two evaluations) and first's partly recovers by 3.0 (0.49), so as with the default, mSFT
+should not read single points as peaks without a margin.
+
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
-verifiable truth that `check` compares against (they differ only on majority's flipped training rows, so an RL
+verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
 reward on training prompts is never computed against a deliberately wrong label), and "checker": "synthetic" names
 `check` for train/checkers.py. Held-out rows always have response == answer.
 
@@ -99,6 +136,20 @@ TASK_SETS = {
 }
 
 
+# The mSFT mixture (docstring: "The msft set"): three tasks with noisy training labels whose held-out accuracy
+# peaks and then falls at different times, and clean tasks that are still learning when the first one has peaked.
+MSFT_TASKS = ("copy", "reverse", "sort", "vote", "first", "last")
+MSFT_TRAIN_SIZES = {"copy": 3000, "reverse": 3000, "sort": 1500, "vote": 64, "first": 100, "last": 300}
+# 500 rows each: one evaluation's standard error is at most 2.2 points (at accuracy 0.5), 1.8 at 0.8.
+MSFT_HELDOUT_SIZES = {task: 500 for task in MSFT_TASKS}
+# Copy and reverse weigh more than their sizes: the attention circuits they grow are what the other tasks are read
+# with, and in trial mixtures where they had under 30% of the draws nothing was learned within two epochs. vote and
+# first are drawn ~10 times per epoch and last ~4 times, so their few rows get memorised, wrong labels included.
+MSFT_MIXTURE_WEIGHTS = {"copy": 4000, "reverse": 4000, "sort": 1500, "vote": 1280, "first": 2000, "last": 2400}
+
+TASK_SETS["msft"] = TaskSet(MSFT_TASKS, MSFT_TRAIN_SIZES, MSFT_HELDOUT_SIZES, MSFT_MIXTURE_WEIGHTS)
+
+
 def task_set(name: str) -> TaskSet:
     if name not in TASK_SETS:
         raise ValueError(f"data.synthetic: unknown task set {name!r}; the built-in sets are {', '.join(TASK_SETS)}")
@@ -113,6 +164,9 @@ MAJORITY_BITS = 11
 # the held-out curve shows the rise and the later decline from memorising flipped labels, not a slow counting task.
 MAJORITY_MARGIN = 5
 MAJORITY_FLIP_FRACTION = 0.4
+# msft's vote: majority of 13 bits, again only clear ones (>= 9 alike), 2,186 strings: room for 500 held-out rows,
+# which majority's 464 clear strings of 11 bits do not have.
+VOTE_BITS, VOTE_MARGIN = 13, 5
 
 
 def check(response: str, answer: str) -> bool:
@@ -162,12 +216,36 @@ def _gen_mod(rng: random.Random) -> tuple[str, str]:
     return f"mod {n}%{MOD_DIVISOR}", str(n % MOD_DIVISOR)
 
 
+def _gen_first(rng: random.Random) -> tuple[str, str]:
+    s = _digits(rng)
+    return f"first {s}", s[0]
+
+
+def _gen_last(rng: random.Random) -> tuple[str, str]:
+    s = _digits(rng)
+    return f"last {s}", s[-1]
+
+
+def _is_clear_vote(bits: int) -> bool:
+    return abs(2 * bits.bit_count() - VOTE_BITS) >= VOTE_MARGIN
+
+
+def _gen_vote(rng: random.Random) -> tuple[str, str]:
+    while not _is_clear_vote(b := rng.getrandbits(VOTE_BITS)):
+        pass
+    s = format(b, f"0{VOTE_BITS}b")
+    return f"vote {s}", "1" if 2 * s.count("1") > VOTE_BITS else "0"
+
+
 _GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "copy": _gen_copy,
     "reverse": _gen_reverse,
     "sort": _gen_sort,
     "add": _gen_add,
     "mod": _gen_mod,
+    "first": _gen_first,
+    "last": _gen_last,
+    "vote": _gen_vote,
 }
 # How many distinct prompts each task can produce: a request beyond it could never be met with unique rows.
 _SPACE = {
@@ -177,7 +255,15 @@ _SPACE = {
     "add": (ADD_MAX + 1) ** 2,
     "mod": MOD_MAX + 1,
     "majority": sum(abs(2 * i.bit_count() - MAJORITY_BITS) >= MAJORITY_MARGIN for i in range(2**MAJORITY_BITS)),
+    **{t: sum(10**n for n in range(MIN_DIGITS, MAX_DIGITS + 1)) for t in ("first", "last")},
+    "vote": sum(_is_clear_vote(i) for i in range(2**VOTE_BITS)),
 }
+
+
+# Fraction of a task's training rows whose response is replaced by a wrong answer from its answer alphabet (majority
+# flips its own labels, in _build_majority, so that the default set's rows stay as they were recorded).
+LABEL_NOISE = {"vote": 0.4, "first": 0.5, "last": 0.5}
+_ANSWER_ALPHABETS = {"vote": "01", "first": string.digits, "last": string.digits}
 
 
 def _row(task: str, prompt: str, response: str, answer: str) -> dict:
@@ -191,6 +277,18 @@ def _sample_unique(task: str, rng: random.Random, n: int, taken: set[str]) -> li
         if prompt not in taken:
             taken.add(prompt)
             out.append((prompt, answer))
+    return out
+
+
+def _noisy_responses(task: str, rng: random.Random, pairs: list[tuple[str, str]]) -> dict[int, str]:
+    """{training row index: its wrong response} for LABEL_NOISE[task] of the rows (none for a clean task)."""
+    rate = LABEL_NOISE.get(task, 0.0)
+    if not rate:
+        return {}
+    alphabet = _ANSWER_ALPHABETS[task]
+    out = {}
+    for i in sorted(rng.sample(range(len(pairs)), round(rate * len(pairs)))):
+        out[i] = rng.choice([c for c in alphabet if c != pairs[i][1]])
     return out
 
 
@@ -222,16 +320,20 @@ def build_tasks(
 ) -> dict[str, TaskData]:
     """The built-in tasks, deterministic given `seed` (same rows on every machine and Python >= 3.10).
 
-    `train_sizes` / `heldout_sizes` override the defaults per task. Held-out rows are drawn first from each task's
-    own random stream, so they do not change when only the training size changes; training rows never repeat a
-    held-out prompt or each other.
+    `train_sizes` / `heldout_sizes` override the defaults per task (the "default" set's; a task outside it needs
+    both). Held-out rows are drawn first from each task's own random stream, so they do not change when only the
+    training size changes; training rows never repeat a held-out prompt or each other. A task in LABEL_NOISE gets
+    wrong responses on that fraction of its training rows, drawn after the rows from the same stream.
     """
     train_sizes = {**DEFAULT_TRAIN_SIZES, **(train_sizes or {})}
     heldout_sizes = {**DEFAULT_HELDOUT_SIZES, **(heldout_sizes or {})}
     out = {}
     for task in tasks:
         if task not in _SPACE:
-            raise ValueError(f"build_tasks: unknown task {task!r}; the built-in tasks are {', '.join(TASKS)}")
+            raise ValueError(f"build_tasks: unknown task {task!r}; the built-in tasks are {', '.join(_SPACE)}")
+        if task not in train_sizes or task not in heldout_sizes:
+            raise ValueError(f"build_tasks: task {task!r} has no default size; give it in train_sizes and "
+                             f"heldout_sizes (or use a task set: task_set('msft').train_sizes)")
         n_train, n_heldout = train_sizes[task], heldout_sizes[task]
         if n_train < 1 or n_heldout < 1 or n_train + n_heldout > _SPACE[task]:
             raise ValueError(
@@ -244,7 +346,9 @@ def build_tasks(
             rng = random.Random(f"{seed}:{task}")
             taken: set[str] = set()
             heldout = [_row(task, p, a, a) for p, a in _sample_unique(task, rng, n_heldout, taken)]
-            train = [_row(task, p, a, a) for p, a in _sample_unique(task, rng, n_train, taken)]
+            pairs = _sample_unique(task, rng, n_train, taken)
+            wrong = _noisy_responses(task, rng, pairs)
+            train = [_row(task, p, wrong.get(i, a), a) for i, (p, a) in enumerate(pairs)]
         out[task] = TaskData(task, train, heldout, check)
     return out
 
@@ -254,16 +358,21 @@ def write_jsonl(
     seed: int = 0,
     train_sizes: dict[str, int] | None = None,
     heldout_sizes: dict[str, int] | None = None,
+    task_set_name: str = "default",
 ) -> dict[str, Path]:
-    """Write the built-in tasks as out_dir/{train,heldout}/<task>.jsonl (the layout train/data.py reads).
+    """Write a built-in task set as out_dir/{train,heldout}/<task>.jsonl (the layout train/data.py reads; give
+    data.weights as well to keep the set's mixture weights).
 
     Returns {"train": out_dir/train, "heldout": out_dir/heldout}.
     """
+    ts = task_set(task_set_name)
     out_dir = Path(out_dir)
     dirs = {"train": out_dir / "train", "heldout": out_dir / "heldout"}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    for name, task in build_tasks(seed, train_sizes, heldout_sizes).items():
+    tasks = build_tasks(seed, {**ts.train_sizes, **(train_sizes or {})}, {**ts.heldout_sizes, **(heldout_sizes or {})},
+                        ts.tasks)
+    for name, task in tasks.items():
         for split, rows in (("train", task.train), ("heldout", task.heldout)):
             with open(dirs[split] / f"{name}.jsonl", "w") as f:
                 for row in rows:
@@ -332,12 +441,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description="Write the built-in synthetic tasks as JSONL, or rebuild the tokenizer.")
     p.add_argument("out_dir", nargs="?", help="write out_dir/{train,heldout}/<task>.jsonl")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", default="default", choices=sorted(TASK_SETS), help="which built-in task set to write")
     p.add_argument("--write-tokenizer", metavar="DIR", help="train the tiny tokenizer and save it to DIR")
     args = p.parse_args()
     if args.out_dir is None and args.write_tokenizer is None:
         p.error("give out_dir, --write-tokenizer DIR, or both")
     if args.out_dir is not None:
-        dirs = write_jsonl(args.out_dir, args.seed)
+        dirs = write_jsonl(args.out_dir, args.seed, task_set_name=args.set)
         print(f"wrote {dirs['train']} and {dirs['heldout']}")
     if args.write_tokenizer is not None:
         tok = build_tiny_tokenizer(args.write_tokenizer)
