@@ -83,8 +83,22 @@ First peaks at 1.0 epoch (0.51, then 0.39-0.44: -7 to -12 points), vote at 1.5 (
 last at 2.5 (0.87, then 0.78 twice: -9). When first peaks, vote, last, copy, reverse and sort are all still
 improving. Held-out loss agrees: lowest for first at 1.0 (0.63 -> 0.73-0.93 after), for vote at 1.0-1.75 (0.20 ->
 0.28-0.31 from 2.25), for last at 2.0 (0.43 -> 0.48-0.61). Last's fall is the weakest (9 points, about 3.5 standard
-errors of a difference of two evaluations) and first's partly recovers by 3.0 (0.49), so as with the default, mSFT
-should not read single points as peaks without a margin.
+errors of a difference of two evaluations) and first's partly recovers by 3.0 (0.49).
+
+A second seed (--train.seed=1 --data.seed=1: other rows, other noise, other init; 12 min 29 s wall, same load):
+
+  epoch    0.00 0.26 0.50 0.76 1.01 1.25 1.51 1.76 2.00 2.26 2.51 2.75 3.01
+  vote     0.00 0.00 0.48 0.50 0.81 0.84 0.75 0.68 0.76 0.82 0.57 0.76 0.71
+  first    0.00 0.19 0.16 0.31 0.41 0.55 0.58 0.31 0.37 0.53 0.40 0.45 0.50
+  last     0.00 0.18 0.29 0.41 0.47 0.46 0.43 0.75 0.95 0.89 0.83 0.75 0.58
+  copy     0.00 0.00 0.01 0.01 0.06 0.20 0.25 0.43 0.45 0.43 0.46 0.54 0.65
+  reverse  0.00 0.00 0.01 0.02 0.03 0.08 0.36 0.64 0.91 0.84 0.90 0.92 0.89
+  sort     0.00 0.00 0.00 0.02 0.02 0.02 0.03 0.09 0.07 0.07 0.08 0.06 0.11
+
+Here all three falls are large (vote 0.84 at 1.25 -> 0.57-0.82, first 0.58 at 1.5 -> 0.31-0.53, last 0.95 at 2.0
+-> 0.58), but vote and first peak only a quarter epoch apart and in the other order. So the three peaks are ordered
+by the seed, not by design, beyond "last comes last"; single points are noisy (vote's 0.82 at 2.26), and mSFT should
+read them with a margin or by held-out loss.
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
