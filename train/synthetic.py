@@ -69,7 +69,8 @@ Measured with `python -m train.sft --config configs/tiny_msft_sft.toml` (2026-11
 micro-batches, AdamW lr 3e-3 constant after 20 warm-up steps, 3 epochs = 256 steps, seed 0; torch 2.13.0+cpu,
 Python 3.11.7, OMP_NUM_THREADS=1): 17 min 10 s wall on a 2-core CPU shared with other jobs at load average 5-15
 (not an idle-machine time: the default run's 651 steps took 3 min there; this is 256 steps and 13 evaluations of
-3,000 rows), training loss 1.41 at step 50 -> 0.30 at step 250. Held-out exact match (all 500 rows per task) at each quarter epoch:
+3,000 rows), training loss 1.41 at step 50 -> 0.30 at step 250. Held-out exact match (all 500 rows per task) at
+each quarter epoch:
 
   epoch    0.00 0.26 0.51 0.75 1.01 1.26 1.50 1.76 2.01 2.25 2.51 2.76 3.00
   vote     0.00 0.00 0.56 0.81 0.83 0.89 0.92 0.83 0.74 0.72 0.83 0.63 0.67
