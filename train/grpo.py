@@ -220,7 +220,7 @@ def prompt_pool(cfg: GRPOConfig, rt: Runtime) -> list[Prompt]:
         if c.path:  # data.checkers are applied as the sub-datasets' defaults while reading
             rows: dict[str, list[Row]] = load_split_dir(c.path, c.heldout_fraction, c.seed, c.checkers)[0]
         else:  # the built-in tasks: data.checkers override, as in train/runtime.load_data
-            rows = synthetic_rows(c.seed)[0]
+            rows = synthetic_rows(c.seed, task_set=c.synthetic)[0]
             for task_rows in rows.values():
                 for r in task_rows:
                     r.checker = c.checkers.get(r.task, r.checker)
