@@ -38,7 +38,6 @@ Reads top to bottom: config -> `decide` (pure) -> the mSFT driver -> baselines -
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,7 +47,7 @@ import torch.distributed as dist
 
 from core.ring import CheckpointRing, reshard
 from train.runtime import RunConfig, Runtime, entry_point, global_sum, log
-from train.sft import make_loader, train_step
+from train.sft import loader_step, make_loader
 
 METHODS = ("msft", "sft", "early_stop", "sro", "temperature")
 
@@ -101,6 +100,11 @@ def peak_index(scores: Sequence[float], margin: float = 0.0) -> int:
     return best
 
 
+def is_flat(scores: Sequence[float]) -> bool:
+    """The same score at every point: a task that has not started learning (skip_flat's test)."""
+    return min(scores) == max(scores)
+
+
 def decide(points: Sequence[float], scores: dict[str, Sequence[float]], active: Sequence[str], *,
            margin: float = 0.0, skip_flat: bool = False) -> tuple[str | None, float]:
     """One stage's decision. points: the evaluation points in epochs [0, Δ, ..., C]; scores[task]: the held-out
@@ -112,7 +116,7 @@ def decide(points: Sequence[float], scores: dict[str, Sequence[float]], active: 
     for task in active:
         if len(scores[task]) != len(points):
             raise ValueError(f"decide: task {task!r} has {len(scores[task])} scores for {len(points)} points")
-    candidates = [t for t in active if not (skip_flat and min(scores[t]) == max(scores[t]))]
+    candidates = [t for t in active if not (skip_flat and is_flat(scores[t]))]
     if not candidates:
         return None, points[-1]
     peaks = {task: peak_index(scores[task], margin) for task in candidates}
@@ -196,6 +200,26 @@ class Tracker:
 # ---------------------------------------------------------------------------------------------- the runs
 
 
+def _open(cfg: MSFTConfig, name: str, method: str) -> tuple[Runtime, Any, CheckpointRing]:
+    """A fresh run from θ0 under <out_dir>/<name> (no resume, no export): runtime, loader, ring. The temperature
+    baseline's mixture weights come from the sub-dataset sizes."""
+    sub = replace(cfg, out_dir=str(Path(cfg.out_dir) / name))
+    sub.checkpoint = replace(cfg.checkpoint, resume=False, export_hf=False)
+    rt = Runtime(sub)
+    if method == "temperature":
+        rt.cfg.data = replace(sub.data, weights=temperature_weights(
+            {t: len(rt.data.train[t]) for t in rt.data.tasks}, cfg.msft.temperature))
+    loader = make_loader(rt)
+    rt.resume(loader)  # a fresh start (resume=False): opens the metrics log
+    return rt, loader, _ring(rt)
+
+
+def _close(rt: Runtime, loader: Any, ring: CheckpointRing) -> None:
+    rt.finish(loader, finished=True)
+    loader.close()
+    ring.clear()
+
+
 def _ring(rt: Runtime) -> CheckpointRing:
     reshard(rt.model)
     per = sum(p.to_local().numel() * p.element_size() for p in rt.model.parameters())
@@ -208,11 +232,7 @@ def _train_until(rt: Runtime, loader: Any, frac: Callable[[], float], evaluate: 
                  progress: Callable[[], float], every: float) -> None:
     """Steps of SFT on `loader` until `frac()` (also the lr schedule's position) reaches 1; `evaluate()` at every
     `every` epochs of `progress()` and at the end (the caller evaluates the start)."""
-    def step(lr: Callable[[], float]) -> dict[str, float]:
-        batches = [loader.next_batch() for _ in range(rt.cfg.optim.grad_accum)]
-        return train_step(rt, batches, lr())
-
-    rt.loop(step, progress=progress, frac=frac, evaluate=evaluate, every_epochs=every)
+    rt.loop(loader_step(rt, loader), progress=progress, frac=frac, evaluate=evaluate, every_epochs=every)
 
 
 def run_msft(rt: Runtime, loader: Any, ring: CheckpointRing) -> dict[str, Any]:
@@ -360,15 +380,7 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
             continue
         if method == "sro":  # its roll-out first, so that two models are never held at once
             sro_peaks, rollout_tokens = _rollout_peaks(cfg)
-        sub = replace(cfg, out_dir=str(out / method))
-        sub.checkpoint = replace(cfg.checkpoint, resume=False, export_hf=False)
-        rt = Runtime(sub)
-        if method == "temperature":
-            rt.cfg.data = replace(sub.data, weights=temperature_weights(
-                {t: len(rt.data.train[t]) for t in rt.data.tasks}, cfg.msft.temperature))
-        loader = make_loader(rt)
-        rt.resume(loader)  # fresh start (resume=False): opens the metrics log
-        ring = _ring(rt)
+        rt, loader, ring = _open(cfg, method, method)
         log(rt.d, f"=== {method} ===")
         if method == "msft":
             results[method] = run_msft(rt, loader, ring)
@@ -381,9 +393,7 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
             results[method] = run_sft_budget(rt, loader, ring, method, budget)
         if method == "msft" and cfg.checkpoint.export_hf:
             rt.export(out / "hf")
-        rt.finish(loader, finished=True)
-        loader.close()
-        ring.clear()
+        _close(rt, loader, ring)
     if "early_stop" in cfg.msft.methods and "sft" in results:
         results["early_stop"] = early_stop(results["sft"])
     report = make_report(cfg, results)
@@ -398,12 +408,7 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
 def _rollout_peaks(cfg: MSFTConfig) -> tuple[dict[str, float], float]:
     """SRO's roll-out: plain SFT for C epochs from θ0, recording each task's first-argmax peak (in epochs of the
     mixture). Returns the peaks and the tokens the roll-out cost (they count in SRO's budget)."""
-    sub = replace(cfg, out_dir=str(Path(cfg.out_dir) / "sro_rollout"))
-    sub.checkpoint = replace(cfg.checkpoint, resume=False, export_hf=False)
-    rt = Runtime(sub)
-    loader = make_loader(rt)
-    rt.resume(loader)
-    ring = _ring(rt)
+    rt, loader, ring = _open(cfg, "sro_rollout", "sro")
     tracker = Tracker(rt, ring, loader, "sro_rollout")
     tracker.evaluate()
     _train_until(rt, loader, lambda: loader.progress / cfg.msft.budget_epochs + 1e-9,
@@ -412,12 +417,10 @@ def _rollout_peaks(cfg: MSFTConfig) -> tuple[dict[str, float], float]:
     peaks = {}
     for t in rt.data.tasks:
         scores = [signal_of(cfg, p["eval"][t]) for p in tracker.curve]
-        if not (cfg.msft.skip_flat and min(scores) == max(scores)):  # as in decide: a flat curve has no peak
+        if not (cfg.msft.skip_flat and is_flat(scores)):  # as in decide: a flat curve has no peak
             peaks[t] = points[peak_index(scores, cfg.msft.margin)]
     tokens = rt.counters.tokens
-    rt.finish(loader, finished=True)
-    loader.close()
-    ring.clear()
+    _close(rt, loader, ring)
     return peaks, tokens
 
 

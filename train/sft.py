@@ -65,6 +65,16 @@ def train_step(rt: Runtime, batches: list[PackedBatch], lr: float) -> dict[str, 
             "skipped": float(not applied)}
 
 
+def loader_step(rt: Runtime, loader: MixtureLoader) -> Callable[[Callable[[], float]], dict[str, float]]:
+    """The step `Runtime.loop` drives: `optim.grad_accum` micro-batches from `loader`, then `train_step` at the
+    scheduled learning rate (read after the batches are drawn)."""
+    def step(lr: Callable[[], float]) -> dict[str, float]:
+        batches = [loader.next_batch() for _ in range(rt.cfg.optim.grad_accum)]
+        return train_step(rt, batches, lr())
+
+    return step
+
+
 def run(cfg: SFTConfig) -> dict[str, Any]:
     rt = Runtime(cfg)
     loader = make_loader(rt)
@@ -73,12 +83,8 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
     log(d, f"world size {d.world_size} on {d.device}; {rt.model.config.num_params() / 1e6:.2f}M parameters; "
            f"tasks {rt.data.tasks}\n{rt.data.report()}")
 
-    def step(lr: Callable[[], float]) -> dict[str, float]:
-        batches = [loader.next_batch() for _ in range(cfg.optim.grad_accum)]
-        return train_step(rt, batches, lr())
-
     try:
-        finished = rt.loop(step, progress=lambda: loader.progress, frac=lambda: rt.frac_of(loader.progress),
+        finished = rt.loop(loader_step(rt, loader), progress=lambda: loader.progress, frac=lambda: rt.frac_of(loader.progress),
                            evaluate=lambda: rt.record_eval(loader.progress, rt.evaluate()),
                            at_start=cfg.eval.at_start and resumed is None, save=lambda: rt.save(loader))
         return rt.finish(loader, finished=finished)
