@@ -375,6 +375,9 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
     order = [m for m in METHODS if m in cfg.msft.methods]
     if "msft" not in order:
         raise ValueError("msft.methods must include 'msft': it sets the token budget of the others")
+    if not cfg.eval.generate:
+        raise ValueError("msft needs eval.generate = true: held-out accuracy picks every method's best-overall "
+                         "snapshot (msft.signal = 'loss' changes only how peaks are read)")
     for method in order:
         if method == "early_stop":
             continue
