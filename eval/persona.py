@@ -68,7 +68,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -181,6 +181,32 @@ def _question(q: Question | dict, i: int) -> Question:
 def _mean(xs: Sequence[float | None]) -> float | None:
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
+
+
+def load_model(path: str | Path, *, device: str = "cpu", dtype: str | None = None) -> tuple[Any, Any]:
+    """A Hugging Face checkpoint directory -> (core.model.Transformer in eval mode, core.tokenizer.Tokenizer)."""
+    import torch
+
+    from core.checkpoint import load_hf
+    from core.tokenizer import Tokenizer
+
+    dtypes = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype {dtype!r}: use one of float32, bfloat16, float16 (or none: the checkpoint's)")
+    model = load_hf(path, dtype=dtypes[dtype], device=device).eval()
+    return model, Tokenizer.from_dir(path)
+
+
+def _generate_texts(model: Any, tokenizer: Any, prompts: list[list[int]], *, n: int, temperature: float, seed: int,
+                    max_new_tokens: int, max_batch_tokens: int | None = None,
+                    top_p: float = 1.0) -> list[tuple[str, str]]:
+    """(text, finish_reason) of each of n samples per prompt, ordered (prompt, sample): one generate call."""
+    from core.sampler import generate
+
+    outs = generate(model, prompts, max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p,
+                    seed=seed, tokenizer=tokenizer, stop_token_ids=tokenizer.stop_ids,
+                    max_batch_tokens=max_batch_tokens)
+    return [(tokenizer.decode(o.tokens, skip_special_tokens=True), o.finish_reason) for o in outs]
 
 
 def persona_benchmark(model: Any, tokenizer: Any, personas: Sequence[Any], questions: Sequence[Question | dict], *,
@@ -501,32 +527,6 @@ class LocalJudge:
                                                     max_batch_tokens=self.max_batch_tokens)]
 
 
-def load_model(path: str | Path, *, device: str = "cpu", dtype: str | None = None) -> tuple[Any, Any]:
-    """A Hugging Face checkpoint directory -> (core.model.Transformer in eval mode, core.tokenizer.Tokenizer)."""
-    import torch
-
-    from core.checkpoint import load_hf
-    from core.tokenizer import Tokenizer
-
-    dtypes = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype {dtype!r}: use one of float32, bfloat16, float16 (or none: the checkpoint's)")
-    model = load_hf(path, dtype=dtypes[dtype], device=device).eval()
-    return model, Tokenizer.from_dir(path)
-
-
-def _generate_texts(model: Any, tokenizer: Any, prompts: list[list[int]], *, n: int, temperature: float, seed: int,
-                    max_new_tokens: int, max_batch_tokens: int | None = None,
-                    top_p: float = 1.0) -> list[tuple[str, str]]:
-    """(text, finish_reason) of each of n samples per prompt, ordered (prompt, sample): one generate call."""
-    from core.sampler import generate
-
-    outs = generate(model, prompts, max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p,
-                    seed=seed, tokenizer=tokenizer, stop_token_ids=tokenizer.stop_ids,
-                    max_batch_tokens=max_batch_tokens)
-    return [(tokenizer.decode(o.tokens, skip_special_tokens=True), o.finish_reason) for o in outs]
-
-
 # ------------------------------------------------------------------------------------------------ judged scores
 
 
@@ -752,7 +752,7 @@ def evaluate_model(path: str, args: argparse.Namespace, personas: list[Any], que
     t0 = time.perf_counter()
     bench = persona_benchmark(model, tokenizer, personas, questions, samples=args.samples,
                               temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                              seed=args.seed)
+                              seed=args.seed, max_batch_tokens=args.max_batch_tokens)
     report: dict[str, Any] = {"model": str(path), "benchmark_name": args.benchmark, "benchmark": bench,
                               "seconds": {"benchmark": time.perf_counter() - t0}}
     if not args.responses:
@@ -791,6 +791,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help=f"default per benchmark: {DEFAULT_MAX_NEW_TOKENS}")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-batch-tokens", type=int, default=None,
+                    help="the sampler's rows x cache-length budget (default: core.sampler's; on CPU a few hundred "
+                         "rows with refill can beat one row per sequence)")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: the checkpoint's")
