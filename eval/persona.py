@@ -440,9 +440,14 @@ class HTTPJudge:
         with ThreadPoolExecutor(self.workers) as pool:
             return list(pool.map(self._one, conversations))
 
-    def _one(self, messages: list[dict]) -> str:
+    def check(self) -> None:
+        """One tiny request, so an unreachable judge or a wrong model name is reported before hours of work."""
+        self._failed.clear()
+        self._one([{"role": "user", "content": "Reply with OK."}], max_tokens=1)
+
+    def _one(self, messages: list[dict], max_tokens: int | None = None) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
-                           "max_tokens": self.max_tokens}).encode()
+                           "max_tokens": max_tokens or self.max_tokens}).encode()
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -741,7 +746,7 @@ def _judge(args: argparse.Namespace) -> Judge:
         if args.judge_api_key_env and not key:
             raise SystemExit(f"eval.persona: --judge-api-key-env {args.judge_api_key_env}: that variable is not set")
         return HTTPJudge(args.judge_url, args.judge_model, api_key=key, timeout_s=args.judge_timeout,
-                         max_tokens=args.judge_max_tokens)
+                         retries=args.judge_retries, max_tokens=args.judge_max_tokens)
     return LocalJudge.from_checkpoint(args.judge_checkpoint, device=args.device, dtype=args.dtype,
                                       max_new_tokens=args.judge_max_tokens)
 
@@ -813,6 +818,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     g.add_argument("--judge-group", type=int, default=5, help="responses graded per judge call (PersonaGym: 5)")
     g.add_argument("--judge-examples", default="none", choices=["none", "generate"])
     g.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per judge request")
+    g.add_argument("--judge-retries", type=int, default=2,
+                   help="retries of a failed judge request (backoff 2 s, 4 s, ...)")
     g.add_argument("--judge-max-tokens", type=int, default=1024)
     args = ap.parse_args(argv)
 
@@ -834,6 +841,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.judge_url and not args.judge_model:
             ap.error("--judge-url needs --judge-model (the name the server serves)")
         judge = _judge(args)
+        if isinstance(judge, HTTPJudge):
+            try:
+                judge.check()  # before any model is loaded
+            except JudgeError as e:
+                raise SystemExit(f"eval.persona: {e}") from None
 
     from train.personas import resolve_pool
 

@@ -504,3 +504,13 @@ def test_command_line(tmp_path, judge_server, capsys):
     with pytest.raises(SystemExit):
         P.main(["--model", "x", "--pool", str(pool), "--benchmark", "synthetic", "--personagym", "1"])
     assert "needs a judge" in capsys.readouterr().err
+
+
+def test_command_line_checks_the_judge_before_any_work(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SystemExit, match=r"eval.persona: judge .* connection refused"):
+        P.main(["--model", str(tmp_path / "not-loaded"), "--pool", "synthetic-eval", "--benchmark", "synthetic",
+                "--personagym", "1", "--judge-url", f"http://127.0.0.1:{port}/v1", "--judge-model", "m",
+                "--judge-retries", "0"])
