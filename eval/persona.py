@@ -219,7 +219,8 @@ def persona_benchmark(model: Any, tokenizer: Any, personas: Sequence[Any], quest
 
     Returns {"correct": [P][Q][k] 0/1, "responses": [P][Q][k] texts, "stability": stability(correct),
     "per_persona": [{id, category, accuracy, fidelity (None without constraints), truncated (fraction of responses
-    cut at max_new_tokens)}], "by_category": {category: {personas, accuracy, fidelity}}, "fidelity" (mean over the
+    cut at max_new_tokens)}], "by_category": {category: {personas, accuracy, fidelity, stability (of that category's
+    personas alone)}}, "fidelity" (mean over the
     constrained personas; None if there are none), and the settings}.
     """
     from train.checkers import check_rows, validate
@@ -259,9 +260,10 @@ def persona_benchmark(model: Any, tokenizer: Any, personas: Sequence[Any], quest
                             "truncated": sum(r == "length" for _, r in outs[span]) / (Q * K)})
     by_category = {}
     for cat in dict.fromkeys(p.category for p in personas):
-        rows = [r for r in per_persona if r["category"] == cat]
-        by_category[cat] = {"personas": len(rows), "accuracy": _mean([r["accuracy"] for r in rows]),
-                            "fidelity": _mean([r["fidelity"] for r in rows])}
+        idx = [j for j, p in enumerate(personas) if p.category == cat]
+        by_category[cat] = {"personas": len(idx), "accuracy": _mean([per_persona[j]["accuracy"] for j in idx]),
+                            "fidelity": _mean([per_persona[j]["fidelity"] for j in idx]),
+                            "stability": stability(correct[idx])}
     return {"correct": correct.tolist(), "responses": np.array(texts, dtype=object).reshape(P, Q, K).tolist(),
             "stability": stability(correct), "per_persona": per_persona, "by_category": by_category,
             "fidelity": _mean([r["fidelity"] for r in per_persona]),

@@ -391,7 +391,9 @@ def test_persona_benchmark_checks_stripped_answers_and_fidelity(monkeypatch):
     assert [p["fidelity"] for p in r["per_persona"]] == [None, None, 0.75]  # both closings, one opening
     assert [p["truncated"] for p in r["per_persona"]] == [0.0, 1.0, 0.0]
     assert r["fidelity"] == 0.75
-    assert r["by_category"]["role-play"] == {"personas": 1, "accuracy": 0.5, "fidelity": 0.75}
+    assert r["by_category"]["role-play"] == {"personas": 1, "accuracy": 0.5, "fidelity": 0.75,
+                                             "stability": P.stability([[[1], [0]]])}
+    assert r["by_category"]["unhelpful"]["stability"]["pss"] == 0.5
     assert r["question_ids"] == ["q0", "q1"]
 
 
