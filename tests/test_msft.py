@@ -130,6 +130,12 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
             assert s["discarded_tokens"] >= 0 and s["rollback_to"] <= s["points"][-1]
             assert s["excluded"] not in sum((t["active"] for t in stages[stages.index(s) + 1:]), [])
     assert r["curve"][-1]["tokens"] == r["tokens"] and r["tokens"] > 0
+    for s, nxt in zip(stages, stages[1:]):  # a stage starts where the previous one left off: θ_C or the roll-back
+        last = [p for p in r["curve"] if p["stage"] == s["stage"]][-1]
+        first = [p for p in r["curve"] if p["stage"] == nxt["stage"]][0]
+        start = last if s["excluded"] is None else next(
+            p for p in r["curve"] if p["stage"] == s["stage"] and p["step"] == s["rollback_step"])
+        assert (first["eval"], first["weights"]) == (start["eval"], start["weights"]), (s, nxt)
     budget = r["tokens"]
     for method in ("sft", "sro", "temperature"):
         run = one["runs"][method]
@@ -140,7 +146,9 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
     assert all(es[t] == max(p["eval"][t]["accuracy"] for p in sft_curve) for t in TASKS)
     assert (tmp_path / "one" / "msft.png").stat().st_size > 10_000  # the plot (matplotlib is in the test extra)
 
-    two = _run_msft(tmp_path / "two", mixture, '--msft.methods=["msft"]', "--msft.skip_flat=true", nproc=2)
+    two = _run_msft(tmp_path / "two", mixture, '--msft.methods=["msft"]', "--msft.skip_flat=true",
+                    "--eval.loss=false", nproc=2)  # no held-out loss: accuracy alone decides (msft.signal)
+    assert all(set(p["eval"][t]) == {"accuracy"} for p in two["runs"]["msft"]["curve"] for t in TASKS)
     decisions = lambda rep: [(s["excluded"], s["rollback_to"]) for s in rep["runs"]["msft"]["stages"]]  # noqa
     assert decisions(two) == decisions(one)
     a, b = one["runs"]["msft"]["selected"], two["runs"]["msft"]["selected"]
@@ -159,12 +167,14 @@ def test_repo_configs_parse(name):
 
 def test_bad_msft_settings_are_refused():
     from core.config import ConfigError, load_config
-    from train.msft import MSFTConfig
+    from train.msft import MSFTConfig, run_one
 
     with pytest.raises(ConfigError, match=r"msft.methods: unknown \['dynamix'\]"):
         load_config(MSFTConfig, None, ['--msft.methods=["msft", "dynamix"]'])
     with pytest.raises(ConfigError, match=r"need 0 < eval_every \(2.0\) <= budget_epochs \(1.0\)"):
         load_config(MSFTConfig, None, ["--msft.eval_every=2.0"])
+    with pytest.raises(ValueError, match=r"msft.signal = 'loss' reads held-out loss: set eval.loss = true"):
+        run_one(load_config(MSFTConfig, None, ["--msft.signal=loss", "--eval.loss=false"]))
 
 
 def test_study_aggregates_mean_and_std_over_seeds():
@@ -175,3 +185,25 @@ def test_study_aggregates_mean_and_std_over_seeds():
     study = aggregate(r)["msft"]
     assert study["a"][0] == pytest.approx(0.6) and study["a"][1] == pytest.approx(0.1414213562)
     assert study["tokens"] == (110.0, pytest.approx(14.1421356237))
+
+
+def test_a_study_reuses_the_seeds_already_run_with_the_same_config(tmp_path):
+    """Seeds can run as separate processes (or a study can be interrupted): `run` with msft.seeds reuses
+    <out_dir>/seed<s>/report.json when its config is this one, and only then."""
+    from dataclasses import replace
+
+    from core.config import load_config
+    from train.msft import MSFTConfig, finished_report, run, study_key
+
+    cfg = load_config(MSFTConfig, REPO / "configs/tiny_msft.toml", [f"--out_dir={tmp_path}", "--msft.seeds=[3, 4]"])
+    for seed, acc in ((3, 0.5), (4, 0.7)):
+        sub = replace(cfg, out_dir=str(tmp_path / f"seed{seed}"), train=replace(cfg.train, seed=seed),
+                      data=replace(cfg.data, seed=seed), msft=replace(cfg.msft, seeds=[]))
+        (tmp_path / f"seed{seed}").mkdir()
+        summary = {"msft": {"accuracy": {"a": acc}, "average": acc, "tokens": 10.0}}
+        (tmp_path / f"seed{seed}" / "report.json").write_text(json.dumps({"key": study_key(sub), "summary": summary}))
+        assert finished_report(sub)["summary"] == summary
+        assert finished_report(replace(sub, optim=replace(sub.optim, lr=1e-4))) is None  # another experiment
+    study = run(cfg)  # nothing to train: both seeds are reused
+    assert study["msft"]["a"][0] == pytest.approx(0.6)
+    assert json.loads((tmp_path / "study.json").read_text())["mean_std"]["msft"]["average"][0] == pytest.approx(0.6)

@@ -38,6 +38,7 @@ Reads top to bottom: config -> `decide` (pure) -> the mSFT driver -> baselines -
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,6 +46,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from core.config import flatten
 from core.ring import CheckpointRing, reshard
 from train.runtime import RunConfig, Runtime, entry_point, global_sum, log
 from train.sft import loader_step, make_loader
@@ -240,7 +242,7 @@ def run_msft(rt: Runtime, loader: Any, ring: CheckpointRing) -> dict[str, Any]:
     tracker = Tracker(rt, ring, loader, "msft")
     active = list(loader.active_tasks)
     stages: list[dict[str, Any]] = []
-    carry: dict[str, Any] | None = None  # the evaluation at a roll-back point: the next stage's c = 0
+    carry: dict[str, Any] | None = None  # the evaluation of the next stage's c = 0 (roll-back point or θ_C)
     while active and len(stages) < m.max_stages:
         stage = len(stages) + 1
         rt.new_optimizer()
@@ -258,7 +260,7 @@ def run_msft(rt: Runtime, loader: Any, ring: CheckpointRing) -> dict[str, Any]:
         record = {"stage": stage, "active": list(active), "points": points, "peaks": peaks, "excluded": excluded,
                   "rollback_to": c_star, "tokens_end": rt.counters.tokens}
         if excluded is None:
-            carry = None
+            carry = curve[-1]["eval"]  # θ_C is the next stage's c = 0: evaluated already
             record["discarded_tokens"] = 0.0
         else:
             key = tracker.task_best[excluded][1]
@@ -334,12 +336,35 @@ def run(cfg: MSFTConfig) -> dict[str, Any]:
     for seed in cfg.msft.seeds:
         sub = replace(cfg, out_dir=str(Path(cfg.out_dir) / f"seed{seed}"), train=replace(cfg.train, seed=seed),
                       data=replace(cfg.data, seed=seed), msft=replace(cfg.msft, seeds=[]))
-        reports[seed] = run_one(sub)["summary"]
+        done = finished_report(sub)
+        if done is not None:  # an interrupted study resumes; seeds may also run as separate processes first
+            if _is_main():
+                print(f"seed {seed}: reusing {sub.out_dir}/report.json (same config)", flush=True)
+        reports[seed] = (done or run_one(sub))["summary"]
     study = aggregate(reports)
-    if dist.get_rank() == 0:
+    if _is_main():
         (Path(cfg.out_dir) / "study.json").write_text(json.dumps({"seeds": reports, "mean_std": study}, indent=1))
         print(format_study(study, cfg.msft.seeds), flush=True)
     return study
+
+
+def _is_main() -> bool:
+    """Rank 0 (the process group may not exist yet when every seed's report is reused)."""
+    return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
+
+
+def study_key(cfg: MSFTConfig) -> dict[str, Any]:
+    """What makes two runs the same experiment: the whole config but where it writes."""
+    return {k: v for k, v in flatten(cfg).items() if k not in ("out_dir", "checkpoint.dir")}
+
+
+def finished_report(cfg: MSFTConfig) -> dict[str, Any] | None:
+    """<out_dir>/report.json when it was written by this exact config (a config change means a new run)."""
+    path = Path(cfg.out_dir) / "report.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    return report if report.get("key") == json.loads(json.dumps(study_key(cfg))) else None
 
 
 def aggregate(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -378,6 +403,8 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
     if not cfg.eval.generate:
         raise ValueError("msft needs eval.generate = true: held-out accuracy picks every method's best-overall "
                          "snapshot (msft.signal = 'loss' changes only how peaks are read)")
+    if cfg.msft.signal == "loss" and not cfg.eval.loss:
+        raise ValueError("msft.signal = 'loss' reads held-out loss: set eval.loss = true")
     for method in order:
         if method == "early_stop":
             continue
@@ -438,7 +465,7 @@ def make_report(cfg: MSFTConfig, results: dict[str, dict[str, Any]]) -> dict[str
                         "tokens": r["tokens"], "flops": r["flops"]}
     return {"config": {"budget_epochs": cfg.msft.budget_epochs, "eval_every": cfg.msft.eval_every,
                        "signal": cfg.msft.signal, "margin": cfg.msft.margin, "seed": cfg.train.seed},
-            "summary": rows, "runs": results}
+            "key": study_key(cfg), "summary": rows, "runs": results}
 
 
 def format_table(report: dict[str, Any]) -> str:
