@@ -12,10 +12,20 @@ One step, top to bottom (`grpo_step`):
                in-process sampler), seeded by (train.seed, global step, shard): ranks never draw the same noise, a
                resumed run draws what the uninterrupted one drew, and one process with rollout_shards = 2 draws
                exactly what 2 ranks draw (the test of the distributed path).
+     personas  with `persona.mode = "permix"` (PerMix-RLVR), each prompt of the step is then asked under a persona
+               drawn by train/personas.PersonaMixer from `persona.ratios` and seeded by (train.seed, global step):
+               no persona, a training persona of `persona.pool` that is not role-play (task-aligned, neutral,
+               unhelpful) on the verifiable prompt, or a role-play request (a role-play persona, on a prompt of
+               `persona.roleplay_prompts` when given, else on the verifiable prompt). The persona's text replaces
+               the prompt's system message. `mode = "none"` (default) is plain RLVR: prompts as they are.
   3. rewards   in a background thread, overlapping step 4: each row's task checker (train/checkers.check_rows; math
                through eval.verify's worker pool), an optional format reward (a regex the whole response must
                match), optional reward functions ("module:function" -> weight, called per completion as
-               fn(prompt, response, answer) -> float) and DAPO's soft overlong penalty, combined by train/rl.py. A
+               fn(prompt, response, answer) -> float), persona fidelity (the fraction of the persona's checkable
+               constraints met, train/personas.fidelity, at `persona.fidelity_weight`; only for personas that have
+               constraints) and DAPO's soft overlong penalty, combined by train/rl.py. Under a persona the checker
+               sees the response without the persona's opening, closing and catchphrases (personas.strip_style);
+               a role-play request without an answer gets no correctness reward and does not count in accuracy. A
                checker or reward function that raises or runs past `reward_timeout_s` gives 0 for the items it did
                not score and is counted (metrics `reward_errors`, `reward_timeouts`), never fatal.
   4. log-probs old log-probs are the sampler's `raw_logprobs` (same weights, temperature 1), or recomputed with the
@@ -69,6 +79,7 @@ import torch.distributed as dist
 from core.distributed import build_model, clip_grad_norm_
 from train.checkers import check_rows, validate
 from train.data import Row, load_split_dir, synthetic_rows
+from train.personas import CATEGORIES, NO_PERSONA, Draw, Persona, PersonaMixer, fidelity, resolve_pool, strip_style
 from train.rl import ADVANTAGES, batch_normalize, combine_rewards, group_advantages, zero_variance_groups
 from train.runtime import RunConfig, Runtime, entry_point, global_sum, log
 
@@ -152,8 +163,34 @@ class GRPOSection:
 
 
 @dataclass
+class PersonaSection:
+    """PerMix-RLVR: which personas the prompts are asked under (module docstring, step 1)."""
+
+    mode: str = "none"  # "none": plain RLVR | "permix": every prompt under a persona drawn by `ratios`
+    pool: str = ""  # training personas: a built-in pool of train/data/personas/ ("math-train") or a JSONL file
+    # Share of the prompts per kind (normalised): no persona / a training persona that is not role-play, on the
+    # verifiable prompt / a role-play request. Half the prompts carry a robustness persona because robustness to
+    # unhelpful personas is what plain RLVR does not train; a quarter stay plain so the no-persona accuracy keeps
+    # its signal; a quarter are role-play so fidelity is rewarded as often as it can be lost.
+    ratios: dict[str, float] = field(default_factory=lambda: {"none": 0.25, "persona": 0.5, "roleplay": 0.25})
+    fidelity_weight: float = 1.0  # reward weight of fidelity (fraction of the persona's constraints met, in [0, 1])
+    roleplay_prompts: str = ""  # JSONL of role-play requests ("prompt"/"messages", "answer" optional); empty: the
+    #                             verifiable prompts
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("none", "permix"):
+            raise ValueError(f"persona.mode: {self.mode!r} is not 'none' or 'permix'")
+        if self.mode == "permix" and not self.pool:
+            raise ValueError("persona.pool: mode 'permix' needs a training persona pool (a built-in name such as "
+                             "'math-train' or 'synthetic-train', or a JSONL file)")
+        if not self.fidelity_weight >= 0:
+            raise ValueError(f"persona.fidelity_weight must be >= 0, got {self.fidelity_weight}")
+
+
+@dataclass
 class GRPOConfig(RunConfig):
     grpo: GRPOSection = field(default_factory=GRPOSection)
+    persona: PersonaSection = field(default_factory=PersonaSection)
     out_dir: str = "runs/grpo"
 
 
@@ -168,11 +205,15 @@ class Prompt:
     checker: str
     where: str  # file:line, for messages about it
     ids: list[int] = field(default_factory=list)  # chat-template tokens with the generation prompt
+    persona: Persona | None = None  # PerMix: the persona it is asked under (NO_PERSONA for a plain draw)
+    verifiable: bool = True  # False: a role-play request without an answer (fidelity is its only reward)
 
 
-def read_prompts(path: str | Path, checkers: dict[str, str] | None = None) -> list[Prompt]:
+def read_prompts(path: str | Path, checkers: dict[str, str] | None = None, *,
+                 require_answer: bool = True) -> list[Prompt]:
     """A JSONL prompt file: rows {"prompt": str | "messages": [...], "answer", "checker"?, "task"?, "system"?}. A
-    trailing assistant message is dropped (SFT files serve as prompt files). Errors name file:line."""
+    trailing assistant message is dropped (SFT files serve as prompt files). Errors name file:line. Without
+    `require_answer` (role-play requests) a row may have no answer: it is then not verifiable."""
     path = Path(path)
     out = []
     with open(path, encoding="utf-8") as f:
@@ -201,6 +242,9 @@ def read_prompts(path: str | Path, checkers: dict[str, str] | None = None) -> li
                 messages.insert(0, {"role": "system", "content": str(obj["system"])})
             checker = obj.get("checker") or (checkers or {}).get(task, "exact")
             answer = obj.get("answer")
+            if answer is None and not require_answer:
+                out.append(Prompt(task, messages, "", checker, where, verifiable=False))
+                continue
             validate(checker, answer, where)
             if answer is None:
                 raise ValueError(f"{where}: an RL prompt needs an 'answer' (the gold its checker compares against)")
@@ -299,6 +343,7 @@ class Sample:
     text: str
     reward: float = 0.0
     correct: bool = False
+    fidelity: float | None = None  # the persona's constraints met (None: no persona constraints)
     advantage: float = 0.0
     old_logp: torch.Tensor | None = None  # [len(tokens)] float32
     ref_logp: torch.Tensor | None = None
@@ -373,12 +418,17 @@ def load_reward_fn(name: str) -> Callable[[str, str, str], float]:
     return fn
 
 
+def checked_text(s: Sample) -> str:
+    """What the task checker sees: the response, without its persona's style phrases when it has a persona."""
+    return strip_style(s.prompt.persona, s.text) if s.prompt.persona is not None else s.text
+
+
 class Rewards:
     """Scores completions (the module docstring's step 3). Failures are counted in `errors` / `timeouts` (totals
     over the run) and warned about on rank 0; the items they hit score 0."""
 
-    def __init__(self, g: GRPOSection, is_main: bool = True) -> None:
-        self.g, self.is_main = g, is_main
+    def __init__(self, g: GRPOSection, is_main: bool = True, *, fidelity_weight: float = 0.0) -> None:
+        self.g, self.is_main, self.fidelity_weight = g, is_main, fidelity_weight
         self.fns = [(load_reward_fn(name), w) for name, w in g.reward_fns.items()]
         self.format = re.compile(g.format_regex, re.S) if g.format_regex else None
         self.errors = self.timeouts = 0
@@ -388,8 +438,15 @@ class Rewards:
             print(f"grpo: warning: {what} failed on {n} item(s), scored 0: {type(e).__name__}: {e}", flush=True)
 
     def correct(self, samples: Sequence[Sample]) -> list[bool]:
-        """Each row's checker; a raising checker is retried per item, a timed-out call scores its items 0."""
-        checkers, texts, answers = ([s.prompt.checker for s in samples], [s.text for s in samples],
+        """Each verifiable row's checker (False for the others); a raising checker is retried per item, a
+        timed-out call scores its items 0."""
+        if not all(s.prompt.verifiable for s in samples):
+            idx = [i for i, s in enumerate(samples) if s.prompt.verifiable]
+            out = [False] * len(samples)
+            for i, ok in zip(idx, self.correct([samples[i] for i in idx]) if idx else []):
+                out[i] = ok
+            return out
+        checkers, texts, answers = ([s.prompt.checker for s in samples], [checked_text(s) for s in samples],
                                     [s.prompt.answer for s in samples])
         try:
             return list(guarded(lambda: check_rows(checkers, texts, answers), self.g.reward_timeout_s))
@@ -444,15 +501,20 @@ class Rewards:
         g = self.g
         correct = self.correct(samples)
         fmt = torch.tensor([bool(self.format.fullmatch(s.text)) for s in samples]) if self.format else None
-        extra = torch.tensor([self.extra(fn, samples) for fn, _ in self.fns], dtype=torch.float64).T \
-            if self.fns else None
+        columns = [self.extra(fn, samples) for fn, _ in self.fns]
+        weights = [w for _, w in self.fns]
+        fids = [fidelity(s.prompt.persona, s.text) if s.prompt.persona is not None else None for s in samples]
+        if any(f is not None for f in fids):  # fidelity is one more weighted reward column (0 without constraints)
+            columns.append([0.0 if f is None else f for f in fids])
+            weights.append(self.fidelity_weight)
+        extra = torch.tensor(columns, dtype=torch.float64).T if columns else None
         rewards = combine_rewards(
             torch.tensor(correct), correct_weight=g.correct_weight, format_ok=fmt, format_weight=g.format_weight,
-            extra=extra, extra_weights=torch.tensor([w for _, w in self.fns], dtype=torch.float64),
+            extra=extra, extra_weights=torch.tensor(weights, dtype=torch.float64),
             lengths=torch.tensor([len(s.tokens) for s in samples]), max_len=g.max_new_tokens,
             overlong_buffer=g.overlong_buffer, overlong_factor=g.overlong_penalty)
-        for s, ok, r in zip(samples, correct, rewards.tolist()):
-            s.correct, s.reward = ok, r
+        for s, ok, r, f in zip(samples, correct, rewards.tolist(), fids):
+            s.correct, s.reward, s.fidelity = ok, r, f
         return time.perf_counter() - t0
 
 
@@ -598,6 +660,78 @@ def gather_rows(d: Any, rows: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+# ------------------------------------------------------------------------------------------------------ personas
+
+
+def with_persona(p: Prompt, persona: Persona, tokenizer: Any) -> Prompt:
+    """`p` asked under `persona`: its system message replaced by the persona's text (none for NO_PERSONA: the
+    prompt's own system message stays then), tokenized."""
+    messages = p.messages
+    if persona.text:
+        messages = [{"role": "system", "content": persona.text}] + [m for m in messages if m["role"] != "system"]
+    ids = p.ids if messages is p.messages else tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                                              tokenize=True)
+    return Prompt(p.task, messages, p.answer, p.checker, p.where, ids, persona, p.verifiable)
+
+
+class PerMix:
+    """The persona side of a PerMix-RLVR step: the training pool, the mixer and the role-play requests."""
+
+    def __init__(self, cfg: GRPOConfig, rt: Runtime, prompts: list[Prompt]) -> None:
+        c = cfg.persona
+        self.tokenizer, self.seed = rt.tokenizer, cfg.train.seed
+        self.pool = resolve_pool(c.pool)
+        self.mixer = PersonaMixer(self.pool, c.ratios, cfg.train.seed, where="persona")
+        self.roleplay: list[Prompt] = []
+        if c.roleplay_prompts:
+            self.roleplay = read_prompts(c.roleplay_prompts, cfg.data.checkers, require_answer=False)
+            for p in self.roleplay:
+                p.ids = rt.tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=True)
+        # Every prompt must fit under every persona: checked once here on the longest prompts, not mid-run.
+        limit = rt.model.config.max_position_embeddings - cfg.grpo.max_new_tokens
+        for source in (prompts, self.roleplay):
+            if not source:
+                continue
+            longest = max(source, key=lambda q: len(q.ids))
+            for persona in self.pool:
+                n = len(with_persona(longest, persona, rt.tokenizer).ids)
+                if n > limit:
+                    raise ValueError(f"persona.pool: persona {persona.id!r} makes prompt {longest.where} {n} tokens, "
+                                     f"more than max_position_embeddings - grpo.max_new_tokens = {limit}; shorten "
+                                     f"the persona or the prompts")
+
+    def apply(self, prompts: list[Prompt], step: int) -> list[Prompt]:
+        """The step's prompts under the mixer's draws for this global step (the same on every rank)."""
+        draws: list[Draw] = self.mixer.draws(step, len(prompts))
+        pick = np.random.default_rng([self.seed, step, 0x2F1]).integers(0, max(len(self.roleplay), 1), len(prompts))
+        out = []
+        for p, d, j in zip(prompts, draws, pick):
+            base = self.roleplay[j] if d.kind == "roleplay" and self.roleplay else p
+            out.append(with_persona(base, d.persona, self.tokenizer))
+        return out
+
+
+def category_metrics(categories: torch.Tensor, rewards: torch.Tensor, correct: torch.Tensor,
+                     verifiable: torch.Tensor, fids: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Per persona category (indices into CATEGORIES) over the step's completions [N]: the share of completions,
+    mean reward, accuracy over the verifiable ones and fidelity over those with constraints (NaN in `fids`: none);
+    a statistic with no completion to average is left out."""
+    out = {}
+    for k, name in enumerate(CATEGORIES):
+        m = categories == k
+        if not m.any():
+            continue
+        row = {"share": float(m.double().mean()), "reward": float(rewards[m].mean())}
+        v = m & verifiable
+        if v.any():
+            row["accuracy"] = float(correct[v].mean())
+        f = m & ~torch.isnan(fids)
+        if f.any():
+            row["fidelity"] = float(fids[f].mean())
+        out[name] = row
+    return out
+
+
 # -------------------------------------------------------------------------------------------------------- a step
 
 
@@ -608,7 +742,8 @@ class GRPO:
         cfg = rt.cfg
         self.rt, self.g = rt, cfg.grpo
         self.prompts = PromptStream(prompt_pool(cfg, rt), cfg.data.seed)
-        self.rewards = Rewards(self.g, rt.d.is_main)
+        self.permix = PerMix(cfg, rt, self.prompts.prompts) if cfg.persona.mode == "permix" else None
+        self.rewards = Rewards(self.g, rt.d.is_main, fidelity_weight=cfg.persona.fidelity_weight)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpo-rewards")
         self.ref = None
         if self.g.beta > 0:  # the frozen initial policy, sharded like the policy
@@ -620,6 +755,8 @@ class GRPO:
         rt, g, d = self.rt, self.g, self.rt.d
         t0 = time.perf_counter()
         prompts = self.prompts.next_batch(g.prompts_per_step)
+        if self.permix is not None:
+            prompts = self.permix.apply(prompts, rt.counters.step)
         rt.model.eval()
         samples = rollout(rt, prompts, rt.counters.step)
         t_rollout = time.perf_counter() - t0
@@ -646,8 +783,9 @@ class GRPO:
         t_reward_wait = time.perf_counter() - t2
 
         # Advantages over the global batch, the same on every rank.
-        mine = torch.tensor([[s.reward, float(s.correct), len(s.tokens), float(s.truncated)] for s in samples],
-                            dtype=torch.float64)
+        mine = torch.tensor([[s.reward, float(s.correct), len(s.tokens), float(s.truncated),
+                              CATEGORIES.index((s.prompt.persona or NO_PERSONA).category), float(s.prompt.verifiable),
+                              math.nan if s.fidelity is None else s.fidelity] for s in samples], dtype=torch.float64)
         every = gather_rows(d, mine)
         rewards = every[:, 0].view(g.prompts_per_step, g.group_size)
         adv = group_advantages(rewards, mode=g.advantage)
@@ -681,7 +819,7 @@ class GRPO:
             "grad_norm": updates[-1]["grad_norm"],
             "input_tokens": sum(u["input_tokens"] for u in updates),
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-            "accuracy": float(every[:, 1].mean()),
+            "accuracy": float(every[every[:, 5] > 0, 1].mean()) if bool((every[:, 5] > 0).any()) else math.nan,
             "zero_std_groups": zero_variance_groups(rewards) / g.prompts_per_step,
             "completion_len": float(lengths.mean()), "truncated": float(trunc.mean()),
             "rollout_tokens_per_s": float(lengths.sum()) / max(t_rollout, 1e-9),
@@ -689,6 +827,8 @@ class GRPO:
             "time": {"rollout": t_rollout, "reward": t_reward, "reward_wait": t_reward_wait, "logprobs": t_logp,
                      "update": t_update, "step": time.perf_counter() - t0},
         })
+        if self.permix is not None:
+            m["persona"] = category_metrics(every[:, 4].long(), every[:, 0], every[:, 1], every[:, 5] > 0, every[:, 6])
         if not math.isnan(gap):
             m["logprob_gap"] = gap
         if not math.isnan(entropy):
@@ -700,6 +840,9 @@ class GRPO:
                    f"{m['clip_high']:.3f} kl {m['kl']:.4f} len {m['completion_len']:.1f} trunc {m['truncated']:.2f}"
                    + (f" gap {gap:.2e}" if not math.isnan(gap) else "")
                    + (f" entropy {entropy:.3f}" if not math.isnan(entropy) else "")
+                   + "".join(f" | {c} r {v['reward']:.2f}" + (f" acc {v['accuracy']:.2f}" if "accuracy" in v else "")
+                             + (f" fid {v['fidelity']:.2f}" if "fidelity" in v else "")
+                             for c, v in m.get("persona", {}).items())
                    + f" | rollout {t['rollout']:.2f}s reward {t['reward']:.2f}s (exposed {t['reward_wait']:.2f}s) "
                      f"logp {t['logprobs']:.2f}s update {t['update']:.2f}s")
         return m
