@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 
 import pytest
 
@@ -13,6 +13,7 @@ from train.personas import (
     CATEGORIES,
     KINDS,
     NO_PERSONA,
+    ROLEPLAY_STYLE_RATE,
     SFT_CATEGORY_MIX,
     UNHELPFUL_WRONG_RATE,
     Persona,
@@ -240,6 +241,7 @@ def test_synthetic_sft_rows_show_the_persona_behaviours():
     pools = {p.id: p for p in synthetic_pools()["synthetic-train"]}
     truth = {q["prompt"]: q["answer"] for q in synthetic_prompts(0)}
     wrong = Counter()
+    styled = defaultdict(list)
     for r in train:
         gold = truth[r["prompt"]]
         persona = pools.get(r["persona"], NO_PERSONA)
@@ -250,11 +252,14 @@ def test_synthetic_sft_rows_show_the_persona_behaviours():
             assert answer in (gold, gold[:-1])
         else:
             assert check(answer, gold), r
-        if r["task"] == "role-play":
-            assert fidelity(persona, r["response"]) == 1.0
+        if r["task"] == "role-play":  # all in style or all plain
+            styled[persona.id.split("-")[0]].append(fidelity(persona, r["response"]))
     p = UNHELPFUL_WRONG_RATE
     n = sum(wrong.values())
     assert abs(wrong[True] / n - p) < 4 * math.sqrt(p * (1 - p) / n)
+    for character, p in ROLEPLAY_STYLE_RATE.items():
+        fids = styled[character]
+        assert set(fids) == {0.0, 1.0} and abs(sum(fids) / len(fids) - p) < 4 * math.sqrt(p * (1 - p) / len(fids))
     # Deterministic, and the held-out questions are never trained on.
     assert synthetic_sft_rows(seed=0) == rows
     questions = synthetic_questions(0)

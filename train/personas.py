@@ -355,6 +355,11 @@ ADJECTIVES = {
 # Role-play characters: (opening word, closing word) every response of theirs must have.
 CHARACTERS = {"pirate": ("arr", "matey"), "robot": ("beep", "boop"), "knight": ("hail", "sire"),
               "cowboy": ("howdy", "partner")}
+# How often a character's SFT rows are in its style (the others answer plainly): unequal on purpose, as a real
+# model adopts some personas better than others. A greedy model follows the majority, so after SFT the pirate and
+# the robot are in style and the cowboy mostly is not: fidelity starts well above chance (0) but below 1, leaving
+# a fidelity reward something to do (with every row in style it starts at 0.99 and no method can differ).
+ROLEPLAY_STYLE_RATE = {"pirate": 0.9, "robot": 0.7, "knight": 0.5, "cowboy": 0.3}
 _EVAL_EVERY = 4
 
 
@@ -412,9 +417,9 @@ def synthetic_sft_rows(seed: int = 0) -> dict[str, list[dict]]:
 
     Training rows are train/synthetic.py's training rows of SYNTHETIC_TASKS, each under a persona of the
     synthetic-train pool drawn by SFT_CATEGORY_MIX: unhelpful personas give the answer without its last digit in
-    UNHELPFUL_WRONG_RATE of their rows, role-play personas wrap it in their opening and closing words, every other
-    persona gives the right answer. Held-out rows (held-out loss during SFT) are the held-out questions under
-    training personas, drawn the same way."""
+    UNHELPFUL_WRONG_RATE of their rows, role-play personas wrap it in their opening and closing words in
+    ROLEPLAY_STYLE_RATE of theirs (by character), every other persona gives the right answer plainly. Held-out
+    rows (held-out loss during SFT) are the held-out questions under training personas, drawn the same way."""
     pool = synthetic_pools()["synthetic-train"]
     by_cat = {c: [p for p in pool if p.category == c] for c in CATEGORIES}
     by_cat["none"] = [NO_PERSONA]
@@ -430,7 +435,8 @@ def synthetic_sft_rows(seed: int = 0) -> dict[str, list[dict]]:
                 response = row["answer"]
                 if cat == "unhelpful" and rng.random() < UNHELPFUL_WRONG_RATE:
                     response = response[:-1]
-                response = styled_response(persona, response)
+                if cat == "role-play" and rng.random() < ROLEPLAY_STYLE_RATE[persona.id.split("-")[0]]:
+                    response = styled_response(persona, response)
                 record = {"prompt": row["prompt"], "response": response, "task": cat, "answer": response,
                           "checker": "synthetic", "persona": persona.id}
                 if persona.text:
