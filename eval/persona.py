@@ -193,7 +193,7 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | None = Non
     dtypes = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype {dtype!r}: use one of float32, bfloat16, float16 (or none: the checkpoint's)")
-    model = load_hf(path, dtype=dtypes[dtype], device=device).train(False)  # = .eval(), a name eval/ must not contain
+    model = load_hf(path, dtype=dtypes[dtype], device=device).train(False)  # inference mode (spelled so: see test_verify)
     return model, Tokenizer.from_dir(path)
 
 
