@@ -209,6 +209,12 @@ def test_mixer_ratios_within_sampling_error_and_reproducible():
     assert again.draws(7, 64) == mixer.draws(7, 64)
     assert mixer.draws(8, 64) != mixer.draws(7, 64)
     assert PersonaMixer(pool, ratios, seed=4).draws(7, 64) != mixer.draws(7, 64)
+    # Within "persona" each category is equally likely whatever its size (math-train: 8, 100 and 10 personas).
+    big = PersonaMixer(load_pool(pool_path("math-train")), {"persona": 1.0}, seed=0)
+    cats = Counter(d.persona.category for step in range(50) for d in big.draws(step, 60))
+    for c in ("task-aligned", "neutral", "unhelpful"):
+        assert abs(cats[c] / 3000 - 1 / 3) < 4 * math.sqrt(2 / 9 / 3000), cats
+    assert len({d.persona.id for step in range(50) for d in big.draws(step, 60)}) == 118  # and every persona
     # A zero ratio is never drawn.
     only = PersonaMixer(pool, {"persona": 1.0}, seed=0)
     assert {d.kind for d in only.draws(0, 500)} == {"persona"}

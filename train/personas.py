@@ -308,7 +308,10 @@ class Draw:
 class PersonaMixer:
     """Per prompt of an RL step, by `ratios` over KINDS: no persona, a training persona that is not role-play
     (task-aligned, neutral or unhelpful: robustness on verifiable tasks), or a role-play persona (fidelity).
-    Personas are drawn uniformly within their kind. draws(step, n) is a pure function of (seed, step, n)."""
+    Within "persona" the category is drawn uniformly among those the pool has, then the persona uniformly within
+    it, so a large category does not crowd out the others (math-train has 100 neutral PersonaGym personas and 10
+    unhelpful ones: unhelpful prompts are still a third of the persona draws); role-play personas are drawn
+    uniformly. draws(step, n) is a pure function of (seed, step, n)."""
 
     def __init__(self, pool: list[Persona], ratios: dict[str, float], seed: int, *, where: str = "persona") -> None:
         for k, v in ratios.items():
@@ -319,9 +322,10 @@ class PersonaMixer:
         total = sum(ratios.values())
         if total <= 0:
             raise ValueError(f"{where}.ratios: give at least one kind a positive ratio")
-        self.by_kind = {"none": [NO_PERSONA],
-                        "persona": [p for p in pool if p.category not in ("none", "role-play")],
-                        "roleplay": [p for p in pool if p.category == "role-play"]}
+        # kind -> its personas grouped by category (one group for "none" and "roleplay")
+        robust = [[p for p in pool if p.category == c] for c in CATEGORIES if c not in ("none", "role-play")]
+        self.by_kind = {"none": [[NO_PERSONA]], "persona": [g for g in robust if g],
+                        "roleplay": [g for g in [[p for p in pool if p.category == "role-play"]] if g]}
         for k in KINDS:
             if ratios.get(k, 0) > 0 and not self.by_kind[k]:
                 what = "role-play personas" if k == "roleplay" else "task-aligned, neutral or unhelpful personas"
@@ -335,8 +339,10 @@ class PersonaMixer:
         picks = rng.random(n)
         out = []
         for k, u in zip(kinds, picks):
-            options = self.by_kind[KINDS[k]]
-            out.append(Draw(KINDS[k], options[min(int(u * len(options)), len(options) - 1)]))
+            groups = self.by_kind[KINDS[k]]
+            g = min(int(u * len(groups)), len(groups) - 1)  # one uniform picks the group, its remainder the persona
+            rest = u * len(groups) - g
+            out.append(Draw(KINDS[k], groups[g][min(int(rest * len(groups[g])), len(groups[g]) - 1)]))
         return out
 
 
