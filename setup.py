@@ -9,7 +9,8 @@ setup(
     description="A low-level, performance-first LLM post-training library (SFT, GRPO) in plain PyTorch + Triton.",
     python_requires=">=3.10",
     packages=["core", "kernels", "train", "eval", "bench"],
-    package_data={"eval": ["data/*"], "train": ["data/*", "data/tiny_tokenizer/*"]},
+    package_data={"eval": ["data/*", "data/personagym/*"],
+                  "train": ["data/*", "data/tiny_tokenizer/*", "data/personas/*"]},
     install_requires=[
         "torch>=2.6",
         "triton; sys_platform == 'linux'",
