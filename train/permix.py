@@ -19,6 +19,42 @@ One comparison (`run_one`), top to bottom:
               saw) on the held-out questions, greedy (eval/persona.persona_benchmark): PSS, mean / worst accuracy,
               spread, fidelity; a table, <out_dir>/report.json and <out_dir>/permix.png (with matplotlib).
 
+Design of the embedded default (the phenomenon first, then the methods):
+  - Personas are "You are a(n) <adjective> <role>." for task-aligned, neutral and unhelpful ones, and "You are a(n)
+    <character> <role>. Start with <w1> and end with <w2>." for role-play (train/personas.synthetic_pools). A model
+    trained from scratch can only generalise from words it has seen, so the 33 evaluation personas are held-out
+    combinations of the training personas' words: behaviour must follow the adjective or the character, not the
+    memorised sentence.
+  - SFT data: unhelpful personas drop the answer's last digit in 75% of their rows, role-play personas answer in
+    style in 90/70/50/30% of their rows (pirate/robot/knight/cowboy), everyone else answers correctly. After SFT a
+    greedy model is wrong under every unhelpful persona (accuracy ~0.07) and in style for some characters only
+    (fidelity ~0.6), while sampling still finds right and styled answers often enough for RL to have signal.
+  - PSS counts a question only if every evaluation persona gets it right (eval/persona.py), so one unhelpful
+    persona that breaks the model sets it to 0; the pool holds 8 personas per category plus no persona, so no
+    category dominates the mean.
+  - Both RL runs: 40 steps x 32 prompts x 8 samples from the same SFT weights, the same prompts and seeds. PerMix's
+    ratios (persona.ratios) are none 0.25 / persona 0.5 / role-play 0.25: robustness is what plain RLVR never
+    sees, so half the prompts carry a (task-aligned, neutral or unhelpful) persona; a quarter stay plain so the
+    no-persona accuracy keeps its share of the signal; a quarter are role-play, so fidelity is rewarded about as
+    often as unhelpful personas are met. fidelity_weight 1: a styled correct answer earns 2, an unstyled one 1.
+
+Measured (2026-11-29, seed 0, `python -m train.permix --config configs/tiny_permix.toml`; torch 2.13.0+cpu, Python
+3.11.7, OMP_NUM_THREADS=1, on a 2-core CPU shared with other jobs at load average 4-7): 13 min 19 s wall (SFT
+7 min 8 s, RLVR 1 min 22 s, PerMix 3 min 45 s, evaluation of 3 x 3,168 answers 58 s):
+
+                                    SFT     RLVR   PerMix
+  PSS                             0.000    0.000    0.323
+  mean accuracy                   0.674    0.654    0.842
+  worst persona accuracy          0.031    0.010    0.490
+  fidelity (constraints met)      0.605    0.570    0.905
+  accuracy, unhelpful personas    0.068    0.021    0.939
+
+PerMix lifts every unhelpful persona from <0.1 to ~0.94 and makes every role-play persona meet its constraints
+more often (cowboy 0.2 -> 0.67, the others -> 0.95-1.0), while RLVR, which never sees a persona, leaves both where
+SFT had them or a little lower (unhelpful 0.068 -> 0.021; fidelity 0.605 -> 0.570, lost on knight and cowboy).
+What caps PSS is accuracy *in style*: an answer between "arr" and "matey" is right about half the time (the styled
+rows are about 9% of the SFT data), and PerMix's 40 steps move the style more than the answer inside it.
+
 With `permix.seeds` the comparison runs once per seed (train.seed = data.seed = s, <out_dir>/seed<s>) and the
 table shows mean ± std over seeds (<out_dir>/study.json). The SFT data, the RL prompts' order and the persona draws
 all follow the seed.
