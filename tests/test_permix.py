@@ -206,3 +206,30 @@ def test_driver_end_to_end_on_a_tiny_budget(tmp_path):
     # Both RL runs started from the same SFT weights and trained the same number of steps.
     assert (out / "sft" / "hf" / "config.json").is_file()
     assert report["reports"]["RLVR"]["model"] != report["reports"]["PerMix"]["model"]
+
+
+def test_seeds_run_one_comparison_each_and_aggregate_mean_and_std(tmp_path, monkeypatch, capsys):
+    import train.permix as permix
+    from core.config import load_config
+
+    seen = []
+
+    def fake_run_one(cfg):
+        seen.append((cfg.out_dir, cfg.train.seed, cfg.data.seed, cfg.permix.seeds))
+        s = cfg.train.seed
+        summary = {m: {k: None if (m, k) == ("sft", "fidelity") and s == 1 else float(s + i)
+                       for k in permix.SUMMARY} for i, m in enumerate(permix.METHODS)}
+        return {"summary": summary, "seconds": {"total": 1.0}, "load_average": [0.0, 0.0, 0.0]}
+
+    monkeypatch.setattr(permix, "run_one", fake_run_one)
+    cfg = load_config(permix.PerMixConfig, REPO / "configs/tiny_permix.toml",
+                      [f"--out_dir={tmp_path}", "--permix.seeds=[1, 3]"])
+    out = permix.run(cfg)
+    assert seen == [(str(tmp_path / "seed1"), 1, 1, []), (str(tmp_path / "seed3"), 3, 3, [])]
+    ms = out["mean_std"]
+    assert ms["sft"]["pss"] == (2.0, 1.0) and ms["permix"]["mean"] == (4.0, 1.0)
+    assert ms["sft"]["fidelity"] == (3.0, 0.0)  # seed 1 had none: the mean is over the seeds that have it
+    study = json.loads((tmp_path / "study.json").read_text())
+    assert study["mean_std"]["rlvr"]["pss"] == [3.0, 1.0] and set(study["seeds"]) == {"1", "3"}
+    printed = capsys.readouterr().out
+    assert "mean ± std over seeds [1, 3]" in printed and "2.000 ± 1.000" in printed
