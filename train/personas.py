@@ -31,8 +31,8 @@ with their opening and closing words), the verifiable RL prompts without persona
 (train/synthetic.py's digit tasks; held-out prompts never occur in training).
 
 The mixer (`PersonaMixer`) decides, per prompt of a PerMix-RLVR step, by configured ratios, between no persona, a
-training persona on the verifiable task, and a role-play request; draws are a pure function of (seed, step, index),
-so every rank draws the same and a resumed run draws what the uninterrupted one drew.
+training persona on the verifiable task, and a role-play request; a step's draws are a pure function of (seed,
+step, number of prompts), so every rank draws the same and a resumed run draws what the uninterrupted one drew.
 
 Not here: the GRPO trainer's use of all this (train/grpo.py, section [persona]), the evaluation of persona
 stability and fidelity (eval/persona.py), the embedded default's driver (train/permix.py).
