@@ -52,8 +52,8 @@ between runs whose data differ), so mSFT should compare smoothed or loss-based s
 The "msft" set (`data.synthetic = "msft"`; configs/tiny_msft_sft.toml trains it with plain SFT) is the mixture for
 overfitting-aware mixture search (train/msft.py), where the default's single overfitting task leaves any gain within
 noise. Three small tasks have label noise on their training rows only and are drawn many times per epoch, so each
-learns its rule, then memorises its wrong labels while its held-out accuracy falls; their rules are learned at
-different speeds, which spreads the peaks. Copy, reverse and sort are clean and still learning when the first task
+learns its rule, then memorises its wrong labels (the intent: its held-out accuracy then falls; what was measured is
+below); their rules are learned at different speeds, which spreads the peaks. Copy, reverse and sort are clean and still learning when the first task
 peaks. Every held-out split has 500 rows (standard error <= 2.2 points per evaluation). A wrong label is another digit
 (another bit for vote), so it is still a well-formed answer:
 
@@ -65,41 +65,76 @@ peaks. Every held-out split has 500 rows (standard error <= 2.2 points per evalu
   reverse  reverse 50721 -> 12705   3000     0    0.7
   sort     sort 31415 -> 11345      1500     0    0.5
 
-Measured with `python -m train.sft --config configs/tiny_msft_sft.toml` (2026-11-29; 1.67M params, 2048-token
-micro-batches, AdamW lr 3e-3 constant after 20 warm-up steps, 3 epochs = 256 steps, seed 0; torch 2.13.0+cpu,
-Python 3.11.7, OMP_NUM_THREADS=1): 17 min 10 s wall on a 2-core CPU shared with other jobs at load average 5-15
-(not an idle-machine time: the default run's 651 steps took 3 min there; this is 256 steps and 13 evaluations of
-3,000 rows), training loss 1.41 at step 50 -> 0.30 at step 250. Held-out exact match (all 500 rows per task) at
-each quarter epoch:
+Measured (2026-11-29; torch 2.13.0+cpu, Python 3.11.7, OMP_NUM_THREADS=1): the SFT baseline of the mSFT study
+(`python -m train.msft --config configs/tiny_msft.toml --msft.methods=...`, train.seed = data.seed = s), i.e. plain
+SFT of the whole mixture (1.67M params, 2048-token micro-batches, AdamW lr 3e-3 constant after 20 warm-up steps) for
+the tokens mSFT spent, about 5.5 epochs. Its first 3 epochs are bitwise the earlier configs/tiny_msft_sft.toml runs
+(the run is deterministic). Held-out exact match (all 500 rows per task) at each quarter epoch; "overall" is the
+micro-average over the 3,000 rows:
 
-  epoch    0.00 0.26 0.51 0.75 1.01 1.26 1.50 1.76 2.01 2.25 2.51 2.76 3.00
-  vote     0.00 0.00 0.56 0.81 0.83 0.89 0.92 0.83 0.74 0.72 0.83 0.63 0.67
-  first    0.00 0.15 0.30 0.41 0.51 0.41 0.41 0.44 0.42 0.39 0.42 0.43 0.49
-  last     0.00 0.20 0.40 0.55 0.55 0.62 0.75 0.78 0.84 0.76 0.87 0.78 0.78
-  copy     0.00 0.00 0.00 0.03 0.09 0.15 0.18 0.35 0.52 0.69 0.69 0.73 0.68
-  reverse  0.00 0.00 0.01 0.05 0.13 0.31 0.45 0.58 0.82 0.90 0.93 0.97 0.95
-  sort     0.00 0.00 0.01 0.04 0.08 0.08 0.11 0.15 0.21 0.17 0.16 0.22 0.27
+seed 0
+  epoch    0.00 0.26 0.51 0.75 1.01 1.26 1.50 1.76 2.01 2.25 2.51 2.76
+  vote     0.00 0.00 0.56 0.81 0.83 0.89 0.92 0.83 0.74 0.72 0.83 0.63
+  first    0.00 0.15 0.30 0.41 0.51 0.41 0.41 0.44 0.42 0.39 0.42 0.43
+  last     0.00 0.20 0.40 0.55 0.55 0.62 0.75 0.78 0.84 0.76 0.87 0.78
+  copy     0.00 0.00 0.00 0.03 0.09 0.15 0.18 0.35 0.52 0.69 0.69 0.73
+  reverse  0.00 0.00 0.01 0.05 0.13 0.31 0.45 0.58 0.82 0.90 0.93 0.97
+  sort     0.00 0.00 0.01 0.04 0.08 0.08 0.11 0.15 0.21 0.17 0.16 0.22
+  overall  0.00 0.06 0.21 0.31 0.36 0.41 0.47 0.52 0.59 0.61 0.65 0.63
 
-First peaks at 1.0 epoch (0.51, then 0.39-0.44: -7 to -12 points), vote at 1.5 (0.92, then 0.63-0.83: up to -29),
-last at 2.5 (0.87, then 0.78 twice: -9). When first peaks, vote, last, copy, reverse and sort are all still
-improving. Held-out loss agrees: lowest for first at 1.0 (0.63 -> 0.73-0.93 after), for vote at 1.0-1.75 (0.20 ->
-0.28-0.31 from 2.25), for last at 2.0 (0.43 -> 0.48-0.61). Last's fall is the weakest (9 points, about 3.5 standard
-errors of a difference of two evaluations) and first's partly recovers by 3.0 (0.49).
+  epoch    3.00 3.26 3.51 3.75 4.01 4.26 4.50 4.76 5.00 5.26 5.51 5.75
+  vote     0.67 0.51 0.73 0.78 0.74 0.78 0.70 0.50 0.84 0.63 0.63 0.65
+  first    0.49 0.40 0.51 0.46 0.69 0.66 0.55 0.66 0.48 0.51 0.51 0.58
+  last     0.78 0.90 0.82 0.81 0.64 0.65 0.86 0.66 0.68 0.88 0.78 0.73
+  copy     0.68 0.82 0.71 0.83 0.89 0.88 0.88 0.90 0.88 0.90 0.87 0.90
+  reverse  0.95 0.97 0.97 0.99 0.99 0.97 0.99 0.97 0.97 0.96 0.99 0.99
+  sort     0.27 0.21 0.17 0.33 0.30 0.29 0.32 0.29 0.40 0.41 0.47 0.42
+  overall  0.64 0.63 0.65 0.70 0.71 0.71 0.72 0.67 0.71 0.71 0.71 0.71
+seed 1
+  epoch    0.00 0.26 0.50 0.76 1.01 1.25 1.51 1.76 2.00 2.26 2.51 2.75
+  vote     0.00 0.00 0.48 0.50 0.81 0.84 0.75 0.68 0.76 0.82 0.57 0.76
+  first    0.00 0.19 0.16 0.31 0.41 0.55 0.58 0.31 0.37 0.53 0.40 0.45
+  last     0.00 0.18 0.29 0.41 0.47 0.46 0.43 0.75 0.95 0.89 0.83 0.75
+  copy     0.00 0.00 0.01 0.01 0.06 0.20 0.25 0.43 0.45 0.43 0.46 0.54
+  reverse  0.00 0.00 0.01 0.02 0.03 0.08 0.36 0.64 0.91 0.84 0.90 0.92
+  sort     0.00 0.00 0.00 0.02 0.02 0.02 0.03 0.09 0.07 0.07 0.08 0.06
+  overall  0.00 0.06 0.16 0.21 0.30 0.36 0.40 0.48 0.58 0.60 0.54 0.58
 
-A second seed (--train.seed=1 --data.seed=1: other rows, other noise, other init; 12 min 29 s wall, same load):
+  epoch    3.01 3.26 3.50 3.76 4.01 4.25 4.50 4.76 5.01 5.25 5.51
+  vote     0.71 0.55 0.70 0.76 0.73 0.77 0.75 0.79 0.58 0.81 0.70
+  first    0.50 0.45 0.47 0.41 0.45 0.60 0.58 0.57 0.47 0.52 0.46
+  last     0.58 0.77 0.82 0.66 0.82 0.80 0.92 0.94 0.94 0.96 0.98
+  copy     0.65 0.70 0.73 0.62 0.76 0.74 0.76 0.79 0.77 0.78 0.73
+  reverse  0.89 0.99 1.00 0.41 0.99 0.95 0.99 0.98 0.95 0.92 0.99
+  sort     0.11 0.09 0.11 0.10 0.11 0.12 0.08 0.19 0.15 0.11 0.15
+  overall  0.57 0.59 0.64 0.49 0.64 0.66 0.68 0.71 0.64 0.68 0.67
+seed 2
+  epoch    0.00 0.26 0.50 0.75 1.01 1.26 1.50 1.76 2.01 2.25 2.51 2.75
+  vote     0.00 0.48 0.79 0.88 0.90 0.75 0.63 0.81 0.54 0.82 0.77 0.86
+  first    0.00 0.06 0.35 0.39 0.57 0.63 0.61 0.47 0.63 0.55 0.57 0.66
+  last     0.00 0.04 0.28 0.52 0.51 0.54 0.52 0.62 0.60 0.52 0.63 0.57
+  copy     0.00 0.00 0.00 0.07 0.11 0.07 0.13 0.35 0.36 0.47 0.57 0.63
+  reverse  0.00 0.00 0.01 0.03 0.07 0.10 0.19 0.48 0.42 0.65 0.86 0.81
+  sort     0.00 0.00 0.01 0.05 0.03 0.03 0.05 0.07 0.07 0.14 0.12 0.17
+  overall  0.00 0.10 0.24 0.32 0.36 0.35 0.35 0.47 0.44 0.52 0.59 0.62
 
-  epoch    0.00 0.26 0.50 0.76 1.01 1.25 1.51 1.76 2.00 2.26 2.51 2.75 3.01
-  vote     0.00 0.00 0.48 0.50 0.81 0.84 0.75 0.68 0.76 0.82 0.57 0.76 0.71
-  first    0.00 0.19 0.16 0.31 0.41 0.55 0.58 0.31 0.37 0.53 0.40 0.45 0.50
-  last     0.00 0.18 0.29 0.41 0.47 0.46 0.43 0.75 0.95 0.89 0.83 0.75 0.58
-  copy     0.00 0.00 0.01 0.01 0.06 0.20 0.25 0.43 0.45 0.43 0.46 0.54 0.65
-  reverse  0.00 0.00 0.01 0.02 0.03 0.08 0.36 0.64 0.91 0.84 0.90 0.92 0.89
-  sort     0.00 0.00 0.00 0.02 0.02 0.02 0.03 0.09 0.07 0.07 0.08 0.06 0.11
-
-Here all three falls are large (vote 0.84 at 1.25 -> 0.57-0.82, first 0.58 at 1.5 -> 0.31-0.53, last 0.95 at 2.0
--> 0.58), but vote and first peak only a quarter epoch apart and in the other order. So the three peaks are ordered
-by the seed, not by design, beyond "last comes last"; single points are noisy (vote's 0.82 at 2.26), and mSFT should
-read them with a margin or by held-out loss.
+  epoch    3.01 3.26 3.50 3.75 4.01 4.26 4.50 4.76 5.01 5.25 5.51
+  vote     0.90 0.76 0.84 0.75 0.73 0.77 0.77 0.73 0.84 0.83 0.87
+  first    0.58 0.60 0.59 0.55 0.74 0.66 0.67 0.61 0.48 0.66 0.44
+  last     0.55 0.78 0.60 0.78 0.67 0.72 0.63 0.61 0.77 0.76 0.70
+  copy     0.64 0.78 0.81 0.62 0.59 0.75 0.74 0.85 0.90 0.89 0.83
+  reverse  0.89 0.83 0.88 0.68 0.85 0.91 0.85 0.94 0.94 0.90 0.89
+  sort     0.20 0.23 0.19 0.17 0.15 0.29 0.27 0.30 0.25 0.31 0.25
+  overall  0.63 0.66 0.65 0.59 0.62 0.69 0.66 0.67 0.70 0.72 0.66
+What the tables show. Over the first 3 epochs the three noisy tasks peak and fall: seed 0 first at 1.0 (0.51,
+then 0.39-0.44), vote at 1.5 (0.92, then 0.63-0.83), last at 2.5 (0.87, then 0.78); when first peaks, all the others
+are still improving. But the order is the seed's (seed 1: vote 1.25, first 1.5, last 2.0; seed 2: vote 1.0, first
+1.25, last 1.75-2.5), and over 5.5 epochs the falls are not lasting: the noisy tasks fluctuate by 20-40 points
+between neighbouring evaluations (vote 0.50 -> 0.84 -> 0.63 in seed 0) around a level that does not decline (seed
+1's last ends at its best, 0.98; seed 0's first has its best, 0.69, at 4.0). Memorising 40-50% wrong one-token
+labels on 64-300 rows moves the tiny model's answers back and forth; it does not erase the rule. So this mixture has
+heterogeneous learning speeds and noisy peaks, not the durable early overfitting mSFT is built for (what that does
+to mSFT: train/msft.py's docstring). A single point is noisy; compare smoothed or loss-based scores.
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
