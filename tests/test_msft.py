@@ -141,6 +141,13 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
         run = one["runs"][method]
         assert budget <= run["tokens"] < budget * 1.2, (method, run["tokens"], budget)  # equal tokens, one step over
         assert run["selected"]["restored_weights"] == run["selected"]["weights"]
+    sro = one["runs"]["sro"]  # a task still at its best at the roll-out's end did not peak: never excluded
+    assert all(at < one["config"]["budget_epochs"] for at in sro["recorded_peaks"].values()), sro["recorded_peaks"]
+    (tmp_path / "one" / "report.json").unlink()  # an interrupted comparison resumes: every method's result is kept
+    saved = {m: (tmp_path / "one" / m / "result.json").stat().st_mtime_ns for m in ("msft", "sft", "sro", "temperature")}
+    again = _run_msft(tmp_path / "one", mixture, methods, "--optim.grad_accum=2", "--msft.skip_flat=true")
+    assert again["summary"] == one["summary"]
+    assert saved == {m: (tmp_path / "one" / m / "result.json").stat().st_mtime_ns for m in saved}  # nothing re-ran
     es = one["summary"]["early_stop"]["accuracy"]
     sft_curve = one["runs"]["sft"]["curve"]
     assert all(es[t] == max(p["eval"][t]["accuracy"] for p in sft_curve) for t in TASKS)

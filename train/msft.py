@@ -358,6 +358,16 @@ def study_key(cfg: MSFTConfig) -> dict[str, Any]:
     return {k: v for k, v in flatten(cfg).items() if k not in ("out_dir", "checkpoint.dir")}
 
 
+def _finished_method(cfg: MSFTConfig, method: str) -> dict[str, Any] | None:
+    """A method's result from <out_dir>/<method>/result.json when this exact config wrote it (every rank reads it:
+    out_dir must be visible to all of them, as it is on one node)."""
+    path = Path(cfg.out_dir) / method / "result.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    return saved["result"] if saved.get("key") == json.loads(json.dumps(study_key(cfg))) else None
+
+
 def finished_report(cfg: MSFTConfig) -> dict[str, Any] | None:
     """<out_dir>/report.json when it was written by this exact config (a config change means a new run)."""
     path = Path(cfg.out_dir) / "report.json"
@@ -408,6 +418,13 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
     for method in order:
         if method == "early_stop":
             continue
+        done = _finished_method(cfg, method)
+        if done is not None:  # an interrupted comparison resumes after its last finished method
+            results[method] = done
+            budget = done["tokens"] if method == "msft" else budget
+            if _is_main():
+                print(f"{method}: reusing {out / method / 'result.json'} (same config)", flush=True)
+            continue
         if method == "sro":  # its roll-out first, so that two models are never held at once
             sro_peaks, rollout_tokens = _rollout_peaks(cfg)
         rt, loader, ring = _open(cfg, method, method)
@@ -424,10 +441,13 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
         if method == "msft" and cfg.checkpoint.export_hf:
             rt.export(out / "hf")
         _close(rt, loader, ring)
+        if _is_main():
+            (out / method).mkdir(parents=True, exist_ok=True)
+            (out / method / "result.json").write_text(json.dumps({"key": study_key(cfg), "result": results[method]}))
     if "early_stop" in cfg.msft.methods and "sft" in results:
         results["early_stop"] = early_stop(results["sft"])
     report = make_report(cfg, results)
-    if dist.get_rank() == 0:
+    if _is_main():
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=1))
         print(format_table(report), flush=True)
@@ -437,7 +457,8 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
 
 def _rollout_peaks(cfg: MSFTConfig) -> tuple[dict[str, float], float]:
     """SRO's roll-out: plain SFT for C epochs from θ0, recording each task's first-argmax peak (in epochs of the
-    mixture). Returns the peaks and the tokens the roll-out cost (they count in SRO's budget)."""
+    mixture). A task whose peak is the roll-out's last point has not peaked (as in `decide`): it gets no recorded
+    peak and is never excluded. Returns the peaks and the tokens the roll-out cost (they count in SRO's budget)."""
     rt, loader, ring = _open(cfg, "sro_rollout", "sro")
     tracker = Tracker(rt, ring, loader, "sro_rollout")
     tracker.evaluate()
@@ -447,8 +468,9 @@ def _rollout_peaks(cfg: MSFTConfig) -> tuple[dict[str, float], float]:
     peaks = {}
     for t in rt.data.tasks:
         scores = [signal_of(cfg, p["eval"][t]) for p in tracker.curve]
-        if not (cfg.msft.skip_flat and is_flat(scores)):  # as in decide: a flat curve has no peak
-            peaks[t] = points[peak_index(scores, cfg.msft.margin)]
+        k = peak_index(scores, cfg.msft.margin)
+        if k < len(points) - 1 and not (cfg.msft.skip_flat and is_flat(scores)):  # as in decide
+            peaks[t] = points[k]
     tokens = rt.counters.tokens
     _close(rt, loader, ring)
     return peaks, tokens
