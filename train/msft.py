@@ -28,8 +28,10 @@ Baselines (`msft.methods`), every one from the same θ0, reported with its token
                held-out accuracy;
   early_stop   per-task early stopping on the SFT run's curves: each task's accuracy at its own best checkpoint
                (an oracle needing N models; no extra training);
-  sro          SRO SFT: one roll-out of C epochs records every c_i*; a re-run excludes each task when the mixture
-               reaches its recorded peak; the best checkpoint by overall held-out accuracy;
+  sro          SRO SFT: one roll-out of C epochs records every c_i* (none for a task still at its best at C: it
+               has not peaked); a re-run excludes each task at its first evaluation at or after its recorded peak
+               (after an exclusion the epochs of the smaller mixture drift from the roll-out's, so this can be up
+               to Δ late); the best checkpoint by overall held-out accuracy;
   temperature  SFT with mixture weights proportional to size^(1/τ) (`msft.temperature`), equal tokens.
 
 Reads top to bottom: config -> `decide` (pure) -> the mSFT driver -> baselines -> report and plot -> main.
