@@ -619,14 +619,13 @@ def load_personagym(personas: int | Sequence[str] = 200, questions_per_task: int
                     path: str | Path = PERSONAGYM / "questions.jsonl") -> list[dict[str, str]]:
     """PersonaGym benchmark-v1 rows {persona, task, question}: the first `personas` personas in file order (or the
     named ones) and the first `questions_per_task` questions of each of their five tasks."""
+    from train.data import jsonl_objects
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                row = json.loads(line)
-                if not isinstance(row, dict) or {"persona", "task", "question"} - set(row):
-                    raise ValueError(f"{path}:{n}: expected {{persona, task, question}}")
-                rows.append(row)
+    for _, where, row in jsonl_objects(path):
+        if not isinstance(row, dict) or {"persona", "task", "question"} - set(row):
+            raise ValueError(f"{where}: expected {{persona, task, question}}")
+        rows.append(row)
     by_persona: dict[str, list[dict]] = {}
     for r in rows:
         by_persona.setdefault(r["persona"], []).append(r)

@@ -151,11 +151,10 @@ def parse_row(obj: Any, where: str, default_task: str | None = None,
     return Row(task, messages, messages[-1]["content"] if answer is None else answer, where, checker)
 
 
-def read_jsonl(path: str | Path, checkers: dict[str, str] | None = None) -> dict[str, list[Row]]:
-    """Rows of one JSONL file grouped by sub-dataset: the row's `task` field, else the file's stem. Blank lines are
-    skipped; any other bad line raises DataError naming path:line. An empty file is an error (empty sub-dataset)."""
+def jsonl_objects(path: str | Path) -> Iterator[tuple[int, str, Any]]:
+    """(line number, "path:line", parsed value) for each non-blank line of a JSONL file. A line that is not UTF-8 or
+    not JSON raises DataError naming path:line; what the value must be is the caller's to check."""
     path = Path(path)
-    groups: dict[str, list[Row]] = {}
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
@@ -171,8 +170,17 @@ def read_jsonl(path: str | Path, checkers: dict[str, str] | None = None) -> dict
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON "
                                 f"object") from None
-            row = parse_row(obj, where, default_task=path.stem, checkers=checkers)
-            groups.setdefault(row.task, []).append(row)
+            yield lineno, where, obj
+
+
+def read_jsonl(path: str | Path, checkers: dict[str, str] | None = None) -> dict[str, list[Row]]:
+    """Rows of one JSONL file grouped by sub-dataset: the row's `task` field, else the file's stem. Blank lines are
+    skipped; any other bad line raises DataError naming path:line. An empty file is an error (empty sub-dataset)."""
+    path = Path(path)
+    groups: dict[str, list[Row]] = {}
+    for _, where, obj in jsonl_objects(path):
+        row = parse_row(obj, where, default_task=path.stem, checkers=checkers)
+        groups.setdefault(row.task, []).append(row)
     if not groups:
         raise DataError(f"{path}: sub-dataset '{path.stem}' is empty (no rows); fill the file or remove it")
     return groups

@@ -61,7 +61,6 @@ Not here: the RL formulas (train/rl.py), the kernels (kernels/grpo.py, kernels/l
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import re
 import threading
@@ -78,7 +77,7 @@ import torch.distributed as dist
 
 from core.distributed import build_model, clip_grad_norm_
 from train.checkers import check_rows, validate
-from train.data import Row, load_split_dir, synthetic_rows
+from train.data import Row, jsonl_objects, load_split_dir, synthetic_rows
 from train.personas import CATEGORIES, NO_PERSONA, Draw, Persona, PersonaMixer, fidelity, resolve_pool, strip_style
 from train.rl import ADVANTAGES, batch_normalize, combine_rewards, group_advantages, zero_variance_groups
 from train.runtime import RunConfig, Runtime, entry_point, global_sum, log
@@ -216,39 +215,31 @@ def read_prompts(path: str | Path, checkers: dict[str, str] | None = None, *,
     `require_answer` (role-play requests) a row may have no answer: it is then not verifiable."""
     path = Path(path)
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON: {e}") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            task = str(obj.get("task", path.stem))
-            if "messages" in obj:
-                messages = [dict(m) for m in obj["messages"]]
-                if messages and messages[-1].get("role") == "assistant":
-                    messages = messages[:-1]
-                if not messages or messages[-1].get("role") != "user":
-                    raise ValueError(f"{where}: 'messages' must end with the user's turn (or that + a response)")
-            elif isinstance(obj.get("prompt"), str):
-                messages = [{"role": "user", "content": obj["prompt"]}]
-            else:
-                raise ValueError(f"{where}: a prompt row needs 'prompt' (a string) or 'messages'")
-            if "system" in obj:
-                messages.insert(0, {"role": "system", "content": str(obj["system"])})
-            checker = obj.get("checker") or (checkers or {}).get(task, "exact")
-            answer = obj.get("answer")
-            if answer is None and not require_answer:
-                out.append(Prompt(task, messages, "", checker, where, verifiable=False))
-                continue
-            validate(checker, answer, where)
-            if answer is None:
-                raise ValueError(f"{where}: an RL prompt needs an 'answer' (the gold its checker compares against)")
-            out.append(Prompt(task, messages, str(answer), checker, where))
+    for _, where, obj in jsonl_objects(path):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: expected a JSON object")
+        task = str(obj.get("task", path.stem))
+        if "messages" in obj:
+            messages = [dict(m) for m in obj["messages"]]
+            if messages and messages[-1].get("role") == "assistant":
+                messages = messages[:-1]
+            if not messages or messages[-1].get("role") != "user":
+                raise ValueError(f"{where}: 'messages' must end with the user's turn (or that + a response)")
+        elif isinstance(obj.get("prompt"), str):
+            messages = [{"role": "user", "content": obj["prompt"]}]
+        else:
+            raise ValueError(f"{where}: a prompt row needs 'prompt' (a string) or 'messages'")
+        if "system" in obj:
+            messages.insert(0, {"role": "system", "content": str(obj["system"])})
+        checker = obj.get("checker") or (checkers or {}).get(task, "exact")
+        answer = obj.get("answer")
+        if answer is None and not require_answer:
+            out.append(Prompt(task, messages, "", checker, where, verifiable=False))
+            continue
+        validate(checker, answer, where)
+        if answer is None:
+            raise ValueError(f"{where}: an RL prompt needs an 'answer' (the gold its checker compares against)")
+        out.append(Prompt(task, messages, str(answer), checker, where))
     if not out:
         raise ValueError(f"{path}: no prompts")
     return out

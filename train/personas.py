@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from train.data import jsonl_objects
+
 CATEGORIES = ("none", "task-aligned", "neutral", "unhelpful", "role-play")
 CONSTRAINTS = ("starts_with", "ends_with", "contains", "forbidden", "casing", "answer_format", "max_words")
 POOL_DIR = Path(__file__).resolve().parent / "data" / "personas"
@@ -150,20 +152,12 @@ def load_pool(path: str | Path) -> list[Persona]:
         raise ValueError(f"{path}: no such persona pool file")
     out: list[Persona] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            p = parse_persona(obj, where)
-            if p.id in seen:
-                raise ValueError(f"{where}: key 'id': duplicate id {p.id!r} (first at line {seen[p.id]})")
-            seen[p.id] = n
-            out.append(p)
+    for n, where, obj in jsonl_objects(path):
+        p = parse_persona(obj, where)
+        if p.id in seen:
+            raise ValueError(f"{where}: key 'id': duplicate id {p.id!r} (first at line {seen[p.id]})")
+        seen[p.id] = n
+        out.append(p)
     if not out:
         raise ValueError(f"{path}: empty persona pool")
     return out
