@@ -78,7 +78,7 @@ import torch.distributed as dist
 
 from core.config import flatten
 from core.ring import CheckpointRing, reshard
-from train.runtime import RunConfig, Runtime, entry_point, global_sum, log
+from train.runtime import RunConfig, Runtime, entry_point, global_sum, log, seed_config
 from train.sft import loader_step, make_loader
 
 METHODS = ("msft", "sft", "early_stop", "sro", "temperature")
@@ -364,8 +364,7 @@ def run(cfg: MSFTConfig) -> dict[str, Any]:
         return run_one(cfg)
     reports = {}
     for seed in cfg.msft.seeds:
-        sub = replace(cfg, out_dir=str(Path(cfg.out_dir) / f"seed{seed}"), train=replace(cfg.train, seed=seed),
-                      data=replace(cfg.data, seed=seed), msft=replace(cfg.msft, seeds=[]))
+        sub = seed_config(cfg, seed, "msft")
         done = finished_report(sub)
         if done is not None:  # an interrupted study resumes; seeds may also run as separate processes first
             if _is_main():
@@ -388,23 +387,18 @@ def study_key(cfg: MSFTConfig) -> dict[str, Any]:
     return {k: v for k, v in flatten(cfg).items() if k not in ("out_dir", "checkpoint.dir")}
 
 
-def _finished_method(cfg: MSFTConfig, method: str) -> dict[str, Any] | None:
-    """A method's result from <out_dir>/<method>/result.json when this exact config wrote it (every rank reads it:
-    out_dir must be visible to all of them, as it is on one node)."""
-    path = Path(cfg.out_dir) / method / "result.json"
+def saved_by(cfg: MSFTConfig, path: Path) -> dict[str, Any] | None:
+    """The JSON at `path` when this exact config wrote it (its "key" is this config's study_key; a config change
+    means a new run). Every rank reads it: out_dir must be visible to all of them, as it is on one node."""
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    return saved["result"] if saved.get("key") == json.loads(json.dumps(study_key(cfg))) else None
+    return saved if saved.get("key") == json.loads(json.dumps(study_key(cfg))) else None
 
 
 def finished_report(cfg: MSFTConfig) -> dict[str, Any] | None:
-    """<out_dir>/report.json when it was written by this exact config (a config change means a new run)."""
-    path = Path(cfg.out_dir) / "report.json"
-    if not path.exists():
-        return None
-    report = json.loads(path.read_text())
-    return report if report.get("key") == json.loads(json.dumps(study_key(cfg))) else None
+    """<out_dir>/report.json when it was written by this exact config."""
+    return saved_by(cfg, Path(cfg.out_dir) / "report.json")
 
 
 def aggregate(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -448,10 +442,10 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
     for method in order:
         if method == "early_stop":
             continue
-        done = _finished_method(cfg, method)
-        if done is not None:  # an interrupted comparison resumes after its last finished method
-            results[method] = done
-            budget = done["tokens"] if method == "msft" else budget
+        saved = saved_by(cfg, out / method / "result.json")
+        if saved is not None:  # an interrupted comparison resumes after its last finished method
+            results[method] = saved["result"]
+            budget = saved["result"]["tokens"] if method == "msft" else budget
             if _is_main():
                 print(f"{method}: reusing {out / method / 'result.json'} (same config)", flush=True)
             continue

@@ -84,7 +84,7 @@ import numpy as np
 
 from train.grpo import GRPOConfig
 from train.grpo import run as run_grpo
-from train.runtime import entry_point
+from train.runtime import entry_point, seed_config
 
 METHODS = ("sft", "rlvr", "permix")
 LABELS = {"sft": "SFT", "rlvr": "RLVR", "permix": "PerMix"}
@@ -258,8 +258,7 @@ def run(cfg: PerMixConfig) -> dict[str, Any]:
         return run_one(cfg)
     reports = {}
     for seed in cfg.permix.seeds:
-        one = replace(cfg, out_dir=str(Path(cfg.out_dir) / f"seed{seed}"), train=replace(cfg.train, seed=seed),
-                      data=replace(cfg.data, seed=seed), permix=replace(cfg.permix, seeds=[]))
+        one = seed_config(cfg, seed, "permix")
         reports[seed] = run_one(one)
     study = aggregate(reports)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -603,6 +603,13 @@ class Runtime:
 def token_logprobs(model: Transformer, batch: PackedBatch) -> torch.Tensor:
     """log p(target) per position [B, S] through the fused kernel (0 where targets == -100)."""
     return model(batch.input_ids, batch.position_ids, targets=batch.targets)
+
+
+def seed_config(cfg: Any, seed: int, section: str) -> Any:
+    """One seed of a multi-seed study: train.seed = data.seed = seed, written to <out_dir>/seed<seed>, with the
+    stage's own `<section>.seeds` emptied so that the copy is a single run."""
+    return replace(cfg, out_dir=str(Path(cfg.out_dir) / f"seed{seed}"), train=replace(cfg.train, seed=seed),
+                   data=replace(cfg.data, seed=seed), **{section: replace(getattr(cfg, section), seeds=[])})
 
 
 def entry_point(run: Callable[[Any], Any], config_cls: type, argv: Sequence[str] | None = None) -> Any:
