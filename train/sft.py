@@ -84,7 +84,8 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
            f"tasks {rt.data.tasks}\n{rt.data.report()}")
 
     try:
-        finished = rt.loop(loader_step(rt, loader), progress=lambda: loader.progress, frac=lambda: rt.frac_of(loader.progress),
+        finished = rt.loop(loader_step(rt, loader), progress=lambda: loader.progress,
+                           frac=lambda: rt.frac_of(loader.progress),
                            evaluate=lambda: rt.record_eval(loader.progress, rt.evaluate()),
                            at_start=cfg.eval.at_start and resumed is None, save=lambda: rt.save(loader))
         return rt.finish(loader, finished=finished)

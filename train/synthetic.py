@@ -53,9 +53,9 @@ The "msft" set (`data.synthetic = "msft"`; configs/tiny_msft_sft.toml trains it 
 overfitting-aware mixture search (train/msft.py), where the default's single overfitting task leaves any gain within
 noise. Three small tasks have label noise on their training rows only and are drawn many times per epoch, so each
 learns its rule, then memorises its wrong labels (the intent: its held-out accuracy then falls; what was measured is
-below); their rules are learned at different speeds, which spreads the peaks. Copy, reverse and sort are clean and still learning when the first task
-peaks. Every held-out split has 500 rows (standard error <= 2.2 points per evaluation). A wrong label is another digit
-(another bit for vote), so it is still a well-formed answer:
+below); their rules are learned at different speeds, which spreads the peaks. Copy, reverse and sort are clean and
+still learning when the first task peaks. Every held-out split has 500 rows (standard error <= 2.2 points per
+evaluation). A wrong label is another digit (another bit for vote), so it is still a well-formed answer:
 
   task     example                 train  noise  draws per row and epoch
   vote     vote 1101101111011 -> 1    64    40%  10.5  majority of 13 bits, only clear ones (>= 9 alike)
