@@ -7,7 +7,8 @@ What it is for:
   - Rendering each row with the tokenizer's chat template; the loss covers assistant tokens only (their content and
     end-of-turn token). Rows longer than `seq_len` follow an explicit truncation policy, with counts reported.
   - A mixture sampler over the sub-datasets (proportional to size by default, or explicit weights) that can drop a
-    sub-dataset on the fly (mSFT), and whose order is deterministic given the seed and resumable from a small state.
+    sub-dataset (mSFT) or change the weights (DynamixSFT) on the fly, and whose order is deterministic given the seed
+    and resumable from a small state.
   - Greedy packing into micro-batches of a fixed [B, S] shape (B = max_tokens // seq_len), documents never crossing,
     positions restarting at 0 per document (the model derives its block-diagonal attention from the restarts).
   - Held-out evaluation: packed batches per sub-dataset (held-out loss) and the raw prompts with their expected
@@ -443,6 +444,7 @@ class MixtureSampler:
             if any(not (w >= 0 and np.isfinite(w)) for w in self.weights):
                 raise DataError(f"mixture weights must be finite and >= 0, got {weights}")
         self.seed = seed
+        self.initial_weights = list(self.weights)  # what a resume must match; set_weights changes self.weights
         self.active = [w > 0 for w in self.weights]
         if not any(self.active):
             raise DataError(f"mixture weights {weights} give every sub-dataset weight 0")
@@ -568,19 +570,39 @@ class MixtureSampler:
     def include(self, name: str) -> None:
         self._set_active(name, True)
 
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Draw with these relative weights from the next draw on (a bandit over the mixture, DynamixSFT in
+        train/msft.py). Like exclude, it changes only how later uniforms are mapped, so the stream stays
+        deterministic and resumable; the active set and the epoch (sizes of the active sub-datasets) are unchanged.
+        A sub-dataset left out gets 0, which only an inactive one may have (exclude the others instead)."""
+        unknown = sorted(set(weights) - set(self.names))
+        if unknown:
+            raise DataError(f"set_weights names unknown sub-datasets {unknown}; known: {self.names}")
+        new = [float(weights.get(n, 0.0)) for n in self.names]
+        if any(not (w >= 0 and np.isfinite(w)) for w in new):
+            raise DataError(f"mixture weights must be finite and >= 0, got {weights}")
+        zero = [n for n, w, a in zip(self.names, new, self.active) if a and w == 0]
+        if zero:
+            raise DataError(f"set_weights gives active sub-datasets {zero} weight 0; exclude them instead")
+        self.weights = new
+        self._refresh()
+
     def state_dict(self) -> dict[str, Any]:
-        return {"names": list(self.names), "sizes": list(self.sizes), "weights": list(self.weights),
-                "seed": self.seed, "draws": self.draws, "passes": list(self.passes), "cursor": list(self.cursor),
-                "active": list(self.active), "epoch_base": self.epoch_base, "draws_at_change": self.draws_at_change}
+        return {"names": list(self.names), "sizes": list(self.sizes), "weights": list(self.initial_weights),
+                "current_weights": list(self.weights), "seed": self.seed, "draws": self.draws,
+                "passes": list(self.passes), "cursor": list(self.cursor), "active": list(self.active),
+                "epoch_base": self.epoch_base, "draws_at_change": self.draws_at_change}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("names", "sizes", "weights", "seed"):
-            if state[key] != getattr(self, key):
+        mine = {"names": self.names, "sizes": self.sizes, "weights": self.initial_weights, "seed": self.seed}
+        for key, value in mine.items():
+            if state[key] != value:
                 raise DataError(f"data state was saved with {key}={state[key]}, but this mixture has "
-                                f"{key}={getattr(self, key)}; resume with the same data, seed and weights")
+                                f"{key}={value}; resume with the same data, seed and weights")
         self.draws, self.epoch_base = state["draws"], state["epoch_base"]
         self.draws_at_change = state["draws_at_change"]
         self.passes, self.cursor, self.active = list(state["passes"]), list(state["cursor"]), list(state["active"])
+        self.weights = list(state.get("current_weights", state["weights"]))  # older states: never changed
         self._refresh()
 
 
@@ -601,7 +623,7 @@ class MixtureLoader:
         the per-document work that used to be done for every rank's micro-batch on every rank).
     With `prefetch`, the next call's micro-batch is prepared in a background thread while the caller trains on this
     one; the loader's state stays "after the last micro-batch handed out" (the thread works on a clone of the
-    position), and exclude/include/load_state_dict discard whatever was prepared ahead.
+    position), and exclude/include/set_weights/load_state_dict discard whatever was prepared ahead.
     """
 
     def __init__(self, splits: dict[str, TokenizedSplit], *, seq_len: int, max_tokens: int, pad_id: int, seed: int,
@@ -724,6 +746,11 @@ class MixtureLoader:
     def include(self, name: str) -> None:
         self._discard_prefetch()
         self.sampler.include(name)
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """New mixture weights from the next micro-batch on (MixtureSampler.set_weights; resumable like exclude)."""
+        self._discard_prefetch()
+        self.sampler.set_weights(weights)
 
     def state_dict(self) -> dict[str, Any]:
         """Position after the last returned micro-batch; the same on every rank. Small and JSON-serialisable."""
