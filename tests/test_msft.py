@@ -1,13 +1,15 @@
-"""train/msft.py: the decision rule on scripted curves, and the driver end to end on a small mixture."""
+"""train/msft.py: the decision rule on scripted curves, DynamixSFT's bandit update and look-ahead, and the driver
+end to end on a small mixture."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
-from train.msft import decide, peak_index, temperature_weights
+from train.msft import decide, dynamix_update, peak_index, temperature_weights
 
 P = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -84,6 +86,59 @@ def test_temperature_weights_flatten_the_mixture():
     assert temperature_weights({"big": 1000, "small": 10}, tau=1.0) == {"big": 1000, "small": 10}
 
 
+def test_dynamix_update_against_hand_computed_values():
+    prior = {"a": 1.0, "b": 3.0, "z": 0.0}  # relative weights; z is outside the mixture
+    acc, p = dynamix_update(prior, {}, {"a": 0.1, "b": 0.1, "z": 5.0}, eta=5.0)
+    assert acc == {"a": 0.1, "b": 0.1}  # z gets no reward
+    assert p == pytest.approx({"a": 0.25, "b": 0.75, "z": 0.0}) and p["z"] == 0.0  # equal rewards: the prior
+    # a's accumulated reward now leads by 0.2: its odds against b are prior odds (1/3) times exp(5 * 0.2) = e / 3
+    acc, p = dynamix_update(prior, acc, {"a": 0.2, "b": 0.0}, eta=5.0)
+    assert acc == pytest.approx({"a": 0.3, "b": 0.1})
+    assert p["a"] == pytest.approx(math.e / (math.e + 3)) and p["b"] == pytest.approx(3 / (math.e + 3))
+    assert p["a"] > 0.25 and sum(p.values()) == pytest.approx(1.0)  # the better arm gained probability
+    # discount 0.5: R = 0.5 * (0.3, 0.1) + (0, 0.4) = (0.15, 0.45); b leads by 0.3
+    acc, p = dynamix_update(prior, acc, {"a": 0.0, "b": 0.4}, eta=2.0, discount=0.5)
+    assert acc == pytest.approx({"a": 0.15, "b": 0.45})
+    assert p["a"] / p["b"] == pytest.approx(math.exp(2.0 * -0.3) / 3)
+    assert dynamix_update(prior, acc, {}, eta=0.0)[1] == pytest.approx({"a": 0.25, "b": 0.75, "z": 0.0})
+    _, p = dynamix_update(prior, {}, {"a": -1e6}, eta=10.0)  # a crushed arm keeps a probability above 0
+    assert 0 < p["a"] < 1e-300 and p["b"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="every prior weight is 0"):
+        dynamix_update({"a": 0.0}, {}, {}, eta=1.0)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        dynamix_update({"a": -1.0, "b": 1.0}, {}, {}, eta=1.0)
+
+
+def test_set_weights_is_deterministic_resumable_and_discards_the_prefetched_batch():
+    """MixtureLoader.set_weights (DynamixSFT's re-weighting): with and without the background packer the stream is
+    the same; a state saved after it resumes with the new weights; the weights take effect at the next batch."""
+    from train.data import DataError, SFTData, synthetic_rows
+    from train.synthetic import tiny_tokenizer
+
+    sizes = {t: 12 + 3 * i for i, t in enumerate(("copy", "reverse", "sort", "add", "mod", "majority"))}
+    data = SFTData(*synthetic_rows(0, sizes, {t: 3 for t in sizes}), tiny_tokenizer(), seq_len=64)
+    same = lambda x, y: all((getattr(x, k) == getattr(y, k)).all() for k in ("input_ids", "task_ids"))  # noqa
+    fast, plain = (data.loader(max_tokens=256, seed=3, prefetch=p) for p in (True, False))
+    for _ in range(3):
+        assert same(fast.next_batch(), plain.next_batch())
+    reverse = data.tasks.index("reverse")
+    for loader in (fast, plain):  # the prefetched batch was drawn with the old weights: it must go
+        loader.set_weights({t: 1.0 if t == "reverse" else 1e-12 for t in data.tasks})
+    state = json.loads(json.dumps(plain.state_dict()))
+    after = [plain.next_batch() for _ in range(4)]
+    assert all(same(fast.next_batch(), b) for b in after)
+    assert all(((b.task_ids == reverse) | (b.task_ids < 0)).all() for b in after)
+    resumed = data.loader(max_tokens=256, seed=3)
+    resumed.load_state_dict(state)
+    assert all(same(resumed.next_batch(), b) for b in after)
+    assert state["sampler"]["weights"] == [float(sizes[t]) for t in data.tasks]  # a resume checks the configured
+    with pytest.raises(DataError, match=r"gives active sub-datasets \['sort'\] weight 0; exclude them instead"):
+        plain.set_weights({t: 1.0 for t in data.tasks if t != "sort"})
+    with pytest.raises(DataError, match=r"unknown sub-datasets \['nope'\]"):
+        plain.set_weights({"nope": 1.0})
+    fast.close()
+
+
 # ------------------------------------------------------------------------------------------- end to end
 
 from tests.test_sft import REPO, SMALL  # noqa: E402
@@ -100,10 +155,71 @@ def _run_msft(out, data, *flags, nproc=1):
     cmd = launcher + ["-m", "train.msft", "--config", str(REPO / "configs/tiny_msft.toml"), f"--out_dir={out}",
                       *small, f"--data.path={data}", f"--data.cache_dir={out}/cache", "--optim.lr=1e-2",
                       "--msft.budget_epochs=0.5", "--msft.eval_every=0.125", "--msft.max_stages=4",
+                      "--msft.dynamix_every=4", "--msft.dynamix_val_rows=4",
                       "--eval.max_new_tokens=8", *flags]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "report.json").read_text())
+
+
+def test_dynamix_lookahead_restores_weights_optimizer_and_counters_bit_exactly(tmp_path):
+    """A look-ahead probes every arm with a real training step and puts everything back: parameters, AdamW state,
+    param groups, counters, schedule position and the training loader's position are bit-identical afterwards
+    (only the mixture weights change); the same with a fresh optimizer (no state yet: none is left behind)."""
+    code = f"""
+import copy, torch
+from dataclasses import asdict
+from core.config import parse_args
+from train.msft import Dynamix, MSFTConfig
+from train.runtime import Runtime
+from train.sft import make_loader, train_step
+import torch.distributed as dist
+small = [f for f in {SMALL!r} if not f.startswith("--eval.")]
+cfg = parse_args(MSFTConfig, ["--config", "configs/tiny_msft.toml", "--out_dir={tmp_path}", *small,
+                              "--msft.dynamix_val_rows=3", "--checkpoint.export_hf=false"])
+rt = Runtime(cfg)
+loader = make_loader(rt)
+rt.resume(loader)
+for _ in range(3):
+    train_step(rt, [loader.next_batch()], rt.lr(0.0))
+
+def state():
+    params = [p.detach().to_local().clone() for p in rt.model.parameters()]
+    opt = copy.deepcopy(rt.optimizer.state_dict())
+    data = loader.state_dict()["sampler"]
+    return params, opt, asdict(rt.counters), rt.sched_step, {{k: v for k, v in data.items() if k != "current_weights"}}
+
+def same(a, b):
+    pa, oa, *ra = a
+    pb, ob, *rb = b
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb)) and ra == rb, (ra, rb)
+    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+    for k in oa["state"]:
+        assert all(torch.equal(oa["state"][k][n], ob["state"][k][n]) for n in oa["state"][k])
+
+bandit = Dynamix(rt, loader)
+before = state()
+bandit.update(rt.lr(0.0))
+same(before, state())
+point = bandit.trajectory[-1]
+assert len(bandit.trajectory) == 2 and set(point["rewards"]) == set(rt.data.tasks), point
+assert all(r != 0 for r in point["rewards"].values()) and abs(sum(point["weights"].values()) - 1) < 1e-12
+assert point["weights"] != bandit.prior and loader.sampler.weights != loader.sampler.initial_weights
+assert bandit.compute["updates"] == 1 and bandit.compute["probe_tokens"] > 0 and bandit.compute["eval_tokens"] > 0
+rt.new_optimizer()  # fresh: AdamW has no state until its first step
+before = state()
+bandit.update(rt.lr(0.0))
+same(before, state())
+assert not rt.optimizer.state
+bandit.close()
+rt.finish(loader, finished=False)
+loader.close()
+dist.destroy_process_group()
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +235,7 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
     """mSFT and every baseline on a small mixture: each roll-back restored exactly the snapshot it names (weights
     digests), compute adds up (tokens per stage, the discarded part, equal budgets), and 2 gloo ranks make the
     same decisions and select the same weights as 1 process with the same global batch."""
-    methods = '--msft.methods=["msft", "sft", "early_stop", "sro", "temperature"]'
+    methods = '--msft.methods=["msft", "sft", "early_stop", "sro", "temperature", "dynamix"]'
     one = _run_msft(tmp_path / "one", mixture, methods, "--optim.grad_accum=2", "--msft.skip_flat=true")
     r = one["runs"]["msft"]
     stages = r["stages"]
@@ -137,14 +253,15 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
             p for p in r["curve"] if p["stage"] == s["stage"] and p["step"] == s["rollback_step"])
         assert (first["eval"], first["weights"]) == (start["eval"], start["weights"]), (s, nxt)
     budget = r["tokens"]
-    for method in ("sft", "sro", "temperature"):
+    for method in ("sft", "sro", "temperature", "dynamix"):
         run = one["runs"][method]
         assert budget <= run["tokens"] < budget * 1.2, (method, run["tokens"], budget)  # equal tokens, one step over
         assert run["selected"]["restored_weights"] == run["selected"]["weights"]
     sro = one["runs"]["sro"]  # a task still at its best at the roll-out's end did not peak: never excluded
     assert all(at < one["config"]["budget_epochs"] for at in sro["recorded_peaks"].values()), sro["recorded_peaks"]
     (tmp_path / "one" / "report.json").unlink()  # an interrupted comparison resumes: every method's result is kept
-    saved = {m: (tmp_path / "one" / m / "result.json").stat().st_mtime_ns for m in ("msft", "sft", "sro", "temperature")}
+    saved = {m: (tmp_path / "one" / m / "result.json").stat().st_mtime_ns
+             for m in ("msft", "sft", "sro", "temperature", "dynamix")}
     again = _run_msft(tmp_path / "one", mixture, methods, "--optim.grad_accum=2", "--msft.skip_flat=true")
     assert again["summary"] == one["summary"]
     assert saved == {m: (tmp_path / "one" / m / "result.json").stat().st_mtime_ns for m in saved}  # nothing re-ran
@@ -153,7 +270,23 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
     assert all(es[t] == max(p["eval"][t]["accuracy"] for p in sft_curve) for t in TASKS)
     assert (tmp_path / "one" / "msft.png").stat().st_size > 10_000  # the plot (matplotlib is in the test extra)
 
-    two = _run_msft(tmp_path / "two", mixture, '--msft.methods=["msft"]', "--msft.skip_flat=true",
+    dyn = one["runs"]["dynamix"]  # the bandit: its trajectory, and its look-ahead compute beside the budget
+    points = dyn["bandit"]["trajectory"]
+    every = dyn["bandit"]["every"]
+    assert len(points) == dyn["optimizer_steps"] // every + (dyn["optimizer_steps"] % every > 0) >= 3
+    assert [p["step"] for p in points] == [every * k for k in range(len(points))]
+    assert points[0]["weights"] == dyn["bandit"]["prior"] and points[0]["rewards"] == {}
+    for p in points[1:]:
+        assert set(p["rewards"]) == set(TASKS) and sum(p["weights"].values()) == pytest.approx(1.0)
+        assert max(p["weights"], key=p["weights"].get) == max(p["reward_sum"], key=p["reward_sum"].get)
+    assert points[-1]["weights"] != points[0]["weights"]
+    la = one["summary"]["dynamix"]["lookahead"]
+    n_probes = (len(points) - 1) * len(TASKS)  # one probe step per arm per update, each about one training step
+    assert 0.5 < la["tokens"] / (n_probes * dyn["tokens"] / dyn["optimizer_steps"]) < 3, la
+    assert la["flops_vs_training"] == pytest.approx(la["flops"] / dyn["flops"]) and "lookahead" not in \
+        one["summary"]["sft"]
+
+    two = _run_msft(tmp_path / "two", mixture, '--msft.methods=["msft", "dynamix"]', "--msft.skip_flat=true",
                     "--eval.loss=false", nproc=2)  # no held-out loss: accuracy alone decides (msft.signal)
     assert all(set(p["eval"][t]) == {"accuracy"} for p in two["runs"]["msft"]["curve"] for t in TASKS)
     decisions = lambda rep: [(s["excluded"], s["rollback_to"]) for s in rep["runs"]["msft"]["stages"]]  # noqa
@@ -161,6 +294,10 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
     a, b = one["runs"]["msft"]["selected"], two["runs"]["msft"]["selected"]
     assert (a["step"], a["accuracy"]) == (b["step"], b["accuracy"])
     assert abs(a["weights"] - b["weights"]) < 1e-6 * a["weights"]
+    mix = lambda rep: [(p["step"], p["weights"]) for p in rep["runs"]["dynamix"]["bandit"]["trajectory"]]  # noqa
+    for (step_a, wa), (step_b, wb) in zip(mix(one), mix(two), strict=True):  # the bandit decides alike
+        assert step_a == step_b and wa == pytest.approx(wb, rel=1e-4)  # rewards: differences of close losses
+    assert one["runs"]["dynamix"]["tokens"] == two["runs"]["dynamix"]["tokens"]
 
 
 @pytest.mark.parametrize("name", ["tiny_msft.toml", "qwen2.5-0.5b_msft.toml", "qwen2.5-1.5b_msft.toml"])
@@ -176,8 +313,12 @@ def test_bad_msft_settings_are_refused():
     from core.config import ConfigError, load_config
     from train.msft import MSFTConfig, run_one
 
-    with pytest.raises(ConfigError, match=r"msft.methods: unknown \['dynamix'\]"):
-        load_config(MSFTConfig, None, ['--msft.methods=["msft", "dynamix"]'])
+    with pytest.raises(ConfigError, match=r"msft.methods: unknown \['dynamics'\]"):
+        load_config(MSFTConfig, None, ['--msft.methods=["msft", "dynamics"]'])
+    with pytest.raises(ConfigError, match=r"dynamix_every \(0\) and msft.dynamix_val_rows \(8\) must be >= 1"):
+        load_config(MSFTConfig, None, ["--msft.dynamix_every=0"])
+    with pytest.raises(ConfigError, match=r"0 <= dynamix_discount <= 1 \(1.5\)"):
+        load_config(MSFTConfig, None, ["--msft.dynamix_discount=1.5"])
     with pytest.raises(ConfigError, match=r"need 0 < eval_every \(2.0\) <= budget_epochs \(1.0\)"):
         load_config(MSFTConfig, None, ["--msft.eval_every=2.0"])
     with pytest.raises(ValueError, match=r"msft.signal = 'loss' reads held-out loss: set eval.loss = true"):

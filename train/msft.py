@@ -2,6 +2,7 @@
 
     python -m train.msft --config configs/tiny_msft.toml                       mSFT, then the SFT baseline
     python -m train.msft --config configs/tiny_msft.toml --msft.methods='["msft", "sft", "sro", "temperature"]'
+    python -m train.msft --config configs/tiny_msft.toml --msft.methods='["msft", "sft", "dynamix"]'
 
 The method. Sub-datasets D_1..D_N each have a train and a held-out split. A stage trains the pooled, shuffled
 examples of the active sub-datasets with a fresh optimizer for C epochs of the active mixture (`msft.budget_epochs`,
@@ -23,7 +24,9 @@ Deviations from the reference, each a config switch with the reference as defaul
     resumable, and the examples seen after c_j* are seen again, by the remaining tasks' draws);
   - evaluation points are the first optimizer step at or after each multiple of Δ (so c is a little past kΔ).
 
-Baselines (`msft.methods`), every one from the same θ0, reported with its tokens and FLOPs:
+Baselines (`msft.methods`), every one from the same θ0, reported with its tokens and FLOPs. The budget they share
+is mSFT's training tokens (its discarded work included); DynamixSFT's look-ahead compute comes on top, reported
+apart (see dynamix):
   sft          standard SFT for the tokens mSFT spent (its discarded work included); the best checkpoint by overall
                held-out accuracy;
   early_stop   per-task early stopping on the SFT run's curves: each task's accuracy at its own best checkpoint
@@ -33,6 +36,28 @@ Baselines (`msft.methods`), every one from the same θ0, reported with its token
                (after an exclusion the epochs of the smaller mixture drift from the roll-out's, so this can be up
                to Δ late); the best checkpoint by overall held-out accuracy;
   temperature  SFT with mixture weights proportional to size^(1/τ) (`msft.temperature`), equal tokens.
+  dynamix      DynamixSFT (arXiv 2508.12116): SFT at equal training tokens whose mixture weights a multi-armed bandit
+               sets, one arm per sub-dataset (`Dynamix`). Every `msft.dynamix_every` (K) steps, before the step, every
+               arm is probed by a 1-step look-ahead: one real training step (train_step: the run's loss, clipping, AdamW
+               state and current lr, grad_accum micro-batches) on a batch of that sub-dataset alone, from its own stream
+               (seed data.seed + 7919: the training stream is untouched); its reward is the relative fall of the
+               held-out loss, (L - L') / L, L being the mean over sub-datasets of each one's response-token NLL on
+               `msft.dynamix_val_rows` held-out rows each (a sample rotating through the splits); then the weights, the
+               optimizer state (a CheckpointRing slot), the counters and the schedule position are put back bit-exactly.
+               Rewards accumulate, R <- discount R + r, and the weights become the prior-scaled Boltzmann distribution
+               p_i ∝ prior_i exp(η R_i), the prior being the mixture SFT trains on (^(1/τ) with
+               `msft.dynamix_prior_tau`); a sub-dataset outside the mixture gets 0. The look-ahead's compute (probe
+               steps, and 1 + N forwards of the sample per update) is the result's "lookahead" (tokens, FLOPs, and their
+               ratio to the training FLOPs: N probe steps per K training steps, plus the forwards), printed under the
+               table and not counted in "tokens". The weights at the start and after every update are the result's
+               "bandit" trajectory, plotted in a panel of their own. Deviations and gaps: only the paper's abstract was
+               reachable from here, so K = 20, η = 10, discount 1 and 8 rows per sub-dataset are this harness's choices
+               for the tiny default, not the paper's values, and whether the paper probes every arm at every update
+               (done here: full information, N probe steps per update) or only the arms it samples could not be checked;
+               the reward is relative (divided by L) so that η does not depend on a loss scale that falls during
+               training; the validation data are the harness's held-out splits, which also select every method's
+               checkpoint (as they drive mSFT's decisions); the bandit acts at step granularity (weights fixed for K
+               steps).
 
 On the embedded default mSFT loses, and why. `configs/tiny_msft.toml` (the tiny model from scratch on the "msft"
 mixture of train/synthetic.py, C = 1.5 epochs, Δ = 0.25, 4 stages, AdamW 3e-3 constant), seeds 0, 1, 2, every
@@ -68,20 +93,23 @@ Reads top to bottom: config -> `decide` (pure) -> the mSFT driver -> baselines -
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from core.config import flatten
 from core.ring import CheckpointRing, reshard
-from train.runtime import RunConfig, Runtime, entry_point, global_sum, log, seed_config
-from train.sft import loader_step, make_loader
+from train.data import PackedBatch, pack_rows
+from train.runtime import RunConfig, Runtime, entry_point, global_sum, log, seed_config, token_logprobs
+from train.sft import loader_step, make_loader, train_step
 
-METHODS = ("msft", "sft", "early_stop", "sro", "temperature")
+METHODS = ("msft", "sft", "early_stop", "sro", "temperature", "dynamix")
 
 
 @dataclass
@@ -96,6 +124,12 @@ class MSFTSection:
     skip_flat: bool = False
     methods: list[str] = field(default_factory=lambda: ["msft", "sft"])
     temperature: float = 2.0  # the temperature baseline's τ
+    # DynamixSFT (run_dynamix; the paper's own values were not reachable here, see the docstring)
+    dynamix_every: int = 20  # K: optimizer steps between two updates of the mixture weights
+    dynamix_eta: float = 10.0  # inverse temperature of the prior-scaled Boltzmann distribution (0: the prior)
+    dynamix_discount: float = 1.0  # accumulated reward R <- discount * R + r (1: the plain sum)
+    dynamix_prior_tau: float = 1.0  # the prior: the mixture's own weights ^ (1/τ) (1: SFT's mixture)
+    dynamix_val_rows: int = 8  # held-out rows per sub-dataset in the look-ahead's loss (rotating through the split)
     ring_gb: float = 0.0  # ring capacity; 0: room for N + 2 snapshots of this rank's weights
     seeds: list[int] = field(default_factory=list)  # several: the whole comparison per seed (train.seed = data.seed
     #                                                 = s, out_dir/seed<s>), then mean ± std over seeds
@@ -111,6 +145,12 @@ class MSFTSection:
                              f"({self.budget_epochs})")
         if self.margin < 0:
             raise ValueError(f"msft.margin must be >= 0, got {self.margin}")
+        if self.dynamix_every < 1 or self.dynamix_val_rows < 1:
+            raise ValueError(f"msft.dynamix_every ({self.dynamix_every}) and msft.dynamix_val_rows "
+                             f"({self.dynamix_val_rows}) must be >= 1")
+        if self.dynamix_eta < 0 or not 0 <= self.dynamix_discount <= 1 or self.dynamix_prior_tau <= 0:
+            raise ValueError(f"msft: need dynamix_eta >= 0 ({self.dynamix_eta}), 0 <= dynamix_discount <= 1 "
+                             f"({self.dynamix_discount}) and dynamix_prior_tau > 0 ({self.dynamix_prior_tau})")
 
 
 @dataclass
@@ -261,10 +301,12 @@ def _ring(rt: Runtime) -> CheckpointRing:
 
 
 def _train_until(rt: Runtime, loader: Any, frac: Callable[[], float], evaluate: Callable[[], Any],
-                 progress: Callable[[], float], every: float) -> None:
-    """Steps of SFT on `loader` until `frac()` (also the lr schedule's position) reaches 1; `evaluate()` at every
-    `every` epochs of `progress()` and at the end (the caller evaluates the start)."""
-    rt.loop(loader_step(rt, loader), progress=progress, frac=frac, evaluate=evaluate, every_epochs=every)
+                 progress: Callable[[], float], every: float,
+                 step: Callable[[Callable[[], float]], dict[str, float]] | None = None) -> None:
+    """Steps of SFT on `loader` (or `step`, Runtime.loop's step function) until `frac()` (also the lr schedule's
+    position) reaches 1; `evaluate()` at every `every` epochs of `progress()` and at the end (the caller evaluates
+    the start)."""
+    rt.loop(step or loader_step(rt, loader), progress=progress, frac=frac, evaluate=evaluate, every_epochs=every)
 
 
 def run_msft(rt: Runtime, loader: Any, ring: CheckpointRing) -> dict[str, Any]:
@@ -310,9 +352,10 @@ def run_msft(rt: Runtime, loader: Any, ring: CheckpointRing) -> dict[str, Any]:
 
 
 def run_sft_budget(rt: Runtime, loader: Any, ring: CheckpointRing, method: str, tokens: float,
-                   exclude_at: dict[str, float] | None = None) -> dict[str, Any]:
+                   exclude_at: dict[str, float] | None = None,
+                   step: Callable[[Callable[[], float]], dict[str, float]] | None = None) -> dict[str, Any]:
     """Plain SFT until `tokens` input tokens (all ranks); with `exclude_at` (SRO) each task is excluded when the
-    mixture's progress reaches its recorded peak."""
+    mixture's progress reaches its recorded peak; `step` replaces the plain training step (DynamixSFT's)."""
     tracker = Tracker(rt, ring, loader, method)
     pending = dict(sorted((exclude_at or {}).items(), key=lambda kv: (kv[1], kv[0])))
 
@@ -326,7 +369,7 @@ def run_sft_budget(rt: Runtime, loader: Any, ring: CheckpointRing, method: str, 
 
     tracker.evaluate(c=0.0)
     _train_until(rt, loader, lambda: rt.counters.tokens / tokens if tokens > 0 else 1.0, evaluate,
-                 lambda: loader.progress, rt.cfg.msft.eval_every)
+                 lambda: loader.progress, rt.cfg.msft.eval_every, step)
     return _result(rt, ring, tracker, method)
 
 
@@ -352,6 +395,201 @@ def early_stop(sft: dict[str, Any]) -> dict[str, Any]:
 
 def temperature_weights(sizes: dict[str, int], tau: float) -> dict[str, float]:
     return {t: n ** (1.0 / tau) for t, n in sizes.items()}
+
+
+# ---------------------------------------------------------------------------------------------- DynamixSFT
+
+
+def dynamix_update(prior: dict[str, float], reward_sum: dict[str, float], rewards: dict[str, float], *,
+                   eta: float, discount: float = 1.0) -> tuple[dict[str, float], dict[str, float]]:
+    """One bandit update: accumulate each arm's reward, R_i <- discount * R_i + r_i, and return (R, p) with p the
+    prior-scaled Boltzmann distribution p_i = prior_i exp(η R_i) / Σ_j prior_j exp(η R_j). The prior (relative
+    weights, any scale) anchors p: p = prior while the accumulated rewards are equal or η = 0, and two arms' odds
+    move from their prior odds by exp(η (R_i - R_j)). An arm with prior 0 gets probability 0 (and no reward); any
+    other keeps a probability above 0 (its exponent is held within 700 of the largest, so it cannot underflow)."""
+    if any(not (w >= 0 and math.isfinite(w)) for w in prior.values()):
+        raise ValueError(f"dynamix_update: prior weights must be finite and >= 0, got {prior}")
+    live = [t for t, w in prior.items() if w > 0]
+    if not live:
+        raise ValueError(f"dynamix_update: every prior weight is 0: {prior}")
+    acc = {t: discount * reward_sum.get(t, 0.0) + rewards.get(t, 0.0) for t in live}
+    logits = {t: math.log(prior[t]) + eta * acc[t] for t in live}
+    top = max(logits.values())
+    z = {t: math.exp(max(v - top, -700.0)) for t, v in logits.items()}
+    total = sum(z.values())
+    return acc, {t: z[t] / total if t in z else 0.0 for t in prior}
+
+
+def lookahead_sample(rt: Runtime, tasks: Sequence[str], first: int, rows: int) -> list[PackedBatch]:
+    """This rank's micro-batches of one look-ahead sample: held-out documents first .. first + rows - 1 (wrapping
+    around) of each task, laid next-fit into rows of seq_len, B rows per micro-batch as in training. Micro-batch k
+    of the global list goes to rank k mod world_size, and every rank gets the same count (all-padding ones fill
+    up), since a sharded forward is collective; so the sample does not depend on the world size."""
+    data, d = rt.data, rt.d
+    per_micro = rt.cfg.data.max_tokens // data.seq_len
+    lines: list[list[tuple[int, int]]] = []
+    room = 0
+    for task in tasks:
+        ti, split = data.tasks.index(task), data.heldout[task]
+        for k in range(min(rows, len(split))):
+            i = (first + k) % len(split)
+            if split.length(i) > room:
+                lines.append([])
+                room = data.seq_len
+            lines[-1].append((ti, i))
+            room -= split.length(i)
+    micro = [lines[j:j + per_micro] for j in range(0, len(lines), per_micro)]
+    splits = [data.heldout[t] for t in data.tasks]
+    out = []
+    for k in range(-(-len(micro) // d.world_size)):
+        j = k * d.world_size + d.rank
+        mine = micro[j] if j < len(micro) else []
+        out.append(pack_rows(mine + [[] for _ in range(per_micro - len(mine))], splits, data.seq_len, data.pad_id,
+                             data.tasks))
+    return out
+
+
+@torch.no_grad()
+def lookahead_loss(rt: Runtime, batches: Sequence[PackedBatch], tasks: Sequence[str]) -> tuple[float, float]:
+    """The look-ahead's held-out loss: the mean over `tasks` of each one's mean response-token NLL on the sample
+    (global sums, so every rank gets the same number), and the sample's input tokens (all ranks)."""
+    n = len(rt.data.tasks)
+    sums = torch.zeros(2 * n + 1, dtype=torch.float64, device=rt.d.device)
+    for batch in batches:
+        b = batch.to(rt.d.device)
+        logp = token_logprobs(rt.model, b)
+        scored = b.targets != -100
+        for i in range(n):  # masked sums, not bincount: its CUDA kernel adds in no fixed order
+            mine = scored & (b.task_ids == i)
+            sums[i] += -logp[mine].double().sum()
+            sums[n + i] += mine.sum()
+        sums[2 * n] += (b.task_ids >= 0).sum()
+    totals = global_sum(rt.d, *sums.tolist())
+    losses = [totals[i] / max(totals[n + i], 1.0) for i, t in enumerate(rt.data.tasks) if t in tasks]
+    return sum(losses) / len(losses), totals[2 * n]
+
+
+def _local_bytes(tensors: Sequence[torch.Tensor]) -> int:
+    """Bytes of this rank's part of each tensor (a DTensor's local shard)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+class Dynamix:
+    """DynamixSFT's bandit inside a plain SFT run (see the module docstring): `step` is Runtime.loop's step
+    function; every `msft.dynamix_every` steps, before the step, `update` probes every arm with a 1-step look-ahead
+    and re-weights the training loader. Every rank makes the same decisions: rewards come from global sums."""
+
+    PROBE_SEED = 7919  # the probe streams' seed offset from data.seed: other draws than the training stream's
+
+    def __init__(self, rt: Runtime, loader: Any) -> None:
+        m, c = rt.cfg.msft, rt.cfg.data
+        self.rt, self.loader, self.m = rt, loader, m
+        self.arms = list(loader.active_tasks)
+        base = dict(zip(loader.tasks, loader.sampler.weights))  # the mixture SFT would train on
+        prior = {t: base[t] ** (1.0 / m.dynamix_prior_tau) if t in self.arms else 0.0 for t in loader.tasks}
+        self.prior = {t: w / sum(prior.values()) for t, w in prior.items()}
+        self.reward_sum = {t: 0.0 for t in self.arms}
+        self.weights = dict(self.prior)
+        loader.set_weights({t: w for t, w in self.weights.items() if w > 0})
+        self.probes = {t: rt.data.loader(max_tokens=c.max_tokens, seed=c.seed + self.PROBE_SEED, weights={t: 1.0},
+                                         rank=rt.d.rank, world_size=rt.d.world_size) for t in self.arms}
+        self.train = loader_step(rt, loader)
+        self.ring: CheckpointRing | None = None
+        self.start = rt.counters.step
+        self.compute = {"updates": 0, "probe_tokens": 0.0, "probe_flops": 0.0, "eval_tokens": 0.0,
+                        "eval_flops": 0.0}
+        self.trajectory = [self._record(None, {})]
+
+    def _record(self, loss: float | None, rewards: dict[str, float]) -> dict[str, Any]:
+        rt = self.rt
+        return {"update": self.compute["updates"], "step": rt.counters.step, "tokens": rt.counters.tokens,
+                "epoch": self.loader.progress, "loss": loss, "rewards": rewards, "reward_sum": dict(self.reward_sum),
+                "weights": dict(self.weights)}
+
+    def step(self, lr: Callable[[], float]) -> dict[str, float]:
+        done = self.rt.counters.step - self.start
+        if done and done % self.m.dynamix_every == 0:
+            self.update(lr())
+        return self.train(lr)
+
+    def _probe_ring(self) -> CheckpointRing:
+        """A ring with room for one snapshot of this rank's weights and optimizer state (remade if the state grew:
+        AdamW creates its moments at the first step)."""
+        rt = self.rt
+        reshard(rt.model)
+        state = [v for st in rt.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        need = _local_bytes(list(rt.model.parameters()) + state)
+        if self.ring is None or self.ring.capacity < need:
+            if self.ring is not None:
+                self.ring.clear()
+            self.ring = CheckpointRing(need, device="cpu")
+        return self.ring
+
+    def update(self, lr: float) -> None:
+        """Probe every arm: one real training step (train_step: the loss, clipping, optimizer and lr of training) on
+        a batch of that arm alone, the held-out loss after it, then weights, optimizer state, counters and schedule
+        position put back exactly as they were. Then the bandit update, and the loader's new weights."""
+        rt, m = self.rt, self.m
+        sample = lookahead_sample(rt, self.arms, self.compute["updates"] * m.dynamix_val_rows, m.dynamix_val_rows)
+        before, sample_tokens = lookahead_loss(rt, sample, self.arms)
+        ring = self._probe_ring()
+        optimizer = rt.optimizer if rt.optimizer.state else None  # a fresh AdamW has no state to snapshot yet
+        lrs = [g["lr"] for g in rt.optimizer.param_groups]
+        ring.snapshot("probe", rt.model, optimizer)
+        ring.fence()  # on CUDA the copy is asynchronous: the probe step must not write the weights before it ends
+        kept = replace(rt.counters)
+        sched_step, bad_steps = rt.sched_step, rt.bad_steps
+        rewards, probe_tokens = {}, 0.0
+        for task in self.arms:
+            batches = [self.probes[task].next_batch() for _ in range(rt.cfg.optim.grad_accum)]
+            probe_tokens += train_step(rt, batches, lr)["input_tokens"]
+            after, _ = lookahead_loss(rt, sample, self.arms)
+            ring.restore("probe", rt.model, optimizer)
+            if optimizer is None:
+                rt.optimizer.state.clear()
+            for group, value in zip(rt.optimizer.param_groups, lrs):
+                group["lr"] = value
+            vars(rt.counters).update(vars(kept))  # in place: Runtime.loop holds this object
+            rt.sched_step, rt.bad_steps = sched_step, bad_steps
+            reward = (before - after) / max(before, 1e-12)
+            rewards[task] = reward if math.isfinite(reward) else 0.0  # a diverged probe says nothing useful
+        self.reward_sum, self.weights = dynamix_update(self.prior, self.reward_sum, rewards, eta=m.dynamix_eta,
+                                                       discount=m.dynamix_discount)
+        self.loader.set_weights({t: w for t, w in self.weights.items() if w > 0})
+        c = self.compute
+        c["updates"] += 1
+        c["probe_tokens"] += probe_tokens
+        c["probe_flops"] += probe_tokens * rt.flops_per_token
+        c["eval_tokens"] += sample_tokens * (len(self.arms) + 1)
+        c["eval_flops"] += sample_tokens * (len(self.arms) + 1) * rt.flops_per_token / 3  # forward only
+        self.trajectory.append(self._record(before, rewards))
+        log(rt.d, f"dynamix update {c['updates']} @ step {rt.counters.step}: held-out loss {before:.4f}, weights "
+                  + "  ".join(f"{t} {w:.3f}" for t, w in self.weights.items()))
+
+    def close(self) -> None:
+        for probe in self.probes.values():
+            probe.close()
+        if self.ring is not None:
+            self.ring.clear()
+
+
+def run_dynamix(rt: Runtime, loader: Any, ring: CheckpointRing, tokens: float) -> dict[str, Any]:
+    """DynamixSFT for `tokens` training tokens: SFT whose mixture weights the bandit sets. Its result adds the
+    bandit's trajectory (prior, then every update's rewards and weights) and the look-ahead's compute, which is
+    not in "tokens"/"flops" (those are the training's, the budget every method shares)."""
+    bandit = Dynamix(rt, loader)
+    try:
+        result = run_sft_budget(rt, loader, ring, "dynamix", tokens, step=bandit.step)
+    finally:
+        bandit.close()
+    extra = bandit.compute["probe_flops"] + bandit.compute["eval_flops"]
+    lookahead = {**bandit.compute, "tokens": bandit.compute["probe_tokens"] + bandit.compute["eval_tokens"],
+                 "flops": extra, "flops_vs_training": extra / max(result["flops"], 1.0)}
+    m = rt.cfg.msft
+    bandit_info = {"prior": bandit.prior, "every": m.dynamix_every, "eta": m.dynamix_eta,
+                   "discount": m.dynamix_discount, "trajectory": bandit.trajectory}
+    return {**result, "bandit": bandit_info, "lookahead": lookahead}
 
 
 # ---------------------------------------------------------------------------------------------- one command
@@ -460,6 +698,8 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
             results[method] = run_sft_budget(rt, loader, ring, method, budget - rollout_tokens, exclude_at=sro_peaks)
             results[method].update(recorded_peaks=sro_peaks, rollout_tokens=rollout_tokens)
             results[method]["tokens"] += rollout_tokens
+        elif method == "dynamix":
+            results[method] = run_dynamix(rt, loader, ring, budget)
         else:
             results[method] = run_sft_budget(rt, loader, ring, method, budget)
         if method == "msft" and cfg.checkpoint.export_hf:
@@ -509,6 +749,8 @@ def make_report(cfg: MSFTConfig, results: dict[str, dict[str, Any]]) -> dict[str
         acc = r["selected"]["accuracy"]
         rows[method] = {"accuracy": acc, "average": sum(acc.values()) / len(acc), "overall": r["selected"]["overall"],
                         "tokens": r["tokens"], "flops": r["flops"]}
+        if "lookahead" in r:  # compute spent besides the training tokens (DynamixSFT's probes)
+            rows[method]["lookahead"] = {k: r["lookahead"][k] for k in ("tokens", "flops", "flops_vs_training")}
     return {"config": {"budget_epochs": cfg.msft.budget_epochs, "eval_every": cfg.msft.eval_every,
                        "signal": cfg.msft.signal, "margin": cfg.msft.margin, "seed": cfg.train.seed},
             "key": study_key(cfg), "summary": rows, "runs": results}
@@ -522,6 +764,11 @@ def format_table(report: dict[str, Any]) -> str:
     for method, r in rows.items():
         lines.append(f"{method:<12}" + "".join(f"{r['accuracy'][t]:>9.3f}" for t in tasks)
                      + f"{r['average']:>9.3f}{r['tokens']:>12,.0f}")
+    for method, r in rows.items():
+        if "lookahead" in r:
+            la = r["lookahead"]
+            lines.append(f"{method}: + {la['tokens']:,.0f} look-ahead tokens, {la['flops']:.3g} FLOPs "
+                         f"({la['flops_vs_training']:.0%} of its training FLOPs), not in its tokens")
     return "\n".join(lines)
 
 
@@ -537,7 +784,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         print(f"matplotlib is not installed: no plot at {path} (pip install -e '.[plot]')", flush=True)
         return
     runs = [r for r in report["runs"].values() if r["curve"]]
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False, sharey=True)
+    bandits = [r for r in runs if r.get("bandit")]  # DynamixSFT: one more panel, its mixture weights
+    panels = len(runs) + len(bandits)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False, sharey=True)
     for ax, r in zip(axes[0], runs):
         tasks = list(r["curve"][0]["eval"])
         for i, t in enumerate(tasks):
@@ -555,6 +804,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
                 ax.annotate(f"−{s['excluded']}", (s["tokens_end"], 1.0), fontsize=8, rotation=90, va="top")
         ax.set_title(f"{r['method']} (selected: overall {r['selected']['overall']:.3f})")
         ax.set_xlabel("tokens trained (discarded included)")
+        ax.grid(alpha=0.3)
+    for ax, r in zip(axes[0][len(runs):], bandits):
+        points = r["bandit"]["trajectory"]
+        for i, t in enumerate(points[0]["weights"]):
+            ax.step([p["tokens"] for p in points] + [r["tokens"]],
+                    [p["weights"][t] for p in points] + [points[-1]["weights"][t]], where="post", color=f"C{i}")
+        ax.set_title(f"{r['method']}: mixture weights (bandit)")
+        ax.set_xlabel("tokens trained")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out accuracy")
     axes[0][0].legend(fontsize=8)
