@@ -326,13 +326,16 @@ def test_bad_msft_settings_are_refused():
 
 
 def test_study_aggregates_mean_and_std_over_seeds():
-    from train.msft import aggregate
+    from train.msft import aggregate, format_study
 
-    r = {0: {"msft": {"accuracy": {"a": 0.5}, "average": 0.5, "tokens": 100.0}},
-         1: {"msft": {"accuracy": {"a": 0.7}, "average": 0.7, "tokens": 120.0}}}
-    study = aggregate(r)["msft"]
-    assert study["a"][0] == pytest.approx(0.6) and study["a"][1] == pytest.approx(0.1414213562)
-    assert study["tokens"] == (110.0, pytest.approx(14.1421356237))
+    r = {s: {"msft": {"accuracy": {"a": acc}, "average": acc, "tokens": tokens},
+             "dynamix": {"accuracy": {"a": acc}, "average": acc, "tokens": tokens, "lookahead": {"tokens": extra}}}
+         for s, acc, tokens, extra in ((0, 0.5, 100.0, 30.0), (1, 0.7, 120.0, 50.0))}
+    study = aggregate(r)
+    assert study["msft"]["a"][0] == pytest.approx(0.6) and study["msft"]["a"][1] == pytest.approx(0.1414213562)
+    assert study["msft"]["tokens"] == (110.0, pytest.approx(14.1421356237)) and "lookahead_tokens" not in study["msft"]
+    assert study["dynamix"]["lookahead_tokens"] == (40.0, pytest.approx(14.1421356237))
+    assert "dynamix: + 40 look-ahead tokens (mean), not in its tokens" in format_study(study, [0, 1])
 
 
 def test_a_study_reuses_the_seeds_already_run_with_the_same_config(tmp_path):

@@ -650,6 +650,8 @@ def aggregate(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
         values = {k: [row["accuracy"][k] for row in rows] for k in keys}
         values["average"] = [row["average"] for row in rows]
         values["tokens"] = [row["tokens"] for row in rows]
+        if all("lookahead" in row for row in rows):  # DynamixSFT's compute besides its training tokens
+            values["lookahead_tokens"] = [row["lookahead"]["tokens"] for row in rows]
         out[method] = {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in values.items()}
     return out
 
@@ -661,6 +663,9 @@ def format_study(study: dict[str, Any], seeds: Sequence[int]) -> str:
     for method, row in study.items():
         lines.append(f"{method:<12}" + "".join(f"{row[k][0]:>8.3f}±{row[k][1]:.3f}" for k in keys)
                      + f"{row['tokens'][0]:>16,.0f}")
+    for method, row in study.items():
+        if "lookahead_tokens" in row:
+            lines.append(f"{method}: + {row['lookahead_tokens'][0]:,.0f} look-ahead tokens (mean), not in its tokens")
     return "\n".join(lines)
 
 
