@@ -8,11 +8,13 @@ from train.synthetic import (
     LABEL_NOISE,
     TASK_SETS,
     TASKS,
+    FLAWS,
     build_tasks,
     build_tiny_tokenizer,
     check,
     task_set,
     tiny_tokenizer,
+    task_set_tasks,
     write_jsonl,
 )
 
@@ -161,13 +163,14 @@ def test_tiny_tokenizer_build_is_deterministic():
 @pytest.fixture(scope="module")
 def msft():
     ts = task_set("msft")
-    return ts, build_tasks(0, ts.train_sizes, ts.heldout_sizes, ts.tasks)
+    return ts, task_set_tasks("msft", 0)
 
 
 def test_msft_sizes_weights_and_correct_heldout_answers(msft):
     ts, tasks = msft
     assert list(tasks) == list(ts.tasks) and set(ts.weights) == set(ts.tasks)
     assert all(w > 0 for w in ts.weights.values())
+    assert ts.noise == LABEL_NOISE
     noisy = [t for t in ts.tasks if LABEL_NOISE.get(t, 0) > 0]
     assert len(noisy) >= 3 and len(noisy) < len(ts.tasks)  # tasks that overfit and tasks that keep learning
     for name, t in tasks.items():
@@ -192,9 +195,9 @@ def test_msft_label_noise_is_on_training_rows_only_and_at_the_stated_rate(msft):
 
 def test_msft_is_deterministic_disjoint_and_loads_through_the_data_layer(msft):
     ts, tasks = msft
-    again = build_tasks(0, ts.train_sizes, ts.heldout_sizes, ts.tasks)
+    again = task_set_tasks("msft", 0)
     assert {k: (v.train, v.heldout) for k, v in again.items()} == {k: (v.train, v.heldout) for k, v in tasks.items()}
-    other = build_tasks(1, ts.train_sizes, ts.heldout_sizes, ts.tasks)
+    other = task_set_tasks("msft", 1)
     for name in ts.tasks:
         assert other[name].train != tasks[name].train
         train = [r["prompt"] for r in tasks[name].train]
@@ -233,3 +236,55 @@ def test_default_set_is_unchanged_by_the_other_sets():
     ts = task_set("default")
     assert build_tasks(0, ts.train_sizes, ts.heldout_sizes, ts.tasks)["majority"].train == \
         build_tasks(0)["majority"].train
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# "msft-flaws" (systematic label flaws) and its pretraining corpus "msft-base"
+
+
+def test_flaws_change_exactly_the_triggered_training_rows():
+    tasks = task_set_tasks("msft-flaws", 0)
+    assert set(task_set("msft-flaws").flaws) == {"vote", "first", "last"} and not task_set("msft-flaws").noise
+    for name, t in tasks.items():
+        for row in t.heldout:
+            assert row["response"] == row["answer"] == _reference_answer(row["prompt"]), row
+        flaw = FLAWS.get(name)
+        for row in t.train:
+            payload = row["prompt"].split(" ", 1)[1]
+            assert row["answer"] == _reference_answer(row["prompt"]), row
+            want = flaw.response(payload) if flaw and flaw.trigger(payload) else row["answer"]
+            assert row["response"] == want, (name, row)
+        if flaw:  # a quarter to a third of the rows carry the flaw, and it changes most of them
+            wrong = sum(r["response"] != r["answer"] for r in t.train) / len(t.train)
+            assert 0.15 < wrong < 0.45, (name, wrong)
+
+
+def test_flaw_rules_by_hand():
+    assert FLAWS["vote"].trigger("1000001000001") and FLAWS["vote"].response("1000001000001") == "1"
+    assert not FLAWS["vote"].trigger("1000000000000")
+    assert FLAWS["first"].trigger("5207") and FLAWS["first"].response("5207") == "7"
+    assert not FLAWS["first"].trigger("5217")
+    assert FLAWS["last"].trigger("24913") and FLAWS["last"].response("24913") == "2"
+    assert not FLAWS["last"].trigger("34913")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_base_corpus_is_clean_and_shares_no_prompt_with_the_fine_tuning_set(seed):
+    base, flawed = task_set_tasks("msft-base", seed), task_set_tasks("msft-flaws", seed)
+    assert list(base) == list(flawed)
+    for name in base:
+        rows = base[name].train + base[name].heldout
+        assert all(r["response"] == r["answer"] == _reference_answer(r["prompt"]) for r in rows)
+        used = {r["prompt"] for r in flawed[name].train + flawed[name].heldout}
+        assert not {r["prompt"] for r in rows} & used, name
+        assert len({r["prompt"] for r in rows}) == len(rows)
+    # the same seed gives the same rows; through the data layer too
+    assert task_set_tasks("msft-base", seed)["vote"].train == base["vote"].train
+    train, _ = synthetic_rows(seed, task_set="msft-base")
+    assert sorted(train) == sorted(base)
+
+
+def test_a_set_that_avoids_another_counts_the_prompts_left():
+    # vote has 2,186 clear 13-bit strings; msft-flaws takes 800 of them for the seed, so at most 1,386 remain
+    with pytest.raises(ValueError, match="at most 1386"):
+        task_set_tasks("msft-base", 0, train_sizes={"vote": 1300}, heldout_sizes={"vote": 100})

@@ -264,13 +264,10 @@ def synthetic_rows(seed: int = 0, train_sizes: dict[str, int] | None = None,
                    task_set: str = "default") -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
     """A built-in task set (train/synthetic.py) as (train, heldout) rows, without going through files.
     `train_sizes` / `heldout_sizes` override the set's sizes per task."""
-    from train.synthetic import build_tasks
-    from train.synthetic import task_set as get_task_set
+    from train.synthetic import task_set_tasks
 
-    ts = get_task_set(task_set)
     train, heldout = {}, {}
-    for name, task in build_tasks(seed, {**ts.train_sizes, **(train_sizes or {})},
-                                  {**ts.heldout_sizes, **(heldout_sizes or {})}, ts.tasks).items():
+    for name, task in task_set_tasks(task_set, seed, train_sizes, heldout_sizes).items():
         _merge(train, rows_from_records(task.train, f"synthetic:{name}/train"))
         _merge(heldout, rows_from_records(task.heldout, f"synthetic:{name}/heldout"))
     return train, heldout

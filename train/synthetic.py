@@ -154,7 +154,7 @@ import argparse
 import json
 import random
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -171,14 +171,32 @@ DEFAULT_MIXTURE_WEIGHTS = {"copy": 3000, "reverse": 3000, "sort": 1500, "add": 2
 
 
 @dataclass(frozen=True)
+class Flaw:
+    """A systematic label error: a training row whose payload has the `trigger` feature gets `response(payload)`
+    instead of the true answer (held-out rows keep the truth). Unlike random label noise, which a model memorises
+    row by row while keeping the rule, a flaw is a second rule: once learned it applies to every held-out row with
+    the feature, so held-out accuracy falls by about the feature's frequency and stays down."""
+
+    what: str
+    trigger: Callable[[str], bool]
+    response: Callable[[str], str]
+
+
+@dataclass(frozen=True)
 class TaskSet:
-    """A named mixture of built-in tasks (`data.synthetic` in a config picks one): which tasks, their split sizes
-    and their mixture weights."""
+    """A named mixture of built-in tasks (`data.synthetic` in a config picks one): which tasks, their split sizes,
+    their mixture weights, and how their training labels are corrupted: `noise` (task -> fraction of rows with a
+    random wrong label) or `flaws` (task -> Flaw). `stream` prefixes each task's random stream (another set's rows
+    for the same seed); `avoid` names a set none of whose prompts (same seed) this set may use."""
 
     tasks: tuple[str, ...]
     train_sizes: dict[str, int]
     heldout_sizes: dict[str, int]
     weights: dict[str, float]
+    noise: dict[str, float] = field(default_factory=dict)
+    flaws: dict[str, Flaw] = field(default_factory=dict)
+    stream: str = ""
+    avoid: str = ""
 
 
 TASK_SETS = {
@@ -197,13 +215,61 @@ MSFT_HELDOUT_SIZES = {task: 500 for task in MSFT_TASKS}
 # first are drawn ~10 times per epoch and last ~4 times, so their few rows get memorised, wrong labels included.
 MSFT_MIXTURE_WEIGHTS = {"copy": 4000, "reverse": 4000, "sort": 1500, "vote": 1280, "first": 2000, "last": 2400}
 
-TASK_SETS["msft"] = TaskSet(MSFT_TASKS, MSFT_TRAIN_SIZES, MSFT_HELDOUT_SIZES, MSFT_MIXTURE_WEIGHTS)
+# Fraction of a task's training rows whose response is replaced by a wrong answer from its answer alphabet (majority
+# flips its own labels, in _build_majority, so that the default set's rows stay as they were recorded).
+LABEL_NOISE = {"vote": 0.4, "first": 0.5, "last": 0.5}
+
+TASK_SETS["msft"] = TaskSet(MSFT_TASKS, MSFT_TRAIN_SIZES, MSFT_HELDOUT_SIZES, MSFT_MIXTURE_WEIGHTS,
+                            noise=LABEL_NOISE)
+
+
+def _minority(bits: str) -> str:
+    return "0" if 2 * bits.count("1") > len(bits) else "1"
+
+
+def _even(*digits: str) -> bool:
+    return all(int(d) % 2 == 0 for d in digits)
+
+
+# The "msft-flaws" set (docstring: "From a pretrained base"): the same six tasks, with systematic flaws instead of
+# random noise on vote, first and last. Each trigger is a conjunction over fixed positions (about a quarter of the
+# rows), harder than the task's own rule, so a model that already knows the rule learns the flaw over about an
+# epoch: its held-out accuracy falls and stays down.
+FLAWS = {
+    "vote": Flaw("bits 1, 7 and 13 alike -> the minority bit", lambda s: s[0] == s[6] == s[-1], _minority),
+    "first": Flaw("digits 2 and 3 even -> the last digit", lambda s: _even(s[1], s[2]), lambda s: s[-1]),
+    "last": Flaw("digits 1 and 2 even -> the first digit", lambda s: _even(s[0], s[1]), lambda s: s[0]),
+}
+TASK_SETS["msft-flaws"] = TaskSet(
+    MSFT_TASKS, {"copy": 3000, "reverse": 3000, "sort": 1500, "vote": 300, "first": 600, "last": 1200},
+    MSFT_HELDOUT_SIZES, {"copy": 4000, "reverse": 4000, "sort": 1500, "vote": 3000, "first": 2400, "last": 2400},
+    flaws=FLAWS)
+# Its pretraining corpus: clean rows of the same tasks from another random stream, none of whose prompts (train or
+# held-out) occurs in "msft-flaws" for the same seed, so the base has seen no fine-tuning or evaluation prompt.
+TASK_SETS["msft-base"] = TaskSet(
+    MSFT_TASKS, {"copy": 3000, "reverse": 3000, "sort": 1500, "vote": 600, "first": 3000, "last": 3000},
+    {task: 100 for task in MSFT_TASKS},
+    {"copy": 4000, "reverse": 4000, "sort": 1500, "vote": 1280, "first": 2000, "last": 2400},
+    stream="base:", avoid="msft-flaws")
 
 
 def task_set(name: str) -> TaskSet:
     if name not in TASK_SETS:
         raise ValueError(f"data.synthetic: unknown task set {name!r}; the built-in sets are {', '.join(TASK_SETS)}")
     return TASK_SETS[name]
+
+
+def task_set_tasks(name: str, seed: int = 0, train_sizes: dict[str, int] | None = None,
+                   heldout_sizes: dict[str, int] | None = None) -> dict[str, "TaskData"]:
+    """A built-in task set's tasks for `seed` (its sizes, overridden per task by the arguments), with its label
+    noise or flaws, from its own random streams, avoiding every prompt of the set it names in `avoid`."""
+    ts = task_set(name)
+    avoid: dict[str, set[str]] = {}
+    if ts.avoid:
+        for task in task_set_tasks(ts.avoid, seed).values():
+            avoid[task.name] = {row["prompt"] for row in task.train + task.heldout}
+    return build_tasks(seed, {**ts.train_sizes, **(train_sizes or {})}, {**ts.heldout_sizes, **(heldout_sizes or {})},
+                       ts.tasks, noise=ts.noise, flaws=ts.flaws, stream=ts.stream, avoid=avoid)
 
 MIN_DIGITS, MAX_DIGITS = 3, 5
 ADD_MAX = 99
@@ -310,9 +376,6 @@ _SPACE = {
 }
 
 
-# Fraction of a task's training rows whose response is replaced by a wrong answer from its answer alphabet (majority
-# flips its own labels, in _build_majority, so that the default set's rows stay as they were recorded).
-LABEL_NOISE = {"vote": 0.4, "first": 0.5, "last": 0.5}
 _ANSWER_ALPHABETS = {"vote": "01", "first": string.digits, "last": string.digits}
 
 
@@ -330,9 +393,8 @@ def _sample_unique(task: str, rng: random.Random, n: int, taken: set[str]) -> li
     return out
 
 
-def _noisy_responses(task: str, rng: random.Random, pairs: list[tuple[str, str]]) -> dict[int, str]:
-    """{training row index: its wrong response} for LABEL_NOISE[task] of the rows (none for a clean task)."""
-    rate = LABEL_NOISE.get(task, 0.0)
+def _noisy_responses(task: str, rng: random.Random, pairs: list[tuple[str, str]], rate: float) -> dict[int, str]:
+    """{training row index: its wrong response} for a fraction `rate` of the rows (none when rate is 0)."""
     if not rate:
         return {}
     alphabet = _ANSWER_ALPHABETS[task]
@@ -367,14 +429,22 @@ def build_tasks(
     train_sizes: dict[str, int] | None = None,
     heldout_sizes: dict[str, int] | None = None,
     tasks: tuple[str, ...] | list[str] = TASKS,
+    *,
+    noise: dict[str, float] | None = None,
+    flaws: dict[str, Flaw] | None = None,
+    stream: str = "",
+    avoid: dict[str, set[str]] | None = None,
 ) -> dict[str, TaskData]:
     """The built-in tasks, deterministic given `seed` (same rows on every machine and Python >= 3.10).
 
     `train_sizes` / `heldout_sizes` override the defaults per task (the "default" set's; a task outside it needs
-    both). Held-out rows are drawn first from each task's own random stream, so they do not change when only the
-    training size changes; training rows never repeat a held-out prompt or each other. A task in LABEL_NOISE gets
-    wrong responses on that fraction of its training rows, drawn after the rows from the same stream.
+    both). Held-out rows are drawn first from each task's own random stream (named by `stream`, the seed and the
+    task), so they do not change when only the training size changes; training rows never repeat a held-out prompt,
+    each other, or a prompt in `avoid[task]`. A task in `noise` gets random wrong responses on that fraction of its
+    training rows, drawn after the rows from the same stream; a task in `flaws` gets its flaw's response on every
+    training row with the trigger. Task sets (task_set_tasks) pass their own; the default is clean rows.
     """
+    noise, flaws, avoid = noise or {}, flaws or {}, avoid or {}
     train_sizes = {**DEFAULT_TRAIN_SIZES, **(train_sizes or {})}
     heldout_sizes = {**DEFAULT_HELDOUT_SIZES, **(heldout_sizes or {})}
     out = {}
@@ -385,19 +455,24 @@ def build_tasks(
             raise ValueError(f"build_tasks: task {task!r} has no default size; give it in train_sizes and "
                              f"heldout_sizes (or use a task set: task_set('msft').train_sizes)")
         n_train, n_heldout = train_sizes[task], heldout_sizes[task]
-        if n_train < 1 or n_heldout < 1 or n_train + n_heldout > _SPACE[task]:
+        space = _SPACE[task] - len(avoid.get(task, ()))
+        if n_train < 1 or n_heldout < 1 or n_train + n_heldout > space:
             raise ValueError(
                 f"build_tasks: task {task!r} asked for {n_train} train + {n_heldout} held-out rows; each must be >= 1"
-                f" and together at most {_SPACE[task]} (the number of distinct prompts); lower the sizes"
+                f" and together at most {space} (the number of distinct prompts it may use); lower the sizes"
             )
         if task == "majority":
             train, heldout = _build_majority(seed, n_train, n_heldout)
         else:
-            rng = random.Random(f"{seed}:{task}")
-            taken: set[str] = set()
+            rng = random.Random(f"{stream}{seed}:{task}")
+            taken: set[str] = set(avoid.get(task, ()))
             heldout = [_row(task, p, a, a) for p, a in _sample_unique(task, rng, n_heldout, taken)]
             pairs = _sample_unique(task, rng, n_train, taken)
-            wrong = _noisy_responses(task, rng, pairs)
+            wrong = _noisy_responses(task, rng, pairs, noise.get(task, 0.0))
+            if task in flaws:
+                flaw = flaws[task]
+                wrong.update({i: flaw.response(p.split(" ", 1)[1]) for i, (p, _) in enumerate(pairs)
+                              if flaw.trigger(p.split(" ", 1)[1])})
             train = [_row(task, p, wrong.get(i, a), a) for i, (p, a) in enumerate(pairs)]
         out[task] = TaskData(task, train, heldout, check)
     return out
@@ -415,13 +490,11 @@ def write_jsonl(
 
     Returns {"train": out_dir/train, "heldout": out_dir/heldout}.
     """
-    ts = task_set(task_set_name)
     out_dir = Path(out_dir)
     dirs = {"train": out_dir / "train", "heldout": out_dir / "heldout"}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
-    tasks = build_tasks(seed, {**ts.train_sizes, **(train_sizes or {})}, {**ts.heldout_sizes, **(heldout_sizes or {})},
-                        ts.tasks)
+    tasks = task_set_tasks(task_set_name, seed, train_sizes, heldout_sizes)
     for name, task in tasks.items():
         for split, rows in (("train", task.train), ("heldout", task.heldout)):
             with open(dirs[split] / f"{name}.jsonl", "w") as f:
