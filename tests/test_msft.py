@@ -302,7 +302,58 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
     assert one["runs"]["dynamix"]["tokens"] == two["runs"]["dynamix"]["tokens"]
 
 
-@pytest.mark.parametrize("name", ["tiny_msft.toml", "qwen2.5-0.5b_msft.toml", "qwen2.5-1.5b_msft.toml"])
+def test_mSFT_from_a_pretrained_base_trains_it_once_and_starts_every_method_from_it(tmp_path, mixture):
+    """msft.base_config: the base is trained into <out_dir>/base with the run's seeds, every method starts from
+    <out_dir>/base/hf (the first evaluation's weights are the exported base's), and a second run reuses it."""
+    from safetensors.torch import load_file
+
+    base = [*[f for f in SMALL if not f.startswith("--eval.")], f"--data.path={mixture}",
+            f"--data.cache_dir={tmp_path}/cache", "--train.max_steps=3", "--eval.every_epochs=0",
+            "--eval.at_start=false"]
+    flags = ['--msft.methods=["msft", "sft"]', "--msft.base_config=configs/tiny_sft.toml",
+             "--msft.base_overrides=[" + ", ".join(f'"{f}"' for f in base) + "]", "--msft.max_stages=1",
+             "--train.seed=5"]
+    report = _run_msft(tmp_path / "run", mixture, *flags)
+    hf = tmp_path / "run" / "base" / "hf"
+    assert report["config"]["init"] == str(hf)
+    assert json.loads((tmp_path / "run" / "base" / "summary.json").read_text())["steps"] == 3
+    weights = load_file(hf / "model.safetensors")
+    digest = sum(float(t.double().pow(2).sum()) for t in weights.values())
+    for method in ("msft", "sft"):
+        assert report["runs"][method]["curve"][0]["weights"] == pytest.approx(digest, rel=1e-9)
+    made = (hf / "model.safetensors").stat().st_mtime_ns
+    (tmp_path / "run" / "report.json").unlink()
+    again = _run_msft(tmp_path / "run", mixture, *flags)
+    assert (hf / "model.safetensors").stat().st_mtime_ns == made and again["summary"] == report["summary"]
+
+
+def test_a_methods_result_is_keyed_by_what_it_depends_on():
+    """Adding a method, running other seeds or changing another method's parameter keeps a result reusable; a
+    change the method depends on does not."""
+    from dataclasses import replace
+
+    from core.config import load_config
+    from train.msft import MSFTConfig, study_key, with_base
+
+    cfg = load_config(MSFTConfig, REPO / "configs/tiny_msft.toml")
+    more = replace(cfg, msft=replace(cfg.msft, methods=["msft", "sft", "temperature", "dynamix"], seeds=[0, 1],
+                                     temperature=5.0))
+    for method in ("msft", "sft", "sro"):
+        assert study_key(more, method) == study_key(cfg, method)
+    assert study_key(more, "temperature") != study_key(cfg, "temperature")
+    assert study_key(replace(cfg, msft=replace(cfg.msft, dynamix_eta=1.0)), "dynamix") != study_key(cfg, "dynamix")
+    assert study_key(replace(cfg, optim=replace(cfg.optim, lr=1e-4)), "sft") != study_key(cfg, "sft")
+    assert study_key(more) != study_key(cfg)  # a report: which methods it holds matters
+    assert with_base(cfg) is cfg  # no base_config: nothing to do
+    pre = load_config(MSFTConfig, REPO / "configs/tiny_msft_pretrained.toml", ["--out_dir=/x/seed3"])
+    assert with_base(pre, train=False).init.hf_checkpoint == "/x/seed3/base/hf"
+    assert study_key(pre) == study_key(replace(pre, out_dir="/y"))  # the derived base path is not the experiment
+    with pytest.raises(ValueError, match="give one of them"):
+        with_base(replace(pre, init=replace(pre.init, hf_checkpoint="/elsewhere/hf")), train=False)
+
+
+@pytest.mark.parametrize("name", ["tiny_msft.toml", "tiny_msft_pretrained.toml", "qwen2.5-0.5b_msft.toml",
+                                  "qwen2.5-1.5b_msft.toml"])
 def test_repo_configs_parse(name):
     from core.config import load_config
     from train.msft import MSFTConfig

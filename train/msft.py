@@ -135,6 +135,10 @@ class MSFTSection:
     dynamix_prior_tau: float = 1.0  # the prior: the mixture's own weights ^ (1/τ) (1: SFT's mixture)
     dynamix_val_rows: int = 8  # held-out rows per sub-dataset in the look-ahead's loss (rotating through the split)
     ring_gb: float = 0.0  # ring capacity; 0: room for N + 2 snapshots of this rank's weights
+    # A pretrained base: an SFT config each run first trains into <out_dir>/base (train.seed and data.seed are the
+    # run's; kept, and reused while <out_dir>/base/hf exists); every method then starts from <out_dir>/base/hf.
+    base_config: str = ""
+    base_overrides: list[str] = field(default_factory=list)  # its --section.key=value flags
     seeds: list[int] = field(default_factory=list)  # several: the whole comparison per seed (train.seed = data.seed
     #                                                 = s, out_dir/seed<s>), then mean ± std over seeds
 
@@ -624,23 +628,60 @@ def _is_main() -> bool:
     return (dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))) == 0
 
 
-def study_key(cfg: MSFTConfig) -> dict[str, Any]:
-    """What makes two runs the same experiment: the whole config but where it writes."""
-    return {k: v for k, v in flatten(cfg).items() if k not in ("out_dir", "checkpoint.dir")}
+# Parameters only one method reads: another method's result does not depend on them.
+METHOD_PARAMS = {"temperature": ("temperature",),
+                 "dynamix": ("dynamix_every", "dynamix_eta", "dynamix_discount", "dynamix_prior_tau",
+                             "dynamix_val_rows")}
 
 
-def saved_by(cfg: MSFTConfig, path: Path) -> dict[str, Any] | None:
-    """The JSON at `path` when this exact config wrote it (its "key" is this config's study_key; a config change
-    means a new run). Every rank reads it: out_dir must be visible to all of them, as it is on one node."""
+def study_key(cfg: MSFTConfig, method: str | None = None) -> dict[str, Any]:
+    """What makes two runs the same experiment: the whole config but where it writes (init.hf_checkpoint too when
+    msft.base_config derives it from out_dir). For one method's result (`method`), also not which methods or seeds
+    the comparison has, nor the parameters only other methods read, so a comparison that adds a method (or changes
+    τ) reuses the other methods' results."""
+    skip = {"out_dir", "checkpoint.dir"} | ({"init.hf_checkpoint"} if cfg.msft.base_config else set())
+    if method is not None:
+        skip |= {"msft.methods", "msft.seeds"}
+        skip |= {f"msft.{p}" for m, params in METHOD_PARAMS.items() if m != method for p in params}
+    return {k: v for k, v in flatten(cfg).items() if k not in skip}
+
+
+def saved_by(cfg: MSFTConfig, path: Path, method: str | None = None) -> dict[str, Any] | None:
+    """The JSON at `path` when this exact config wrote it (its "key" is this config's study_key, of `method` for
+    one method's result; a config change means a new run). Every rank reads it: out_dir must be visible to all of
+    them, as it is on one node."""
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    return saved if saved.get("key") == json.loads(json.dumps(study_key(cfg))) else None
+    return saved if saved.get("key") == json.loads(json.dumps(study_key(cfg, method))) else None
+
+
+def with_base(cfg: MSFTConfig, *, train: bool = True) -> MSFTConfig:
+    """`cfg` starting from its pretrained base (msft.base_config): init.hf_checkpoint = <out_dir>/base/hf, which
+    is trained first when missing (`train`), with the run's seeds. Unchanged without a base_config."""
+    m = cfg.msft
+    if not m.base_config:
+        return cfg
+    if cfg.init.hf_checkpoint:
+        raise ValueError(f"msft.base_config ({m.base_config}) trains the base the run starts from; "
+                         f"init.hf_checkpoint ({cfg.init.hf_checkpoint}) names another: give one of them")
+    base = Path(cfg.out_dir) / "base"
+    if train and not (base / "hf" / "config.json").is_file():
+        from core.config import load_config
+        from train.sft import SFTConfig
+        from train.sft import run as run_sft
+
+        if _is_main():
+            print(f"msft: training the base {m.base_config} into {base}", flush=True)
+        run_sft(load_config(SFTConfig, m.base_config, [
+            *m.base_overrides, f"--out_dir={base}", f"--train.seed={cfg.train.seed}", f"--data.seed={cfg.data.seed}",
+            "--checkpoint.export_hf=true"]))
+    return replace(cfg, init=replace(cfg.init, hf_checkpoint=str(base / "hf")))
 
 
 def finished_report(cfg: MSFTConfig) -> dict[str, Any] | None:
     """<out_dir>/report.json when it was written by this exact config."""
-    return saved_by(cfg, Path(cfg.out_dir) / "report.json")
+    return saved_by(with_base(cfg, train=False), Path(cfg.out_dir) / "report.json")
 
 
 def aggregate(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -674,7 +715,9 @@ def format_study(study: dict[str, Any], seeds: Sequence[int]) -> str:
 
 
 def run_one(cfg: MSFTConfig) -> dict[str, Any]:
-    """Every method of `msft.methods` from the same θ0, one after another in this process; returns the report."""
+    """Every method of `msft.methods` from the same θ0 (the base, with msft.base_config), one after another in
+    this process; returns the report."""
+    cfg = with_base(cfg)
     results: dict[str, dict[str, Any]] = {}
     out = Path(cfg.out_dir)
     budget: float | None = None  # the tokens mSFT spent: every other method's budget
@@ -689,7 +732,7 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
     for method in order:
         if method == "early_stop":
             continue
-        saved = saved_by(cfg, out / method / "result.json")
+        saved = saved_by(cfg, out / method / "result.json", method)
         if saved is not None:  # an interrupted comparison resumes after its last finished method
             results[method] = saved["result"]
             budget = saved["result"]["tokens"] if method == "msft" else budget
@@ -716,7 +759,8 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
         _close(rt, loader, ring)
         if _is_main():
             (out / method).mkdir(parents=True, exist_ok=True)
-            (out / method / "result.json").write_text(json.dumps({"key": study_key(cfg), "result": results[method]}))
+            (out / method / "result.json").write_text(json.dumps({"key": study_key(cfg, method),
+                                                                  "result": results[method]}))
     if "early_stop" in cfg.msft.methods and "sft" in results:
         results["early_stop"] = early_stop(results["sft"])
     report = make_report(cfg, results)
@@ -761,7 +805,8 @@ def make_report(cfg: MSFTConfig, results: dict[str, dict[str, Any]]) -> dict[str
         if "lookahead" in r:  # compute spent besides the training tokens (DynamixSFT's probes)
             rows[method]["lookahead"] = {k: r["lookahead"][k] for k in ("tokens", "flops", "flops_vs_training")}
     return {"config": {"budget_epochs": cfg.msft.budget_epochs, "eval_every": cfg.msft.eval_every,
-                       "signal": cfg.msft.signal, "margin": cfg.msft.margin, "seed": cfg.train.seed},
+                       "signal": cfg.msft.signal, "margin": cfg.msft.margin, "seed": cfg.train.seed,
+                       "init": cfg.init.hf_checkpoint or "random"},
             "key": study_key(cfg), "summary": rows, "runs": results}
 
 
