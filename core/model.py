@@ -229,14 +229,18 @@ class KVCache:
 # -------------------------------------------------------------------------------------- attention backend choice
 
 # Backends tried, in order, for the KV-cache forwards (training keeps SDPA's own choice: its numerics are pinned).
-# Decode carries a mask, which rules flash out; prefill is plain causal. "DEFAULT" = no pinning, SDPA's own per-call
-# choice: on CPU that is its flash kernel whenever the inputs allow, else math, and pinning it there would only add
-# the context switch's host time (~25 us per call, 5% of a tiny model's decode step) for the same kernel.
+# Decode and continuing chunks carry a mask, which rules CUDA flash out; prefill is plain causal. "DEFAULT" = no
+# pinning, SDPA's own per-call choice: on CPU that is its flash kernel whenever the inputs allow, else math, and
+# pinning it there would only add the context switch's host time (~25 us per call, 5% of a tiny model's decode step)
+# for the same kernel.
 SDPA_PREFERENCE: dict[tuple[str, str], list[str]] = {
     ("cuda", "prefill"): ["FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"],
     ("cuda", "decode"): ["EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"],
     ("cpu", "prefill"): ["DEFAULT"],
     ("cpu", "decode"): ["DEFAULT"],
+    # A prompt chunk continuing cached tokens (the sampler's chunked prefill of a long prompt): masked, like decode.
+    ("cuda", "chunk"): ["EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"],
+    ("cpu", "chunk"): ["DEFAULT"],
 }
 _SDPA_CHOSEN: dict[tuple, str] = {}  # (phase, device type, dtype, masked, gqa) -> the backend that ran; see sdpa()
 
@@ -330,13 +334,26 @@ class Attention(nn.Module):
                 out = sdpa("prefill", q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                            enable_gqa=self.num_heads != self.num_kv_heads)
                 return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
+            if S > 1:  # a chunk continuing cached tokens: attend over this row's cache slots 0..position
+                # The offset-causal mask [B, 1, S, max_len] is explicit, not is_causal: with fewer queries than keys,
+                # SDPA's is_causal is the top-left triangle (query i sees keys 0..i), while a chunk at offset `start`
+                # needs query i to see keys 0..start+i (bottom-right), and flash-attn's own kernels align the other
+                # way; a mask means the same on every backend. Masked kernels take no enable_gqa, so the rows' keys
+                # and values are gathered and expanded to the query heads (head h reads kv head h // G), once per
+                # layer: [B, max_len, heads, D], a chunk's cost, not a decode step's.
+                rows, G = attn.cache_rows[:, 0], self.num_heads // self.num_kv_heads
+                ck, cv = cache_k[rows], cache_v[rows]  # [B, max_len, kv_heads, D]
+                if G > 1:
+                    ck, cv = ck.repeat_interleave(G, dim=2), cv.repeat_interleave(G, dim=2)
+                out = sdpa("chunk", q.transpose(1, 2), ck.transpose(1, 2), cv.transpose(1, 2), attn_mask=attn.mask)
+                return self.o_proj(out.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
             # Decode: attend over the cache. Grouped heads without copying K/V: the G query heads that share a kv
             # head become G*S query rows of that kv head, so SDPA sees kv_heads "heads" and reads the cache in place
             # (masked SDPA kernels do not take enable_gqa, and repeat_interleave would copy the cache every step).
             G, KV, D = self.num_heads // self.num_kv_heads, self.num_kv_heads, self.head_dim
             q = q.view(B, S, KV, G, D).permute(0, 2, 3, 1, 4).reshape(B, KV, G * S, D)
             out = sdpa("decode", q, cache_k.transpose(1, 2), cache_v.transpose(1, 2),
-                       attn_mask=attn.mask)  # mask [B, 1, G*S, max_len]
+                       attn_mask=attn.mask)  # mask [B, 1, G*S, max_len], S = 1
             out = out.view(B, KV, G, S, D).permute(0, 3, 1, 2, 4)  # [B, S, kv_heads, G, D]: head = kv * G + g
             return self.o_proj(out.reshape(B, S, self.num_heads * D))
 
@@ -420,7 +437,8 @@ class AttentionLayout:
     """How the tokens of one forward may attend, decided once per forward and shared by every layer."""
 
     position_ids: torch.Tensor  # [B, S]
-    # bool [B, 1, S, S_kv], True = may attend; None = plain causal. With a cache: additive float [B, 1, G*S, max_len].
+    # bool [B, 1, S, S_kv], True = may attend; None = plain causal. With a cache: additive float [B, 1, G, max_len]
+    # for one-token decode, [B, 1, S, max_len] for a multi-token chunk continuing cached tokens.
     mask: torch.Tensor | None = None
     use_flash: bool = False  # flash_attn_func, causal, no packing
     cu_seqlens: torch.Tensor | None = None  # int32 [docs + 1], flash-attn varlen over packed documents
@@ -503,10 +521,12 @@ class Transformer(nn.Module):
             # a later step overwrites them.
             slots = torch.arange(cache.max_len, device=device)
             mask = slots[None, None, :] <= position_ids[:, :, None]  # [B, S, max_len]
-            # One row per (query head in a kv group, token), as the cache branch of Attention lays queries out; an
-            # additive float mask built once here, not a bool mask that SDPA would convert again in every layer.
-            G = self.config.num_heads // self.config.num_kv_heads
+            # An additive float mask built once here, not a bool mask that SDPA would convert again in every layer.
             bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+            if S > 1:  # a continuing chunk: one mask row per token, shared by every head: [B, 1, S, max_len]
+                return AttentionLayout(position_ids, mask=bias[:, None], cache_rows=rows[:, None])
+            # Decode: one row per query head in a kv group, as the decode branch of Attention lays queries out.
+            G = self.config.num_heads // self.config.num_kv_heads
             bias = bias[:, None, None].expand(B, 1, G, S, cache.max_len).reshape(B, 1, G * S, cache.max_len)
             return AttentionLayout(position_ids, mask=bias, cache_rows=rows[:, None])
         flash = HAS_FLASH_ATTN and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)

@@ -20,9 +20,14 @@ Design decisions (each one chosen for a measurable reason):
   to a similar length; the original order is restored in the output.
 - **Prefill** runs once per distinct prompt of a fill, into the first row that takes one of its samples (the cache
   write goes through a row index, so rows need not be adjacent); one indexed copy gives the prompt's slots to its
-  other rows. It attends only over the chunk's own keys (causal SDPA, no mask over the cache length, no cache
-  read). A refill while other rows decode prefills at most one chunk of _PREFILL_TOKENS per look, so decoding
-  rows wait for one chunk at most.
+  other rows. A forward holds at most _PREFILL_TOKENS tokens: prompts up to that length go several to a forward
+  (padded to the longest), each attending only over its own keys (causal SDPA, no mask over the cache length, no
+  cache read). A longer prompt is split into chunks of _PREFILL_TOKENS (the last one shorter), one forward each:
+  chunk 0 as above; chunk k > 0 writes its keys at its positions and attends over its row's cache slots
+  [0, start + len) with an explicit offset-causal mask [len, start + len] (core.model explains why not is_causal),
+  so its logits are the one-forward logits up to float rounding. A refill while other rows decode prefills at most
+  one forward per look (a long prompt: one chunk per look, its rows waiting, done, until the last chunk is in), so
+  decoding rows wait for one chunk at most (`refill_stall_tokens` in `sampler_stats`).
 - **No host sync per token.** The decode step keeps everything on the device: tokens, positions, a `done` mask and
   a per-row step counter are tensors the step updates in place; sampled tokens and log-probs go into [R, T + 1]
   output buffers at each row's own column. Finished rows keep computing (cheaper than compacting) but advance
@@ -84,7 +89,7 @@ from core.model import KVCache
 from kernels.sample import filter_logits, sample, sample_reference, sample_step  # noqa: F401 (filter_logits: public)
 
 _WINDOW = 64  # cache length and attention window granularity (slots)
-_PREFILL_TOKENS = 8192  # padded tokens per prefill forward: bounds activation memory, not correctness
+_PREFILL_TOKENS = 8192  # tokens per prefill forward (padded; a long prompt's chunk): bounds memory and refill stalls
 
 
 @dataclass
@@ -325,8 +330,8 @@ class _Engine:
         self.weights_key: tuple = ()
         self.pool: Any = None
         self.stats: dict[str, float] = {"prefill_forwards": 0, "prefill_tokens": 0, "decode_steps": 0,
-                                        "refilled_rows": 0, "graph_captures": 0, "graph_capture_s": 0.0,
-                                        "graphs_evicted": 0, "replica_bytes": 0}
+                                        "refilled_rows": 0, "refill_stall_tokens": 0, "graph_captures": 0,
+                                        "graph_capture_s": 0.0, "graphs_evicted": 0, "replica_bytes": 0}
 
     def state(self, cfg: Any, R: int, L: int, T: int, dtype: torch.dtype, device: torch.device) -> _State:
         shape = (cfg.num_layers, R, L, cfg.num_kv_heads, cfg.head_dim)
@@ -417,8 +422,9 @@ def free_cache(model: nn.Module) -> None:
 
 def sampler_stats(model: nn.Module) -> dict[str, float]:
     """Counters since the model's first `generate`: prefill forwards and tokens, decode steps, rows refilled while
-    others decoded, graph captures, seconds spent capturing, graphs evicted from the LRU; and the bytes of the
-    rollout replica held now (FSDP2 models)."""
+    others decoded, the most prompt tokens (padded) prefilled at one look while rows were decoding (how long a
+    refill stalls them; at most _PREFILL_TOKENS), graph captures, seconds spent capturing, graphs evicted from the
+    LRU; and the bytes of the rollout replica held now (FSDP2 models)."""
     return dict(_engine(model).stats)
 
 
@@ -557,6 +563,15 @@ def generate(
     return out  # type: ignore[return-value]
 
 
+@dataclass
+class _LongPrefill:
+    """A prompt longer than _PREFILL_TOKENS, prefilled one chunk at a time into the row of take[0]."""
+
+    q: int  # the prompt (index into the sorted prompts)
+    take: list[tuple[int, int]]  # (row, sequence): the rows that start once its last chunk is in
+    start: int = 0  # slots prefilled so far = the next chunk's first position
+
+
 class _Run:
     """One `generate` call's host side: which sequence each row holds, refills, stop strings, harvesting.
 
@@ -598,6 +613,9 @@ class _Run:
         self.scanned: list[int | None] = [0] * R  # see _check_stop_strings
         self.stopped: dict[int, tuple[int, str]] = {}  # row -> (tokens kept, text) from a stop string
         self.next_seq = 0
+        self.pending: list[_LongPrefill] = []  # long prompts whose chunked prefill is under way (refill only)
+        self.reserved: set[int] = set()  # their rows: neither free nor decoding
+        self.look_tokens = 0  # prompt tokens prefilled at the current look
         self.t = 0  # decode steps run in this call
         self.result: list[Completion] = []
 
@@ -610,42 +628,69 @@ class _Run:
             finished = [r for r in range(self.R) if done[r] and self.row_seq[r] is not None]
             if finished:
                 self.harvest(finished)
-            free = [r for r in range(self.R) if self.row_seq[r] is None]
-            if self.next_seq < self.N and free and (refill or len(free) == self.R):
-                # A refill prefills one chunk per look, so the live rows wait for at most one chunk.
-                self.fill(free, budget=None if len(free) == self.R else _PREFILL_TOKENS)
+            live = [r for r in range(self.R) if self.row_seq[r] is not None]
+            # While rows decode, a look prefills one chunk at most, so they wait for one chunk at most; with none
+            # decoding there is nothing to stall, and everything pending is prefilled at once.
+            budget = _PREFILL_TOKENS if live else None
+            self.look_tokens = 0
+            if self.pending:  # a long prompt's next chunk first; new prompts once it is in
+                self.advance(budget)
+            if not self.pending and (budget is None or self.look_tokens == 0):
+                free = [r for r in range(self.R) if self.row_seq[r] is None]
+                if self.next_seq < self.N and free and (refill or len(free) == self.R):
+                    self.fill(free, budget)
+            if live:
+                self.eng.stats["refill_stall_tokens"] = max(self.eng.stats["refill_stall_tokens"], self.look_tokens)
             live = [r for r in range(self.R) if self.row_seq[r] is not None]
             if not live:
                 break
             base = max(self.row_base[r] for r in live)
+            # A waiting long prompt's rows write at its next chunk's start (see `advance`), inside the window: a
+            # live row's prompt is at least as long (longest first); the max keeps it so under any order.
+            floor = max((job.start for job in self.pending), default=0)
             for _ in range(sync_every):
-                window = min(self.L, _round_up(base + self.t + 1, _WINDOW))  # fed positions <= base + t
+                window = min(self.L, _round_up(max(base + self.t, floor) + 1, _WINDOW))  # fed positions <= base + t
                 self.eng.step(self.model, self.st, window, self.use_graphs)
                 self.t += 1
         return self.result
 
     def fill(self, free: list[int], budget: int | None) -> None:
         """Start pending sequences in `free` rows: prefill each distinct prompt once (into its first row), copy its
-        slots to its other rows, sample every row's first token. `budget`: padded prefill tokens at most (None: as
-        many forwards of _PREFILL_TOKENS as it takes)."""
-        st, dev, n = self.st, self.device, self.n
+        slots to its other rows, sample every row's first token. `budget`: padded prefill tokens at this look (None:
+        as many forwards of _PREFILL_TOKENS as it takes). A prompt longer than _PREFILL_TOKENS is prefilled in
+        chunks (`advance`); under a budget it is taken alone and only its first chunk runs now."""
+        C, n = _PREFILL_TOKENS, self.n
         take: list[tuple[int, int]] = []  # (row, sequence)
         width = 0
         while free[len(take):] and self.next_seq < self.N:
             s = self.next_seq
             q = s // n
             if budget is not None and (not take or take[-1][1] // n != q):
-                width = max(width, len(self.prompts[q]))
+                width = max(width, min(len(self.prompts[q]), C))  # a long prompt costs one chunk per look
                 if take and width * (len({x // n for _, x in take}) + 1) > budget:
                     break
             take.append((free[len(take)], s))
             self.next_seq += 1
+        short = [(r, s) for r, s in take if len(self.prompts[s // n]) <= C]
+        if short:
+            self._start(short, self._prefill_short(short))
+        for r, s in take:
+            if len(self.prompts[s // n]) > C:
+                if not self.pending or self.pending[-1].q != s // n:
+                    self.pending.append(_LongPrefill(s // n, []))
+                self.pending[-1].take.append((r, s))
+                self.reserved.add(r)
+        self.advance(budget)
+
+    def _prefill_short(self, take: list[tuple[int, int]]) -> torch.Tensor:
+        """Prefill the prompts of `take` (each at most _PREFILL_TOKENS) in forwards of at most _PREFILL_TOKENS
+        padded tokens; returns the logits of each row's first token, fp32 [len(take), V]."""
+        st, dev, n = self.st, self.device, self.n
         groups: dict[int, list[int]] = {}  # prompt -> rows
         for r, s in take:
             groups.setdefault(s // n, []).append(r)
         qs = list(groups)
-        V = self.model.config.vocab_size
-        first_logits = torch.empty(len(take), V, dtype=torch.float32, device=dev)
+        first_logits = torch.empty(len(take), self.model.config.vocab_size, dtype=torch.float32, device=dev)
         row_of = {r: i for i, (r, _) in enumerate(take)}
         i = 0
         while i < len(qs):  # chunks of similar length (sorted longest first), each prompt once
@@ -662,23 +707,67 @@ class _Run:
             hidden = self.model(ids, pos, kv_cache=KVCache.wrap(st.k, st.v, heads, prefill=True),
                                 return_hidden=True)  # [q, S, H]
             last = self.model.lm_head(hidden[torch.arange(len(chunk), device=dev), lengths - 1]).float()  # [q, V]
-            src, dst, at = [], [], []
-            for c, q in enumerate(chunk):
-                for r in groups[q]:
-                    at.append((row_of[r], c))
-                    if r != groups[q][0]:
-                        src.append(groups[q][0])
-                        dst.append(r)
+            at = [(row_of[r], c) for c, q in enumerate(chunk) for r in groups[q]]
             first_logits[torch.tensor([a for a, _ in at], device=dev)] = last[torch.tensor([c for _, c in at],
                                                                                            device=dev)]
-            if dst:  # the other samples of each prompt get a copy of its prefilled slots
-                src_t, dst_t = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
-                for cache in (st.k, st.v):
-                    cache[:, dst_t, :S] = cache[:, src_t, :S]
-            self.eng.stats["prefill_forwards"] += 1
-            self.eng.stats["prefill_tokens"] += ids.numel()
+            self._copy_slots([(groups[q][0], r) for q in chunk for r in groups[q][1:]], S)
+            self._count_prefill(ids.numel())
             i = j
+        return first_logits
 
+    def advance(self, budget: int | None) -> None:
+        """Prefill the next chunk of the pending long prompt (budget: one chunk, however large the budget; None:
+        every chunk of every pending prompt), and start its rows once its last chunk is in.
+
+        Chunk 0 attends causally over its own keys (a cache flagged prefill); chunk k > 0 writes its keys at its
+        positions and attends over the row's cache slots [0, end) with an offset-causal mask (core.model, the
+        continuing-chunk branch). Between looks the row's prompt is incomplete: it stays done (decode steps skip
+        it) at the position of its next chunk's first slot, the one slot its decode writes touch and one the next
+        chunk rewrites before anything reads it (and the attention window covers it, see `loop`).
+        """
+        st, dev = self.st, self.device
+        while self.pending:
+            job = self.pending[0]
+            prompt, head = self.prompts[job.q], job.take[0][0]
+            start, end = job.start, min(job.start + _PREFILL_TOKENS, len(prompt))
+            ids = torch.tensor([prompt[start:end]], device=dev)
+            pos = torch.arange(start, end, device=dev)[None]
+            if start == 0:
+                cache = KVCache.wrap(st.k, st.v, torch.tensor([head], device=dev), prefill=True)
+            else:  # the head row's first `end` slots: keys [0, end), no mask or read beyond them
+                cache = KVCache.wrap(st.k[:, head : head + 1, :end], st.v[:, head : head + 1, :end])
+            hidden = self.model(ids, pos, kv_cache=cache, return_hidden=True)  # [1, end - start, H]
+            self._count_prefill(ids.numel())
+            job.start = end
+            rows = [r for r, _ in job.take]
+            if end < len(prompt):
+                st.positions[torch.tensor(rows, device=dev)] = end
+            else:
+                last = self.model.lm_head(hidden[:, -1]).float()  # [1, V]
+                self.pending.pop(0)
+                self.reserved.difference_update(rows)
+                self._copy_slots([(head, r) for r in rows[1:]], len(prompt))
+                self._start(job.take, last.repeat(len(rows), 1))
+            if budget is not None:
+                return
+
+    def _copy_slots(self, pairs: list[tuple[int, int]], S: int) -> None:
+        """Copy cache slots [0, S) from row a to row b for each (a, b): a prompt's other samples share its prefill."""
+        if pairs:
+            src = torch.tensor([a for a, _ in pairs], device=self.device)
+            dst = torch.tensor([b for _, b in pairs], device=self.device)
+            for cache in (self.st.k, self.st.v):
+                cache[:, dst, :S] = cache[:, src, :S]
+
+    def _count_prefill(self, tokens: int) -> None:
+        self.eng.stats["prefill_forwards"] += 1
+        self.eng.stats["prefill_tokens"] += tokens
+        self.look_tokens += tokens
+
+    def _start(self, take: list[tuple[int, int]], first_logits: torch.Tensor) -> None:
+        """Rows of `take` (row, sequence), their prompts prefilled, begin decoding: sample each row's first token
+        from first_logits [len(take), V] fp32."""
+        st, dev, n = self.st, self.device, self.n
         rows = torch.tensor([r for r, _ in take], device=dev)
         seqs = torch.tensor([s for _, s in take], device=dev)
         u0 = None

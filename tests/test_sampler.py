@@ -318,19 +318,21 @@ def test_attention_backend_is_chosen_logged_and_falls_back(model, monkeypatch, c
     assert set(chosen.values()) == {"MATH"} and {k[0] for k in chosen} == {"prefill", "decode"}
     assert sum("runs MATH" in r.getMessage() for r in caplog.records) == 2  # logged once per kind, not per call
     assert [c.tokens for c in out] == [c.tokens for c in ref]
-    # Pinned CPU flash against the math backend, on the hidden states of a prefill and a decode step.
-    monkeypatch.setattr(M, "_SDPA_CHOSEN", {})
-    monkeypatch.setitem(M.SDPA_PREFERENCE, ("cpu", "prefill"), ["FLASH_ATTENTION"])
-    monkeypatch.setitem(M.SDPA_PREFERENCE, ("cpu", "decode"), ["FLASH_ATTENTION"])
+    # Pinned CPU flash against the math backend, on the hidden states of a prefill, a continuing chunk and a decode
+    # step.
+    phases = ("prefill", "chunk", "decode")
     ids, results = torch.tensor([[5, 17, 3, 9, 1, 2, 7]]), []
-    for backends in ({}, {"FLASH_ATTENTION": None}):
-        cache = KVCache(model.config, 1, 64, dtype=torch.float32, device="cpu")
-        h = model(ids, torch.arange(7)[None], kv_cache=cache, return_hidden=True)
-        d = model(ids[:, :1], torch.tensor([[7]]), kv_cache=cache, return_hidden=True)
-        results.append((h, d))
+    for name in ("FLASH_ATTENTION", "MATH"):
         monkeypatch.setattr(M, "_SDPA_CHOSEN", {})
-        monkeypatch.setitem(M.SDPA_PREFERENCE, ("cpu", "prefill"), ["MATH"])
-        monkeypatch.setitem(M.SDPA_PREFERENCE, ("cpu", "decode"), ["MATH"])
+        for phase in phases:
+            monkeypatch.setitem(M.SDPA_PREFERENCE, ("cpu", phase), [name])
+        cache = KVCache(model.config, 1, 64, dtype=torch.float32, device="cpu")
+        p = model(ids[:, :3], torch.arange(3)[None], kv_cache=KVCache.wrap(cache.k, cache.v, prefill=True),
+                  return_hidden=True)
+        h = model(ids[:, 3:], torch.arange(3, 7)[None], kv_cache=cache, return_hidden=True)
+        d = model(ids[:, :1], torch.tensor([[7]]), kv_cache=cache, return_hidden=True)
+        results.append((p, h, d))
+        assert {k[0]: v for k, v in M.sdpa_backends().items()} == dict.fromkeys(phases, name)
     for a, b in zip(*results):
         assert (a - b).abs().max() < 1e-5
 
