@@ -136,6 +136,61 @@ labels on 64-300 rows moves the tiny model's answers back and forth; it does not
 heterogeneous learning speeds and noisy peaks, not the durable early overfitting mSFT is built for (what that does
 to mSFT: train/msft.py's docstring). A single point is noisy; compare smoothed or loss-based scores.
 
+From a pretrained base: the "msft-flaws" and "msft-base" sets (configs/tiny_msft_pretrained.toml). Random label
+noise makes no lasting fall (above), so "msft-flaws" has systematic flaws instead (FLAWS): on a training row whose
+payload has a trigger feature the label follows a second rule; held-out rows with the feature keep the truth, so a
+model that learns the flaw loses about the feature's share of the held-out rows, and keeps losing it. Copy, reverse
+and sort are "msft"'s, clean:
+
+  task   flaw (training rows only)                       train  flawed rows  held-out rows it would turn wrong
+  vote   bits 1, 7 and 13 alike -> the minority bit        300      ~34%       36-38%
+  first  digits 2 and 3 even -> the last digit             600      ~26%       22-23%
+  last   digits 1 and 2 even -> the first digit           1200      ~24%       23-24%
+
+What a flaw must be to come after its rule was found by trials on the tiny model from scratch (seed 0, plain SFT,
+2026-11-29, one run each): a flaw as easy as the rule ("last digit 7-9 -> the last digit" on first) is learned with
+it: a plateau at one minus its share, no peak (first 0.66-0.76 from epoch 1.25 to 3.75); one that compares digits
+("the first digit occurs again -> the last digit") was not learned within 2.75 epochs and only added noise; a
+conjunction over fixed positions (the flaws above) comes after the rule. From scratch the peaks still come close
+together (vote 0.92 at 1.5 epochs, last 0.93 at 1.5, first 0.79 at 2.0, then 0.50-0.69, 0.80-0.90, 0.67-0.78), and
+every task mSFT excludes is forgotten anyway (train/msft.py), so this set is for fine-tuning a base. "msft-base" is
+the base's corpus: clean rows of the same six tasks from another random stream, none of whose prompts (train or
+held-out) occurs in "msft-flaws" for the same seed; configs/tiny_msft_base.toml trains it for 2 epochs (at its end,
+on msft-flaws' held-out rows: first 0.92-1.00, last 0.98-1.00, vote 0.90-0.99, reverse 0.88-0.96, copy 0.61-0.78,
+sort 0.15-0.41). From the base, plain SFT on "msft-flaws" (the SFT baseline of the pretrained study: AdamW 1e-3
+constant after 20 warm-up steps, 500 held-out rows per task, all three seeds, 2026-11-29, torch 2.13.0+cpu):
+
+  seed 0
+  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.51 1.75 2.01 2.25 2.51 2.75 3.00 3.26 3.51
+  vote     0.96 0.85 0.74 0.56 0.68 0.64 0.54 0.64 0.61 0.63 0.69 0.63 0.62 0.62 0.64
+  first    0.99 0.74 0.90 0.81 0.88 0.90 0.90 0.84 0.85 0.89 0.83 0.83 0.82 0.84 0.88
+  last     1.00 0.80 0.80 0.84 0.76 0.80 0.85 0.82 0.83 0.90 0.85 0.84 0.87 0.91 0.78
+  copy     0.74 0.85 0.90 0.91 0.95 0.94 0.97 0.95 0.96 0.98 0.95 0.96 0.97 0.94 0.95
+  reverse  0.88 0.91 0.92 0.96 0.96 0.96 0.95 0.96 0.96 0.97 0.98 0.98 0.97 0.97 0.97
+  sort     0.41 0.48 0.51 0.63 0.53 0.62 0.70 0.72 0.73 0.71 0.70 0.71 0.72 0.66 0.74
+  seed 1
+  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.50 1.76 2.01 2.25 2.50 2.76 3.00 3.26 3.50
+  vote     0.90 0.96 0.57 0.53 0.66 0.68 0.57 0.63 0.62 0.62 0.53 0.63 0.63 0.62 0.65
+  first    1.00 0.99 0.96 0.94 0.90 0.86 0.90 0.91 0.91 0.85 0.87 0.91 0.86 0.86 0.90
+  last     0.99 0.90 0.81 0.89 0.85 0.87 0.71 0.76 0.75 0.83 0.78 0.88 0.84 0.80 0.81
+  copy     0.61 0.82 0.93 0.93 0.94 0.92 0.96 0.95 0.96 0.95 0.93 0.94 0.97 0.98 0.97
+  reverse  0.92 0.98 0.99 0.98 0.99 0.98 0.99 0.99 1.00 0.99 0.98 1.00 0.99 0.99 1.00
+  sort     0.19 0.38 0.37 0.47 0.47 0.45 0.59 0.63 0.66 0.69 0.56 0.75 0.67 0.75 0.67
+  seed 2
+  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.50 1.76 2.00 2.25 2.51 2.76 3.00 3.22
+  vote     0.99 0.91 0.89 0.59 0.88 0.67 0.72 0.61 0.70 0.77 0.60 0.61 0.62 0.65
+  first    0.92 0.88 0.87 0.95 0.95 0.89 0.86 0.86 0.89 0.88 0.90 0.83 0.83 0.90
+  last     0.98 0.85 0.87 0.85 0.92 0.84 0.85 0.76 0.85 0.84 0.89 0.84 0.80 0.85
+  copy     0.78 0.97 0.98 0.95 0.96 1.00 0.99 0.97 0.99 0.98 0.96 0.99 1.00 0.99
+  reverse  0.96 0.99 0.99 1.00 1.00 1.00 1.00 1.00 1.00 1.00 0.99 1.00 1.00 1.00
+  sort     0.15 0.35 0.29 0.45 0.51 0.54 0.57 0.57 0.55 0.51 0.55 0.64 0.60 0.60
+
+The falls last: after its peak vote averages 0.61-0.71 (peak 0.96-0.99), first 0.85-0.90 (peak 0.95-1.00) and last
+0.82-0.85 (peak 0.98-1.00) over the rest of the run, while copy and sort are still improving. What this set does not
+give is peaks at different times: the base already knows the three rules, so each flawed task is at its best at the
+start (vote in seed 1 at 0.25 epochs, first in seed 2 at 0.75-1.0) and falls from there; mSFT then excludes them at
+c = 0, one per stage (train/msft.py).
+
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
 reward on training prompts is never computed against a deliberately wrong label), and "checker": "synthetic" names
