@@ -47,6 +47,7 @@ def _worker(rank: int, world: int, store_path: str, expected: list) -> None:
         # generate enters full_weights by itself for an FSDP model, and leaves it sharded.
         assert [c.tokens for c in generate(model, PROMPTS, max_new_tokens=20, temperature=0.0)] == expected
         assert all(isinstance(p, DTensor) for p in model.parameters())
+        dist.barrier()  # no rank tears gloo down while the other still communicates (a CI run once died in SIGABRT)
     finally:
         dist.destroy_process_group()
 
@@ -128,6 +129,7 @@ def _worker_replica(rank: int, world: int, store_path: str) -> None:
         assert [p.data_ptr() for p in rollout_replica(model).parameters()] == ptrs
         free_cache(model)
         assert replica_bytes(model) == 0
+        dist.barrier()  # as in _worker: both ranks done communicating before teardown
     finally:
         dist.destroy_process_group()
 
