@@ -434,12 +434,7 @@ class MixtureSampler:
         if weights is None:
             self.weights = [float(s) for s in self.sizes]
         else:
-            unknown = sorted(set(weights) - set(self.names))
-            if unknown:
-                raise DataError(f"mixture weights name unknown sub-datasets {unknown}; known: {self.names}")
-            self.weights = [float(weights.get(n, 0.0)) for n in self.names]
-            if any(not (w >= 0 and np.isfinite(w)) for w in self.weights):
-                raise DataError(f"mixture weights must be finite and >= 0, got {weights}")
+            self.weights = self._weight_list(weights)
         self.seed = seed
         self.initial_weights = list(self.weights)  # what a resume must match; set_weights changes self.weights
         self.active = [w > 0 for w in self.weights]
@@ -567,17 +562,23 @@ class MixtureSampler:
     def include(self, name: str) -> None:
         self._set_active(name, True)
 
+    def _weight_list(self, weights: dict[str, float]) -> list[float]:
+        """{name: weight} -> one weight per sub-dataset in order (0 for one left out); unknown names and weights
+        that are negative or not finite are errors."""
+        unknown = sorted(set(weights) - set(self.names))
+        if unknown:
+            raise DataError(f"mixture weights name unknown sub-datasets {unknown}; known: {self.names}")
+        out = [float(weights.get(n, 0.0)) for n in self.names]
+        if any(not (w >= 0 and np.isfinite(w)) for w in out):
+            raise DataError(f"mixture weights must be finite and >= 0, got {weights}")
+        return out
+
     def set_weights(self, weights: dict[str, float]) -> None:
         """Draw with these relative weights from the next draw on (a bandit over the mixture, DynamixSFT in
         train/msft.py). Like exclude, it changes only how later uniforms are mapped, so the stream stays
         deterministic and resumable; the active set and the epoch (sizes of the active sub-datasets) are unchanged.
         A sub-dataset left out gets 0, which only an inactive one may have (exclude the others instead)."""
-        unknown = sorted(set(weights) - set(self.names))
-        if unknown:
-            raise DataError(f"set_weights names unknown sub-datasets {unknown}; known: {self.names}")
-        new = [float(weights.get(n, 0.0)) for n in self.names]
-        if any(not (w >= 0 and np.isfinite(w)) for w in new):
-            raise DataError(f"mixture weights must be finite and >= 0, got {weights}")
+        new = self._weight_list(weights)
         zero = [n for n, w, a in zip(self.names, new, self.active) if a and w == 0]
         if zero:
             raise DataError(f"set_weights gives active sub-datasets {zero} weight 0; exclude them instead")

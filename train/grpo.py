@@ -867,12 +867,9 @@ def bootstrap_sft(cfg: GRPOConfig) -> None:
                                 f"grpo.sft_config to run that SFT config into it)")
     if Path(path).name != "hf":
         raise ValueError(f"init.hf_checkpoint: {path} must be <dir>/hf for grpo.sft_config to write it")
-    from core.config import load_config
-    from train.sft import SFTConfig
-    from train.sft import run as run_sft
+    from train.sft import train_once
 
-    print(f"grpo: {path} is missing; running {cfg.grpo.sft_config} first", flush=True)
-    run_sft(load_config(SFTConfig, cfg.grpo.sft_config, [*cfg.grpo.sft_overrides, f"--out_dir={Path(path).parent}"]))
+    train_once(cfg.grpo.sft_config, cfg.grpo.sft_overrides, Path(path).parent, who="grpo")
 
 
 def run(cfg: GRPOConfig) -> dict[str, Any]:

@@ -148,7 +148,7 @@ from core.config import flatten
 from core.ring import CheckpointRing, reshard
 from train.data import PackedBatch, pack_rows
 from train.runtime import RunConfig, Runtime, entry_point, global_sum, log, seed_config, token_logprobs
-from train.sft import loader_step, make_loader, train_step
+from train.sft import loader_step, make_loader, train_once, train_step
 
 METHODS = ("msft", "sft", "early_stop", "sro", "temperature", "dynamix")
 
@@ -339,7 +339,7 @@ def _close(rt: Runtime, loader: Any, ring: CheckpointRing) -> None:
 
 def _ring(rt: Runtime) -> CheckpointRing:
     reshard(rt.model)
-    per = sum(p.to_local().numel() * p.element_size() for p in rt.model.parameters())
+    per = _local_bytes(list(rt.model.parameters()))
     gb = rt.cfg.msft.ring_gb
     capacity = int(gb * 2**30) if gb > 0 else per * (len(rt.data.tasks) + 2)
     return CheckpointRing(capacity, device="cpu")
@@ -703,22 +703,16 @@ def with_base(cfg: MSFTConfig, *, train: bool = True) -> MSFTConfig:
         raise ValueError(f"msft.base_config ({m.base_config}) trains the base the run starts from; "
                          f"init.hf_checkpoint ({cfg.init.hf_checkpoint}) names another: give one of them")
     base = Path(cfg.out_dir) / "base"
-    if train and not (base / "hf" / "config.json").is_file():
-        from core.config import load_config
-        from train.sft import SFTConfig
-        from train.sft import run as run_sft
-
-        if _is_main():
-            print(f"msft: training the base {m.base_config} into {base}", flush=True)
-        run_sft(load_config(SFTConfig, m.base_config, [
-            *m.base_overrides, f"--out_dir={base}", f"--train.seed={cfg.train.seed}", f"--data.seed={cfg.data.seed}",
-            "--checkpoint.export_hf=true"]))
+    if train:
+        train_once(m.base_config, [*m.base_overrides, f"--train.seed={cfg.train.seed}", f"--data.seed={cfg.data.seed}"],
+                   base, who="msft")
     return replace(cfg, init=replace(cfg.init, hf_checkpoint=str(base / "hf")))
 
 
 def finished_report(cfg: MSFTConfig) -> dict[str, Any] | None:
-    """<out_dir>/report.json when it was written by this exact config."""
-    return saved_by(with_base(cfg, train=False), Path(cfg.out_dir) / "report.json")
+    """<out_dir>/report.json when it was written by this exact config (the base's path, which with_base derives
+    from out_dir, is not in the key)."""
+    return saved_by(cfg, Path(cfg.out_dir) / "report.json")
 
 
 def aggregate(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:

@@ -138,18 +138,11 @@ def write_data(out: Path, seed: int) -> tuple[Path, Path]:
 
 
 def train_sft(cfg: PerMixConfig, data_dir: Path, out: Path) -> Path:
-    from core.config import load_config
-    from train.sft import SFTConfig
-    from train.sft import run as run_sft
+    from train.sft import train_once
 
-    hf = out / "hf"
-    if (hf / "config.json").is_file():
-        print(f"permix: reusing the SFT checkpoint {hf} (delete it to retrain)", flush=True)
-        return hf
     p, seed = cfg.permix, cfg.train.seed
-    run_sft(load_config(SFTConfig, p.sft_config, [*p.sft_overrides, f"--out_dir={out}", f"--data.path={data_dir}",
-                                                  f"--train.seed={seed}", f"--data.seed={seed}"]))
-    return hf
+    return train_once(p.sft_config, [*p.sft_overrides, f"--data.path={data_dir}", f"--train.seed={seed}",
+                                     f"--data.seed={seed}"], out, who="permix")
 
 
 def train_rl(cfg: PerMixConfig, mode: str, init: Path, data_dir: Path, prompts: Path, out: Path) -> Path:

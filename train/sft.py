@@ -16,8 +16,10 @@ ranks, so each rank's loss is scaled by world_size before backward.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,6 +93,24 @@ def run(cfg: SFTConfig) -> dict[str, Any]:
         return rt.finish(loader, finished=finished)
     finally:
         loader.close()
+
+
+def train_once(config: str | Path, overrides: Sequence[str], out_dir: str | Path, *, who: str) -> Path:
+    """<out_dir>/hf: the HF export of the SFT config `config` (with its `overrides` flags) trained into `out_dir`,
+    or kept as it is when <out_dir>/hf/config.json exists (delete it to retrain). The stages that start from an SFT
+    checkpoint of their own (GRPO's bootstrap, PerMix's SFT stage, mSFT's pretrained base) train it through this."""
+    hf = Path(out_dir) / "hf"
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if (hf / "config.json").is_file():
+        if main_rank:
+            print(f"{who}: reusing the SFT checkpoint {hf} (delete it to retrain)", flush=True)
+        return hf
+    from core.config import load_config
+
+    if main_rank:
+        print(f"{who}: training {config} into {out_dir}", flush=True)
+    run(load_config(SFTConfig, config, [*overrides, f"--out_dir={out_dir}", "--checkpoint.export_hf=true"]))
+    return hf
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

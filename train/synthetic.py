@@ -326,6 +326,7 @@ def task_set_tasks(name: str, seed: int = 0, train_sizes: dict[str, int] | None 
     return build_tasks(seed, {**ts.train_sizes, **(train_sizes or {})}, {**ts.heldout_sizes, **(heldout_sizes or {})},
                        ts.tasks, noise=ts.noise, flaws=ts.flaws, stream=ts.stream, avoid=avoid)
 
+
 MIN_DIGITS, MAX_DIGITS = 3, 5
 ADD_MAX = 99
 MOD_MAX = 999
