@@ -1,8 +1,13 @@
 from setuptools import setup
 
-# Version note: the top-level package `kernels` is visible to other libraries under this distribution's version.
-# transformers switches on Hugging Face's hub-kernels integration for 0.18.2 <= v < 0.19.0, so stay outside it
-# (tests/test_packaging.py checks that transformers does not take us for that library).
+# Name note: the top-level package `kernels` has the import name of Hugging Face's hub-kernels library (distribution
+# `kernels`), and only one of the two can be imported in a process. transformers enables its hub-kernels integration
+# when that name's distribution version is in its supported range (0.18.2 <= v < 0.19.0 seen in earlier 5.x,
+# 0.19.1 <= v < 0.20.0 in 5.25) and then imports names from `kernels` that ours does not have. With HF's
+# distribution absent, transformers reads this distribution's version for the name, so keep it outside those
+# ranges; and transformers >= 5.25 installs HF's `kernels` as a hard dependency, so the extras that bring
+# transformers (tests, the HF anchors of the benchmarks) stop below 5.25. tests/test_packaging.py checks that
+# transformers does not take us for it.
 setup(
     name="posttrain",
     version="0.1.0",
@@ -23,8 +28,8 @@ setup(
         "tomli; python_version < '3.11'",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.45", "matplotlib"],
-        "bench": ["transformers>=4.45", "math-verify"],
+        "test": ["pytest>=7", "transformers>=4.45,<5.25", "matplotlib"],
+        "bench": ["transformers>=4.45,<5.25", "math-verify"],
         "flash": ["flash-attn"],
         "plot": ["matplotlib"],
     },

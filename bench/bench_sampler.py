@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from bench.common import environment, start, sync, time_fn
+from bench.common import environment, hf_transformers, start, sync, time_fn
 from core.checkpoint import our_name
 from core.model import ModelConfig, Transformer
 from core.sampler import SamplingParams, generate, sampler_stats
@@ -118,7 +118,7 @@ def decode_step_kernels(cfg: ModelConfig, dtype: torch.dtype, device: str, fused
 
 def build(cfg: ModelConfig, dtype: torch.dtype, device: str):
     """A random HF Qwen2 model and ours with the same weights."""
-    import transformers
+    transformers = hf_transformers()
 
     hf_cfg = transformers.Qwen2Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,

@@ -14,7 +14,10 @@ def test_transformers_does_not_take_our_kernels_package_for_hub_kernels():
     version = importlib.metadata.version("posttrain")
     major, minor, patch = (int(x) for x in version.split(".")[:3])
     assert not ((0, 18, 2) <= (major, minor, patch) < (0, 19, 0)), version
-    assert utils.is_kernels_available() is False
+    assert utils.is_kernels_available() is False, (
+        "transformers sees Hugging Face's `kernels` library as installed (`pip show kernels`; transformers >= 5.25 "
+        "requires it), but `import kernels` is this project's package: every transformers model import fails. "
+        "Use transformers < 5.25 and `pip uninstall kernels` (see setup.py)")
 
 
 def test_packages_import():
