@@ -35,9 +35,10 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from bench.common import Report, environment, print_table, time_fn
+from bench.common import Report, environment, hf_transformers, print_table, time_fn
 from core.checkpoint import hf_name
-from core.distributed import Dist, ParallelConfig, build_optimizer, clip_grad_norm_, init_distributed, shard_model
+from core.distributed import (Dist, ParallelConfig, build_optimizer, clip_grad_norm_, close_distributed, init_distributed,
+                              shard_model)
 from core.model import ModelConfig, Transformer
 from train.runtime import peak_flops as dense_bf16_peak
 
@@ -88,7 +89,7 @@ def free_memory(device: torch.device) -> None:
 
 
 def hf_config(cfg: ModelConfig):
-    import transformers
+    transformers = hf_transformers()
 
     return transformers.Qwen2Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -101,7 +102,7 @@ def hf_config(cfg: ModelConfig):
 def hf_variant(cfg: ModelConfig, input_ids: torch.Tensor, autocast: bool, losses: list[torch.Tensor]):
     """HF Trainer's bf16=True recipe: fp32 weights, autocast forward, backward outside it, clip, AdamW.
     Returns (step function, a CPU copy of the initial weights by HF name)."""
-    import transformers
+    transformers = hf_transformers()
 
     device = input_ids.device
     with torch.device(device):
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("(CPU: compare x_hf_tokens_per_s only; absolute numbers say nothing about the GPU)")
     print(f"# took {time.perf_counter() - t_start:.1f} s")
-    dist.destroy_process_group()
+    close_distributed()
     broken = [r["impl"] for r in report.rows if r.get("note", "").startswith("failed")]
     return 1 if broken else 0
 

@@ -30,15 +30,13 @@ def spawn(fn, world_size: int, *args) -> None:
 def _entry(rank, fn, world_size, port, *args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    import torch.distributed as dist
-
-    from core.distributed import init_distributed
+    from core.distributed import close_distributed, init_distributed
 
     d = init_distributed(0, device="cpu")
     try:
         fn(d, *args)
     finally:
-        dist.destroy_process_group()
+        close_distributed()
 
 
 def _load_and_export(d, src: str, dst: str, tied: bool) -> None:

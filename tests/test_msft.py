@@ -214,7 +214,8 @@ assert not rt.optimizer.state
 bandit.close()
 rt.finish(loader, finished=False)
 loader.close()
-dist.destroy_process_group()
+from core.distributed import close_distributed
+close_distributed()
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"},

@@ -65,7 +65,8 @@ for name, seed in (("a", 0), ("b", 1)):
                                  f"--train.seed={{seed}}", *{FLAGS!r}])
     summary = run(cfg)
     assert dist.is_initialized() and summary["finished"] and summary["steps"] == 3, summary
-dist.destroy_process_group()
+from core.distributed import close_distributed
+close_distributed()
 """
     _python(code)
     for name in ("a", "b"):
@@ -153,7 +154,8 @@ assert lrs == [lr / 4, lr / 2, 3 * lr / 4, lr, lr, lr / 4, lr / 2], lrs
 assert rt.checkpointer.steps() == [3, 7], rt.checkpointer.steps()
 rt.finish(loader, finished=False)
 loader.close()
-dist.destroy_process_group()
+from core.distributed import close_distributed
+close_distributed()
 """
     _python(code)
 

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from core.distributed import close_distributed
+
 PROMPTS = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
 
 
@@ -47,9 +49,8 @@ def _worker(rank: int, world: int, store_path: str, expected: list) -> None:
         # generate enters full_weights by itself for an FSDP model, and leaves it sharded.
         assert [c.tokens for c in generate(model, PROMPTS, max_new_tokens=20, temperature=0.0)] == expected
         assert all(isinstance(p, DTensor) for p in model.parameters())
-        dist.barrier()  # no rank tears gloo down while the other still communicates (a CI run once died in SIGABRT)
     finally:
-        dist.destroy_process_group()
+        close_distributed()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
@@ -85,7 +86,7 @@ def _worker_torch26(rank: int, store_path: str) -> None:
         assert isinstance(model.layers[0].mlp.up_proj.weight, DTensor)
         out.sum().backward()
     finally:
-        dist.destroy_process_group()
+        close_distributed()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
@@ -129,9 +130,8 @@ def _worker_replica(rank: int, world: int, store_path: str) -> None:
         assert [p.data_ptr() for p in rollout_replica(model).parameters()] == ptrs
         free_cache(model)
         assert replica_bytes(model) == 0
-        dist.barrier()  # as in _worker: both ranks done communicating before teardown
     finally:
-        dist.destroy_process_group()
+        close_distributed()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
@@ -161,7 +161,7 @@ def _worker_replica_graphs(rank: int, store_path: str) -> None:
         assert sampler_stats(sharded)["graph_captures"] == captures
         assert sum(a.tokens == b for a, b in zip(out, expected)) >= len(PROMPTS) - 1  # bf16 near-ties
     finally:
-        dist.destroy_process_group()
+        close_distributed()
 
 
 @pytest.mark.gpu

@@ -45,6 +45,7 @@ from core.distributed import (
     ParallelConfig,
     build_model,
     build_optimizer,
+    close_distributed,
     export_hf,
     init_distributed,
 )
@@ -620,5 +621,4 @@ def entry_point(run: Callable[[Any], Any], config_cls: type, argv: Sequence[str]
     try:
         return run(cfg)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed()
