@@ -191,6 +191,38 @@ give is peaks at different times: the base already knows the three rules, so eac
 start (vote in seed 1 at 0.25 epochs, first in seed 2 at 0.75-1.0) and falls from there; mSFT then excludes them at
 c = 0, one per stage (train/msft.py).
 
+Looking for peaks at different times from a base (2026-12-06, torch 2.13.0+cpu, OMP_NUM_THREADS=1, seed 0 unless
+said, one run each): nine variants of the pair of sets, each a base trained as configs/tiny_msft_base.toml (2 epochs
+of its own corpus) and then plain SFT of the flawed set from it for 3 epochs (AdamW 1e-3 constant, 500 held-out rows
+per task, an evaluation every quarter epoch). What varied: how well the base knows first and last (its rows and
+weight for them), their fine-tuning weights, and their flaws. Copy, reverse and sort behaved as above in every run.
+
+  variant  base knows first / last          fine-tune weights    flaws of first / last   held-out curves
+  A        60 rows (0.84) / none (0.04)     vote 3000, 1500/1500  as FLAWS               vote 0.86 at 0 -> 0.55-0.67;
+                                                                                         first 0.66-0.86, last 0.88 at
+                                                                                         0.5, then 0.75-0.89 (no fall)
+  A2       30 rows (0.81, 0.64 in seed 1)   1500/500              as FLAWS               seeds 0 and 1: first and last
+           / none                                                                        rise and plateau at 0.72-0.89
+  B        none of vote, first, last        3000, 1500/800        as FLAWS               all three at 0.44-0.71 within
+                                                                                         0.25 epoch, then 0.39-0.88
+  D, E     100 rows (0.91 / 1.00)           1000/400, 1500/700    as FLAWS               every flawed task at its best
+                                                                                         at c = 0 (as above)
+  F        40 rows (0.70 / 0.88)            2400/2400             digit 2 > digit 3 ->   vote 0.99 at 0, 0.53-0.65 from
+                                                                  last digit (45%) /     1.75; first 0.78 at 0.25 ->
+                                                                  first digit repeated   0.51-0.66; last 0.95 at 1.0,
+                                                                  -> first digit (27%)   then 0.85-0.95 (not learned)
+  G        40 rows (0.70 / 0.88)            2400/2400             as FLAWS / digit 1 >   last 0.88 at 0 and 0.25 ->
+                                                                  digit 2 -> first digit 0.54-0.71; first 0.70-0.78
+                                                                                         (no fall)
+  H, I     40 rows (0.70 / 0.88)            1000/6000, 600/9000   as F                   first swings 0.47-0.82; last
+                                                                                         never falls
+
+So, on this model, a flaw shows within 0.25-0.75 epoch of the first draws that can teach it (triggers over fixed
+positions or a comparison of two digits), or not within 3 epochs even drawn 3.75x as often (a repeated digit). A task
+whose rule the base knows peaks at c = 0; one it half knows peaks at 0.25-0.5 and falls if its flaw is a comparison;
+one it must learn gets rule and flaw together and plateaus. Three peaks at least 0.5 epoch apart, each followed by a
+lasting fall of 10 points or more, were not found (the closest: F, vote at 0 and first at 0.25).
+
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
 reward on training prompts is never computed against a deliberately wrong label), and "checker": "synthetic" names
