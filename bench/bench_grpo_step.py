@@ -23,7 +23,8 @@ import time
 import torch
 
 from bench.common import peak_gb, print_table, start, sync
-from core.distributed import ParallelConfig, build_model, build_optimizer, clip_grad_norm_, init_distributed
+from core.distributed import (ParallelConfig, build_model, build_optimizer, clip_grad_norm_, close_distributed,
+                              init_distributed)
 from core.model import ModelConfig
 from core.sampler import generate
 from kernels.grpo import grpo_loss_reference
@@ -129,4 +130,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        close_distributed()  # the one-rank group main() made; close_distributed says why not destroy alone

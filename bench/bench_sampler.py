@@ -30,6 +30,7 @@ import torch
 
 from bench.common import environment, hf_transformers, start, sync, time_fn
 from core.checkpoint import our_name
+from core.distributed import close_distributed
 from core.model import ModelConfig, Transformer
 from core.sampler import SamplingParams, generate, sampler_stats
 
@@ -327,4 +328,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        close_distributed()  # the one-rank group main() made; close_distributed says why not destroy alone

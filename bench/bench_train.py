@@ -37,8 +37,8 @@ import torch.distributed as dist
 
 from bench.common import Report, environment, hf_transformers, print_table, time_fn
 from core.checkpoint import hf_name
-from core.distributed import (Dist, ParallelConfig, build_optimizer, clip_grad_norm_, close_distributed, init_distributed,
-                              shard_model)
+from core.distributed import (Dist, ParallelConfig, build_optimizer, clip_grad_norm_, close_distributed,
+                              init_distributed, shard_model)
 from core.model import ModelConfig, Transformer
 from train.runtime import peak_flops as dense_bf16_peak
 
