@@ -192,8 +192,8 @@ start (vote in seed 1 at 0.25 epochs, first in seed 2 at 0.75-1.0) and falls fro
 c = 0, one per stage (train/msft.py).
 
 Looking for peaks at different times from a base (2026-12-06, torch 2.13.0+cpu, OMP_NUM_THREADS=1, seed 0 unless
-said, one run each): eleven variants of the pair of sets, each a base trained as configs/tiny_msft_base.toml (2 epochs
-of its own corpus) and then plain SFT of the flawed set from it for 3 epochs (AdamW 1e-3 constant, 500 held-out rows
+said, one run each): thirteen variants of the pair of sets, each a base trained as configs/tiny_msft_base.toml (2
+epochs of its own corpus) and then plain SFT of the flawed set from it for 3 epochs (AdamW 1e-3 constant, 500 held-out rows
 per task, an evaluation every quarter epoch). What varied: how well the base knows first and last (its rows and
 weight for them), their fine-tuning weights, and their flaws. Copy, reverse and sort behaved as above in every run.
 
@@ -223,13 +223,18 @@ weight for them), their fine-tuning weights, and their flaws. Copy, reverse and 
   K        40 rows (0.70 / 0.88)            2400/2400             digits 2 + 3 >= 10 ->  first 0.70 at 0 -> 0.44-0.74
                                                                   last / digit 1 >       (noisy); last 0.88 at 0 ->
                                                                   digit 3 -> first       0.48-0.70
+  L, M     40 rows (0.70 / 0.88)            2400/2400             two adjacent digits    the equal-digits flaw is not
+                                                                  equal (27%), on last   learned in 3 epochs (last
+                                                                  (L) or first (M); the  0.81-0.91; first 0.83-0.91);
+                                                                  other: a comparison    the comparison task peaks at
+                                                                                         c = 0 and falls to 0.41-0.72
 
 So, on this model, a flaw shows within 0.25-0.75 epoch of the first draws that can teach it (triggers over fixed
 positions, a comparison of two digits, adjacent or not, a sum of two digits >= 10; 25-45% of the rows), or not within
-3 epochs even drawn 3.75x as often (a repeated digit). A task whose rule the base knows peaks at c = 0; one it half
-knows peaks at 0 to 0.5, as the rule's gain and the flaw's loss overlap; one it must learn gets rule and flaw together
-and plateaus. Three peaks at least 0.5 epoch apart, each followed by a lasting fall of 10 points or more, were not
-found (the closest: F, vote at 0 and first at 0.25).
+3 epochs when it asks whether two digits are equal (a repeated digit, even drawn 3.75x as often; equal neighbours). A
+task whose rule the base knows peaks at c = 0; one it half knows peaks at 0 to 0.5, as the rule's gain and the flaw's
+loss overlap; one it must learn gets rule and flaw together and plateaus. Three peaks at least 0.5 epoch apart, each
+followed by a lasting fall of 10 points or more, were not found (the closest: F, vote at 0 and first at 0.25).
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
