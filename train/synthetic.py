@@ -193,9 +193,10 @@ c = 0, one per stage (train/msft.py).
 
 Looking for peaks at different times from a base (2026-12-06, torch 2.13.0+cpu, OMP_NUM_THREADS=1, seed 0 unless
 said, one run each): thirteen variants of the pair of sets, each a base trained as configs/tiny_msft_base.toml (2
-epochs of its own corpus) and then plain SFT of the flawed set from it for 3 epochs (AdamW 1e-3 constant, 500 held-out rows
-per task, an evaluation every quarter epoch). What varied: how well the base knows first and last (its rows and
-weight for them), their fine-tuning weights, and their flaws. Copy, reverse and sort behaved as above in every run.
+epochs of its own corpus) and then plain SFT of the flawed set from it for 3 epochs (AdamW 1e-3 constant, 500
+held-out rows per task, an evaluation every quarter epoch). What varied: how well the base knows first and last (its
+rows and weight for them), their fine-tuning weights, and their flaws. Copy, reverse and sort behaved as above in
+every run.
 
   variant  base knows first / last          fine-tune weights    flaws of first / last   held-out curves
   A        60 rows (0.84) / none (0.04)     vote 3000, 1500/1500  as FLAWS               vote 0.86 at 0 -> 0.55-0.67;
