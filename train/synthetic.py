@@ -192,7 +192,7 @@ start (vote in seed 1 at 0.25 epochs, first in seed 2 at 0.75-1.0) and falls fro
 c = 0, one per stage (train/msft.py).
 
 Looking for peaks at different times from a base (2026-12-06, torch 2.13.0+cpu, OMP_NUM_THREADS=1, seed 0 unless
-said, one run each): thirteen variants of the pair of sets, each a base trained as configs/tiny_msft_base.toml (2
+said, one run each): fourteen variants of the pair of sets, each a base trained as configs/tiny_msft_base.toml (2
 epochs of its own corpus) and then plain SFT of the flawed set from it for 3 epochs (AdamW 1e-3 constant, 500
 held-out rows per task, an evaluation every quarter epoch). What varied: how well the base knows first and last (its
 rows and weight for them), their fine-tuning weights, and their flaws. Copy, reverse and sort behaved as above in
@@ -229,6 +229,10 @@ every run.
                                                                   (L) or first (M); the  0.81-0.91; first 0.83-0.91);
                                                                   other: a comparison    the comparison task peaks at
                                                                                          c = 0 and falls to 0.41-0.72
+  N        40 rows (0.70 / 0.88)            2400/800, lr 3e-4     comparisons (as F / G) vote 0.99 at 0, falls slowly
+                                                                                         to 0.58 by 2.0; first flat at
+                                                                                         0.63-0.71; last 0.90 at 0.25
+                                                                                         -> 0.54-0.66 from 1.5
 
 So, on this model, a flaw shows within 0.25-0.75 epoch of the first draws that can teach it (triggers over fixed
 positions, a comparison of two digits, adjacent or not, a sum of two digits >= 10; 25-45% of the rows), or not within
