@@ -234,12 +234,13 @@ every run.
                                                                                          0.63-0.71; last 0.90 at 0.25
                                                                                          -> 0.54-0.66 from 1.5
 
-So, on this model, a flaw shows within 0.25-0.75 epoch of the first draws that can teach it (triggers over fixed
-positions, a comparison of two digits, adjacent or not, a sum of two digits >= 10; 25-45% of the rows), or not within
-3 epochs when it asks whether two digits are equal (a repeated digit, even drawn 3.75x as often; equal neighbours). A
-task whose rule the base knows peaks at c = 0; one it half knows peaks at 0 to 0.5, as the rule's gain and the flaw's
-loss overlap; one it must learn gets rule and flaw together and plateaus. Three peaks at least 0.5 epoch apart, each
-followed by a lasting fall of 10 points or more, were not found (the closest: F, vote at 0 and first at 0.25).
+So, on this model at lr 1e-3, a flaw shows within 0.25-0.75 epoch of the first draws that can teach it (triggers
+over fixed positions, a comparison of two digits, adjacent or not, a sum of two digits >= 10; 25-45% of the rows),
+or not within 3 epochs when it asks whether two digits are equal (a repeated digit, even drawn 3.75x as often; equal
+neighbours). A task whose rule the base knows peaks at c = 0; one it half knows peaks at 0 to 0.5, as the rule's
+gain and the flaw's loss overlap; one it must learn gets rule and flaw together and plateaus. A lower lr slows the
+falls but moves no peak (N). Three peaks at least 0.5 epoch apart, each followed by a lasting fall of 10 points or
+more, were not found (the closest: F, vote at 0 and first at 0.25).
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
