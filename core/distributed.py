@@ -112,7 +112,7 @@ def init_distributed(seed: int = 0, *, device: str | None = None, timeout_s: flo
 
 
 def close_distributed() -> None:
-    """Destroy the process group (if any), then give gloo's worker threads the GIL for a moment before exit.
+    """Destroy the process group (if any) and give gloo's worker threads the GIL for a moment before exit.
 
     A gloo worker thread frees a finished collective's work object after the caller's wait() has returned; when the
     work holds the last reference to a tensor made in Python (FSDP2's all-gather buffers), freeing it takes the GIL.
@@ -123,7 +123,7 @@ def close_distributed() -> None:
     50 ms sleep (the GIL is released, the waiting thread frees its work) in 0 of 150."""
     if dist.is_initialized():
         dist.destroy_process_group()
-    time.sleep(0.05)
+        time.sleep(0.05)
 
 
 def seed_everything(seed: int) -> None:
