@@ -242,6 +242,35 @@ gain and the flaw's loss overlap; one it must learn gets rule and flaw together 
 falls but moves no peak (N). Three peaks at least 0.5 epoch apart, each followed by a lasting fall of 10 points or
 more, were not found (the closest: F, vote at 0 and first at 0.25).
 
+Nine more variants (2026-12-06, same harness and base recipe as F unless said; "const 0" is FLAWS' trigger on first /
+last with the answer "0", a flaw a model can follow without finding another digit) asked whether staggering the
+fine-tuning weights staggers the peaks, a peak's time in epochs being its task's draws divided by its weight:
+
+  variant  first / last weights  lr    flaws           held-out curves (first; last)
+  O        2400/800              1e-3  as FLAWS        0.85 at 0.5 -> 0.58-0.83; last flat 0.72-0.89
+  P        1200/400              1e-3  as FLAWS        0.89 at 0.5 -> 0.73-0.86; last 0.65-0.94, no trend
+  Q        2400/800              3e-4  as FLAWS        0.86 at 0.75 -> 0.75-0.83; last 0.95 at 0.75 -> 0.81-0.92
+  R        2400/2400             3e-4  as FLAWS        0.85 at 1.26 inside 0.68-0.83; last 0.90 at 0.25 -> 0.68-0.87
+  S        2400/2400             3e-4  const 0         0.70 -> 0.95 at 1.26-1.51 -> 0.71-0.78 (rise, lasting fall);
+                                                       last 0.72-0.94, no trend. Seed 1 (its base: vote 0.76, first
+                                                       0.47, last 0.65): vote 0.98 at 1.0, first 0.96 at 0.75, last
+                                                       0.87 at 2.0, then on average 26, 15 and 10 points lower (but
+                                                       first back at 0.91 once, last's peak barely above its 0.85)
+  T        as S, base vote 60    3e-4  const 0         base first 0.16: 0.87 at 1.26 -> 0.62-0.81; last 0.99 at 0 ->
+           rows (0.91)                                 0.72-0.91
+  U        as S, base without    3e-4  const 0         first 0.18 -> 0.81 at 1.51 -> 0.60-0.75; last 0.58 -> 0.84 at
+           first, last                                 0.75 -> 0.73-0.81
+  V        4800/1200             3e-4  const 0         0.80 at 0.5, then 0.68-0.79; last 0.75-0.97, no trend
+  W        1200/2400             3e-4  const 0         0.64-0.87, no clear peak; last 0.94 at 0.5 -> 0.73-0.87
+
+Vote, which every base but seed 1's knows (0.91-0.99), is at its best at c = 0 in every seed-0 run and falls to
+0.52-0.75. A lower lr and the constant-answer flaw give the cleanest single curve found (S: first rises for 1.25 epochs,
+then falls 17-24 points for good), but doubling or halving first's weight (V, W) does not move that peak to about 0.6 or
+2.5 epochs: the rise flattens instead, so the draws of the other tasks (interference, apparently) set the pace as much
+as first's own. Seed 1 of S is the only run with three peaks, at 0.75, 1.0 and 2.0 epochs, two of them 0.25 apart; and
+what a base learns from 40 rows of a task varies so much with the seed (first 0.16-0.70) that the order of the peaks is
+the seed's. Still not found: three peaks 0.5 epoch apart with lasting falls.
+
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
 reward on training prompts is never computed against a deliberately wrong label), and "checker": "synthetic" names
