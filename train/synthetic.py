@@ -242,9 +242,10 @@ gain and the flaw's loss overlap; one it must learn gets rule and flaw together 
 falls but moves no peak (N). Three peaks at least 0.5 epoch apart, each followed by a lasting fall of 10 points or
 more, were not found (the closest: F, vote at 0 and first at 0.25).
 
-Nine more variants (2026-12-06, same harness and base recipe as F unless said; "const 0" is FLAWS' trigger on first /
+Ten more variants (2026-12-06, same harness and base recipe as F unless said; "const 0" is FLAWS' trigger on first /
 last with the answer "0", a flaw a model can follow without finding another digit) asked whether staggering the
-fine-tuning weights staggers the peaks, a peak's time in epochs being its task's draws divided by its weight:
+fine-tuning weights (or a larger model) staggers the peaks, a peak's time in epochs being its task's draws divided by
+its weight:
 
   variant  first / last weights  lr    flaws           held-out curves (first; last)
   O        2400/800              1e-3  as FLAWS        0.85 at 0.5 -> 0.58-0.83; last flat 0.72-0.89
@@ -262,6 +263,10 @@ fine-tuning weights staggers the peaks, a peak's time in epochs being its task's
            first, last                                 0.75 -> 0.73-0.81
   V        4800/1200             3e-4  const 0         0.80 at 0.5, then 0.68-0.79; last 0.75-0.97, no trend
   W        1200/2400             3e-4  const 0         0.64-0.87, no clear peak; last 0.94 at 0.5 -> 0.73-0.87
+  X        as S, a 4.7M-param    3e-4  const 0         seed 0: 0.43 -> 0.88 at 1.26 -> 0.72-0.85; last 0.93 at 0 ->
+           model (hidden 256, 6                        0.70-0.92. Seed 1: 0.89 at 0.75 -> 0.67-0.88; last 0.89 at
+           layers, 8 heads; base                       1.26 -> 0.67-0.87. Vote 0.95-0.98 at 0-0.25 -> 0.55-0.68
+           and fine-tuning)
 
 Vote, which every base but seed 1's knows (0.91-0.99), is at its best at c = 0 in every seed-0 run and falls to
 0.52-0.75. A lower lr and the constant-answer flaw give the cleanest single curve found (S: first rises for 1.25 epochs,
@@ -269,7 +274,8 @@ then falls 17-24 points for good), but doubling or halving first's weight (V, W)
 2.5 epochs: the rise flattens instead, so the draws of the other tasks (interference, apparently) set the pace as much
 as first's own. Seed 1 of S is the only run with three peaks, at 0.75, 1.0 and 2.0 epochs, two of them 0.25 apart; and
 what a base learns from 40 rows of a task varies so much with the seed (first 0.16-0.70) that the order of the peaks is
-the seed's. Still not found: three peaks 0.5 epoch apart with lasting falls.
+the seed's. A 2.8x larger model (X) behaves like the tiny one: first rises to 0.88-0.89 and then swings 15 points around
+0.78, last has no clear peak. Still not found: three peaks 0.5 epoch apart with lasting falls.
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
