@@ -277,6 +277,15 @@ what a base learns from 40 rows of a task varies so much with the seed (first 0.
 the seed's. A 2.8x larger model (X) behaves like the tiny one: first rises to 0.88-0.89 and then swings 15 points around
 0.78, last has no clear peak. Still not found: three peaks 0.5 epoch apart with lasting falls.
 
+Vote is the one flawed task whose curve does follow its weight: at 1000 instead of 3000 (otherwise S) it stays at
+0.98-0.99 until 1.5 epochs and then falls to 0.84 by 3.0, where at 3000 it falls from 0.75 on; its flaw moved to four
+bits (1, 5, 9 and 13 alike, 22% of the held-out rows) is not learned within 3 epochs (0.86-0.98, no trend). So three
+vote-like tasks at staggered weights would stagger their falls, but two more majority tasks tried beside it (is most of
+9 digits >= 5, or even; at least 6 of 9 alike; 3-position flaws of the same kind; bases trained on 600 or 100 of their
+rows) are not learned by this model (0.48-0.82 throughout 3 epochs, 0.50-0.73 at the start); and a base that knows its
+task shows a plateau before the fall, not a peak, whose first argmax is wherever sampling noise puts it. Twenty-eight
+variants in all.
+
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
 reward on training prompts is never computed against a deliberately wrong label), and "checker": "synthetic" names
