@@ -283,8 +283,11 @@ bits (1, 5, 9 and 13 alike, 22% of the held-out rows) is not learned within 3 ep
 vote-like tasks at staggered weights would stagger their falls, but two more majority tasks tried beside it (is most of
 9 digits >= 5, or even; at least 6 of 9 alike; 3-position flaws of the same kind; bases trained on 600 or 100 of their
 rows) are not learned by this model (0.48-0.82 throughout 3 epochs, 0.50-0.73 at the start); and a base that knows its
-task shows a plateau before the fall, not a peak, whose first argmax is wherever sampling noise puts it. Twenty-eight
-variants in all.
+task shows a plateau before the fall, not a peak, whose first argmax is wherever sampling noise puts it. Two binary
+tasks on one digit (is the first digit >= 5; is the last digit odd; flaws that invert the answer on the ~25% of rows
+with two given digits even), from a base that does not know them (0.50, 0.58), are learned slowly and show no early
+peak: at weight 2400 both climb until 2.25-2.75 epochs (to 0.92-0.94) and end at 0.80-0.86; at 1200 and 500 one rises
+after 2 epochs and the other stays at 0.59-0.72. Thirty variants in all.
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
