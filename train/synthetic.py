@@ -287,7 +287,18 @@ task shows a plateau before the fall, not a peak, whose first argmax is wherever
 tasks on one digit (is the first digit >= 5; is the last digit odd; flaws that invert the answer on the ~25% of rows
 with two given digits even), from a base that does not know them (0.50, 0.58), are learned slowly and show no early
 peak: at weight 2400 both climb until 2.25-2.75 epochs (to 0.92-0.94) and end at 0.80-0.86; at 1200 and 500 one rises
-after 2 epochs and the other stays at 0.59-0.72. Thirty variants in all.
+after 2 epochs and the other stays at 0.59-0.72.
+
+Closest so far: three vote-like tasks (vote; poll, 15 bits with 10 alike; ballot, 17 bits with 12 alike; each with the
+flaw "first, middle and last bits alike -> the minority bit"; a base that saw 100 rows of each knows them at 0.96-0.99)
+at fine-tuning weights 4000 / 1600 / 700 (lr 3e-4, otherwise S) fall at staggered times: vote from 0.25 epoch (0.98,
+then 0.56-0.65 from 1.25 on), poll from 0.76 (0.97, then 0.53-0.81), ballot from 1.25 (0.96-0.99 until 1.0, then down
+steadily to 0.59); at 2400 each, vote falls from 0.25 and the other two together from 0.76-1.0. But each fall follows a
+plateau, not a rise, so the first argmax is at 0 or 0.5 for all three (ballot is at 0.99 at both), and mSFT's rule
+(earliest first argmax, ties by name) would exclude ballot, the last to fall, first. Fine-tuning and held-out rows that
+also have close majorities (8 of 13, 9 of 15, 10 of 17; the base still saw clear ones only), meant to give a rise, start
+at 0.90-0.92; poll and ballot peak at 0.93-0.95 at 0.25-0.5 epoch, vote at 0, and all three fall slowly, by 13-26 points
+at 3 epochs, at both weightings. Thirty-four variants in all.
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
