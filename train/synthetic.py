@@ -299,8 +299,9 @@ plateau, not a rise, so the first argmax is at 0 or 0.5 for all three (ballot is
 also have close majorities (8 of 13, 9 of 15, 10 of 17; the base still saw clear ones only), meant to give a rise, start
 at 0.90-0.92; poll and ballot peak at 0.93-0.95 at 0.25-0.5 epoch, vote at 0, and all three fall slowly, by 13-26 points
 at 3 epochs, at both weightings. A base that saw 20 or 40 rows of each instead (0.77-0.94 at the start; weights 4000 /
-1600 / 700) gives vote no rise (it falls from c = 0: its flaw wins at once at weight 4000) and poll and ballot rises of
-6-11 points, peaking at 0 or 0.5: peaks at 0, 0 and 0.5, or 0, 0.5 and 0. Thirty-six variants in all.
+1600 / 700) gives vote no rise (it falls from c = 0: its flaw wins at once at weight 4000) and one of poll and ballot a
+rise of 6-11 points to a peak at 0.5, the other its best at 0 (vote, poll, ballot at 0, 0, 0.5 with 20 rows; 0, 0.5, 0
+with 40). Thirty-six variants in all.
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
