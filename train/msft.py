@@ -126,7 +126,7 @@ three are within one standard deviation. DynamixSFT's bandit kept the weights wi
 level with SFT. Excluded tasks are still forgotten from the base, only more slowly than from scratch (first 0.99 ->
 0.33-0.59 within one epoch of training on the others, in single-seed trials), which is why mSFT's best snapshot
 comes early in a stage (c = 0.51, 0.76, 0.25). What this setting does not show is the paper's picture of tasks
-overfitting at different times: from a base that knows the rules they all peak at the start (thirty-six
+overfitting at different times: from a base that knows the rules they all peak at the start (thirty-eight
 variants of base, flaws, tasks, weights, lr and model size tried for staggered peaks, and why none gave them:
 train/synthetic.py).
 

@@ -301,7 +301,11 @@ at 0.90-0.92; poll and ballot peak at 0.93-0.95 at 0.25-0.5 epoch, vote at 0, an
 at 3 epochs, at both weightings. A base that saw 20 or 40 rows of each instead (0.77-0.94 at the start; weights 4000 /
 1600 / 700) gives vote no rise (it falls from c = 0: its flaw wins at once at weight 4000) and one of poll and ballot a
 rise of 6-11 points to a peak at 0.5, the other its best at 0 (vote, poll, ballot at 0, 0, 0.5 with 20 rows; 0, 0.5, 0
-with 40). Thirty-six variants in all.
+with 40). A base trained on shorter strings of each (9, 11 and 13 bits; the fine-tuning and held-out rows keep 13, 15
+and 17) knows them at 0.81-0.94 and gives poll and ballot a rise, to 0.94-0.98 by 0.25 epoch (vote too at weight 2400:
+0.94 -> 0.97), but all three then fall together from 0.5-0.76 at both weightings (peaks at 0, 0.25 and 0.25 with 4000 /
+1600 / 700; all at 0.25 with 2400 each): the length gain, and apparently the flaw, are shared among the three vote-like
+tasks, so their weights no longer stagger them. Thirty-eight variants in all.
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
