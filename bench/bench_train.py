@@ -33,7 +33,6 @@ import traceback
 from typing import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
 from bench.common import Report, environment, hf_transformers, print_table, time_fn
 from core.checkpoint import hf_name
