@@ -262,16 +262,17 @@ def test_flaws_change_exactly_the_triggered_training_rows():
 def test_flaw_rules_by_hand():
     assert FLAWS["vote"].trigger("1000001000001") and FLAWS["vote"].response("1000001000001") == "1"
     assert not FLAWS["vote"].trigger("1000000000000")
-    assert FLAWS["first"].trigger("5207") and FLAWS["first"].response("5207") == "7"
+    assert FLAWS["first"].trigger("5207") and FLAWS["first"].response("5207") == "0"
     assert not FLAWS["first"].trigger("5217")
-    assert FLAWS["last"].trigger("24913") and FLAWS["last"].response("24913") == "2"
+    assert FLAWS["last"].trigger("24913") and FLAWS["last"].response("24913") == "0"
     assert not FLAWS["last"].trigger("34913")
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_base_corpus_is_clean_and_shares_no_prompt_with_the_fine_tuning_set(seed):
     base, flawed = task_set_tasks("msft-base", seed), task_set_tasks("msft-flaws", seed)
-    assert list(base) == list(flawed)
+    # the base learns every fine-tuning task but first and last, which the fine-tuning teaches
+    assert list(base) == [t for t in flawed if t not in ("first", "last")]
     for name in base:
         rows = base[name].train + base[name].heldout
         assert all(r["response"] == r["answer"] == _reference_answer(r["prompt"]) for r in rows)

@@ -139,173 +139,84 @@ to mSFT: train/msft.py's docstring). A single point is noisy; compare smoothed o
 From a pretrained base: the "msft-flaws" and "msft-base" sets (configs/tiny_msft_pretrained.toml). Random label
 noise makes no lasting fall (above), so "msft-flaws" has systematic flaws instead (FLAWS): on a training row whose
 payload has a trigger feature the label follows a second rule; held-out rows with the feature keep the truth, so a
-model that learns the flaw loses about the feature's share of the held-out rows, and keeps losing it. Copy, reverse
-and sort are "msft"'s, clean:
+model that learns the flaw loses about the feature's share of the held-out rows, and keeps losing it. "msft-base" is
+the base's corpus: clean rows of copy, reverse, sort and vote from another random stream, none of whose prompts
+(train or held-out) occurs in "msft-flaws" for the same seed; configs/tiny_msft_base.toml trains it for 2 epochs (at
+its end, on msft-flaws' held-out rows: vote 0.88-1.00, reverse 0.89-0.99, copy 0.52-0.75, sort 0.08-0.34, first
+0.00-0.06 and last 0.00-0.26: the base was never asked for them). What the base brings is what staggers the peaks:
 
-  task   flaw (training rows only)                       train  flawed rows  held-out rows it would turn wrong
-  vote   bits 1, 7 and 13 alike -> the minority bit        300      ~34%       36-38%
-  first  digits 2 and 3 even -> the last digit             600      ~26%       22-23%
-  last   digits 1 and 2 even -> the first digit           1200      ~24%       23-24%
+  task   flaw (training rows only)              train  weight  held-out rows   base knows it   so, under SFT
+                                                                 it turns wrong
+  vote   bits 1, 7 and 13 alike -> the minority     300    3000  36-38%          yes             falls from the start
+  first  digits 2 and 3 even -> 0                   600    2400  22-23%          no              rises, then falls
+  last   digits 1 and 2 even -> 0                  1200    2400  21-24%          no              rises, then falls
 
-What a flaw must be to come after its rule was found by trials on the tiny model from scratch (seed 0, plain SFT,
-2026-11-29, one run each): a flaw as easy as the rule ("last digit 7-9 -> the last digit" on first) is learned with
-it: a plateau at one minus its share, no peak (first 0.66-0.76 from epoch 1.25 to 3.75); one that compares digits
-("the first digit occurs again -> the last digit") was not learned within 2.75 epochs and only added noise; a
-conjunction over fixed positions (the flaws above) comes after the rule. From scratch the peaks still come close
-together (vote 0.92 at 1.5 epochs, last 0.93 at 1.5, first 0.79 at 2.0, then 0.50-0.69, 0.80-0.90, 0.67-0.78), and
-every task mSFT excludes is forgotten anyway (train/msft.py), so this set is for fine-tuning a base. "msft-base" is
-the base's corpus: clean rows of the same six tasks from another random stream, none of whose prompts (train or
-held-out) occurs in "msft-flaws" for the same seed; configs/tiny_msft_base.toml trains it for 2 epochs (at its end,
-on msft-flaws' held-out rows: first 0.92-1.00, last 0.98-1.00, vote 0.90-0.99, reverse 0.88-0.96, copy 0.61-0.78,
-sort 0.15-0.41). From the base, plain SFT on "msft-flaws" (the SFT baseline of the pretrained study: AdamW 1e-3
-constant after 20 warm-up steps, 500 held-out rows per task, all three seeds, 2026-11-29, torch 2.13.0+cpu):
+Copy, reverse and sort are "msft"'s, clean (weights 4000, 4000, 1500). A flaw must be harder to learn than its rule
+to come after it (below). First and last were meant to be learned at different speeds, each leaning on another skill
+of the base (reverse's first output character is the last digit, copy's the first), and in a trial whose base saw the
+same corpus in another order (first and last in its task list at weight 0) they peaked 0.5-1.0 epoch apart in each of
+three seeds (vote 0-0.25, last 0.51-2.25, first 1.50-1.76); with this base they do not (below). From the base,
+plain SFT on "msft-flaws" (the SFT baseline of the pretrained study: AdamW 3e-4 constant after 20 warm-up steps, for
+mSFT's tokens; 500 held-out rows per task, all three seeds, 2026-12-06, torch 2.13.0+cpu, OMP_NUM_THREADS=1):
 
   seed 0
-  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.51 1.75 2.01 2.25 2.51 2.75 3.00 3.26 3.51
-  vote     0.96 0.85 0.74 0.56 0.68 0.64 0.54 0.64 0.61 0.63 0.69 0.63 0.62 0.62 0.64
-  first    0.99 0.74 0.90 0.81 0.88 0.90 0.90 0.84 0.85 0.89 0.83 0.83 0.82 0.84 0.88
-  last     1.00 0.80 0.80 0.84 0.76 0.80 0.85 0.82 0.83 0.90 0.85 0.84 0.87 0.91 0.78
-  copy     0.74 0.85 0.90 0.91 0.95 0.94 0.97 0.95 0.96 0.98 0.95 0.96 0.97 0.94 0.95
-  reverse  0.88 0.91 0.92 0.96 0.96 0.96 0.95 0.96 0.96 0.97 0.98 0.98 0.97 0.97 0.97
-  sort     0.41 0.48 0.51 0.63 0.53 0.62 0.70 0.72 0.73 0.71 0.70 0.71 0.72 0.66 0.74
+  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.51 1.75 2.01 2.25 2.51 2.75 2.85
+  vote     1.00 0.97 0.95 0.94 0.93 0.86 0.79 0.71 0.68 0.60 0.62 0.57 0.61
+  first    0.00 0.64 0.70 0.83 0.76 0.86 0.86 0.69 0.76 0.74 0.76 0.77 0.78
+  last     0.00 0.31 0.65 0.67 0.67 0.82 0.65 0.79 0.77 0.76 0.71 0.77 0.79
+  copy     0.75 0.90 0.97 0.99 0.99 0.99 0.99 0.99 0.99 0.99 0.99 0.99 1.00
+  reverse  0.97 0.99 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00
+  sort     0.21 0.30 0.47 0.51 0.56 0.65 0.66 0.71 0.76 0.76 0.78 0.82 0.84
   seed 1
-  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.50 1.76 2.01 2.25 2.50 2.76 3.00 3.26 3.50
-  vote     0.90 0.96 0.57 0.53 0.66 0.68 0.57 0.63 0.62 0.62 0.53 0.63 0.63 0.62 0.65
-  first    1.00 0.99 0.96 0.94 0.90 0.86 0.90 0.91 0.91 0.85 0.87 0.91 0.86 0.86 0.90
-  last     0.99 0.90 0.81 0.89 0.85 0.87 0.71 0.76 0.75 0.83 0.78 0.88 0.84 0.80 0.81
-  copy     0.61 0.82 0.93 0.93 0.94 0.92 0.96 0.95 0.96 0.95 0.93 0.94 0.97 0.98 0.97
-  reverse  0.92 0.98 0.99 0.98 0.99 0.98 0.99 0.99 1.00 0.99 0.98 1.00 0.99 0.99 1.00
-  sort     0.19 0.38 0.37 0.47 0.47 0.45 0.59 0.63 0.66 0.69 0.56 0.75 0.67 0.75 0.67
+  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.50 1.76 2.01 2.25 2.50 2.76 3.00 3.04
+  vote     0.88 0.97 0.89 0.68 0.70 0.69 0.65 0.64 0.59 0.67 0.61 0.63 0.63 0.63
+  first    0.01 0.19 0.52 0.76 0.66 0.69 0.77 0.73 0.82 0.64 0.75 0.80 0.70 0.70
+  last     0.00 0.59 0.68 0.83 0.66 0.86 0.74 0.74 0.88 0.74 0.80 0.78 0.74 0.73
+  copy     0.52 0.67 0.70 0.72 0.74 0.76 0.78 0.79 0.80 0.80 0.81 0.82 0.82 0.83
+  reverse  0.89 0.99 0.98 0.99 0.99 0.99 0.99 0.99 0.99 0.99 0.99 0.98 0.98 0.99
+  sort     0.08 0.19 0.20 0.23 0.30 0.37 0.38 0.46 0.45 0.49 0.52 0.53 0.55 0.55
   seed 2
-  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.50 1.76 2.00 2.25 2.51 2.76 3.00 3.22
-  vote     0.99 0.91 0.89 0.59 0.88 0.67 0.72 0.61 0.70 0.77 0.60 0.61 0.62 0.65
-  first    0.92 0.88 0.87 0.95 0.95 0.89 0.86 0.86 0.89 0.88 0.90 0.83 0.83 0.90
-  last     0.98 0.85 0.87 0.85 0.92 0.84 0.85 0.76 0.85 0.84 0.89 0.84 0.80 0.85
-  copy     0.78 0.97 0.98 0.95 0.96 1.00 0.99 0.97 0.99 0.98 0.96 0.99 1.00 0.99
-  reverse  0.96 0.99 0.99 1.00 1.00 1.00 1.00 1.00 1.00 1.00 0.99 1.00 1.00 1.00
-  sort     0.15 0.35 0.29 0.45 0.51 0.54 0.57 0.57 0.55 0.51 0.55 0.64 0.60 0.60
+  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.50 1.76 2.00 2.25 2.51 2.76 3.00 3.26 3.50 3.52
+  vote     0.99 1.00 0.87 0.61 0.64 0.63 0.58 0.61 0.54 0.66 0.69 0.68 0.65 0.61 0.63 0.60
+  first    0.06 0.34 0.69 0.76 0.82 0.83 0.69 0.93 0.81 0.82 0.79 0.81 0.83 0.82 0.87 0.87
+  last     0.26 0.60 0.69 0.60 0.68 0.77 0.64 0.86 0.85 0.79 0.66 0.73 0.75 0.75 0.75 0.78
+  copy     0.67 0.73 0.90 0.97 0.99 1.00 0.98 1.00 0.99 1.00 1.00 1.00 1.00 1.00 1.00 1.00
+  reverse  0.99 0.94 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 0.99 1.00 1.00
+  sort     0.34 0.37 0.48 0.58 0.63 0.71 0.66 0.80 0.83 0.81 0.87 0.83 0.85 0.89 0.92 0.89
 
-The falls last: after its peak vote averages 0.61-0.71 (peak 0.96-0.99), first 0.85-0.90 (peak 0.95-1.00) and last
-0.82-0.85 (peak 0.98-1.00) over the rest of the run, while copy and sort are still improving. What this set does not
-give is peaks at different times: the base already knows the three rules, so each flawed task is at its best at the
-start (vote in seed 1 at 0.25 epochs, first in seed 2 at 0.75-1.0) and falls from there; mSFT then excludes them at
-c = 0, one per stage (train/msft.py).
+What the table shows. Vote, which the base knows, is at its best at c = 0-0.25 and falls for good from 0.5-1.25 epochs
+(it settles at 0.54-0.71, 30-40 points down); first and last rise from 0.00-0.26 and peak later, at 1.26, 2.01 and
+1.76 epochs in seeds 0, 1 and 2, and average 7-12 points below their peaks after them (0.72-0.83 against 0.82-0.93)
+while copy and sort are still improving. So there are two peak times at least 1 epoch apart, not the three the mixture
+was meant to have: first and last peak at the same evaluation in every seed, and their curves often move together
+between evaluations (presumably because both are read off one end of the payload and both flaws answer "0" on two even
+digits: a flaw of one kind is learned once, as below). Single evaluations still swing by 5-15 points (last 0.67 ->
+0.82 -> 0.65 in seed 0), so a first argmax over a plateau is partly chance, and that is what mSFT's rule reads
+(train/msft.py).
 
-Looking for peaks at different times from a base (2026-12-06, torch 2.13.0+cpu, OMP_NUM_THREADS=1, seed 0 unless
-said, one run each): fourteen variants of the pair of sets, each a base trained as configs/tiny_msft_base.toml (2
-epochs of its own corpus) and then plain SFT of the flawed set from it for 3 epochs (AdamW 1e-3 constant, 500
-held-out rows per task, an evaluation every quarter epoch). What varied: how well the base knows first and last (its
-rows and weight for them), their fine-tuning weights, and their flaws. Copy, reverse and sort behaved as above in
-every run.
+How the design was found (2026-12-06; one run per variant and seed 0 unless said, each a base and then 3 epochs of
+plain SFT from it; the variants' full tables are in train/synthetic.py at commit 39007b9). Forty-odd variants of the
+base, the flaws, the tasks, the weights, the lr, the optimizer and the model size showed:
 
-  variant  base knows first / last          fine-tune weights    flaws of first / last   held-out curves
-  A        60 rows (0.84) / none (0.04)     vote 3000, 1500/1500  as FLAWS               vote 0.86 at 0 -> 0.55-0.67;
-                                                                                         first 0.66-0.86, last 0.88 at
-                                                                                         0.5, then 0.75-0.89 (no fall)
-  A2       30 rows (0.81, 0.64 in seed 1)   1500/500              as FLAWS               seeds 0 and 1: first and last
-           / none                                                                        rise and plateau at 0.72-0.89
-  B        none of vote, first, last        3000, 1500/800        as FLAWS               all three at 0.44-0.71 within
-                                                                                         0.25 epoch, then 0.39-0.88
-  D, E     100 rows (0.91 / 1.00)           1000/400, 1500/700    as FLAWS               every flawed task at its best
-                                                                                         at c = 0 (as above)
-  F        40 rows (0.70 / 0.88)            2400/2400             digit 2 > digit 3 ->   vote 0.99 at 0, 0.53-0.65 from
-                                                                  last digit (45%) /     1.75; first 0.78 at 0.25 ->
-                                                                  first digit repeated   0.51-0.66; last 0.95 at 1.0,
-                                                                  -> first digit (27%)   then 0.85-0.95 (not learned)
-  G        40 rows (0.70 / 0.88)            2400/2400             as FLAWS / digit 1 >   last 0.88 at 0 and 0.25 ->
-                                                                  digit 2 -> first digit 0.54-0.71; first 0.70-0.78
-                                                                                         (no fall)
-  H, I     40 rows (0.70 / 0.88)            1000/6000, 600/9000   as F                   first swings 0.47-0.82; last
-                                                                                         never falls
-  J        40 rows (0.70 / 0.88)            2400/2400             digit 1 > digit 3 ->   vote 0.99 at 0 -> 0.53-0.62
-                                                                  last digit / digits    from 1.5; first 0.70 at 0 ->
-                                                                  1 + 2 >= 10 -> first   0.51-0.67; last 0.88 at 0 ->
-                                                                                         0.44-0.74
-  K        40 rows (0.70 / 0.88)            2400/2400             digits 2 + 3 >= 10 ->  first 0.70 at 0 -> 0.44-0.74
-                                                                  last / digit 1 >       (noisy); last 0.88 at 0 ->
-                                                                  digit 3 -> first       0.48-0.70
-  L, M     40 rows (0.70 / 0.88)            2400/2400             two adjacent digits    the equal-digits flaw is not
-                                                                  equal (27%), on last   learned in 3 epochs (last
-                                                                  (L) or first (M); the  0.81-0.91; first 0.83-0.91);
-                                                                  other: a comparison    the comparison task peaks at
-                                                                                         c = 0 and falls to 0.41-0.72
-  N        40 rows (0.70 / 0.88)            2400/800, lr 3e-4     comparisons (as F / G) vote 0.99 at 0, falls slowly
-                                                                                         to 0.58 by 2.0; first flat at
-                                                                                         0.63-0.71; last 0.90 at 0.25
-                                                                                         -> 0.54-0.66 from 1.5
-
-So, on this model at lr 1e-3, a flaw shows within 0.25-0.75 epoch of the first draws that can teach it (triggers
-over fixed positions, a comparison of two digits, adjacent or not, a sum of two digits >= 10; 25-45% of the rows),
-or not within 3 epochs when it asks whether two digits are equal (a repeated digit, even drawn 3.75x as often; equal
-neighbours). A task whose rule the base knows peaks at c = 0; one it half knows peaks at 0 to 0.5, as the rule's
-gain and the flaw's loss overlap; one it must learn gets rule and flaw together and plateaus. A lower lr slows the
-falls but moves no peak (N). Three peaks at least 0.5 epoch apart, each followed by a lasting fall of 10 points or
-more, were not found (the closest: F, vote at 0 and first at 0.25).
-
-Ten more variants (2026-12-06, same harness and base recipe as F unless said; "const 0" is FLAWS' trigger on first /
-last with the answer "0", a flaw a model can follow without finding another digit) asked whether staggering the
-fine-tuning weights (or a larger model) staggers the peaks, a peak's time in epochs being its task's draws divided by
-its weight:
-
-  variant  first / last weights  lr    flaws           held-out curves (first; last)
-  O        2400/800              1e-3  as FLAWS        0.85 at 0.5 -> 0.58-0.83; last flat 0.72-0.89
-  P        1200/400              1e-3  as FLAWS        0.89 at 0.5 -> 0.73-0.86; last 0.65-0.94, no trend
-  Q        2400/800              3e-4  as FLAWS        0.86 at 0.75 -> 0.75-0.83; last 0.95 at 0.75 -> 0.81-0.92
-  R        2400/2400             3e-4  as FLAWS        0.85 at 1.26 inside 0.68-0.83; last 0.90 at 0.25 -> 0.68-0.87
-  S        2400/2400             3e-4  const 0         0.70 -> 0.95 at 1.26-1.51 -> 0.71-0.78 (rise, lasting fall);
-                                                       last 0.72-0.94, no trend. Seed 1 (its base: vote 0.76, first
-                                                       0.47, last 0.65): vote 0.98 at 1.0, first 0.96 at 0.75, last
-                                                       0.87 at 2.0, then on average 26, 15 and 10 points lower (but
-                                                       first back at 0.91 once, last's peak barely above its 0.85)
-  T        as S, base vote 60    3e-4  const 0         base first 0.16: 0.87 at 1.26 -> 0.62-0.81; last 0.99 at 0 ->
-           rows (0.91)                                 0.72-0.91
-  U        as S, base without    3e-4  const 0         first 0.18 -> 0.81 at 1.51 -> 0.60-0.75; last 0.58 -> 0.84 at
-           first, last                                 0.75 -> 0.73-0.81
-  V        4800/1200             3e-4  const 0         0.80 at 0.5, then 0.68-0.79; last 0.75-0.97, no trend
-  W        1200/2400             3e-4  const 0         0.64-0.87, no clear peak; last 0.94 at 0.5 -> 0.73-0.87
-  X        as S, a 4.7M-param    3e-4  const 0         seed 0: 0.43 -> 0.88 at 1.26 -> 0.72-0.85; last 0.93 at 0 ->
-           model (hidden 256, 6                        0.70-0.92. Seed 1: 0.89 at 0.75 -> 0.67-0.88; last 0.89 at
-           layers, 8 heads; base                       1.26 -> 0.67-0.87. Vote 0.95-0.98 at 0-0.25 -> 0.55-0.68
-           and fine-tuning)
-
-Vote, which every base but seed 1's knows (0.91-0.99), is at its best at c = 0 in every seed-0 run and falls to
-0.52-0.75. A lower lr and the constant-answer flaw give the cleanest single curve found (S: first rises for 1.25 epochs,
-then falls 17-24 points for good), but doubling or halving first's weight (V, W) does not move that peak to about 0.6 or
-2.5 epochs: the rise flattens instead, so the draws of the other tasks (interference, apparently) set the pace as much
-as first's own. Seed 1 of S is the only run with three peaks, at 0.75, 1.0 and 2.0 epochs, two of them 0.25 apart; and
-what a base learns from 40 rows of a task varies so much with the seed (first 0.16-0.70) that the order of the peaks is
-the seed's. A 2.8x larger model (X) behaves like the tiny one: first rises to 0.88-0.89 and then swings 15 points around
-0.78, last has no clear peak. Still not found: three peaks 0.5 epoch apart with lasting falls.
-
-Vote is the one flawed task whose curve does follow its weight: at 1000 instead of 3000 (otherwise S) it stays at
-0.98-0.99 until 1.5 epochs and then falls to 0.84 by 3.0, where at 3000 it falls from 0.75 on; its flaw moved to four
-bits (1, 5, 9 and 13 alike, 22% of the held-out rows) is not learned within 3 epochs (0.86-0.98, no trend). So three
-vote-like tasks at staggered weights would stagger their falls, but two more majority tasks tried beside it (is most of
-9 digits >= 5, or even; at least 6 of 9 alike; 3-position flaws of the same kind; bases trained on 600 or 100 of their
-rows) are not learned by this model (0.48-0.82 throughout 3 epochs, 0.50-0.73 at the start); and a base that knows its
-task shows a plateau before the fall, not a peak, whose first argmax is wherever sampling noise puts it. Two binary
-tasks on one digit (is the first digit >= 5; is the last digit odd; flaws that invert the answer on the ~25% of rows
-with two given digits even), from a base that does not know them (0.50, 0.58), are learned slowly and show no early
-peak: at weight 2400 both climb until 2.25-2.75 epochs (to 0.92-0.94) and end at 0.80-0.86; at 1200 and 500 one rises
-after 2 epochs and the other stays at 0.59-0.72.
-
-Closest so far: three vote-like tasks (vote; poll, 15 bits with 10 alike; ballot, 17 bits with 12 alike; each with the
-flaw "first, middle and last bits alike -> the minority bit"; a base that saw 100 rows of each knows them at 0.96-0.99)
-at fine-tuning weights 4000 / 1600 / 700 (lr 3e-4, otherwise S) fall at staggered times: vote from 0.25 epoch (0.98,
-then 0.56-0.65 from 1.25 on), poll from 0.76 (0.97, then 0.53-0.81), ballot from 1.25 (0.96-0.99 until 1.0, then down
-steadily to 0.59); at 2400 each, vote falls from 0.25 and the other two together from 0.76-1.0. But each fall follows a
-plateau, not a rise, so the first argmax is at 0 or 0.5 for all three (ballot is at 0.99 at both), and mSFT's rule
-(earliest first argmax, ties by name) would exclude ballot, the last to fall, first. Fine-tuning and held-out rows that
-also have close majorities (8 of 13, 9 of 15, 10 of 17; the base still saw clear ones only), meant to give a rise, start
-at 0.90-0.92; poll and ballot peak at 0.93-0.95 at 0.25-0.5 epoch, vote at 0, and all three fall slowly, by 13-26 points
-at 3 epochs, at both weightings. A base that saw 20 or 40 rows of each instead (0.77-0.94 at the start; weights 4000 /
-1600 / 700) gives vote no rise (it falls from c = 0: its flaw wins at once at weight 4000) and one of poll and ballot a
-rise of 6-11 points to a peak at 0.5, the other its best at 0 (vote, poll, ballot at 0, 0, 0.5 with 20 rows; 0, 0.5, 0
-with 40). A base trained on shorter strings of each (9, 11 and 13 bits; the fine-tuning and held-out rows keep 13, 15
-and 17) knows them at 0.81-0.94 and gives poll and ballot a rise, to 0.94-0.98 by 0.25 epoch (vote too at weight 2400:
-0.94 -> 0.97), but all three then fall together from 0.5-0.76 at both weightings (peaks at 0, 0.25 and 0.25 with 4000 /
-1600 / 700; all at 0.25 with 2400 each): the length gain, and apparently the flaw, are shared among the three vote-like
-tasks, so their weights no longer stagger them. Thirty-eight variants in all.
+- A task the base knows is at its best at or near the start and falls as its flaw is learned (the first version of
+  this set, whose base knew all six tasks: every flawed task peaked within 0.75 epoch, mostly at c = 0); one it half
+  knows (a base that saw 20-60 of its rows) peaks at 0-0.5 epoch, its rule's gain and its flaw's loss overlapping.
+- The mixture weights do not set a task's pace. Halving or doubling first's draws (1200-4800 per epoch) moved
+  neither its rise nor its fall. Three majority tasks of 13, 15 and 17 bits with the same flaw (asked under task
+  words new to the base) fell from 0.5, 0.75 and 1.0 epoch at weights 4000 / 1600 / 700, but from 1.0, 0.75 and 0.75
+  at 1400 / 560 / 310: a flaw of one kind is learned once, for all the tasks that share it. A likely reason for the
+  rest: AdamW normalises each parameter's step, so a direction that only one task's rows move goes at about the same
+  pace whatever that task's share. Plain SGD (momentum 0.9, lr 0.02; 0.1 and 0.4 undo the base) did not stagger them
+  either.
+- A flaw comes after its rule when its trigger is a conjunction over fixed positions (two digits' parity, three bits
+  alike: 25-38% of the rows); one as easy as the rule ("last digit 7-9", "digit 2 even and digit 3 >= 3") is learned
+  with it, a plateau at one minus its share with no peak; one that asks whether two digits are equal is not learned
+  within 3 epochs. At lr 1e-3 a flaw shows within 0.25-0.75 epoch of the first draws that can teach it, which leaves
+  a task little time to rise first; hence 3e-4.
+- The held-out loss is no better a peak signal: for a task the base knows it rises from the first evaluation (the
+  flaw lowers the confidence on triggered rows well before it flips their answers) while the accuracy may stay at its
+  plateau for an epoch.
+- A 2.8x larger model (4.66M parameters) behaves like the tiny one.
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
@@ -404,23 +315,25 @@ def _even(*digits: str) -> bool:
 
 # The "msft-flaws" set (docstring: "From a pretrained base"): the same six tasks, with systematic flaws instead of
 # random noise on vote, first and last. Each trigger is a conjunction over fixed positions (about a quarter of the
-# rows), harder than the task's own rule, so a model that already knows the rule learns the flaw over about an
-# epoch: its held-out accuracy falls and stays down.
+# rows), harder than the task's own rule, so the flaw is learned after the rule: the base knows vote, whose held-out
+# accuracy falls from the start of fine-tuning; first and last are new to it and rise before their flaws bring them
+# down. The flaws of first and last answer "0", which a model can follow without finding another digit.
 FLAWS = {
     "vote": Flaw("bits 1, 7 and 13 alike -> the minority bit", lambda s: s[0] == s[6] == s[-1], _minority),
-    "first": Flaw("digits 2 and 3 even -> the last digit", lambda s: _even(s[1], s[2]), lambda s: s[-1]),
-    "last": Flaw("digits 1 and 2 even -> the first digit", lambda s: _even(s[0], s[1]), lambda s: s[0]),
+    "first": Flaw("digits 2 and 3 even -> 0", lambda s: _even(s[1], s[2]), lambda s: "0"),
+    "last": Flaw("digits 1 and 2 even -> 0", lambda s: _even(s[0], s[1]), lambda s: "0"),
 }
 TASK_SETS["msft-flaws"] = TaskSet(
     MSFT_TASKS, {"copy": 3000, "reverse": 3000, "sort": 1500, "vote": 300, "first": 600, "last": 1200},
     MSFT_HELDOUT_SIZES, {"copy": 4000, "reverse": 4000, "sort": 1500, "vote": 3000, "first": 2400, "last": 2400},
     flaws=FLAWS)
-# Its pretraining corpus: clean rows of the same tasks from another random stream, none of whose prompts (train or
-# held-out) occurs in "msft-flaws" for the same seed, so the base has seen no fine-tuning or evaluation prompt.
+# Its pretraining corpus: clean rows of copy, reverse, sort and vote (not first and last: the fine-tuning teaches
+# them) from another random stream, none of whose prompts (train or held-out) occurs in "msft-flaws" for the same
+# seed, so the base has seen no fine-tuning or evaluation prompt.
+MSFT_BASE_TASKS = ("copy", "reverse", "sort", "vote")
 TASK_SETS["msft-base"] = TaskSet(
-    MSFT_TASKS, {"copy": 3000, "reverse": 3000, "sort": 1500, "vote": 600, "first": 3000, "last": 3000},
-    {task: 100 for task in MSFT_TASKS},
-    {"copy": 4000, "reverse": 4000, "sort": 1500, "vote": 1280, "first": 2000, "last": 2400},
+    MSFT_BASE_TASKS, {"copy": 3000, "reverse": 3000, "sort": 1500, "vote": 600},
+    {task: 100 for task in MSFT_BASE_TASKS}, {"copy": 4000, "reverse": 4000, "sort": 1500, "vote": 1280},
     stream="base:", avoid="msft-flaws")
 
 
