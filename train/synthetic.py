@@ -217,6 +217,10 @@ base, the flaws, the tasks, the weights, the lr, the optimizer and the model siz
   flaw lowers the confidence on triggered rows well before it flips their answers) while the accuracy may stay at its
   plateau for an epoch.
 - A 2.8x larger model (4.66M parameters) behaves like the tiny one.
+- From this set's bases, giving last another kind of flaw (digits 1 and 2 even -> the first digit) parts the peaks of
+  first and last in two seeds of three (vote, first, last at 0, 1.26, 2.01 epochs in seed 0; 0, 1.76, 2.25 in seed
+  2; 0.25, 1.26, 1.00 in seed 1), but only seed 0 keeps both falls at 10 points or more (seed 1: last 0.80, then
+  0.75-0.79; seed 2: first 0.89, then 0.78-0.87).
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
