@@ -129,7 +129,7 @@ peak could buy.
 The first version of this set (its base knew all six tasks; AdamW 1e-3) had mSFT 0.875 ± 0.011 against SFT 0.856 ±
 0.012 (SRO 0.871, temperature 0.872, DynamixSFT 0.858, the oracle 0.938), but for a reason that says little about
 the method: every flawed task was at its best at c = 0, so mSFT rolled back to c = 0 at each exclusion and never kept a
-step trained on a flaw (its table and reports: train/msft.py at commit 39007b9). This version was built so that
+step trained on a flaw (its table: train/msft.py at commit 39007b9). This version was built so that
 tasks peak at different times, and does so in part: vote at 0-0.25, first and last together at 1.26-2.01 epochs.
 Three peaks at least 0.5 epoch apart were not found (train/synthetic.py: what was tried).
 
