@@ -266,10 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("(CPU: compare x_hf_tokens_per_s only; absolute numbers say nothing about the GPU)")
     print(f"# took {time.perf_counter() - t_start:.1f} s")
-    close_distributed()
     broken = [r["impl"] for r in report.rows if r.get("note", "").startswith("failed")]
     return 1 if broken else 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    finally:
+        close_distributed()  # the one-rank group main() made, also when main() raised; close_distributed says why
