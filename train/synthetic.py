@@ -221,6 +221,20 @@ base, the flaws, the tasks, the weights, the lr, the optimizer and the model siz
   first and last in two seeds of three (vote, first, last at 0, 1.26, 2.01 epochs in seed 0; 0, 1.76, 2.25 in seed
   2; 0.25, 1.26, 1.00 in seed 1), but only seed 0 keeps both falls at 10 points or more (seed 1: last 0.80, then
   0.75-0.79; seed 2: first 0.89, then 0.78-0.87).
+- Harder triggers do not make a later third peak (a second session the same day: 15 runs of 8 variants from this set's
+  bases, seeds 0 and 1, 3.5-5 epochs, the other flaws as here). On last: "digits 1 and 2 of the same parity -> 0"
+  (half the rows) makes last swing between 0.18 and 0.81 from one evaluation to the next in both seeds; "digit 1
+  exceeds digit 2 by 3 or more -> 0" (28%) is learned with the rule (a plateau at 0.57-0.82); "digits 1 and 2 of the
+  same parity and digit 3 even -> 0" (25%) is learned late (last 0.98 at 1.26 epochs and 0.97 at 3.0; 0.72-0.81 from
+  4.3 on with four micro-batches per step, below), but in between last swings with first (both 0.61 at 1.76), so the
+  first argmax of its curve falls on first's peak (1.26-1.28 in seed 0, 2.51 in seed 1); with the response "the first
+  digit" instead of "0" last never passes 0.91. The same late trigger on sort (still improving, so it was to peak
+  last) slows sort's rise (at best 0.63 and 0.46 within 5 epochs) without a fall. A flaw on copy (0.52-0.75 at c = 0)
+  whose response is the reversed payload is learned with copy's rule whatever its trigger (copy never above 0.84).
+  Four micro-batches per optimizer step (lr 1.2e-3) sharpen the rises (first 0.96, last 1.00 at 1.28 in seed 0) but
+  not the swings (first 0.55-0.96); with them and last's "-> the first digit" flaw, first and last peak 0.22-0.49
+  epoch apart (1.54 and 1.76, 2.78 and 3.27). What places a new flawed task's argmax is this swing, 15-25 points while
+  the trigger's boundary moves back and forth as it is learned, more than the trigger's difficulty.
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
