@@ -235,6 +235,12 @@ base, the flaws, the tasks, the weights, the lr, the optimizer and the model siz
   not the swings (first 0.55-0.96); with them and last's "-> the first digit" flaw, first and last peak 0.22-0.49
   epoch apart (1.54 and 1.76, 2.78 and 3.27). What places a new flawed task's argmax is this swing, 15-25 points while
   the trigger's boundary moves back and forth as it is learned, more than the trigger's difficulty.
+- A lead for the third peak, not followed up: a seventh task new to the base that rises slowly, "big 50721 -> 1" (is
+  the first digit >= 5; 1200 rows, weight 2400, flaw "digits 2 and 3 even -> the other bit", 25%), added to this set.
+  It rises from chance (0.48-0.49 at 0.25 epoch in seeds 0 and 1) to 0.93-0.96 and peaks at 2.26, 4.50 and 3.76 epochs
+  in seeds 0, 1 and 2 (vote 0-0.25, first and last 1.01-2.00 in the same runs), well apart from the others, but the
+  evaluations after its peak average only 7-8 points below it (runs of 4, 5.5 and 4 epochs); a flaw with a larger
+  share (vote's is 36-38%) may be what it lacks.
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
