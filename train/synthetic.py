@@ -240,7 +240,8 @@ base, the flaws, the tasks, the weights, the lr, the optimizer and the model siz
   It rises from chance (0.48-0.49 at 0.25 epoch in seeds 0 and 1) to 0.93-0.96 and peaks at 2.26, 4.50 and 3.76 epochs
   in seeds 0, 1 and 2 (vote 0-0.25, first and last 1.01-2.00 in the same runs), well apart from the others, but the
   evaluations after its peak average only 7-8 points below it (runs of 4, 5.5 and 4 epochs); a flaw with a larger
-  share (vote's is 36-38%) may be what it lacks.
+  share (vote's is 36-38%) may be what it lacks, but not this one: with "digits 2 and 3 sum to a multiple of 3 -> the
+  other bit" (34%) big swings (0.53-0.88 in seed 0) and rises more slowly (0.78 at best within 5 epochs in seed 1).
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
