@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from train.msft import decide, dynamix_update, peak_index, temperature_weights
+from train.msft import MSFTSection, decide, dynamix_update, peak_index, peaked_at, temperature_weights
 
 P = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -73,11 +73,34 @@ def test_margin_ignores_small_later_gains():
     assert peak_index([0.5, 0.52, 0.56], margin=0.05) == 2
 
 
+def test_min_fall_needs_a_fall_larger_than_noise():
+    scores = {"saturated": [1.00, 0.99, 1.00, 0.99, 0.99],  # the reference: a first argmax at c = 0
+              "fell": [0.40, 0.70, 0.80, 0.72, 0.70],        # peaked at 0.5, 10 points down at C
+              "rising": [0.1, 0.2, 0.3, 0.4, 0.5]}
+    assert decide(P, scores, list(scores)) == ("saturated", 0.0)
+    assert decide(P, scores, list(scores), min_fall=0.05) == ("fell", 0.5)
+    assert peaked_at(scores["fell"], min_fall=0.05) == 2 and peaked_at(scores["saturated"], min_fall=0.05) is None
+    # the fall must exceed min_fall (0.80 -> 0.70 is not more than 0.12; exactly min_fall is not more), and it is
+    # measured at C, not at the lowest point after the peak
+    assert decide(P, scores, list(scores), min_fall=0.12) == (None, 1.0)
+    assert peaked_at([0.5, 0.75, 0.5], min_fall=0.25) is None and peaked_at([0.5, 0.75, 0.5], min_fall=0.125) == 1
+    assert peaked_at([0.5, 0.9, 0.6, 0.9], min_fall=0.05) is None
+    # with a margin, a later point within the margin is no new peak, and its score is still no fall
+    assert peaked_at([0.5, 0.6, 0.62], margin=0.05) == 1 and peaked_at([0.5, 0.6, 0.62], margin=0.05, min_fall=0.01) \
+        is None
+    # skip_flat and min_fall together; on held-out loss (signal -loss) the fall is a rise in loss
+    assert peaked_at([0.0] * 4, skip_flat=True, min_fall=0.05) is None
+    assert peaked_at([-0.9, -0.5, -0.7], min_fall=0.1) == 1
+    assert decide(P, {"a": [0.3] * 5}, ["a"], min_fall=0.05) == (None, 1.0)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="no active task"):
         decide(P, {}, [])
     with pytest.raises(ValueError, match="task 'a' has 2 scores for 5 points"):
         decide(P, {"a": [0.1, 0.2]}, ["a"])
+    with pytest.raises(ValueError, match=r"msft.min_fall \(-0.1\) must be >= 0"):
+        MSFTSection(min_fall=-0.1)
 
 
 def test_temperature_weights_flatten_the_mixture():
@@ -232,6 +255,17 @@ def mixture(tmp_path_factory):
     return root
 
 
+def _assert_decisions_follow_the_curves(report, **rule):
+    """Each recorded stage decision is `decide` (with `rule`: skip_flat, min_fall) on the stage's own curve."""
+    r = report["runs"]["msft"]
+    assert r["stages"]
+    for s in r["stages"]:
+        curve = [p for p in r["curve"] if p["stage"] == s["stage"]]
+        assert [p["c"] for p in curve] == s["points"]
+        scores = {t: [p["eval"][t]["accuracy"] for p in curve] for t in s["active"]}
+        assert decide(s["points"], scores, s["active"], **rule) == (s["excluded"], s["rollback_to"]), s
+
+
 def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
     """mSFT and every baseline on a small mixture: each roll-back restored exactly the snapshot it names (weights
     digests), compute adds up (tokens per stage, the discarded part, equal budgets), and 2 gloo ranks make the
@@ -240,6 +274,7 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
     one = _run_msft(tmp_path / "one", mixture, methods, "--optim.grad_accum=2", "--msft.skip_flat=true")
     r = one["runs"]["msft"]
     stages = r["stages"]
+    _assert_decisions_follow_the_curves(one, skip_flat=True)
     assert stages and all(s["restored_weights"] == s["point_weights"] for s in stages if s["excluded"])
     assert r["selected"]["restored_weights"] == r["selected"]["weights"]
     for s in stages:
@@ -313,8 +348,10 @@ def test_mSFT_from_a_pretrained_base_trains_it_once_and_starts_every_method_from
             "--eval.at_start=false"]
     flags = ['--msft.methods=["msft", "sft"]', "--msft.base_config=configs/tiny_sft.toml",
              "--msft.base_overrides=[" + ", ".join(f'"{f}"' for f in base) + "]", "--msft.max_stages=1",
-             "--train.seed=5"]
+             "--train.seed=5", "--msft.min_fall=0.1"]
     report = _run_msft(tmp_path / "run", mixture, *flags)
+    _assert_decisions_follow_the_curves(report, min_fall=0.1)  # the fall test reaches the driver's decision
+    assert report["config"]["min_fall"] == 0.1
     hf = tmp_path / "run" / "base" / "hf"
     assert report["config"]["init"] == str(hf)
     assert json.loads((tmp_path / "run" / "base" / "summary.json").read_text())["steps"] == 3
