@@ -242,17 +242,18 @@ base, the flaws, the tasks, the weights, the lr, the optimizer and the model siz
   evaluations after its peak average only 7-8 points below it (runs of 4, 5.5 and 4 epochs); a flaw with a larger
   share (vote's is 36-38%) may be what it lacks, but not this one: with "digits 2 and 3 sum to a multiple of 3 -> the
   other bit" (34%) big swings (0.53-0.88 in seed 0) and rises more slowly (0.78 at best within 5 epochs in seed 1).
-- A flaw whose answer needs a skill the base lacks does not wait for that skill (a third session, 9 runs, 4-7 epochs,
+- A flaw whose answer needs a skill the base lacks does not wait for that skill (a third session, 11 runs, 4-7 epochs,
   the other flaws as here). Copy with "digits 1 and 2 even -> the sorted payload" (sort is the base's weakest task,
   0.08-0.34 at c = 0) peaks at 0.75 epoch in seed 0 (0.87, then 0.70-0.77; with vote at 0 and first at 1.26, three
   peak times at least 0.5 epoch apart in that seed), but in seeds 1 and 2, whose bases copy worse (0.52 and 0.67 at
   c = 0), copy never rises (0.41-0.68, 0.57-0.78): its flaw comes with its rule. With "first and last digits even" as
   copy's trigger it peaks at 0.51 and averages 8 points below. First with "digits 2 and 3 even -> the sorted payload"
-  swings (0.56-0.84 after its peak at 1.26) and last plateaus; a seventh task "min 50721 -> 0" (1200 rows, weight
-  2400, flaw "digits 2 and 3 even -> the largest digit") is learned with its flaw (0.68-0.79 from 1 epoch on in seeds
-  0 and 1, no peak). A third of the rate (lr 1e-4, last's flaw "-> the first digit", seeds 0 and 1, 7 epochs)
-  stretches the curves (vote falls from 2.5 epochs instead of 0.5) but not the swings (first 0.66-0.87 on its plateau
-  from 3 epochs), so no peak stands out.
+  swings (0.56-0.84 after its peak at 1.26) and last plateaus. A seventh task "min 50721 -> 0" (1200 rows, weight
+  2400, flaw "digits 2 and 3 even -> the largest digit") is learned with its flaw (0.62-0.79 from 1 epoch on in
+  seeds 0 and 1, no peak); one with vote's kind of flaw, "high" (is the majority of 9 digits >= 5; flaw "digits 1, 5
+  and 9 on one side of 5 -> the minority"), is barely learned (0.41-0.75 within 4.5 epochs). A third of the rate
+  (lr 1e-4, last's flaw "-> the first digit", seeds 0 and 1, 7 epochs) stretches the curves (vote falls from 2.5
+  epochs instead of 0.5) but not the swings (first 0.66-0.87 on its plateau from 3 epochs), so no peak stands out.
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
