@@ -851,7 +851,8 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
 def _rollout_peaks(cfg: MSFTConfig) -> tuple[dict[str, float], float]:
     """SRO's roll-out: plain SFT for C epochs from θ0, recording each task's first-argmax peak (in epochs of the
     mixture). A task that has not peaked by `decide`'s test (`peaked_at`: e.g. still at its best at the roll-out's
-    last point) gets no recorded peak and is never excluded. Returns the peaks and the tokens the roll-out cost (they count in SRO's budget)."""
+    last point) gets no recorded peak and is never excluded. Returns the peaks and the tokens the roll-out cost
+    (they count in SRO's budget)."""
     rt, loader, ring = _open(cfg, "sro_rollout", "sro")
     tracker = Tracker(rt, ring, loader, "sro_rollout")
     tracker.evaluate()
@@ -881,8 +882,8 @@ def make_report(cfg: MSFTConfig, results: dict[str, dict[str, Any]]) -> dict[str
         if "lookahead" in r:  # compute spent besides the training tokens (DynamixSFT's probes)
             rows[method]["lookahead"] = {k: r["lookahead"][k] for k in ("tokens", "flops", "flops_vs_training")}
     return {"config": {"budget_epochs": cfg.msft.budget_epochs, "eval_every": cfg.msft.eval_every,
-                       "signal": cfg.msft.signal, "margin": cfg.msft.margin, "min_fall": cfg.msft.min_fall, "seed": cfg.train.seed,
-                       "init": cfg.init.hf_checkpoint or "random"},
+                       "signal": cfg.msft.signal, "margin": cfg.msft.margin, "min_fall": cfg.msft.min_fall,
+                       "seed": cfg.train.seed, "init": cfg.init.hf_checkpoint or "random"},
             "key": study_key(cfg), "summary": rows, "runs": results}
 
 
