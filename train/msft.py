@@ -97,6 +97,10 @@ SRO shares cause 1 (the tasks it excludes at their roll-out peaks are forgotten 
 is the best method here (0.836, 0.818, 0.817; above even the per-task oracle on SFT's curves): the configured mixture
 draws the three small noisy sets about 10 and 4 times per epoch on purpose, and weights proportional to the square
 roots of the sizes draw them 1.7-2.4x less often and sort about twice as often (sort 0.65 against 0.31).
+The fall test of the pretrained study below (`--msft.min_fall=0.05`) changes little here (2026-12-06, seeds 0, 1, 2,
+msft, sft, early_stop): mSFT 0.525 ± 0.051 (0.584, 0.500, 0.492) against SFT 0.721 ± 0.012 at its tokens. Only
+vote, first and last are excluded now and 17-50% of the tokens are discarded, but cause 1 stays: the excluded tasks
+are forgotten, so the best overall snapshot comes in stage 2 or 3.
 
 From a pretrained base mSFT ties SFT, and temperature sampling is ahead of both. `configs/tiny_msft_pretrained.toml`
 (`msft.base_config`): each seed first trains the tiny model for 2 epochs on clean rows of copy, reverse, sort and
