@@ -254,6 +254,18 @@ base, the flaws, the tasks, the weights, the lr, the optimizer and the model siz
   and 9 on one side of 5 -> the minority"), is barely learned (0.41-0.75 within 4.5 epochs). A third of the rate
   (lr 1e-4, last's flaw "-> the first digit", seeds 0 and 1, 7 epochs) stretches the curves (vote falls from 2.5
   epochs instead of 0.5) but not the swings (first 0.66-0.87 on its plateau from 3 epochs), so no peak stands out.
+- A seventh bit task's plateau swings as much (a fourth session, 9 runs, 4.5-6 epochs from the study's bases, the
+  other flaws as here). "big" with "digits 2 and 3 even -> 2" (first's trigger, an answer big's rule never gives) is
+  learned with first's flaw: big peaks at 1.75 with last (0.91, then 0.61-0.77; seed 0). With a trigger of its own,
+  "digit 2 and the last digit even -> 2", the flaw comes before big's slow rule is done (big never above 0.82 in seeds
+  0 and 2; seed 1 peaks at 2.51 and then swings 0.61-0.89). "bigs" (is the first digit >= 7: the rule is learned
+  within 1-1.25 epochs) with "digit 2 and the last digit even -> 1" (17.5% of the held-out rows turned wrong) has the
+  wanted shape in seeds 0 and 1 (0.96 at 2.26, then 0.76-0.93 from 3.0, 0.82 on average, with vote at 0, last at 1.76
+  and first at 2.00; 0.98 at 3.75, then 0.81-0.96, with vote at 0.25, last at 1.00 and first at 3.01), but in seed 2
+  it swings between 0.64 and 0.96 for four epochs (argmax 4.00, then 9 points down on average). A graded flaw, a
+  fixed random quarter of the 100 pairs of digit 2 and the last digit -> 1 (each pair a flaw of its own, so that their
+  flips might average out), is not learned within 5 epochs (bigs at 1.00 at 2.75 and at 5.0 in seed 0, 0.88-0.99
+  from 3.26 on in seed 1).
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
