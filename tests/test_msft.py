@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from train.msft import MSFTSection, decide, dynamix_update, peak_index, peaked_at, temperature_weights
+from train.msft import (MSFTSection, decide, dynamix_update, format_shape, mixture_shape, peak_index, peaked_at,
+                        sft_shape, temperature_weights)
 
 P = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -101,6 +102,46 @@ def test_errors():
         decide(P, {"a": [0.1, 0.2]}, ["a"])
     with pytest.raises(ValueError, match=r"msft.min_fall \(-0.1\) must be >= 0"):
         MSFTSection(min_fall=-0.1)
+
+
+def test_mixture_shape_counts_lasting_falls_at_staggered_times():
+    """The mSFT mixture criterion read off a plain-SFT curve: overfit = the evaluations after the first argmax average
+    at least min_fall below it; staggered = pairwise >= min_gap apart (evaluation points are a little past kΔ)."""
+    points = [0.0, 0.25, 0.51, 0.76, 1.01, 1.26, 1.51, 1.76, 2.01]
+    scores = {"a": [1.0, 0.9, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7],      # peaks at 0, then 26 points down on average
+              "b": [0.0, 0.5, 0.9, 0.7, 0.8, 0.7, 0.75, 0.8, 0.75],    # 0.9 at 0.51, then 15 down
+              "c": [0.0, 0.2, 0.4, 0.6, 0.9, 0.85, 0.9, 0.7, 0.6],     # 0.9 at 1.01 (first argmax), then 14 down
+              "d": [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],      # still improving at the end: no peak yet
+              "dip": [0.9, 0.9, 0.6, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9],    # one dip is no fall (4 points on average)
+              "flat": [1.0] * 9}                                       # saturated: peaks at 0, falls 0
+    shape = mixture_shape(points, scores)
+    t = shape["tasks"]
+    assert {k for k in t if t[k]["overfit"]} == {"a", "b", "c"}
+    assert t["c"]["peak_epoch"] == 1.01 and t["c"]["peak"] == 0.9 and t["c"]["mean_after"] == pytest.approx(0.7625)
+    assert t["d"]["mean_after"] is None and t["d"]["last"] == 0.8 and t["dip"]["peak_epoch"] == 0.0
+    assert shape["staggered"] == ["a", "b", "c"]  # 0.51 -> 1.01 is 0.50 apart: within the slack
+    assert shape["improving"] == ["b", "c", "d"] and shape["meets"]
+    # a fall exactly min_fall counts; one a little less does not
+    assert mixture_shape([0, 1, 2], {"x": [0.5, 0.9, 0.8]})["tasks"]["x"]["overfit"]
+    assert not mixture_shape([0, 1, 2], {"x": [0.5, 0.9, 0.81]})["tasks"]["x"]["overfit"]
+    # peaks closer than min_gap count once (the earliest is kept, which keeps the most)
+    close = dict(scores, b=[0.0, 0.5, 0.6, 0.9, 0.7, 0.7, 0.7, 0.7, 0.7])  # b now at 0.76: too close to c at 1.01
+    assert mixture_shape(points, close)["staggered"] == ["a", "b"] and not mixture_shape(points, close)["meets"]
+    assert mixture_shape(points, close, min_gap=0.25)["staggered"] == ["a", "b", "c"]
+    # a stricter fall leaves b and c out; with no overfit task there is no "first peak" to be improving after
+    assert mixture_shape(points, scores, min_fall=0.2)["staggered"] == ["a"]
+    assert mixture_shape(points, {"d": scores["d"]}) == {"epochs": 2.01, "min_fall": 0.1, "min_gap": 0.5, "staggered": [],
+                                                        "improving": [], "meets": False, "tasks": {
+                                                            "d": {"peak_epoch": 2.01, "peak": 0.8, "mean_after": None,
+                                                                  "last": 0.8, "overfit": False}}}
+    text = format_shape(shape)
+    assert text.startswith("  plain SFT of the whole mixture for 2.01 epochs\n")
+    assert "a 1.00@0.00 -> 0.74 overfit" in text and "d 0.80@2.01\n" in text  # d: nothing after its peak
+    assert "at times >= 0.5 epoch apart: a@0.00, b@0.51, c@1.01; still improving then: 3; meets" in text
+    with pytest.raises(ValueError, match="task 'a' has 2 scores for 9 points"):
+        mixture_shape(points, {"a": [0.1, 0.2]})
+    curve = [{"epoch": e, "eval": {k: {"accuracy": v[i]} for k, v in scores.items()}} for i, e in enumerate(points)]
+    assert sft_shape({"sft": {"curve": curve}}) == shape and sft_shape({"msft": {"curve": curve}}) is None
 
 
 def test_temperature_weights_flatten_the_mixture():
@@ -301,6 +342,7 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
     again = _run_msft(tmp_path / "one", mixture, methods, "--optim.grad_accum=2", "--msft.skip_flat=true")
     assert again["summary"] == one["summary"]
     assert saved == {m: (tmp_path / "one" / m / "result.json").stat().st_mtime_ns for m in saved}  # nothing re-ran
+    assert one["sft_shape"] == sft_shape(one["runs"]) and set(one["sft_shape"]["tasks"]) == set(TASKS)
     es = one["summary"]["early_stop"]["accuracy"]
     sft_curve = one["runs"]["sft"]["curve"]
     assert all(es[t] == max(p["eval"][t]["accuracy"] for p in sft_curve) for t in TASKS)

@@ -67,6 +67,13 @@ apart (see dynamix):
                held-out splits, which also select every method's checkpoint (as they drive mSFT's decisions); the bandit
                acts at step granularity (weights fixed for K steps).
 
+Whether a mixture gives mSFT something to find is read, not judged by eye: every comparison with the SFT baseline
+prints the shape of SFT's curves (plain SFT of the whole mixture; `mixture_shape`, kept in the report as
+"sft_shape" and per seed in a study's study.json): each task's peak (first argmax) and the mean of its evaluations
+after it, which tasks overfit (that mean at least 10 points below the peak: a fall that lasts, not one dip), how many
+of those peak at least 0.5 epoch apart, and how many tasks are still improving when the first has overfitted. The
+embedded mixture was meant for three staggered overfitting tasks and two improving ones (what it has: below).
+
 On the embedded default mSFT loses, and why. `configs/tiny_msft.toml` (the tiny model from scratch on the "msft"
 mixture of train/synthetic.py, C = 1.5 epochs, Δ = 0.25, 4 stages, AdamW 3e-3 constant), seeds 0, 1, 2, every
 method at mSFT's tokens (~0.96M), held-out accuracy of each method's selected snapshot, mean ± std (2026-11-29, torch
@@ -159,7 +166,11 @@ The first version of this set (its base knew all six tasks; AdamW 1e-3) had mSFT
 the method: every flawed task was at its best at c = 0, so mSFT rolled back to c = 0 at each exclusion and never kept a
 step trained on a flaw (its table: train/msft.py at commit 39007b9). This version was built so that
 tasks peak at different times, and does so in part: vote at 0-0.25, first and last together at 1.26-2.01 epochs.
-Three peaks at least 0.5 epoch apart were not found (train/synthetic.py: what was tried).
+Three peaks at least 0.5 epoch apart were not found (train/synthetic.py: what was tried). By `mixture_shape` on the
+SFT baselines' curves above (2.85-3.52 epochs), the tasks that overfit at times 0.5 epoch apart are vote alone in
+seed 0 and vote and last in seeds 1 and 2 (first's evaluations after its peak average 9.5-9.8 points below it, just
+short of 10); on the fall-test study's (3.47-3.68 epochs): vote; vote, last and first (at 0.25, 2.01 and 3.26: the
+criterion met, in seed 1 only); vote and first.
 
 Reads top to bottom: config -> `decide` (pure) -> the mSFT driver -> baselines -> report and plot -> main.
 """
@@ -694,18 +705,24 @@ def run(cfg: MSFTConfig) -> dict[str, Any]:
     <out_dir>/study.json and printed)."""
     if not cfg.msft.seeds:
         return run_one(cfg)
-    reports = {}
+    reports, shapes = {}, {}
     for seed in cfg.msft.seeds:
         sub = seed_config(cfg, seed, "msft")
         done = finished_report(sub)
         if done is not None:  # an interrupted study resumes; seeds may also run as separate processes first
             if _is_main():
                 print(f"seed {seed}: reusing {sub.out_dir}/report.json (same config)", flush=True)
-        reports[seed] = (done or run_one(sub))["summary"]
+        report = done or run_one(sub)
+        reports[seed] = report["summary"]
+        shapes[seed] = report.get("sft_shape") or sft_shape(report.get("runs", {}))  # reports from before it
     study = aggregate(reports)
     if _is_main():
-        (Path(cfg.out_dir) / "study.json").write_text(json.dumps({"seeds": reports, "mean_std": study}, indent=1))
+        (Path(cfg.out_dir) / "study.json").write_text(json.dumps({"seeds": reports, "mean_std": study,
+                                                                  "sft_shape": shapes}, indent=1))
         print(format_study(study, cfg.msft.seeds), flush=True)
+        for seed, shape in shapes.items():
+            if shape:
+                print(f"seed {seed}, the SFT baseline's curves:\n{format_shape(shape)}", flush=True)
     return study
 
 
@@ -848,6 +865,8 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=1))
         print(format_table(report), flush=True)
+        if report["sft_shape"]:
+            print(f"the SFT baseline's curves:\n{format_shape(report['sft_shape'])}", flush=True)
         plot(report, out / "msft.png")
     return report
 
@@ -877,6 +896,60 @@ def _rollout_peaks(cfg: MSFTConfig) -> tuple[dict[str, float], float]:
 # ---------------------------------------------------------------------------------------------- report
 
 
+def mixture_shape(points: Sequence[float], scores: dict[str, Sequence[float]], *, min_fall: float = 0.10,
+                  min_gap: float = 0.5, slack: float = 0.02) -> dict[str, Any]:
+    """Whether a mixture gives mSFT something to find, read off one plain-SFT curve (points: epochs; scores[task]:
+    held-out accuracy there). Per task: its peak (first argmax: epoch and score), the mean and the last of the
+    evaluations after it, and whether it overfit: it peaked before the last point and the evaluations after the
+    peak average at least `min_fall` below it (a fall that lasts, not one dip). Then "staggered": the most
+    overfitting tasks whose peaks are pairwise at least `min_gap` epochs apart (earliest first; taking the earliest
+    peak and then each next one far enough from the last taken is optimal), less `slack` because evaluation points
+    are a little past each multiple of Δ; and "improving": the tasks whose own peak comes after the first overfit
+    peak (still improving when the first task has overfitted). `meets` is the criterion the mSFT mixture was
+    designed for: at least three staggered and at least two improving."""
+    for task, s in scores.items():
+        if len(s) != len(points):
+            raise ValueError(f"mixture_shape: task {task!r} has {len(s)} scores for {len(points)} points")
+    tasks: dict[str, dict[str, Any]] = {}
+    for task, s in scores.items():
+        k = peak_index(s)
+        after = list(s[k + 1:])
+        mean_after = sum(after) / len(after) if after else None
+        tasks[task] = {"peak_epoch": points[k], "peak": s[k], "mean_after": mean_after, "last": s[-1],
+                       "overfit": mean_after is not None and s[k] - mean_after >= min_fall - 1e-9}
+    staggered: list[str] = []
+    for task in sorted((t for t in tasks if tasks[t]["overfit"]), key=lambda t: (tasks[t]["peak_epoch"], t)):
+        if not staggered or tasks[task]["peak_epoch"] - tasks[staggered[-1]]["peak_epoch"] >= min_gap - slack:
+            staggered.append(task)
+    first = tasks[staggered[0]]["peak_epoch"] if staggered else None
+    improving = [t for t in tasks if first is not None and tasks[t]["peak_epoch"] > first]
+    return {"epochs": points[-1], "min_fall": min_fall, "min_gap": min_gap, "tasks": tasks, "staggered": staggered,
+            "improving": improving, "meets": len(staggered) >= 3 and len(improving) >= 2}
+
+
+def format_shape(shape: dict[str, Any]) -> str:
+    """Three lines: the curve's length, each task's peak and its fall, and the verdict."""
+    parts = []
+    for t, p in sorted(shape["tasks"].items(), key=lambda kv: (kv[1]["peak_epoch"], kv[0])):
+        fall = f" -> {p['mean_after']:.2f}" if p["mean_after"] is not None else ""
+        parts.append(f"{t} {p['peak']:.2f}@{p['peak_epoch']:.2f}{fall}{' overfit' if p['overfit'] else ''}")
+    staggered = ", ".join(f"{t}@{shape['tasks'][t]['peak_epoch']:.2f}" for t in shape["staggered"]) or "none"
+    return (f"  plain SFT of the whole mixture for {shape['epochs']:.2f} epochs\n"
+            f"  peak@epoch -> mean after it: {'; '.join(parts)}\n"
+            f"  overfit (mean after >= {shape['min_fall']:.2f} below the peak) at times >= {shape['min_gap']} epoch "
+            f"apart: {staggered}; still improving then: {len(shape['improving'])}; "
+            f"{'meets' if shape['meets'] else 'misses'} the mSFT mixture criterion (3 staggered, 2 improving)")
+
+
+def sft_shape(results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """mixture_shape of the SFT baseline's curve (plain SFT of the whole mixture), when it ran."""
+    if "sft" not in results or not results["sft"]["curve"]:
+        return None
+    curve = results["sft"]["curve"]
+    return mixture_shape([p["epoch"] for p in curve],
+                         {t: [p["eval"][t]["accuracy"] for p in curve] for t in curve[0]["eval"]})
+
+
 def make_report(cfg: MSFTConfig, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     rows = {}
     for method, r in results.items():
@@ -888,7 +961,7 @@ def make_report(cfg: MSFTConfig, results: dict[str, dict[str, Any]]) -> dict[str
     return {"config": {"budget_epochs": cfg.msft.budget_epochs, "eval_every": cfg.msft.eval_every,
                        "signal": cfg.msft.signal, "margin": cfg.msft.margin, "min_fall": cfg.msft.min_fall,
                        "seed": cfg.train.seed, "init": cfg.init.hf_checkpoint or "random"},
-            "key": study_key(cfg), "summary": rows, "runs": results}
+            "key": study_key(cfg), "summary": rows, "sft_shape": sft_shape(results), "runs": results}
 
 
 def format_table(report: dict[str, Any]) -> str:
