@@ -266,6 +266,15 @@ base, the flaws, the tasks, the weights, the lr, the optimizer and the model siz
   fixed random quarter of the 100 pairs of digit 2 and the last digit -> 1 (each pair a flaw of its own, so that their
   flips might average out), is not learned within 5 epochs (bigs at 1.00 at 2.75 and at 5.0 in seed 0, 0.88-0.99
   from 3.26 on in seed 1).
+- Another answer alphabet does not keep a seventh task's flaw apart (a fifth session, 4 runs of 5 epochs from the
+  study's bases, seeds 2 and 0, curves read with `mixture_shape` in train/msft.py). By that test bigs above meets
+  the criterion in seeds 0 and 1 (overfit at 0, 1.76, 2.26: vote, last, bigs; at 0.25, 1.00, 3.01, 3.75: vote,
+  last, first, bigs) and misses in seed 2 (bigs 9 points down on average). "tall" (bigs's rule answering y or n,
+  letters no other task answers, so that first's and last's "0" flaws cannot leak into it) learns its flaw with its
+  rule, with "the last two digits odd -> y" and with bigs's "digit 2 and the last digit even -> y" alike: a plateau
+  at 0.48-0.83 from 0.5 epoch on, never above 0.83 (one minus the flaw's 17.5%), where bigs, answering 0 or 1,
+  learned its rule first. One of those four runs meets the criterion by chance (seed 2 with the second flaw: vote,
+  first and last at 0, 0.75 and 1.75, first's peak a swing to 0.90 that other seeds do not have).
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
