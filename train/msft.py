@@ -160,6 +160,12 @@ one standard deviation. Seed 1 shows what still costs: first and last go early i
 SFT's curves have both at their best at 2.01 epochs), and the tasks excluded earlier drift while the rest trains
 (vote 0.99 -> 0.12 by the end of stage 4), so the best overall snapshot comes in stage 3, with copy at 0.73 and sort
 at 0.31.
+The test reads one evaluation, the last of the window, so one dip at C counts as a fall. Reading the mean of the
+evaluations after the peak instead (as `mixture_shape` does over a whole SFT curve) is no clear improvement: replayed
+on this study's 12 stages (each stage's recorded curves, min_fall 0.05), it changes 2 decisions, both ways. It
+misses vote's steady fall in stage 1 of seed 0 (1.00 -> 0.97, 0.95, 0.94, 0.93: the mean after is under 5 points
+below, the end 7) and counts the swings of first and last in stage 2 of seed 2 (first 0.90 at 0.51, then 0.81 and 0.87;
+last 0.89, then 0.68 and 0.86), so it is not built.
 
 The first version of this set (its base knew all six tasks; AdamW 1e-3) had mSFT 0.875 ± 0.011 against SFT 0.856 ±
 0.012 (SRO 0.871, temperature 0.872, DynamixSFT 0.858, the oracle 0.938), but for a reason that says little about
