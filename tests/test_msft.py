@@ -130,10 +130,10 @@ def test_mixture_shape_counts_lasting_falls_at_staggered_times():
     assert mixture_shape(points, close, min_gap=0.25)["staggered"] == ["a", "b", "c"]
     # a stricter fall leaves b and c out; with no overfit task there is no "first peak" to be improving after
     assert mixture_shape(points, scores, min_fall=0.2)["staggered"] == ["a"]
-    assert mixture_shape(points, {"d": scores["d"]}) == {"epochs": 2.01, "min_fall": 0.1, "min_gap": 0.5, "staggered": [],
-                                                        "improving": [], "meets": False, "tasks": {
-                                                            "d": {"peak_epoch": 2.01, "peak": 0.8, "mean_after": None,
-                                                                  "last": 0.8, "overfit": False}}}
+    alone = {"d": {"peak_epoch": 2.01, "peak": 0.8, "mean_after": None, "last": 0.8, "overfit": False}}
+    assert mixture_shape(points, {"d": scores["d"]}) == {"epochs": 2.01, "min_fall": 0.1, "min_gap": 0.5,
+                                                        "tasks": alone, "staggered": [], "improving": [],
+                                                        "meets": False}
     text = format_shape(shape)
     assert text.startswith("  plain SFT of the whole mixture for 2.01 epochs\n")
     assert "a 1.00@0.00 -> 0.74 overfit" in text and "d 0.80@2.01\n" in text  # d: nothing after its peak
