@@ -266,22 +266,23 @@ base, the flaws, the tasks, the weights, the lr, the optimizer and the model siz
   fixed random quarter of the 100 pairs of digit 2 and the last digit -> 1 (each pair a flaw of its own, so that their
   flips might average out), is not learned within 5 epochs (bigs at 1.00 at 2.75 and at 5.0 in seed 0, 0.88-0.99
   from 3.26 on in seed 1).
-- Read by one test, no variant with a seventh task meets the criterion in every seed, and another answer alphabet
-  does not keep a seventh task's flaw apart (a fifth session, 8 runs of 5 epochs from the study's bases, seeds 2 and
-  0, curves read with `mixture_shape` in train/msft.py: overfit = the evaluations after the first argmax average at
-  least 10 points below it; peaks at least 0.5 epoch apart). By that test bigs above meets
-  the criterion in seeds 0 and 1 (overfit at 0, 1.76, 2.26: vote, last, bigs; at 0.25, 1.00, 3.01, 3.75: vote,
-  last, first, bigs) and misses in seed 2 (bigs 9 points down on average). "tall" (bigs's rule answering y or n,
-  letters no other task answers, so that first's and last's "0" flaws cannot leak into it) learns its flaw with its
-  rule, with "the last two digits odd -> y" and with bigs's "digit 2 and the last digit even -> y" alike: a plateau
-  at 0.48-0.83 from 0.5 epoch on, never above 0.83 (one minus the flaw's 17.5%), where bigs, answering 0 or 1,
-  learned its rule first. One of those four runs meets the criterion by chance (seed 2 with the second flaw: vote,
-  first and last at 0, 0.75 and 1.75, first's peak a swing to 0.90 that other seeds do not have). Bigs with "digit 2
-  and the last digit even -> the other bit" (25% of the held-out rows turned wrong, both answers; seeds 2 and 0) peaks
-  at 2.51 in both and falls 11-13 points on average (0.95, then 0.71-0.94; 0.90, then 0.67-0.88), but then first and
-  last fall 7-9 points, so only vote and bigs overfit by the test. Without last (six tasks: first and bigs as the
-  flawed new ones) the peaks come earlier and the falls stay small: first 9 points below its peak at 0.50 and bigs
-  overfit at 1.01 in seed 0; first overfit at 1.50 and bigs 9 points below its peak at 2.25 in seed 2.
+- Read by one test, no variant with a seventh task meets the criterion in every seed, and another answer alphabet does
+  not keep a seventh task's flaw apart (a fifth session, 9 runs of 5 epochs from the study's bases, seeds 2 and 0
+  unless said, curves read with `mixture_shape` in train/msft.py: overfit = the evaluations after the first argmax
+  average at least 10 points below it; peaks at least 0.5 epoch apart). By that test bigs above meets the criterion in
+  seeds 0 and 1 (overfit at 0, 1.76, 2.26: vote, last, bigs; at 0.25, 1.00, 3.01, 3.75: vote, last, first, bigs) and
+  misses in seed 2 (bigs 9 points down on average). "tall" (bigs's rule answering y or n, letters no other task
+  answers, so that first's and last's "0" flaws cannot leak into it) learns its flaw with its rule, with "the last two
+  digits odd -> y" and with bigs's "digit 2 and the last digit even -> y" alike: a plateau at 0.48-0.83 from 0.5 epoch
+  on, never above 0.83 (one minus the flaw's 17.5%), where bigs, answering 0 or 1, learned its rule first. One of
+  those four runs meets the criterion by chance (seed 2 with the second flaw: vote, first and last at 0, 0.75 and
+  1.75, first's peak a swing to 0.90 that other seeds do not have). Bigs with "digit 2 and the last digit even -> the
+  other bit" (25% of the held-out rows turned wrong, both answers; seeds 2, 0 and 1) overfits in all three, at 2.51,
+  2.51 and 4.01 (0.95, then 0.71-0.94; 0.90, then 0.67-0.88; 0.92, then 0.78-0.88), but first and last then fall 7-9
+  points in seeds 2 and 0, so the test passes in seed 1 only (vote, last and bigs at 0.25, 1.00 and 4.01). Without
+  last (six tasks: first and bigs as the flawed new ones) the peaks come earlier and the falls stay small: first 9
+  points below its peak at 0.50 and bigs overfit at 1.01 in seed 0; first overfit at 1.50 and bigs 9 points below its
+  peak at 2.25 in seed 2.
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
