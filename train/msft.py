@@ -288,6 +288,13 @@ def peaked_at(scores: Sequence[float], *, margin: float = 0.0, skip_flat: bool =
     return k
 
 
+def check_curves(who: str, points: Sequence[float], scores: dict[str, Sequence[float]]) -> None:
+    """Every task's curve has one score per evaluation point."""
+    for task, s in scores.items():
+        if len(s) != len(points):
+            raise ValueError(f"{who}: task {task!r} has {len(s)} scores for {len(points)} points")
+
+
 def decide(points: Sequence[float], scores: dict[str, Sequence[float]], active: Sequence[str], *,
            margin: float = 0.0, skip_flat: bool = False, min_fall: float = 0.0) -> tuple[str | None, float]:
     """One stage's decision. points: the evaluation points in epochs [0, Δ, ..., C]; scores[task]: the held-out
@@ -296,9 +303,7 @@ def decide(points: Sequence[float], scores: dict[str, Sequence[float]], active: 
     peak (margin, skip_flat, min_fall): `peaked_at`."""
     if not active:
         raise ValueError("decide: no active task")
-    for task in active:
-        if len(scores[task]) != len(points):
-            raise ValueError(f"decide: task {task!r} has {len(scores[task])} scores for {len(points)} points")
+    check_curves("decide", points, {task: scores[task] for task in active})
     peaks = {task: peaked_at(scores[task], margin=margin, skip_flat=skip_flat, min_fall=min_fall)
              for task in active}
     candidates = [task for task in active if peaks[task] is not None]
@@ -720,7 +725,7 @@ def run(cfg: MSFTConfig) -> dict[str, Any]:
                 print(f"seed {seed}: reusing {sub.out_dir}/report.json (same config)", flush=True)
         report = done or run_one(sub)
         reports[seed] = report["summary"]
-        shapes[seed] = report.get("sft_shape") or sft_shape(report.get("runs", {}))  # reports from before it
+        shapes[seed] = sft_shape(report.get("runs", {}))  # from the curves: reports from before it have them too
     study = aggregate(reports)
     if _is_main():
         (Path(cfg.out_dir) / "study.json").write_text(json.dumps({"seeds": reports, "mean_std": study,
@@ -913,9 +918,7 @@ def mixture_shape(points: Sequence[float], scores: dict[str, Sequence[float]], *
     are a little past each multiple of Δ; and "improving": the tasks whose own peak comes after the first overfit
     peak (still improving when the first task has overfitted). `meets` is the criterion the mSFT mixture was
     designed for: at least three staggered and at least two improving."""
-    for task, s in scores.items():
-        if len(s) != len(points):
-            raise ValueError(f"mixture_shape: task {task!r} has {len(s)} scores for {len(points)} points")
+    check_curves("mixture_shape", points, scores)
     tasks: dict[str, dict[str, Any]] = {}
     for task, s in scores.items():
         k = peak_index(s)
@@ -927,8 +930,7 @@ def mixture_shape(points: Sequence[float], scores: dict[str, Sequence[float]], *
     for task in sorted((t for t in tasks if tasks[t]["overfit"]), key=lambda t: (tasks[t]["peak_epoch"], t)):
         if not staggered or tasks[task]["peak_epoch"] - tasks[staggered[-1]]["peak_epoch"] >= min_gap - slack:
             staggered.append(task)
-    first = tasks[staggered[0]]["peak_epoch"] if staggered else None
-    improving = [t for t in tasks if first is not None and tasks[t]["peak_epoch"] > first]
+    improving = [t for t in tasks if tasks[t]["peak_epoch"] > tasks[staggered[0]]["peak_epoch"]] if staggered else []
     return {"epochs": points[-1], "min_fall": min_fall, "min_gap": min_gap, "tasks": tasks, "staggered": staggered,
             "improving": improving, "meets": len(staggered) >= 3 and len(improving) >= 2}
 
