@@ -436,16 +436,32 @@ class HTTPJudge:
         self.timeout_s, self.retries, self.backoff_s = float(timeout_s), int(retries), float(backoff_s)
         self.max_tokens, self.temperature, self.workers = int(max_tokens), float(temperature), max(1, int(workers))
         self._failed = threading.Event()
+        self._lock = threading.Lock()
+        self._cause: JudgeError | None = None  # the first request's failure: what the user needs to read
 
     def complete(self, conversations: Sequence[list[dict]]) -> list[str]:
         self._failed.clear()
-        with ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(self._one, conversations))
+        self._cause = None
+        with ThreadPoolExecutor(self.workers) as pool:  # leaving the block waits for every request
+            futures = [pool.submit(self._one, c) for c in conversations]
+        if self._cause is not None:  # not whichever request comes first in order: it may only have given up
+            raise self._cause
+        return [f.result() for f in futures]
 
     def check(self) -> None:
         """One tiny request, so an unreachable judge or a wrong model name is reported before hours of work."""
         self._failed.clear()
+        self._cause = None
         self._one([{"role": "user", "content": "Reply with OK."}], max_tokens=1)
+
+    def _fail(self, message: str) -> JudgeError:
+        """Record the first real failure and tell the requests still pending to give up."""
+        err = JudgeError(message)
+        with self._lock:
+            if self._cause is None:
+                self._cause = err
+        self._failed.set()
+        return err
 
     def _one(self, messages: list[dict], max_tokens: int | None = None) -> str:
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
@@ -467,8 +483,7 @@ class HTTPJudge:
             except urllib.error.HTTPError as e:
                 detail = e.read(500).decode("utf-8", "replace").strip()
                 if e.code not in (408, 409, 429) and e.code < 500:
-                    self._failed.set()
-                    raise JudgeError(f"judge {self.endpoint}: HTTP {e.code} {e.reason}: {detail or '(no body)'} "
+                    raise self._fail(f"judge {self.endpoint}: HTTP {e.code} {e.reason}: {detail or '(no body)'} "
                                      f"(check the URL, the model name {self.model!r} and the API key)") from None
                 cause = f"HTTP {e.code} {e.reason}: {detail[:200]}"
             except urllib.error.URLError as e:
@@ -477,8 +492,7 @@ class HTTPJudge:
                 cause = self._why(e)
             except json.JSONDecodeError as e:
                 cause = f"the reply is not JSON ({e})"
-        self._failed.set()
-        raise JudgeError(f"judge {self.endpoint} failed after {self.retries + 1} tries: {cause}")
+        raise self._fail(f"judge {self.endpoint} failed after {self.retries + 1} tries: {cause}")
 
     def _why(self, reason: Any) -> str:
         if isinstance(reason, ConnectionRefusedError):
@@ -491,8 +505,7 @@ class HTTPJudge:
         try:
             content = payload["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
-            self._failed.set()
-            raise JudgeError(f"judge {self.endpoint}: the reply has no choices[0].message.content: "
+            raise self._fail(f"judge {self.endpoint}: the reply has no choices[0].message.content: "
                              f"{json.dumps(payload)[:300]}") from None
         return content if isinstance(content, str) else ""  # null content (e.g. only a refusal): nothing to read
 

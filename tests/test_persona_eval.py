@@ -186,6 +186,11 @@ class FakeJudge(BaseHTTPRequestHandler):
         cls.requests.append((self.path, self.headers.get("Authorization"), body))
         if cls.mode == "sleep":
             time.sleep(1.0)
+        if cls.mode == "slow-busy" and "slow" in json.dumps(body):  # busy, and slow to say so
+            time.sleep(0.3)
+            return self._send(503, {"error": "busy"})
+        if cls.mode == "slow-busy":
+            return self._send(404, {"error": {"message": f"model {body['model']} not found"}})
         if cls.mode == "404":
             return self._send(404, {"error": {"message": f"model {body['model']} not found"}})
         if cls.mode == "500-once" and cls.failures == 0:
@@ -303,6 +308,16 @@ def test_http_judge_connection_refused():
     with pytest.raises(P.JudgeError, match=rf"127.0.0.1:{port}/v1/chat/completions failed after 2 tries: "
                                            r"connection refused \(nothing listens there"):
         P.judge_items(judge, _items(["good"] * 3), group=1)
+
+
+def test_http_judge_reports_the_failure_not_a_request_that_gave_up(judge_server):
+    # The first conversation is still waiting for a retryable 503 when the second is refused (404): the first
+    # then gives up, and the error raised must be the 404 that caused it, not the first conversation's give-up.
+    FakeJudge.mode = "slow-busy"
+    judge = P.HTTPJudge(judge_server, "no-such-model", retries=2, backoff_s=0.0, workers=2)
+    with pytest.raises(P.JudgeError, match=r"HTTP 404 .*model no-such-model not found"):
+        judge.complete([[{"role": "user", "content": "slow"}], [{"role": "user", "content": "fast"}]])
+    assert len(FakeJudge.requests) == 2  # the slow one was not retried after the 404
 
 
 def test_http_judge_bad_url():
