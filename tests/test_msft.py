@@ -105,8 +105,9 @@ def test_errors():
 
 
 def test_mixture_shape_counts_lasting_falls_at_staggered_times():
-    """The mSFT mixture criterion read off a plain-SFT curve: overfit = the evaluations after the first argmax average
-    at least min_fall below it; staggered = pairwise >= min_gap apart (evaluation points are a little past kΔ)."""
+    """The mSFT mixture criterion read off a plain-SFT curve: overfit = at least min_after evaluations follow the
+    first argmax and they average at least min_fall below it; staggered = pairwise >= min_gap apart (evaluation
+    points are a little past kΔ)."""
     points = [0.0, 0.25, 0.51, 0.76, 1.01, 1.26, 1.51, 1.76, 2.01]
     scores = {"a": [1.0, 0.9, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7],      # peaks at 0, then 26 points down on average
               "b": [0.0, 0.5, 0.9, 0.7, 0.8, 0.7, 0.75, 0.8, 0.75],    # 0.9 at 0.51, then 15 down
@@ -122,8 +123,14 @@ def test_mixture_shape_counts_lasting_falls_at_staggered_times():
     assert shape["staggered"] == ["a", "b", "c"]  # 0.51 -> 1.01 is 0.50 apart: within the slack
     assert shape["improving"] == ["b", "c", "d"] and shape["meets"]
     # a fall exactly min_fall counts; one a little less does not
-    assert mixture_shape([0, 1, 2], {"x": [0.5, 0.9, 0.8]})["tasks"]["x"]["overfit"]
-    assert not mixture_shape([0, 1, 2], {"x": [0.5, 0.9, 0.81]})["tasks"]["x"]["overfit"]
+    assert mixture_shape([0, 1, 2, 3], {"x": [0.5, 0.9, 0.8, 0.8]})["tasks"]["x"]["overfit"]
+    assert not mixture_shape([0, 1, 2, 3], {"x": [0.5, 0.9, 0.81, 0.81]})["tasks"]["x"]["overfit"]
+    # a drop at the last evaluation may be a dip: one evaluation after the peak is not enough unless asked
+    late = {"x": [0.5, 0.7, 0.9, 0.6]}
+    assert not mixture_shape([0, 1, 2, 3], late)["tasks"]["x"]["overfit"]
+    assert mixture_shape([0, 1, 2, 3], late, min_after=1)["tasks"]["x"]["overfit"]
+    with pytest.raises(ValueError, match="min_after=0"):
+        mixture_shape([0, 1, 2, 3], late, min_after=0)
     # peaks closer than min_gap count once (the earliest is kept, which keeps the most)
     close = dict(scores, b=[0.0, 0.5, 0.6, 0.9, 0.7, 0.7, 0.7, 0.7, 0.7])  # b now at 0.76: too close to c at 1.01
     assert mixture_shape(points, close)["staggered"] == ["a", "b"] and not mixture_shape(points, close)["meets"]
@@ -132,12 +139,13 @@ def test_mixture_shape_counts_lasting_falls_at_staggered_times():
     assert mixture_shape(points, scores, min_fall=0.2)["staggered"] == ["a"]
     alone = {"d": {"peak_epoch": 2.01, "peak": 0.8, "mean_after": None, "last": 0.8, "overfit": False}}
     assert mixture_shape(points, {"d": scores["d"]}) == {"epochs": 2.01, "min_fall": 0.1, "min_gap": 0.5,
-                                                        "tasks": alone, "staggered": [], "improving": [],
-                                                        "meets": False}
+                                                        "min_after": 2, "tasks": alone, "staggered": [],
+                                                        "improving": [], "meets": False}
     text = format_shape(shape)
     assert text.startswith("  plain SFT of the whole mixture for 2.01 epochs\n")
     assert "a 1.00@0.00 -> 0.74 overfit" in text and "d 0.80@2.01\n" in text  # d: nothing after its peak
-    assert "at times >= 0.5 epoch apart: a@0.00, b@0.51, c@1.01; still improving then: 3; meets" in text
+    assert ("overfit (>= 2 evaluations after the peak, averaging >= 0.10 below it) at times >= 0.5 epoch apart: "
+            "a@0.00, b@0.51, c@1.01; still improving then: 3; meets") in text
     with pytest.raises(ValueError, match="task 'a' has 2 scores for 9 points"):
         mixture_shape(points, {"a": [0.1, 0.2]})
     curve = [{"epoch": e, "eval": {k: {"accuracy": v[i]} for k, v in scores.items()}} for i, e in enumerate(points)]

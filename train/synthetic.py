@@ -269,7 +269,7 @@ base, the flaws, the tasks, the weights, the lr, the optimizer and the model siz
 - Read by one test, no variant with a seventh task meets the criterion in every seed, and another answer alphabet does
   not keep a seventh task's flaw apart (a fifth session, 9 runs of 5 epochs from the study's bases, seeds 2 and 0
   unless said, curves read with `mixture_shape` in train/msft.py: overfit = the evaluations after the first argmax
-  average at least 10 points below it; peaks at least 0.5 epoch apart). By that test bigs above meets the criterion in
+  average at least 10 points below it, and there are at least two of them; peaks at least 0.5 epoch apart). By that test bigs above meets the criterion in
   seeds 0 and 1 (overfit at 0, 1.76, 2.26: vote, last, bigs; at 0.25, 1.00, 3.01, 3.75: vote, last, first, bigs) and
   misses in seed 2 (bigs 9 points down on average). "tall" (bigs's rule answering y or n, letters no other task
   answers, so that first's and last's "0" flaws cannot leak into it) learns its flaw with its rule, with "the last two
