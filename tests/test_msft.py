@@ -440,6 +440,37 @@ def test_a_methods_result_is_keyed_by_what_it_depends_on():
         with_base(replace(pre, init=replace(pre.init, hf_checkpoint="/elsewhere/hf")), train=False)
 
 
+def test_a_result_is_keyed_by_the_data_it_read_not_only_the_config(tmp_path, monkeypatch):
+    """A saved result must not be reused after the data changed under the same config: a JSONL file rewritten in
+    place, or the built-in task set's rows (train/synthetic.py edited)."""
+    import os
+    from dataclasses import replace
+
+    from core.config import load_config
+    from train import msft, synthetic
+    from train.msft import MSFTConfig, study_key
+
+    cfg = load_config(MSFTConfig, REPO / "configs/tiny_msft.toml")
+    assert study_key(cfg)["data.digest"] == study_key(cfg, "sft")["data.digest"]
+    before = study_key(cfg)
+    sets = dict(synthetic.TASK_SETS)  # the same config, other rows: vote's label noise edited
+    sets["msft"] = replace(sets["msft"], noise={**sets["msft"].noise, "vote": 0.3})
+    monkeypatch.setattr(synthetic, "TASK_SETS", sets)
+    msft._data_digest.cache_clear()  # read once per process: code does not change under a running process
+    assert study_key(cfg) != before
+    monkeypatch.undo()
+    msft._data_digest.cache_clear()
+    assert study_key(cfg) == before
+    (tmp_path / "train").mkdir()
+    f = tmp_path / "train" / "a.jsonl"
+    f.write_text('{"prompt": "p", "response": "r"}\n')
+    on_disk = replace(cfg, data=replace(cfg.data, path=str(tmp_path)))
+    before = study_key(on_disk)
+    f.write_text('{"prompt": "p", "response": "R"}\n')  # same size, new content
+    os.utime(f, ns=(1, 1))
+    assert study_key(on_disk) != before and study_key(on_disk)["data.digest"] == study_key(on_disk)["data.digest"]
+
+
 @pytest.mark.parametrize("name", ["tiny_msft.toml", "tiny_msft_pretrained.toml", "qwen2.5-0.5b_msft.toml",
                                   "qwen2.5-1.5b_msft.toml"])
 def test_repo_configs_parse(name):

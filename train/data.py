@@ -912,16 +912,36 @@ def mixture_cache_key(root: str | Path, tokenizer: Any, *, seq_len: int, truncat
     tokenizer's fingerprint and every option that changes the tokenized result."""
     root = Path(root)
     h = hashlib.blake2b(digest_size=16)
-    files = sorted((root / "train").glob("*.jsonl")) + sorted((root / "heldout").glob("*.jsonl"))
     carve = not (root / "heldout").is_dir()
     options = {"version": SFTData.CACHE_VERSION, "tokenizer": tokenizer.fingerprint(), "seq_len": seq_len,
                "truncation": truncation, "checkers": sorted((checkers or {}).items()),
                "carve": [heldout_fraction, seed] if carve else None}
     h.update(json.dumps(options, sort_keys=True).encode())
-    for f in files:
+    _hash_mixture_files(root, h)
+    return h.hexdigest()
+
+
+def _hash_mixture_files(root: Path, h: Any) -> None:
+    """Every train/ and heldout/ JSONL file of a mixture directory into `h`: its path in the mixture and content."""
+    for f in sorted((root / "train").glob("*.jsonl")) + sorted((root / "heldout").glob("*.jsonl")):
         h.update(f"{f.relative_to(root)}\0".encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
         h.update(b"\0")
+
+
+def data_digest(path: str, synthetic: str, seed: int) -> str:
+    """What a data config reads, as a digest: every JSONL file of the mixture at `path` (content, not dates), or,
+    without a path, the rows of the built-in task set `synthetic` for `seed`. A result saved under a key made of
+    the config alone would outlive a change to the data (new files in place, or train/synthetic.py's tasks); one
+    keyed by this is recomputed."""
+    h = hashlib.blake2b(digest_size=16)
+    if path:
+        _hash_mixture_files(Path(path), h)
+    else:
+        from train.synthetic import task_set_tasks
+
+        for name, task in task_set_tasks(synthetic, seed).items():
+            h.update(json.dumps([name, task.train, task.heldout], sort_keys=True).encode())
     return h.hexdigest()

@@ -186,6 +186,7 @@ Reads top to bottom: config -> `decide` (pure) -> the mSFT driver -> baselines -
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -199,7 +200,7 @@ import torch.distributed as dist
 
 from core.config import flatten
 from core.ring import CheckpointRing, reshard
-from train.data import PackedBatch, pack_rows
+from train.data import PackedBatch, data_digest, pack_rows
 from train.runtime import RunConfig, Runtime, entry_point, global_sum, log, seed_config, token_logprobs
 from train.sft import loader_step, make_loader, train_once, train_step
 
@@ -753,14 +754,26 @@ METHOD_PARAMS = {"temperature": ("temperature",),
 
 def study_key(cfg: MSFTConfig, method: str | None = None) -> dict[str, Any]:
     """What makes two runs the same experiment: the whole config but where it writes (init.hf_checkpoint too when
-    msft.base_config derives it from out_dir). For one method's result (`method`), also not which methods or seeds
+    msft.base_config derives it from out_dir), and a digest of the rows it reads (train.data.data_digest). For one method's result (`method`), also not which methods or seeds
     the comparison has, nor the parameters only other methods read, so a comparison that adds a method (or changes
     τ) reuses the other methods' results."""
     skip = {"out_dir", "checkpoint.dir"} | ({"init.hf_checkpoint"} if cfg.msft.base_config else set())
     if method is not None:
         skip |= {"msft.methods", "msft.seeds"}
         skip |= {f"msft.{p}" for m, params in METHOD_PARAMS.items() if m != method for p in params}
-    return {k: v for k, v in flatten(cfg).items() if k not in skip}
+    key = {k: v for k, v in flatten(cfg).items() if k not in skip}
+    d = cfg.data
+    files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                  for f in sorted(Path(d.path).glob("*/*.jsonl"))) if d.path else ()
+    key["data.digest"] = _data_digest(d.path, d.synthetic, d.seed, files)  # the rows read, not only their name
+    return key
+
+
+@functools.lru_cache(maxsize=16)
+def _data_digest(path: str, synthetic: str, seed: int, files: tuple) -> str:
+    """data_digest once per process for the same data (`files`: the mixture's files, sizes and dates, so a file
+    changed in place is read again)."""
+    return data_digest(path, synthetic, seed)
 
 
 def saved_by(cfg: MSFTConfig, path: Path, method: str | None = None) -> dict[str, Any] | None:
