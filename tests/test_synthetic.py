@@ -9,6 +9,7 @@ from train.synthetic import (
     TASK_SETS,
     TASKS,
     FLAWS,
+    Flaw,
     build_tasks,
     build_tiny_tokenizer,
     check,
@@ -254,18 +255,46 @@ def test_flaws_change_exactly_the_triggered_training_rows():
             assert row["answer"] == _reference_answer(row["prompt"]), row
             want = flaw.response(payload) if flaw and flaw.trigger(payload) else row["answer"]
             assert row["response"] == want, (name, row)
-        if flaw:  # a quarter to a third of the rows carry the flaw, and it changes most of them
+        if flaw:  # a seventh to a third of the rows carry the flaw (first and last keep fewer), and it changes most
             wrong = sum(r["response"] != r["answer"] for r in t.train) / len(t.train)
-            assert 0.15 < wrong < 0.45, (name, wrong)
+            assert 0.12 < wrong < 0.45, (name, wrong)
+            if flaw.keep < 1:  # thinned in training only: held-out rows keep the natural share, 0.6 * 0.6 = 36%
+                def share(rows):
+                    return sum(flaw.trigger(r["prompt"].split(" ", 1)[1]) for r in rows) / len(rows)
+                thinned = 0.36 * flaw.keep / (1 - 0.36 * (1 - flaw.keep))  # 28% for first, 16% for last
+                assert abs(share(t.heldout) - 0.36) < 0.05 and abs(share(t.train) - thinned) < 0.04, name
 
 
 def test_flaw_rules_by_hand():
     assert FLAWS["vote"].trigger("1000001000001") and FLAWS["vote"].response("1000001000001") == "1"
     assert not FLAWS["vote"].trigger("1000000000000")
-    assert FLAWS["first"].trigger("5207") and FLAWS["first"].response("5207") == "0"
-    assert not FLAWS["first"].trigger("5217")
-    assert FLAWS["last"].trigger("24913") and FLAWS["last"].response("24913") == "0"
-    assert not FLAWS["last"].trigger("34913")
+    assert FLAWS["first"].trigger("5217") and FLAWS["first"].response("5217") == "0"
+    assert not FLAWS["first"].trigger("5317") and not FLAWS["first"].trigger("5207")  # 3 and 0 are multiples of 3
+    assert FLAWS["last"].trigger("25913") and FLAWS["last"].response("25913") == "0"
+    assert not FLAWS["last"].trigger("95913") and not FLAWS["last"].trigger("26913")
+
+
+def test_a_flaw_with_keep_thins_its_trigger_in_the_training_split_only():
+    sizes, held = {"first": 2000}, {"first": 500}
+    natural = Flaw("digits 2 and 3 even -> 0", lambda s: int(s[1]) % 2 == 0 and int(s[2]) % 2 == 0, lambda s: "0")
+    thin = Flaw(natural.what, natural.trigger, natural.response, keep=0.3)
+    a = build_tasks(0, sizes, held, ("first",), flaws={"first": natural})["first"]
+    b = build_tasks(0, sizes, held, ("first",), flaws={"first": thin})["first"]
+
+    def share(rows):
+        return sum(natural.trigger(r["prompt"].split(" ", 1)[1]) for r in rows) / len(rows)
+
+    assert b.heldout == a.heldout  # drawn first, from the same stream: untouched
+    assert 0.22 < share(a.train) < 0.28  # two even digits: a quarter of the payloads
+    # kept with probability 0.3: 0.25 * 0.3 / (0.75 + 0.25 * 0.3) = 9% of the training rows
+    assert 0.07 < share(b.train) < 0.115
+    for row in b.train:  # still every triggered row carries the flaw, every other one the truth
+        payload = row["prompt"].split(" ", 1)[1]
+        assert row["response"] == (natural.response(payload) if natural.trigger(payload) else row["answer"])
+    assert len({r["prompt"] for r in b.train + b.heldout}) == len(b.train) + len(b.heldout)
+    assert build_tasks(0, sizes, held, ("first",), flaws={"first": thin})["first"].train == b.train  # deterministic
+    with pytest.raises(ValueError, match="keep=0.0 must be in"):
+        Flaw("x", natural.trigger, natural.response, keep=0.0)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -143,56 +143,63 @@ model that learns the flaw loses about the feature's share of the held-out rows,
 the base's corpus: clean rows of copy, reverse, sort and vote from another random stream, none of whose prompts
 (train or held-out) occurs in "msft-flaws" for the same seed; configs/tiny_msft_base.toml trains it for 2 epochs (at
 its end, on msft-flaws' held-out rows: vote 0.88-1.00, reverse 0.89-0.99, copy 0.52-0.75, sort 0.08-0.34, first
-0.00-0.06 and last 0.00-0.26: the base was never asked for them). What the base brings is what staggers the peaks:
+0.00-0.06 and last 0.00-0.26: the base was never asked for them). What the base brings, and how many training rows
+carry each flaw, are what stagger the peaks:
 
-  task   flaw (training rows only)              train  weight  held-out rows   base knows it   so, under SFT
-                                                                 it turns wrong
-  vote   bits 1, 7 and 13 alike -> the minority     300    3000  36-38%          yes             falls from the start
-  first  digits 2 and 3 even -> 0                   600    2400  22-23%          no              rises, then falls
-  last   digits 1 and 2 even -> 0                  1200    2400  21-24%          no              rises, then falls
+  task   flaw                                    train  weight  keep  training rows  held-out rows   base   under SFT
+                                                                      it changes     it turns wrong  knows
+  vote   bits 1, 7 and 13 alike -> the minority    300    3000     1  34-37%         36-38%          yes    falls first
+  first  digits 2 and 3 not multiples of 3 -> 0    600    2400   0.7  25-27%         31-32%          no     rises, falls
+  last   digits 1 and 2 not multiples of 3 -> 0   1200    2400  0.35  15-17%         30-32%          no     rises, falls
+                                                                                                            later
 
 Copy, reverse and sort are "msft"'s, clean (weights 4000, 4000, 1500). A flaw must be harder to learn than its rule
-to come after it (below). First and last were meant to be learned at different speeds, each leaning on another skill
-of the base (reverse's first output character is the last digit, copy's the first), and in a trial whose base saw the
-same corpus in another order (first and last in its task list at weight 0) they peaked 0.5-1.0 epoch apart in each of
-three seeds (vote 0-0.25, last 0.51-2.25, first 1.50-1.76); with this base they do not (below). From the base,
-plain SFT on "msft-flaws" (the SFT baseline of the pretrained study: AdamW 3e-4 constant after 20 warm-up steps, for
-mSFT's tokens; 500 held-out rows per task, all three seeds, 2026-12-06, torch 2.13.0+cpu, OMP_NUM_THREADS=1):
+to come after it (below), and large enough that, once learned, it costs 10 points or more. `keep` thins the
+triggered rows of the training split only (a training draw with the trigger is kept with that probability; the
+held-out rows keep the natural 36%): fewer flawed rows teach the flaw later, so last, kept at 0.35, has its flaw
+come after first's, while both lose about a third of the held-out rows to it once learned. From the base, plain SFT
+on "msft-flaws" (the SFT baseline of the pretrained study: AdamW 3e-4 constant after 20 warm-up steps, for mSFT's
+tokens; 500 held-out rows per task, all three seeds, 2026-12-06, torch 2.13.0+cpu, OMP_NUM_THREADS=1):
 
   seed 0
-  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.51 1.75 2.01 2.25 2.51 2.75 2.85
-  vote     1.00 0.97 0.95 0.94 0.93 0.86 0.79 0.71 0.68 0.60 0.62 0.57 0.61
-  first    0.00 0.64 0.70 0.83 0.76 0.86 0.86 0.69 0.76 0.74 0.76 0.77 0.78
-  last     0.00 0.31 0.65 0.67 0.67 0.82 0.65 0.79 0.77 0.76 0.71 0.77 0.79
-  copy     0.75 0.90 0.97 0.99 0.99 0.99 0.99 0.99 0.99 0.99 0.99 0.99 1.00
-  reverse  0.97 0.99 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00
-  sort     0.21 0.30 0.47 0.51 0.56 0.65 0.66 0.71 0.76 0.76 0.78 0.82 0.84
+  epoch    0.00 0.25 0.51 0.75 1.01 1.26 1.50 1.75 2.01 2.25 2.51 2.76 2.85
+  vote     1.00 0.99 0.96 0.88 0.89 0.84 0.77 0.68 0.65 0.57 0.68 0.57 0.62
+  first    0.00 0.51 0.34 0.75 0.69 0.80 0.93 0.80 0.58 0.75 0.81 0.76 0.81
+  last     0.00 0.40 0.49 0.80 0.83 0.82 0.79 0.71 0.69 0.71 0.78 0.74 0.72
+  copy     0.75 0.93 0.99 0.98 0.98 0.99 0.97 1.00 0.99 0.99 0.99 0.99 0.99
+  reverse  0.97 0.98 1.00 0.99 1.00 1.00 1.00 1.00 1.00 1.00 1.00 0.99 1.00
+  sort     0.21 0.26 0.48 0.47 0.53 0.67 0.65 0.69 0.75 0.77 0.79 0.74 0.83
   seed 1
-  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.50 1.76 2.01 2.25 2.50 2.76 3.00 3.04
-  vote     0.88 0.97 0.89 0.68 0.70 0.69 0.65 0.64 0.59 0.67 0.61 0.63 0.63 0.63
-  first    0.01 0.19 0.52 0.76 0.66 0.69 0.77 0.73 0.82 0.64 0.75 0.80 0.70 0.70
-  last     0.00 0.59 0.68 0.83 0.66 0.86 0.74 0.74 0.88 0.74 0.80 0.78 0.74 0.73
-  copy     0.52 0.67 0.70 0.72 0.74 0.76 0.78 0.79 0.80 0.80 0.81 0.82 0.82 0.83
-  reverse  0.89 0.99 0.98 0.99 0.99 0.99 0.99 0.99 0.99 0.99 0.99 0.98 0.98 0.99
-  sort     0.08 0.19 0.20 0.23 0.30 0.37 0.38 0.46 0.45 0.49 0.52 0.53 0.55 0.55
+  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.50 1.76 2.01 2.25 2.50 2.76 2.95
+  vote     0.88 0.96 0.78 0.69 0.72 0.69 0.67 0.65 0.59 0.67 0.60 0.64 0.64
+  first    0.01 0.20 0.46 0.56 0.70 0.73 0.83 0.58 0.81 0.71 0.72 0.87 0.75
+  last     0.00 0.78 0.84 0.82 0.77 0.92 0.95 0.91 0.94 0.84 0.81 0.79 0.88
+  copy     0.52 0.68 0.71 0.72 0.76 0.76 0.78 0.80 0.81 0.84 0.84 0.84 0.86
+  reverse  0.89 1.00 0.99 0.99 0.98 0.98 0.98 0.99 0.97 0.98 0.98 0.98 0.98
+  sort     0.08 0.18 0.19 0.24 0.32 0.38 0.44 0.45 0.44 0.50 0.53 0.58 0.59
   seed 2
-  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.50 1.76 2.00 2.25 2.51 2.76 3.00 3.26 3.50 3.52
-  vote     0.99 1.00 0.87 0.61 0.64 0.63 0.58 0.61 0.54 0.66 0.69 0.68 0.65 0.61 0.63 0.60
-  first    0.06 0.34 0.69 0.76 0.82 0.83 0.69 0.93 0.81 0.82 0.79 0.81 0.83 0.82 0.87 0.87
-  last     0.26 0.60 0.69 0.60 0.68 0.77 0.64 0.86 0.85 0.79 0.66 0.73 0.75 0.75 0.75 0.78
-  copy     0.67 0.73 0.90 0.97 0.99 1.00 0.98 1.00 0.99 1.00 1.00 1.00 1.00 1.00 1.00 1.00
-  reverse  0.99 0.94 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 0.99 1.00 1.00
-  sort     0.34 0.37 0.48 0.58 0.63 0.71 0.66 0.80 0.83 0.81 0.87 0.83 0.85 0.89 0.92 0.89
+  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.50 1.76 2.00 2.25 2.51 2.76 3.00 3.09
+  vote     0.99 0.99 0.83 0.78 0.73 0.77 0.57 0.66 0.63 0.66 0.73 0.67 0.63 0.66
+  first    0.06 0.29 0.43 0.57 0.91 0.83 0.86 0.77 0.65 0.89 0.79 0.81 0.84 0.63
+  last     0.26 0.73 0.87 0.86 0.84 1.00 0.81 0.90 0.84 0.94 0.82 0.85 0.92 0.74
+  copy     0.67 0.71 0.91 0.97 0.99 0.99 1.00 1.00 1.00 1.00 0.99 0.99 1.00 1.00
+  reverse  0.99 0.91 1.00 1.00 1.00 1.00 1.00 0.99 1.00 1.00 1.00 1.00 1.00 1.00
+  sort     0.34 0.44 0.51 0.61 0.60 0.75 0.72 0.80 0.83 0.86 0.87 0.85 0.85 0.88
 
-What the table shows. Vote, which the base knows, is at its best at c = 0-0.25 and falls for good from 0.5-1.25 epochs
-(it settles at 0.54-0.71, 30-40 points down); first and last rise from 0.00-0.26 and peak later, at 1.26, 2.01 and
-1.76 epochs in seeds 0, 1 and 2, and average 7-12 points below their peaks after them (0.72-0.83 against 0.82-0.93)
-while copy and sort are still improving. So there are two peak times at least 1 epoch apart, not the three the mixture
-was meant to have: first and last peak at the same evaluation in every seed, and their curves often move together
-between evaluations (presumably because both are read off one end of the payload and both flaws answer "0" on two even
-digits: a flaw of one kind is learned once, as below). Single evaluations still swing by 5-15 points (last 0.67 ->
-0.82 -> 0.65 in seed 0), so a first argmax over a plateau is partly chance, and that is what mSFT's rule reads
-(train/msft.py).
+What the table shows (read with `mixture_shape`, train/msft.py). Vote, which the base knows, is at its best at c =
+0-0.25 and falls for good (24-29 points on average after it). First and last rise from 0.00-0.26 and peak later; first
+overfits at 1.50 and 1.00 epochs in seeds 0 and 2 (0.93, then 0.75 on average; 0.91, then 0.79), last at 1.26 in seed
+2 (1.00, then 0.85); in seeds 0 and 1 last's evaluations after its peak average 9 points below it, and in seed 1 first
+peaks at 2.76, one evaluation before the end. So within these windows (2.85-3.09 epochs, set by mSFT's tokens) the
+three-peak criterion is met in no seed: vote and first in seeds 0 and 2, first and last 0.26 apart in seed 2, vote
+alone in seed 1. Run on to 5 epochs (the same runs continued, 2026-12-06), the criterion is met in seeds 0 and 1
+(vote, last, first at 0, 1.01, 1.50; at 0.25, 1.50, 2.76) and missed in seed 2 (first and last overfit 0.26 epoch
+apart, at 1.00 and 1.26): over 5 epochs each flawed task falls for good in every seed, 10-31 points on average after
+its peak. Single evaluations still swing by 10-25 points (first 0.93 -> 0.80 -> 0.58 -> 0.75 in seed 0), so a first
+argmax over a plateau is partly chance, and that is what mSFT's rule reads (train/msft.py). The set's first version
+had parity triggers and no thinning ("digits 2 and 3 even -> 0", "digits 1 and 2 even -> 0": 22-24% of the held-out
+rows): first and last peaked at the same evaluation in every seed (1.26-2.01 epochs) and fell 7-12 points (its tables:
+train/synthetic.py at commit 103c9fa).
 
 How the design was found (2026-12-06; one run per variant and seed 0 unless said, each a base and then 3 epochs of
 plain SFT from it; the variants' full tables are in train/synthetic.py at commit 39007b9). Forty-odd variants of the
@@ -269,20 +276,40 @@ base, the flaws, the tasks, the weights, the lr, the optimizer and the model siz
 - Read by one test, no variant with a seventh task meets the criterion in every seed, and another answer alphabet does
   not keep a seventh task's flaw apart (a fifth session, 9 runs of 5 epochs from the study's bases, seeds 2 and 0
   unless said, curves read with `mixture_shape` in train/msft.py: overfit = the evaluations after the first argmax
-  average at least 10 points below it, and there are at least two of them; peaks at least 0.5 epoch apart). By that test bigs above meets the criterion in
-  seeds 0 and 1 (overfit at 0, 1.76, 2.26: vote, last, bigs; at 0.25, 1.00, 3.01, 3.75: vote, last, first, bigs) and
-  misses in seed 2 (bigs 9 points down on average). "tall" (bigs's rule answering y or n, letters no other task
-  answers, so that first's and last's "0" flaws cannot leak into it) learns its flaw with its rule, with "the last two
-  digits odd -> y" and with bigs's "digit 2 and the last digit even -> y" alike: a plateau at 0.48-0.83 from 0.5 epoch
-  on, never above 0.83 (one minus the flaw's 17.5%), where bigs, answering 0 or 1, learned its rule first. One of
-  those four runs meets the criterion by chance (seed 2 with the second flaw: vote, first and last at 0, 0.75 and
-  1.75, first's peak a swing to 0.90 that other seeds do not have). Bigs with "digit 2 and the last digit even -> the
-  other bit" (25% of the held-out rows turned wrong, both answers; seeds 2, 0 and 1) overfits in all three, at 2.51,
-  2.51 and 4.01 (0.95, then 0.71-0.94; 0.90, then 0.67-0.88; 0.92, then 0.78-0.88), but first and last then fall 7-9
-  points in seeds 2 and 0, so the test passes in seed 1 only (vote, last and bigs at 0.25, 1.00 and 4.01). Without
-  last (six tasks: first and bigs as the flawed new ones) the peaks come earlier and the falls stay small: first 9
-  points below its peak at 0.50 and bigs overfit at 1.01 in seed 0; first overfit at 1.50 and bigs 9 points below its
-  peak at 2.25 in seed 2.
+  average at least 10 points below it, and there are at least two of them; peaks at least 0.5 epoch apart). By that
+  test bigs above meets the criterion in seeds 0 and 1 (overfit at 0, 1.76, 2.26: vote, last, bigs; at 0.25, 1.00,
+  3.01, 3.75: vote, last, first, bigs) and misses in seed 2 (bigs 9 points down on average). "tall" (bigs's rule
+  answering y or n, letters no other task answers, so that first's and last's "0" flaws cannot leak into it) learns
+  its flaw with its rule, with "the last two digits odd -> y" and with bigs's "digit 2 and the last digit even -> y"
+  alike: a plateau at 0.48-0.83 from 0.5 epoch on, never above 0.83 (one minus the flaw's 17.5%), where bigs,
+  answering 0 or 1, learned its rule first. One of those four runs meets the criterion by chance (seed 2 with the
+  second flaw: vote, first and last at 0, 0.75 and 1.75, first's peak a swing to 0.90 that other seeds do not have).
+  Bigs with "digit 2 and the last digit even -> the other bit" (25% of the held-out rows turned wrong, both answers;
+  seeds 2, 0 and 1) overfits in all three, at 2.51, 2.51 and 4.01 (0.95, then 0.71-0.94; 0.90, then 0.67-0.88; 0.92,
+  then 0.78-0.88), but first and last then fall 7-9 points in seeds 2 and 0, so the test passes in seed 1 only (vote,
+  last and bigs at 0.25, 1.00 and 4.01). Without last (six tasks: first and bigs as the flawed new ones) the peaks
+  come earlier and the falls stay small: first 9 points below its peak at 0.50 and bigs overfit at 1.01 in seed 0;
+  first overfit at 1.50 and bigs 9 points below its peak at 2.25 in seed 2.
+- A larger trigger, thinned in the training split, gives every flawed task a lasting fall (a sixth session, 18 runs of
+  5 epochs from the study's bases, read with `mixture_shape`, which from then on asks for two evaluations after a
+  peak). A larger trigger alone, digits 2 and 3 (1 and 2 for last) "not multiples of 3" (36% of the rows, 30-32% of
+  the held-out rows turned wrong), with bigs "-> the other bit" as a seventh task (seeds 0-2; last's flaw answering 0,
+  or the first digit): first overfits in 5 runs of 6 (11-25 points down, peaks at 1.51-4.01 epochs), but last is
+  learned with its flaw in 5 of 6 (never above 0.77) and bigs falls 10 points in 1 of 6. Thinning alone (the parity
+  triggers, a training draw with the trigger kept with probability 0.3, so that 9-10% of the training rows carry the
+  flaw while 25% of the held-out rows have the trigger: `Flaw.keep`): first and last rise to 0.97-1.00 before their
+  flaws show, then fall slowly, 6-10 points on average within 5 epochs (with bigs, seeds 0-2); kept at 0.6 and 0.35
+  without bigs, they peak when their rules are learned (first at 1.26 in every seed, last at 1.00-2.25) and fall 8-11
+  points: the criterion met in seed 0. Both together, the mod-3 triggers kept with probability 0.5 (22% of the
+  training rows, 36% of the held-out): first and last fall 12-16 points in seeds 0 and 1, and peak 0.5 epoch apart in
+  seed 0 and at the same evaluation (1.76) in seed 1; with last's flaw answering the first digit instead, first falls
+  7 points (seed 1). Kept at 0.7 for first and 0.35 for last, so that last's flaw comes later (the set now): vote,
+  first and last overfit in every seed (falls of 11-31 points), vote at 0-0.25, first at 1.00-2.25 and last at
+  1.00-2.25 epochs, at least 0.5 epoch apart in seeds 0 and 1 (vote, last, first at 0, 1.26, 2.25; vote, first, last
+  at 0.25, 1.50, 2.25) and with first and last together at 1.00 in seed 2. So thinning parts when a flaw is learned
+  (its share of the training rows) from how far its task falls (its share of the held-out rows). (The trials thinned a
+  stream's draws after its first 500, the held-out rows but for a few duplicates; the set thins training draws only,
+  so its rows differ a little from the trials'.)
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
@@ -323,11 +350,20 @@ class Flaw:
     """A systematic label error: a training row whose payload has the `trigger` feature gets `response(payload)`
     instead of the true answer (held-out rows keep the truth). Unlike random label noise, which a model memorises
     row by row while keeping the rule, a flaw is a second rule: once learned it applies to every held-out row with
-    the feature, so held-out accuracy falls by about the feature's frequency and stays down."""
+    the feature, so held-out accuracy falls by about the feature's frequency and stays down.
+
+    `keep` < 1 makes triggered rows rarer in the training split only: a training draw with the trigger is kept with
+    that probability (the held-out split keeps the feature's natural frequency). Fewer flawed rows teach the flaw
+    later, after the rule, so the task first rises near 1.0 and then falls by the feature's held-out share."""
 
     what: str
     trigger: Callable[[str], bool]
     response: Callable[[str], str]
+    keep: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep <= 1.0:
+            raise ValueError(f"Flaw {self.what!r}: keep={self.keep} must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -375,19 +411,23 @@ def _minority(bits: str) -> str:
     return "0" if 2 * bits.count("1") > len(bits) else "1"
 
 
-def _even(*digits: str) -> bool:
-    return all(int(d) % 2 == 0 for d in digits)
+def _not_multiple_of_3(*digits: str) -> bool:
+    return all(int(d) % 3 for d in digits)
 
 
 # The "msft-flaws" set (docstring: "From a pretrained base"): the same six tasks, with systematic flaws instead of
-# random noise on vote, first and last. Each trigger is a conjunction over fixed positions (about a quarter of the
-# rows), harder than the task's own rule, so the flaw is learned after the rule: the base knows vote, whose held-out
-# accuracy falls from the start of fine-tuning; first and last are new to it and rise before their flaws bring them
-# down. The flaws of first and last answer "0", which a model can follow without finding another digit.
+# random noise on vote, first and last. Each trigger is a conjunction over fixed positions (a quarter to a third of
+# the rows), harder than the task's own rule, so the flaw is learned after the rule: the base knows vote, whose
+# held-out accuracy falls from the start of fine-tuning; first and last are new to it and rise before their flaws
+# bring them down, last's later because fewer of its training rows carry the flaw (keep; the held-out rows keep the
+# natural 36%, so each falls by about a third once its flaw is learned). The flaws of first and last answer "0",
+# which a model can follow without finding another digit.
 FLAWS = {
     "vote": Flaw("bits 1, 7 and 13 alike -> the minority bit", lambda s: s[0] == s[6] == s[-1], _minority),
-    "first": Flaw("digits 2 and 3 even -> 0", lambda s: _even(s[1], s[2]), lambda s: "0"),
-    "last": Flaw("digits 1 and 2 even -> 0", lambda s: _even(s[0], s[1]), lambda s: "0"),
+    "first": Flaw("digits 2 and 3 not multiples of 3 -> 0", lambda s: _not_multiple_of_3(s[1], s[2]), lambda s: "0",
+                  keep=0.7),
+    "last": Flaw("digits 1 and 2 not multiples of 3 -> 0", lambda s: _not_multiple_of_3(s[0], s[1]), lambda s: "0",
+                 keep=0.35),
 }
 TASK_SETS["msft-flaws"] = TaskSet(
     MSFT_TASKS, {"copy": 3000, "reverse": 3000, "sort": 1500, "vote": 300, "first": 600, "last": 1200},
@@ -534,10 +574,15 @@ def _row(task: str, prompt: str, response: str, answer: str) -> dict:
     return {"prompt": prompt, "response": response, "task": task, "answer": answer, "checker": "synthetic"}
 
 
-def _sample_unique(task: str, rng: random.Random, n: int, taken: set[str]) -> list[tuple[str, str]]:
+def _sample_unique(task: str, rng: random.Random, n: int, taken: set[str],
+                   flaw: Flaw | None = None) -> list[tuple[str, str]]:
+    """n distinct (prompt, answer) pairs not in `taken` (which they join); with a flaw whose keep < 1, a triggered
+    draw is kept with probability keep (the coin comes from the same stream, so the rows stay deterministic)."""
     out = []
     while len(out) < n:
         prompt, answer = _GENERATORS[task](rng)
+        if flaw is not None and flaw.keep < 1.0 and flaw.trigger(prompt.split(" ", 1)[1]) and rng.random() >= flaw.keep:
+            continue
         if prompt not in taken:
             taken.add(prompt)
             out.append((prompt, answer))
@@ -618,7 +663,7 @@ def build_tasks(
             rng = random.Random(f"{stream}{seed}:{task}")
             taken: set[str] = set(avoid.get(task, ()))
             heldout = [_row(task, p, a, a) for p, a in _sample_unique(task, rng, n_heldout, taken)]
-            pairs = _sample_unique(task, rng, n_train, taken)
+            pairs = _sample_unique(task, rng, n_train, taken, flaws.get(task))
             wrong = _noisy_responses(task, rng, pairs, noise.get(task, 0.0))
             if task in flaws:
                 flaw = flaws[task]
