@@ -186,8 +186,8 @@ class FakeJudge(BaseHTTPRequestHandler):
         cls.requests.append((self.path, self.headers.get("Authorization"), body))
         if cls.mode == "sleep":
             time.sleep(1.0)
-        if cls.mode == "slow-busy" and "slow" in json.dumps(body):  # busy, and slow to say so
-            time.sleep(0.3)
+        if cls.mode == "slow-busy" and "slow" in json.dumps(body):  # busy, and slow to say so (the 404 comes first)
+            time.sleep(1.0)
             return self._send(503, {"error": "busy"})
         if cls.mode == "slow-busy":
             return self._send(404, {"error": {"message": f"model {body['model']} not found"}})
