@@ -447,7 +447,7 @@ def test_a_result_is_keyed_by_the_data_it_read_not_only_the_config(tmp_path, mon
     from dataclasses import replace
 
     from core.config import load_config
-    from train import msft, synthetic
+    from train import data, synthetic
     from train.msft import MSFTConfig, study_key
 
     cfg = load_config(MSFTConfig, REPO / "configs/tiny_msft.toml")
@@ -456,10 +456,10 @@ def test_a_result_is_keyed_by_the_data_it_read_not_only_the_config(tmp_path, mon
     sets = dict(synthetic.TASK_SETS)  # the same config, other rows: vote's label noise edited
     sets["msft"] = replace(sets["msft"], noise={**sets["msft"].noise, "vote": 0.3})
     monkeypatch.setattr(synthetic, "TASK_SETS", sets)
-    msft._data_digest.cache_clear()  # read once per process: code does not change under a running process
+    data._data_digest.cache_clear()  # read once per process: code does not change under a running process
     assert study_key(cfg) != before
     monkeypatch.undo()
-    msft._data_digest.cache_clear()
+    data._data_digest.cache_clear()
     assert study_key(cfg) == before
     (tmp_path / "train").mkdir()
     f = tmp_path / "train" / "a.jsonl"

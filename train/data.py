@@ -31,6 +31,7 @@ Definitions the trainer relies on:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -921,9 +922,14 @@ def mixture_cache_key(root: str | Path, tokenizer: Any, *, seq_len: int, truncat
     return h.hexdigest()
 
 
+def _mixture_files(root: Path) -> list[Path]:
+    """A mixture directory's JSONL files: train/ then heldout/, each sorted."""
+    return sorted((root / "train").glob("*.jsonl")) + sorted((root / "heldout").glob("*.jsonl"))
+
+
 def _hash_mixture_files(root: Path, h: Any) -> None:
-    """Every train/ and heldout/ JSONL file of a mixture directory into `h`: its path in the mixture and content."""
-    for f in sorted((root / "train").glob("*.jsonl")) + sorted((root / "heldout").glob("*.jsonl")):
+    """Every JSONL file of a mixture directory into `h`: its path in the mixture and its content."""
+    for f in _mixture_files(root):
         h.update(f"{f.relative_to(root)}\0".encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -935,7 +941,14 @@ def data_digest(path: str, synthetic: str, seed: int) -> str:
     """What a data config reads, as a digest: every JSONL file of the mixture at `path` (content, not dates), or,
     without a path, the rows of the built-in task set `synthetic` for `seed`. A result saved under a key made of
     the config alone would outlive a change to the data (new files in place, or train/synthetic.py's tasks); one
-    keyed by this is recomputed."""
+    keyed by this is recomputed. Computed once per process for the same data: the files' sizes and dates are part
+    of the cache key, so a file changed in place is read again."""
+    files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in _mixture_files(Path(path))) if path else ()
+    return _data_digest(path, synthetic, seed, files)
+
+
+@functools.lru_cache(maxsize=16)
+def _data_digest(path: str, synthetic: str, seed: int, files: tuple) -> str:
     h = hashlib.blake2b(digest_size=16)
     if path:
         _hash_mixture_files(Path(path), h)

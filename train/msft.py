@@ -176,7 +176,6 @@ Reads top to bottom: config -> `decide` (pure) -> the mSFT driver -> baselines -
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -752,18 +751,8 @@ def study_key(cfg: MSFTConfig, method: str | None = None) -> dict[str, Any]:
         skip |= {"msft.methods", "msft.seeds"}
         skip |= {f"msft.{p}" for m, params in METHOD_PARAMS.items() if m != method for p in params}
     key = {k: v for k, v in flatten(cfg).items() if k not in skip}
-    d = cfg.data
-    files = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns)
-                  for f in sorted(Path(d.path).glob("*/*.jsonl"))) if d.path else ()
-    key["data.digest"] = _data_digest(d.path, d.synthetic, d.seed, files)  # the rows read, not only their name
+    key["data.digest"] = data_digest(cfg.data.path, cfg.data.synthetic, cfg.data.seed)  # the rows, not their name
     return key
-
-
-@functools.lru_cache(maxsize=16)
-def _data_digest(path: str, synthetic: str, seed: int, files: tuple) -> str:
-    """data_digest once per process for the same data (`files`: the mixture's files, sizes and dates, so a file
-    changed in place is read again)."""
-    return data_digest(path, synthetic, seed)
 
 
 def saved_by(cfg: MSFTConfig, path: Path, method: str | None = None) -> dict[str, Any] | None:
@@ -953,7 +942,7 @@ def format_shape(shape: dict[str, Any]) -> str:
     staggered = ", ".join(f"{t}@{shape['tasks'][t]['peak_epoch']:.2f}" for t in shape["staggered"]) or "none"
     return (f"  plain SFT of the whole mixture for {shape['epochs']:.2f} epochs\n"
             f"  peak@epoch -> mean after it: {'; '.join(parts)}\n"
-            f"  overfit (>= {shape.get('min_after', 1)} evaluations after the peak, averaging >= "
+            f"  overfit (>= {shape['min_after']} evaluations after the peak, averaging >= "
             f"{shape['min_fall']:.2f} below it) at times >= {shape['min_gap']} epoch "
             f"apart: {staggered}; still improving then: {len(shape['improving'])}; "
             f"{'meets' if shape['meets'] else 'misses'} the mSFT mixture criterion (3 staggered, 2 improving)")
