@@ -187,11 +187,31 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
 
 def _param_groups(module: nn.Module) -> list[Any]:
     state = module._get_fsdp_state()
-    groups = getattr(state, "_fsdp_param_groups", None)  # torch >= 2.9 (several groups per module)
+    groups = getattr(state, "_fsdp_param_groups", None)  # a list in torch 2.13 (several groups per module)
     if groups is None:
-        group = getattr(state, "_fsdp_param_group", None)  # torch 2.6 - 2.8
+        group = getattr(state, "_fsdp_param_group", None)  # one group (torch 2.6 and 2.11 seen)
         groups = [] if group is None else [group]
     return list(groups)
+
+
+def forget_forwards(model: nn.Module) -> None:
+    """Drop what FSDP2 recorded of the forwards since the last backward. FSDP2 notes every forward's modules in
+    order (`post_forward_order`, and each group's `_post_forward_indices`) so that the next backward can prefetch
+    the module before each one, and only a backward clears those notes. Forwards that no backward follows (a
+    rollout's decode steps, a held-out loss pass) leave theirs behind: the next backward then gathers modules it
+    does not need, and when ranks ran different forwards (decode steps differ per rank) it prefetched different
+    modules on different ranks: an all-gather on one against a reduce-scatter on the other, a hang (seen on torch
+    2.11 in mSFT's two-rank test). Call it after no-grad forwards (full_weights does, after a rollout). Harmless at
+    any time: a backward whose notes were dropped only loses its prefetches (each module still gathers its own
+    weights before its backward). A no-op for an unsharded model; private state, read defensively."""
+    for m in _fsdp_modules(model):
+        for g in _param_groups(m):
+            indices = getattr(g, "_post_forward_indices", None)
+            if indices is not None:
+                indices.clear()
+            order = getattr(getattr(g, "comm_ctx", None), "post_forward_order", None)
+            if order is not None:
+                order.clear()
 
 
 @contextlib.contextmanager
@@ -232,6 +252,7 @@ def full_weights(model: nn.Module) -> Iterator[nn.Module]:
             m.reshard()
         for g, info in saved:
             g.post_forward_mesh_info = info
+        forget_forwards(model)  # the rollout's forwards are followed by no backward
 
 
 _REPLICAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # sharded model -> its rollout replica

@@ -168,3 +168,43 @@ def _worker_replica_graphs(rank: int, store_path: str) -> None:
 def test_gpu_fsdp2_rollouts_use_graphs_through_the_replica():
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker_replica_graphs, args=(os.path.join(d, "store"),), nprocs=1, join=True)
+
+
+def _worker_uneven_rollouts(rank: int, world: int, store_path: str, expected: dict) -> None:
+    import datetime
+
+    from core.sampler import _fsdp_modules, _param_groups, generate
+
+    torch.set_num_threads(1)
+    # A bounded wait: a rank left in a collective the other never issues fails the test instead of hanging it.
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        model = sharded_tiny_model(world)
+        batch = torch.tensor([PROMPTS[1]])
+        for step in range(2):
+            # Each rank decodes its own share for its own number of steps (ranks' rows finish at different times).
+            generate(model, PROMPTS[rank:rank + 1], max_new_tokens=2 + 5 * rank + step, temperature=0.0)
+            for m in _fsdp_modules(model):  # the rollout's forwards leave nothing for the next backward to read
+                assert all(not g._post_forward_indices and not g.comm_ctx.post_forward_order
+                           for g in _param_groups(m))
+            model.zero_grad()
+            model(batch).logsumexp(-1).mean().backward()
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(p.grad.full_tensor(), expected[name], rtol=1e-5, atol=1e-6)
+    finally:
+        close_distributed()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+def test_training_after_rollouts_of_different_lengths_per_rank():
+    """Rollouts whose decode steps differ per rank, then a training step: FSDP2 records every forward for the next
+    backward's prefetches, and records left by rollout forwards made the ranks prefetch different modules in that
+    backward (an all-gather on one rank against a reduce-scatter on the other: a hang, seen on torch 2.11)."""
+    from tests.test_sampler import tiny_model
+
+    ref = tiny_model()
+    ref(torch.tensor([PROMPTS[1]])).logsumexp(-1).mean().backward()
+    expected = {n: p.grad.clone() for n, p in ref.named_parameters()}
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker_uneven_rollouts, args=(2, os.path.join(d, "store"), expected), nprocs=2, join=True)

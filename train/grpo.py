@@ -583,6 +583,9 @@ def sequence_logprobs(model: torch.nn.Module, samples: Sequence[Sample], g: GRPO
             count += float(batch.mask.sum())
         for b, s in enumerate(mb):
             out[id(s)] = logp[b, : len(s.tokens)].float().cpu()
+    from core.sampler import forget_forwards
+
+    forget_forwards(model)  # no backward follows these forwards
     return [out[id(s)] for s in samples], ent_sum, count
 
 

@@ -573,6 +573,9 @@ def lookahead_loss(rt: Runtime, batches: Sequence[PackedBatch], tasks: Sequence[
             sums[i] += -logp[mine].double().sum()
             sums[n + i] += mine.sum()
         sums[2 * n] += (b.task_ids >= 0).sum()
+    from core.sampler import forget_forwards
+
+    forget_forwards(rt.model)  # no backward follows these forwards
     totals = global_sum(rt.d, *sums.tolist())
     losses = [totals[i] / max(totals[n + i], 1.0) for i, t in enumerate(rt.data.tasks) if t in tasks]
     return sum(losses) / len(losses), totals[2 * n]

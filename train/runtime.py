@@ -500,6 +500,9 @@ class Runtime:
             from core.sampler import free_cache
 
             free_cache(self.model)  # evals are occasional: give the KV cache's memory back to training
+        from core.sampler import forget_forwards
+
+        forget_forwards(self.model)  # no backward follows the held-out loss's forwards
         self.model.train()
         return out
 
