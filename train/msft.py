@@ -148,8 +148,28 @@ standard error of the difference of two evaluations of 500 rows; chosen before t
 task was excluded, 40-68% of the tokens were discarded (67-80% under the reference rule), and mSFT reached 0.854 ± 0.079
 against SFT's 0.840 ± 0.040 at its tokens (SRO 0.852, the oracle 0.910): the paper's direction, within one standard
 deviation. What still cost it there: the tasks excluded earlier drift while the rest trains (vote 0.99 -> 0.12 by the
-end of stage 4 in seed 1). That study has not been rerun on this version. The test reads one evaluation, the last of the
-window, so one dip at C counts as a fall. Reading the mean of the evaluations after the peak instead (as `mixture_shape`
+end of stage 4 in seed 1).
+
+On this version the fall test leaves mSFT level with SFT, and makes SRO the best method but the oracle (2026-12-06,
+seeds 0, 1, 2, `--msft.min_fall=0.05 --msft.methods='["msft", "sft", "early_stop", "sro"]'`, bases and settings as
+above; every method at mSFT's tokens, 0.73-0.75M):
+
+  method       copy  first  last  reverse  sort  vote  average
+  msft         0.89  0.87   0.85  0.99     0.53  0.93  0.845 ± 0.050   (0.871, 0.788, 0.876)
+  sft          0.95  0.88   0.86  0.99     0.70  0.68  0.844 ± 0.053   (0.853, 0.786, 0.892)
+  sro          0.95  0.83   0.92  1.00     0.69  0.97  0.892 ± 0.045   (0.874, 0.858, 0.943)
+  early_stop   0.96  0.90   0.93  1.00     0.79  0.98  0.928 ± 0.040   (an oracle: one checkpoint per task)
+
+mSFT now excludes only flawed tasks (vote in stage 1 of every seed, at c = 0-0.25; first or last, or both, in stages
+2-4; no clean task), and discards 34-58% of its tokens (60-75% under the reference rule): +1.8, +0.1 and -1.6 points
+against SFT in seeds 0, 1, 2. What still costs it is the rest of the mixture: every roll-back throws away the clean
+tasks' training in the discarded part of its window too, and its best overall snapshot comes early (0.75-1.26 epochs
+of kept training), so sort trails (0.53 against 0.70; 0.34 in seed 1, where copy is also at 0.73). SRO, whose roll-out
+uses the same test, excludes vote at 0-0.25 epoch in every seed (and first at 0.75 in seed 0, last at 0.51 in seed 1)
+and then trains the rest without a roll-back: 2.1, 7.2 and 5.1 points ahead of SFT, with vote kept at the base's level
+(0.95-0.98). The gain here is mostly not training the flawed task the base already knows, which a single roll-out
+finds as well as mSFT's stages do. The test reads one evaluation, the last of the window, so one dip at C counts as a
+fall. Reading the mean of the evaluations after the peak instead (as `mixture_shape`
 does over a whole SFT curve) is no clear improvement: replayed on that study's 12 stages (each stage's recorded curves,
 min_fall 0.05), it changes 2 decisions, both ways. It misses vote's steady fall in stage 1 of seed 0 (1.00 -> 0.97,
 0.95, 0.94, 0.93: the mean after is under 5 points below, the end 7) and counts the swings of first and last in stage 2
