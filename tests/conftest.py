@@ -17,31 +17,35 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def _interpreter_loops_over_runtime_bounds() -> str | None:
-    """None when Triton's interpreter can run `for start in range(0, n, BLOCK)` with n a kernel argument (every
-    kernel here loops so), else why not. Triton 3.6's interpreter turns n into a 1-element array and calls int() on
-    it, which NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"); every kernel
-    test would then fail with that message, far from its cause."""
+def _interpreter_problem() -> str | None:
+    """None when Triton's interpreter runs what every kernel here relies on, else what it gets wrong. Seen wrong:
+    triton 3.6 with NumPy >= 2.4 cannot loop `for start in range(0, n, BLOCK)` with n a kernel argument (it calls
+    int() on a 1-element array, which NumPy 2.4 refuses); triton 3.2 stores through a scalar mask that is False
+    (the kernels flag bad target ids so). Either way most kernel tests would fail far from the cause."""
     import numpy
     import torch
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _probe(out_ptr, n, BLOCK: tl.constexpr):
+    def _probe(out_ptr, flag_ptr, n, BLOCK: tl.constexpr):
         acc = tl.zeros([BLOCK], tl.int32)
         for start in range(0, n, BLOCK):
             acc += 1
         tl.store(out_ptr + tl.arange(0, BLOCK), acc)
+        tl.store(flag_ptr, 1, mask=n > 100)  # a scalar mask, False here: nothing may be stored
 
-    out = torch.zeros(4, dtype=torch.int32)
+    out, flag = torch.zeros(4, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    versions = f"Triton {triton.__version__}'s interpreter (NumPy {numpy.__version__})"
+    fix = "Seen right: Triton 3.9.0 with NumPy 2.4; 3.8.0 and 3.6.0 with NumPy < 2.4. Install one of those, then rerun."
     try:
-        _probe[(1,)](out, 10, BLOCK=4)
+        _probe[(1,)](out, flag, 10, BLOCK=4)
     except Exception as e:  # noqa: BLE001 - reported whole below
-        return (f"Triton {triton.__version__}'s interpreter cannot loop up to a kernel argument with NumPy "
-                f"{numpy.__version__} ({e}). Install 'numpy<2.4' or a newer Triton (3.9.0 works), then rerun.")
+        return f"{versions} cannot loop up to a kernel argument ({e}). {fix}"
     if out.tolist() != [3, 3, 3, 3]:
-        return f"Triton {triton.__version__}'s interpreter ran a 3-trip loop {out.tolist()[0]} times"
+        return f"{versions} ran a 3-trip loop {out.tolist()[0]} times. {fix}"
+    if flag.item() != 0:
+        return f"{versions} stored through a scalar mask that is False. {fix}"
     return None
 
 
@@ -52,7 +56,7 @@ def pytest_sessionstart(session):
         import triton  # noqa: F401
     except ImportError:
         return
-    problem = _interpreter_loops_over_runtime_bounds()
+    problem = _interpreter_problem()
     if problem:
         pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
 
