@@ -80,6 +80,17 @@ class Dist:
         return self.rank == 0
 
 
+def check_cpu_fsdp() -> None:
+    """Refuse to train on CPU where FSDP2 cannot: torch 2.6's `fully_shard` all-gathers on CPU through stream events
+    that torch 2.7 added (pytorch#145935: AttributeError 'Stream' object has no attribute 'record_event'), and with
+    those added by hand its backward still fails on a plain two-layer model ("modified by an inplace operation"),
+    seen 2026-12-06. Neither is in FSDP2's CUDA path (CUDA streams have events), which torch 2.6 should run: not
+    run here, for lack of a GPU."""
+    if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) < (2, 7):
+        raise RuntimeError(f"training on CPU needs torch >= 2.7 (this is torch {torch.__version__}): torch 2.6's FSDP2 "
+                           f"cannot all-gather on CPU")
+
+
 def init_distributed(seed: int = 0, *, device: str | None = None, timeout_s: float = 600.0) -> Dist:
     """Start (or join) the process group from torchrun's environment; a one-rank group without torchrun.
 
@@ -96,6 +107,7 @@ def init_distributed(seed: int = 0, *, device: str | None = None, timeout_s: flo
         dev = torch.device("cuda", local_rank)
         backend = "cuda:nccl,cpu:gloo"  # gloo for the few CPU-side collectives (e.g. checkpoint metadata)
     else:
+        check_cpu_fsdp()
         dev = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():

@@ -164,3 +164,18 @@ def test_build_model_rejects_bad_checkpoint_before_sharding(tmp_path):
     d = Dist(0, 1, 0, torch.device("cpu"), mesh=None)  # never reaches the mesh: the check comes first
     with pytest.raises(CheckpointError, match=r"ck/model.safetensors: tensor model.layers.0.mlp.\w+_proj.weight has shape \[\d+, \d+\], the config implies \[(50, 32|32, 50)\]"):
         build_model(ModelConfig(), d, ParallelConfig(), init_from=tmp_path / "ck")
+
+
+@pytest.mark.parametrize("version,refused", [("2.6.0+cu124", True), ("2.6.1", True), ("2.7.1+cpu", False),
+                                             ("2.13.0+cpu", False), ("2.10.0", False)])
+def test_cpu_training_refuses_torch_26_with_the_reason(monkeypatch, version, refused):
+    """torch 2.6's FSDP2 cannot all-gather on CPU (core/distributed.check_cpu_fsdp): a clear error at start, not an
+    AttributeError from inside the first forward."""
+    from core.distributed import check_cpu_fsdp
+
+    monkeypatch.setattr(torch, "__version__", version)
+    if refused:
+        with pytest.raises(RuntimeError, match=r"training on CPU needs torch >= 2.7 \(this is torch 2\.6"):
+            check_cpu_fsdp()
+    else:
+        check_cpu_fsdp()
