@@ -21,7 +21,8 @@ def _interpreter_problem() -> str | None:
     """None when Triton's interpreter runs what every kernel here relies on, else what it gets wrong. Seen wrong:
     triton 3.6 with NumPy >= 2.4 cannot loop `for start in range(0, n, BLOCK)` with n a kernel argument (it calls
     int() on a 1-element array, which NumPy 2.4 refuses); triton 3.2 stores through a scalar mask that is False
-    (the kernels flag bad target ids so). Either way most kernel tests would fail far from the cause."""
+    (the kernels flag bad target ids so); triton 3.3 cannot negate a boolean (`~mask`). Either way many kernel
+    tests would fail far from the cause."""
     import numpy
     import torch
     import triton
@@ -34,6 +35,7 @@ def _interpreter_problem() -> str | None:
             acc += 1
         tl.store(out_ptr + tl.arange(0, BLOCK), acc)
         tl.store(flag_ptr, 1, mask=n > 100)  # a scalar mask, False here: nothing may be stored
+        tl.store(flag_ptr, 1, mask=~(n < 100))  # a negated boolean (triton 3.3's interpreter cannot)
 
     out, flag = torch.zeros(4, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
     versions = f"Triton {triton.__version__}'s interpreter (NumPy {numpy.__version__})"
@@ -41,7 +43,7 @@ def _interpreter_problem() -> str | None:
     try:
         _probe[(1,)](out, flag, 10, BLOCK=4)
     except Exception as e:  # noqa: BLE001 - reported whole below
-        return f"{versions} cannot loop up to a kernel argument ({e}). {fix}"
+        return f"{versions} fails on a loop, a scalar mask or a negated mask in a probe kernel ({e}). {fix}"
     if out.tolist() != [3, 3, 3, 3]:
         return f"{versions} ran a 3-trip loop {out.tolist()[0]} times. {fix}"
     if flag.item() != 0:
