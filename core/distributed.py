@@ -119,8 +119,30 @@ def init_distributed(seed: int = 0, *, device: str | None = None, timeout_s: flo
                 raise RuntimeError("WORLD_SIZE > 1 without MASTER_ADDR: launch with torchrun")
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
+    if dev.type == "cpu" and world_size > 1:
+        check_gradient_average(mesh)
     seed_everything(seed)
     return Dist(rank, world_size, local_rank, dev, mesh)
+
+
+def check_gradient_average(mesh: DeviceMesh) -> None:
+    """Refuse a multi-rank run whose FSDP2 does not average gradients over ranks: every loss here is scaled for the
+    average (train/sft.py), so a sum would multiply every gradient by the world size. Seen: torch 2.7.1 over gloo sums
+    (its reduce-scatter asks gloo for AVG); torch 2.11 and 2.13 average. One backward of a one-weight-per-rank layer,
+    whose gradient is 1 on every rank."""
+    got = _reduced_gradient(mesh)
+    if abs(got - 1.0) > 1e-6:
+        raise RuntimeError(f"torch {torch.__version__}'s FSDP2 over {dist.get_backend()} reduces gradients to {got:g} "
+                           f"times their mean on {mesh.size()} ranks, not their mean: multi-rank training on CPU needs "
+                           f"a torch whose FSDP2 averages over gloo (2.11 and 2.13 seen to)")
+
+
+def _reduced_gradient(mesh: DeviceMesh) -> float:
+    """FSDP2's reduction over `mesh` of a gradient that is 1 on every rank (1 for a mean, the world size for a sum)."""
+    probe = nn.Linear(1, mesh.size(), bias=False)
+    fully_shard(probe, mesh=mesh)
+    probe(torch.ones(1, 1)).sum().backward()
+    return float(probe.weight.grad.to_local().sum())
 
 
 def close_distributed() -> None:

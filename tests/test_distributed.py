@@ -179,3 +179,22 @@ def test_cpu_training_refuses_torch_26_with_the_reason(monkeypatch, version, ref
             check_cpu_fsdp()
     else:
         check_cpu_fsdp()
+
+
+
+def _summing_fsdp(d, out: str) -> None:
+    import core.distributed as D
+
+    assert D._reduced_gradient(d.mesh) == 1.0  # this torch averages (the check passed in init_distributed too)
+    D._reduced_gradient = lambda mesh: 2.0  # as torch 2.7.1's FSDP2 over gloo: a sum where the mean is meant
+    try:
+        D.check_gradient_average(d.mesh)
+    except RuntimeError as e:
+        torch.save(str(e), f"{out}.{d.rank}")
+
+
+def test_cpu_training_refuses_an_fsdp2_that_sums_gradients_over_ranks(tmp_path):
+    spawn(_summing_fsdp, 2, str(tmp_path / "e"))
+    for r in range(2):
+        msg = torch.load(f"{tmp_path / 'e'}.{r}")
+        assert "reduces gradients to 2 times their mean on 2 ranks, not their mean" in msg, msg
