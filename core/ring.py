@@ -51,22 +51,16 @@ def reshard(model: nn.Module) -> None:
     """Put every FSDP2 module back in its sharded state (no communication): after a forward without backward (an
     evaluation) FSDP keeps the root's parameters gathered, and a module's `parameters()` are then the gathered
     copies, not the shards that the optimizer updates."""
-    from torch.distributed.fsdp import FSDPModule
+    from core.sampler import fsdp_modules, fsdp_param_groups
 
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            # A group of several modules (the final norm + lm-head) whose last module was run outside its module
-            # call (the sampler reads the lm-head weight) stays in its FORWARD state, where reshard() is a no-op
-            # for a group that keeps its parameters gathered after forward: end that forward first. Private state,
-            # read defensively (torch 2.6 has one group per state, later versions a list).
-            state = m._get_fsdp_state()
-            groups = getattr(state, "_fsdp_param_groups", None)
-            if groups is None:
-                groups = [g for g in [getattr(state, "_fsdp_param_group", None)] if g is not None]
-            for group in groups:
-                if getattr(group, "_training_state", None) is not None and group._training_state.name == "FORWARD":
-                    group._training_state = type(group._training_state).IDLE
-            m.reshard()
+    for m in fsdp_modules(model):
+        # A group of several modules (the final norm + lm-head) whose last module was run outside its module call
+        # (the sampler reads the lm-head weight) stays in its FORWARD state, where reshard() is a no-op for a group
+        # that keeps its parameters gathered after forward: end that forward first (private state, read defensively).
+        for group in fsdp_param_groups(m):
+            if getattr(group, "_training_state", None) is not None and group._training_state.name == "FORWARD":
+                group._training_state = type(group._training_state).IDLE
+        m.reshard()
 
 
 def _sources(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:

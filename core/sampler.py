@@ -177,7 +177,8 @@ def uniform_table(seed: int, prompt_index: torch.Tensor, sample_index: torch.Ten
 _UNSHARDED: weakref.WeakSet = weakref.WeakSet()  # models inside full_weights(), so generate does not nest it
 
 
-def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """Every FSDP2 module of `model` (each `fully_shard`-ed block and the root), in `modules()` order."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # torch built without distributed
@@ -185,7 +186,8 @@ def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def _param_groups(module: nn.Module) -> list[Any]:
+def fsdp_param_groups(module: nn.Module) -> list[Any]:
+    """An FSDP2 module's parameter groups (private state, read defensively: the attribute differs by version)."""
     state = module._get_fsdp_state()
     groups = getattr(state, "_fsdp_param_groups", None)  # a list in torch 2.13 (several groups per module)
     if groups is None:
@@ -204,8 +206,8 @@ def forget_forwards(model: nn.Module) -> None:
     2.11 in mSFT's two-rank test). Call it after no-grad forwards (full_weights does, after a rollout). Harmless at
     any time: a backward whose notes were dropped only loses its prefetches (each module still gathers its own
     weights before its backward). A no-op for an unsharded model; private state, read defensively."""
-    for m in _fsdp_modules(model):
-        for g in _param_groups(m):
+    for m in fsdp_modules(model):
+        for g in fsdp_param_groups(m):
             indices = getattr(g, "_post_forward_indices", None)
             if indices is not None:
                 indices.clear()
@@ -224,7 +226,7 @@ def full_weights(model: nn.Module) -> Iterator[nn.Module]:
     reshard-after-forward setting back. Peak memory: one full copy of the weights in param_dtype per rank.
     Collective: every rank must enter and leave together (as for any FSDP forward).
     """
-    modules = _fsdp_modules(model)
+    modules = fsdp_modules(model)
     if not modules or model in _UNSHARDED:
         yield model
         return
@@ -236,7 +238,7 @@ def full_weights(model: nn.Module) -> Iterator[nn.Module]:
     # Set and restore each param group's post-forward mesh (None = keep unsharded after forward) directly: the public
     # setter `set_reshard_after_forward` is newer than torch 2.6, has no getter, and on torch >= 2.8 it also switches
     # off the root's lazy decision above for good.
-    saved = [(g, g.post_forward_mesh_info) for m in modules for g in _param_groups(m)]
+    saved = [(g, g.post_forward_mesh_info) for m in modules for g in fsdp_param_groups(m)]
     try:
         for g, _ in saved:
             g.post_forward_mesh_info = None
@@ -270,7 +272,7 @@ def rollout_replica(model: nn.Module) -> nn.Module:
     `replica_bytes`); `free_cache(model)` drops it. The refresh gathers the weights (`full_weights`): collective,
     every rank calls it together, and for its duration a second full copy exists.
     """
-    if not _fsdp_modules(model):
+    if not fsdp_modules(model):
         return model
     replica = _REPLICAS.get(model)
     with full_weights(model):
@@ -542,14 +544,14 @@ def generate(
         stop_token_ids = tuple(tokenizer.stop_ids) if tokenizer is not None else ()
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    sharded = bool(_fsdp_modules(model))
+    sharded = bool(fsdp_modules(model))
     if replica is None:
         replica = sharded and model.embed_tokens.weight.device.type == "cuda"
     net = rollout_replica(model) if replica else model  # what the forwards run on
     with full_weights(net):  # a no-op for an unsharded model or replica
         device = net.embed_tokens.weight.device
         if use_cuda_graphs is None:
-            use_cuda_graphs = device.type == "cuda" and not _fsdp_modules(net)
+            use_cuda_graphs = device.type == "cuda" and not fsdp_modules(net)
         use_cuda_graphs = bool(use_cuda_graphs) and device.type == "cuda"
         eng = _engine(model)
         eng.check_weights(net)

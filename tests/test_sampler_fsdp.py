@@ -173,7 +173,7 @@ def test_gpu_fsdp2_rollouts_use_graphs_through_the_replica():
 def _worker_uneven_rollouts(rank: int, world: int, store_path: str, expected: dict) -> None:
     import datetime
 
-    from core.sampler import _fsdp_modules, _param_groups, generate
+    from core.sampler import fsdp_modules, fsdp_param_groups, generate
 
     torch.set_num_threads(1)
     # A bounded wait: a rank left in a collective the other never issues fails the test instead of hanging it.
@@ -185,9 +185,9 @@ def _worker_uneven_rollouts(rank: int, world: int, store_path: str, expected: di
         for step in range(2):
             # Each rank decodes its own share for its own number of steps (ranks' rows finish at different times).
             generate(model, PROMPTS[rank:rank + 1], max_new_tokens=2 + 5 * rank + step, temperature=0.0)
-            for m in _fsdp_modules(model):  # the rollout's forwards leave nothing for the next backward to read
+            for m in fsdp_modules(model):  # the rollout's forwards leave nothing for the next backward to read
                 assert all(not g._post_forward_indices and not g.comm_ctx.post_forward_order
-                           for g in _param_groups(m))
+                           for g in fsdp_param_groups(m))
             model.zero_grad()
             model(batch).logsumexp(-1).mean().backward()
             for name, p in model.named_parameters():
