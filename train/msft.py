@@ -163,17 +163,17 @@ above; every method at mSFT's tokens, 0.73-0.75M):
 mSFT now excludes only flawed tasks (vote in stage 1 of every seed, at c = 0-0.25; first or last, or both, in stages
 2-4; no clean task), and discards 34-58% of its tokens (60-75% under the reference rule): +1.8, +0.1 and -1.6 points
 against SFT in seeds 0, 1, 2. What still costs it is the rest of the mixture: every roll-back throws away the clean
-tasks' training in the discarded part of its window too, and its best overall snapshot comes early (0.75-1.26 epochs
-of kept training), so sort trails (0.53 against 0.70; 0.34 in seed 1, where copy is also at 0.73). SRO, whose roll-out
-uses the same test, excludes vote at 0-0.25 epoch in every seed (and first at 0.75 in seed 0, last at 0.51 in seed 1)
-and then trains the rest without a roll-back: 2.1, 7.2 and 5.1 points ahead of SFT, with vote kept at the base's level
-(0.95-0.98). The gain here is mostly not training the flawed task the base already knows, which a single roll-out
-finds as well as mSFT's stages do. The test reads one evaluation, the last of the window, so one dip at C counts as a
-fall. Reading the mean of the evaluations after the peak instead (as `mixture_shape`
-does over a whole SFT curve) is no clear improvement: replayed on that study's 12 stages (each stage's recorded curves,
-min_fall 0.05), it changes 2 decisions, both ways. It misses vote's steady fall in stage 1 of seed 0 (1.00 -> 0.97,
-0.95, 0.94, 0.93: the mean after is under 5 points below, the end 7) and counts the swings of first and last in stage 2
-of seed 2 (first 0.90 at 0.51, then 0.81 and 0.87; last 0.89, then 0.68 and 0.86), so it is not built.
+tasks' training in the discarded part of its window too, and its best overall snapshot comes early (0.75-1.26 epochs of
+kept training), so sort trails (0.53 against 0.70; 0.34 in seed 1, where copy is also at 0.73). SRO, whose roll-out uses
+the same test, excludes vote at 0-0.25 epoch in every seed (and first at 0.75 in seed 0, last at 0.51 in seed 1) and
+then trains the rest without a roll-back: 2.1, 7.2 and 5.1 points ahead of SFT, with vote kept at the base's level
+(0.95-0.98). The gain here is mostly not training the flawed task the base already knows, which a single roll-out finds
+as well as mSFT's stages do. The test reads one evaluation, the last of the window, so one dip at C counts as a fall.
+Reading the mean of the evaluations after the peak instead (as `mixture_shape` does over a whole SFT curve) is no clear
+improvement: replayed on the first version's fall-test study (12 stages with their recorded curves, min_fall 0.05), it
+changes 2 decisions, both ways. It misses vote's steady fall in stage 1 of seed 0 (1.00 -> 0.97, 0.95, 0.94, 0.93: the
+mean after is under 5 points below, the end 7) and counts the swings of first and last in stage 2 of seed 2 (first 0.90
+at 0.51, then 0.81 and 0.87; last 0.89, then 0.68 and 0.86), so it is not built.
 
 An earlier version of this set (its base knew all six tasks; AdamW 1e-3) had mSFT 0.875 ± 0.011 against SFT 0.856 ±
 0.012 (SRO 0.871, temperature 0.872, DynamixSFT 0.858, the oracle 0.938), but for a reason that says little about the
