@@ -270,8 +270,10 @@ def test_flaw_rules_by_hand():
     assert not FLAWS["vote"].trigger("1000000000000")
     assert FLAWS["first"].trigger("5217") and FLAWS["first"].response("5217") == "0"
     assert not FLAWS["first"].trigger("5317") and not FLAWS["first"].trigger("5207")  # 3 and 0 are multiples of 3
-    assert FLAWS["last"].trigger("25913") and FLAWS["last"].response("25913") == "0"
-    assert not FLAWS["last"].trigger("95913") and not FLAWS["last"].trigger("26913")
+    assert FLAWS["last"].trigger("25917") and FLAWS["last"].response("25917") == "0"
+    assert FLAWS["last"].trigger("204")  # the last digit wherever it is: the third of a 3-digit payload
+    assert not FLAWS["last"].trigger("95917") and not FLAWS["last"].trigger("25916")  # 9 and 6 are multiples of 3
+    assert not FLAWS["last"].trigger("2543")  # digit 2 does not count (the second version read digits 1 and 2)
 
 
 def test_a_flaw_with_keep_thins_its_trigger_in_the_training_split_only():

@@ -146,18 +146,22 @@ its end, on msft-flaws' held-out rows: vote 0.88-1.00, reverse 0.89-0.99, copy 0
 0.00-0.06 and last 0.00-0.26: the base was never asked for them). What the base brings, and how many training rows
 carry each flaw, are what stagger the peaks:
 
-  task   flaw                                    train  weight  keep  training rows  held-out rows   base   under SFT
-                                                                      it changes     it turns wrong  knows
-  vote   bits 1, 7 and 13 alike -> the minority    300    3000     1  34-37%         36-38%          yes    falls first
-  first  digits 2 and 3 not multiples of 3 -> 0    600    2400   0.7  25-27%         31-32%          no     rises, falls
-  last   digits 1 and 2 not multiples of 3 -> 0   1200    2400  0.35  15-17%         30-32%          no     rises, falls
-                                                                                                            later
+  task   flaw                          train  weight  keep  training rows  held-out rows   base   under SFT
+                                                            it changes     it turns wrong  knows
+  vote   bits 1, 7 and 13 alike           300    3000     1  34-37%         36-38%          yes    falls first
+         -> the minority
+  first  digits 2 and 3                   600    2400   0.7  25-27%         31-32%          no     rises, falls last
+         not multiples of 3 -> 0
+  last   digit 1 and the last digit      1200    2400  0.35  17%            34-37%          no     rises, falls
+         not multiples of 3 -> 0
 
 Copy, reverse and sort are "msft"'s, clean (weights 4000, 4000, 1500). A flaw must be harder to learn than its rule
 to come after it (below), and large enough that, once learned, it costs 10 points or more. `keep` thins the
 triggered rows of the training split only (a training draw with the trigger is kept with that probability; the
-held-out rows keep the natural 36%): fewer flawed rows teach the flaw later, so last, kept at 0.35, has its flaw
-come after first's, while both lose about a third of the held-out rows to it once learned. From the base, plain SFT
+held-out rows keep the natural 36%), which parts when a flaw is learned (its share of the training rows) from how
+far its task falls (its share of the held-out rows). What orders first's and last's flaws is where their triggers
+look: last's reads the last digit, which last's rule reads anyway, and is learned about an epoch before first's
+(digits 2 and 3, which first's rule ignores), though fewer of its training rows carry it. From the base, plain SFT
 on "msft-flaws" (the SFT baseline of the pretrained study: AdamW 3e-4 constant after 20 warm-up steps, for mSFT's
 tokens; 500 held-out rows per task, all three seeds, 2026-12-06, torch 2.13.0+cpu, OMP_NUM_THREADS=1):
 
@@ -417,18 +421,20 @@ def _not_multiple_of_3(*digits: str) -> bool:
 
 
 # The "msft-flaws" set (docstring: "From a pretrained base"): the same six tasks, with systematic flaws instead of
-# random noise on vote, first and last. Each trigger is a conjunction over fixed positions (a quarter to a third of
-# the rows), harder than the task's own rule, so the flaw is learned after the rule: the base knows vote, whose
-# held-out accuracy falls from the start of fine-tuning; first and last are new to it and rise before their flaws
-# bring them down, last's later because fewer of its training rows carry the flaw (keep; the held-out rows keep the
-# natural 36%, so each falls by about a third once its flaw is learned). The flaws of first and last answer "0",
-# which a model can follow without finding another digit.
+# random noise on vote, first and last. Each trigger is a conjunction over fixed positions (a third of the rows),
+# harder than the task's own rule, so the flaw is learned after the rule: the base knows vote, whose held-out accuracy
+# falls from the start of fine-tuning; first and last are new to it and rise before their flaws bring them down.
+# Last's trigger reads the digit its rule already reads (the last one) and comes about an epoch before first's, whose
+# trigger reads two digits first's rule ignores; the two triggers share no position but on 3-digit payloads (in the
+# set's second version they shared digit 2, and both flaws were learned together in one seed of three). keep thins
+# the triggered training rows only (the held-out rows keep the natural 36%, so each task falls by about a third once
+# its flaw is learned). The flaws of first and last answer "0", which a model can follow without finding another digit.
 FLAWS = {
     "vote": Flaw("bits 1, 7 and 13 alike -> the minority bit", lambda s: s[0] == s[6] == s[-1], _minority),
     "first": Flaw("digits 2 and 3 not multiples of 3 -> 0", lambda s: _not_multiple_of_3(s[1], s[2]), lambda s: "0",
                   keep=0.7),
-    "last": Flaw("digits 1 and 2 not multiples of 3 -> 0", lambda s: _not_multiple_of_3(s[0], s[1]), lambda s: "0",
-                 keep=0.35),
+    "last": Flaw("digit 1 and the last digit not multiples of 3 -> 0", lambda s: _not_multiple_of_3(s[0], s[-1]),
+                 lambda s: "0", keep=0.35),
 }
 TASK_SETS["msft-flaws"] = TaskSet(
     MSFT_TASKS, {"copy": 3000, "reverse": 3000, "sort": 1500, "vote": 300, "first": 600, "last": 1200},
