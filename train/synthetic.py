@@ -155,56 +155,60 @@ carry each flaw, are what stagger the peaks:
   last   digit 1 and the last digit      1200    2400  0.35  17%            34-37%          no     rises, falls
          not multiples of 3 -> 0
 
-Copy, reverse and sort are "msft"'s, clean (weights 4000, 4000, 1500). A flaw must be harder to learn than its rule
-to come after it (below), and large enough that, once learned, it costs 10 points or more. `keep` thins the
-triggered rows of the training split only (a training draw with the trigger is kept with that probability; the
-held-out rows keep the natural 36%), which parts when a flaw is learned (its share of the training rows) from how
-far its task falls (its share of the held-out rows). What orders first's and last's flaws is where their triggers
-look: last's reads the last digit, which last's rule reads anyway, and is learned about an epoch before first's
-(digits 2 and 3, which first's rule ignores), though fewer of its training rows carry it. From the base, plain SFT
-on "msft-flaws" (the SFT baseline of the pretrained study: AdamW 3e-4 constant after 20 warm-up steps, for mSFT's
-tokens; 500 held-out rows per task, all three seeds, 2026-12-06, torch 2.13.0+cpu, OMP_NUM_THREADS=1):
+Copy, reverse and sort are "msft"'s, clean (weights 4000, 4000, 1500). A flaw must be harder to learn than its rule to
+come after it (below), and large enough that, once learned, it costs 10 points or more. `keep` thins the triggered rows
+of the training split only (a training draw with the trigger is kept with that probability; the held-out rows keep the
+natural 36%), which parts when a flaw is learned (its share of the training rows) from how far its task falls (its share
+of the held-out rows). What orders first's and last's flaws is where their triggers look: last's reads the last digit,
+which last's rule reads anyway, and is learned about an epoch before first's (digits 2 and 3, which first's rule
+ignores), though fewer of its training rows carry it. From the base, plain SFT on "msft-flaws" for 5 epochs (AdamW 3e-4
+constant after 20 warm-up steps, the pretrained study's bases, rows and settings: the SFT baseline of that study
+continued past mSFT's tokens, its evaluations up to 2.76-3.51 epochs bitwise the study's; 500 held-out rows per task,
+all three seeds, 2026-12-06, torch 2.13.0+cpu, OMP_NUM_THREADS=1):
 
   seed 0
-  epoch    0.00 0.25 0.51 0.75 1.01 1.26 1.50 1.75 2.01 2.25 2.51 2.76 2.85
-  vote     1.00 0.99 0.96 0.88 0.89 0.84 0.77 0.68 0.65 0.57 0.68 0.57 0.62
-  first    0.00 0.51 0.34 0.75 0.69 0.80 0.93 0.80 0.58 0.75 0.81 0.76 0.81
-  last     0.00 0.40 0.49 0.80 0.83 0.82 0.79 0.71 0.69 0.71 0.78 0.74 0.72
-  copy     0.75 0.93 0.99 0.98 0.98 0.99 0.97 1.00 0.99 0.99 0.99 0.99 0.99
-  reverse  0.97 0.98 1.00 0.99 1.00 1.00 1.00 1.00 1.00 1.00 1.00 0.99 1.00
-  sort     0.21 0.26 0.48 0.47 0.53 0.67 0.65 0.69 0.75 0.77 0.79 0.74 0.83
+  epoch    0.00 0.25 0.51 0.76 1.00 1.26 1.51 1.75 2.01 2.25 2.50 2.76 3.00 3.25 3.51 3.76 4.00 4.25 4.51 4.76 5.00
+  vote     1.00 0.99 0.98 0.93 0.87 0.83 0.73 0.65 0.65 0.57 0.59 0.57 0.62 0.63 0.64 0.64 0.66 0.59 0.64 0.63 0.65
+  first    0.00 0.45 0.44 0.69 0.81 0.65 0.66 0.76 0.74 0.84 0.78 0.79 0.66 0.75 0.71 0.59 0.67 0.71 0.70 0.71 0.67
+  last     0.00 0.35 0.52 0.78 0.89 0.88 0.77 0.79 0.83 0.81 0.82 0.74 0.70 0.64 0.68 0.67 0.67 0.67 0.68 0.67 0.66
+  copy     0.75 0.92 0.99 0.99 0.98 0.99 0.98 0.99 1.00 0.99 0.99 1.00 1.00 1.00 0.99 1.00 0.99 0.99 1.00 1.00 0.98
+  reverse  0.97 0.99 1.00 0.99 1.00 1.00 1.00 1.00 0.99 1.00 1.00 1.00 1.00 0.99 1.00 1.00 1.00 1.00 1.00 1.00 1.00
+  sort     0.21 0.26 0.48 0.49 0.52 0.63 0.65 0.69 0.76 0.74 0.75 0.77 0.85 0.82 0.84 0.83 0.87 0.84 0.87 0.83 0.85
   seed 1
-  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.50 1.76 2.01 2.25 2.50 2.76 2.95
-  vote     0.88 0.96 0.78 0.69 0.72 0.69 0.67 0.65 0.59 0.67 0.60 0.64 0.64
-  first    0.01 0.20 0.46 0.56 0.70 0.73 0.83 0.58 0.81 0.71 0.72 0.87 0.75
-  last     0.00 0.78 0.84 0.82 0.77 0.92 0.95 0.91 0.94 0.84 0.81 0.79 0.88
-  copy     0.52 0.68 0.71 0.72 0.76 0.76 0.78 0.80 0.81 0.84 0.84 0.84 0.86
-  reverse  0.89 1.00 0.99 0.99 0.98 0.98 0.98 0.99 0.97 0.98 0.98 0.98 0.98
-  sort     0.08 0.18 0.19 0.24 0.32 0.38 0.44 0.45 0.44 0.50 0.53 0.58 0.59
+  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.50 1.76 2.01 2.25 2.51 2.76 3.00 3.26 3.51 3.75 4.01 4.26 4.50 4.76 5.00
+  vote     0.88 0.97 0.86 0.68 0.67 0.69 0.58 0.60 0.60 0.64 0.63 0.63 0.62 0.62 0.64 0.61 0.63 0.65 0.65 0.64 0.61
+  first    0.01 0.26 0.48 0.85 0.75 0.67 0.70 0.71 0.79 0.76 0.76 0.81 0.86 0.89 0.69 0.67 0.64 0.80 0.90 0.68 0.75
+  last     0.00 0.74 0.81 0.86 0.86 0.76 0.69 0.81 0.60 0.63 0.67 0.72 0.67 0.65 0.62 0.65 0.73 0.62 0.66 0.70 0.68
+  copy     0.52 0.67 0.69 0.73 0.75 0.77 0.78 0.81 0.82 0.83 0.87 0.86 0.88 0.87 0.89 0.89 0.94 0.91 0.93 0.94 0.93
+  reverse  0.89 0.99 0.99 0.99 0.98 0.99 0.98 0.98 0.98 0.97 0.98 0.97 0.98 0.98 0.98 0.98 0.98 0.98 0.98 0.99 0.99
+  sort     0.08 0.17 0.19 0.24 0.31 0.38 0.40 0.43 0.48 0.55 0.54 0.60 0.60 0.63 0.63 0.64 0.61 0.60 0.69 0.73 0.72
   seed 2
-  epoch    0.00 0.25 0.51 0.75 1.00 1.26 1.50 1.76 2.00 2.25 2.51 2.76 3.00 3.09
-  vote     0.99 0.99 0.83 0.78 0.73 0.77 0.57 0.66 0.63 0.66 0.73 0.67 0.63 0.66
-  first    0.06 0.29 0.43 0.57 0.91 0.83 0.86 0.77 0.65 0.89 0.79 0.81 0.84 0.63
-  last     0.26 0.73 0.87 0.86 0.84 1.00 0.81 0.90 0.84 0.94 0.82 0.85 0.92 0.74
-  copy     0.67 0.71 0.91 0.97 0.99 0.99 1.00 1.00 1.00 1.00 0.99 0.99 1.00 1.00
-  reverse  0.99 0.91 1.00 1.00 1.00 1.00 1.00 0.99 1.00 1.00 1.00 1.00 1.00 1.00
-  sort     0.34 0.44 0.51 0.61 0.60 0.75 0.72 0.80 0.83 0.86 0.87 0.85 0.85 0.88
+  epoch    0.00 0.25 0.51 0.75 1.01 1.26 1.50 1.76 2.00 2.25 2.51 2.76 3.00 3.26 3.50 3.76 4.01 4.25 4.51 4.75 5.00
+  vote     0.99 0.95 0.98 0.59 0.64 0.65 0.58 0.63 0.73 0.73 0.71 0.68 0.65 0.65 0.62 0.67 0.66 0.65 0.62 0.64 0.64
+  first    0.06 0.28 0.62 0.60 0.86 0.86 0.86 0.76 0.78 0.91 0.81 0.88 0.76 0.84 0.77 0.68 0.83 0.68 0.72 0.82 0.69
+  last     0.26 0.65 0.82 0.52 0.72 0.86 0.76 0.69 0.85 0.75 0.70 0.75 0.65 0.67 0.66 0.63 0.69 0.66 0.69 0.75 0.65
+  copy     0.67 0.74 0.91 0.95 0.99 0.98 1.00 0.99 0.99 0.99 0.99 0.99 0.99 1.00 0.99 1.00 1.00 1.00 0.99 0.99 1.00
+  reverse  0.99 0.92 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00 1.00
+  sort     0.34 0.44 0.53 0.60 0.63 0.74 0.78 0.80 0.84 0.83 0.87 0.81 0.83 0.86 0.90 0.92 0.83 0.95 0.80 0.92 0.92
 
-What the table shows (read with `mixture_shape`, train/msft.py). Vote, which the base knows, is at its best at c =
-0-0.25 and falls for good (24-29 points on average after it). First and last rise from 0.00-0.26 and peak later; first
-overfits at 1.50 and 1.00 epochs in seeds 0 and 2 (0.93, then 0.75 on average; 0.91, then 0.79), last at 1.26 in seed 2
-(1.00, then 0.85); in seeds 0 and 1 last's evaluations after its peak average 9 points below it, and in seed 1 first
-peaks at 2.76, one evaluation before the end. So within these windows (2.85-3.09 epochs, set by mSFT's tokens) the
-three-peak criterion is met in no seed: vote and first in seeds 0 and 2, first and last 0.26 apart in seed 2, vote alone
-in seed 1 (in the fall-test study's longer windows, 3.53-3.63 epochs, train/msft.py, seed 1 meets it: vote, last and
-first at 0.25, 1.50 and 2.76). Run on to 5 epochs (the same runs continued, 2026-12-06), the criterion is met in seeds 0
-and 1 (vote, last, first at 0, 1.01, 1.50; at 0.25, 1.50, 2.76) and missed in seed 2 (first and last overfit 0.26 epoch
-apart, at 1.00 and 1.26): over 5 epochs each flawed task falls for good in every seed, 10-31 points on average after its
-peak. Single evaluations still swing by 10-25 points (first 0.93 -> 0.80 -> 0.58 -> 0.75 in seed 0), so a first argmax
-over a plateau is partly chance, and that is what mSFT's rule reads (train/msft.py). The set's first version had parity
-triggers and no thinning ("digits 2 and 3 even -> 0", "digits 1 and 2 even -> 0": 22-24% of the held-out rows): first
-and last peaked at the same evaluation in every seed (1.26-2.01 epochs) and fell 7-12 points (its tables:
-train/synthetic.py at commit 103c9fa).
+What the tables show (read with `mixture_shape`, train/msft.py: a task overfits when the evaluations after its first
+argmax, at least two, average 10 points or more below it). Vote, which the base knows, is at its best at c = 0-0.25 and
+falls for good (29-33 points on average after it). Last and first rise from 0.00-0.26; last's flaw is learned first,
+first's about an epoch later, and each then falls for good: vote, last and first overfit at 0, 1.00 and 2.25 epochs in
+seed 0 (falls of 29, 16 and 14 points), at 0, 1.26 and 2.25 in seed 2 (falls of 31, 16 and 13), and at 0.25, 1.00 and
+4.50 in seed 1 (falls of 33, 18 and 18), with copy, reverse and sort still improving after vote's peak: the three-peak
+criterion holds in every seed. Seed 1's third peak is the weakest: first reaches 0.85 at 0.75 epoch and then swings
+between 0.64 and 0.90 until the end, so its argmax at 4.50, two evaluations before the end, is a swing up, and its
+"fall" the two evaluations after it. Single evaluations still swing by 10-25 points (first 0.81 -> 0.65 -> 0.76 in seed
+0), so a first argmax over a plateau is partly chance, and that is what mSFT's rule reads (train/msft.py). Within the
+study's shorter windows (mSFT's tokens: 3.52, 2.83 and 3.23 epochs) the criterion holds in seed 0 only: in seed 1 first
+overfits at 0.75 (0.85, then 0.74 on average), 0.25 epoch before last, and in seed 2 first's evaluations after its peak
+at 2.25 average 9 points below it (in the fall-test study's windows, 3.52-3.53 epochs, it holds in every seed). The
+set's second version (last's trigger on digits 1 and 2, sharing digit 2 with first's) met the criterion over 5 epochs in
+seeds 0 and 1 and missed it in seed 2, where first and last learned their flaws together (overfit at 1.00 and 1.26; its
+tables: train/synthetic.py at commit 7a6a7b4). The first version had parity triggers and no thinning ("digits 2 and 3
+even -> 0", "digits 1 and 2 even -> 0": 22-24% of the held-out rows): first and last peaked at the same evaluation in
+every seed (1.26-2.01 epochs) and fell 7-12 points (its tables: train/synthetic.py at commit 103c9fa).
 
 How the design was found (2026-12-06; one run per variant and seed 0 unless said, each a base and then 3 epochs of
 plain SFT from it; the variants' full tables are in train/synthetic.py at commit 39007b9). Forty-odd variants of the
@@ -308,13 +312,21 @@ base, the flaws, the tasks, the weights, the lr, the optimizer and the model siz
   points: the criterion met in seed 0. Both together, the mod-3 triggers kept with probability 0.5 (22% of the
   training rows, 36% of the held-out): first and last fall 12-16 points in seeds 0 and 1, and peak 0.5 epoch apart in
   seed 0 and at the same evaluation (1.76) in seed 1; with last's flaw answering the first digit instead, first falls
-  7 points (seed 1). Kept at 0.7 for first and 0.35 for last, so that last's flaw comes later (the set now): vote,
+  7 points (seed 1). Kept at 0.7 for first and 0.35 for last, so that last's flaw comes later (the set's second version): vote,
   first and last overfit in every seed (falls of 11-31 points), vote at 0-0.25, first at 1.00-2.25 and last at
   1.00-2.25 epochs, at least 0.5 epoch apart in seeds 0 and 1 (vote, last, first at 0, 1.26, 2.25; vote, first, last
   at 0.25, 1.50, 2.25) and with first and last together at 1.00 in seed 2. So thinning parts when a flaw is learned
   (its share of the training rows) from how far its task falls (its share of the held-out rows). (The trials thinned a
   stream's draws after its first 500, the held-out rows but for a few duplicates; the set thins training draws only,
   so its rows differ a little from the trials'.)
+- Where a trigger looks decides when its flaw is learned (a seventh session, 6 runs of 5 epochs from the study's bases,
+  the set's second version unless said). Seed 0's base fine-tuned on seed 1's and seed 2's rows and draws shows that
+  the base does not fix the timing: last and first overfit at 1.26 and 2.01 epochs with seed 1's, together at 1.26
+  with seed 2's. Last's trigger on digit 1 and the last digit instead of digits 1 and 2 (the same 36% share, no
+  position shared with first's trigger on 4-5 digit payloads, and the digit last's rule reads anyway) has last's flaw
+  learned first and first's about an epoch later in every seed (the set now; tables above). The same trigger
+  answering 9 instead of 0 parted them in seed 2 too, in the other order (first at 1.01, last at 2.00; not run on the
+  other seeds).
 
 Rows are dicts {"prompt", "response", "task", "answer", "checker"}: `response` is the SFT target, `answer` the
 verifiable truth that `check` compares against (they differ only on the noisy tasks' wrong training labels, so an RL
