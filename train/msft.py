@@ -174,10 +174,10 @@ decisions, both ways. It misses vote's steady fall in stage 1 of seed 0 (1.00 ->
 is under 5 points below, the end 7) and counts the swings of first and last in stage 2 of seed 2 (first 0.90 at 0.51,
 then 0.81 and 0.87; last 0.89, then 0.68 and 0.86), so it is not built.
 
-The set's second version (last's trigger on digits 1 and 2, sharing digit 2 with first's: both flaws learned together
-in one seed of three) gave the same ranking (its tables: train/msft.py at commit 7a6a7b4): mSFT 0.832 ± 0.059, SFT 0.843
-± 0.055, SRO 0.845, temperature 0.878, DynamixSFT 0.842, the oracle 0.921; with the fall test below, mSFT 0.845 ± 0.050
-against SFT 0.844 ± 0.053 and SRO 0.892 ± 0.045, SRO ahead of SFT in every seed.
+The set's second version (last's trigger on digits 1 and 2, sharing digit 2 with first's: both flaws learned together in
+one seed of three) gave the same ranking (its tables: train/msft.py at commit 7a6a7b4): mSFT 0.832 ± 0.059, SFT 0.843 ±
+0.055, SRO 0.845, temperature 0.878, DynamixSFT 0.842, the oracle 0.921; with the fall test, mSFT 0.845 ± 0.050 against
+SFT 0.844 ± 0.053 and SRO 0.892 ± 0.045, SRO ahead of SFT in every seed.
 
 The set's first version (parity flaws, first and last peaking together and falling 7-12 points; train/synthetic.py) gave
 the same ranking (its table: train/msft.py at commit 103c9fa): mSFT 0.827 ± 0.089, SFT 0.828 ± 0.061, SRO 0.830,

@@ -136,15 +136,15 @@ labels on 64-300 rows moves the tiny model's answers back and forth; it does not
 heterogeneous learning speeds and noisy peaks, not the durable early overfitting mSFT is built for (what that does
 to mSFT: train/msft.py's docstring). A single point is noisy; compare smoothed or loss-based scores.
 
-From a pretrained base: the "msft-flaws" and "msft-base" sets (configs/tiny_msft_pretrained.toml). Random label
-noise makes no lasting fall (above), so "msft-flaws" has systematic flaws instead (FLAWS): on a training row whose
-payload has a trigger feature the label follows a second rule; held-out rows with the feature keep the truth, so a
-model that learns the flaw loses about the feature's share of the held-out rows, and keeps losing it. "msft-base" is
-the base's corpus: clean rows of copy, reverse, sort and vote from another random stream, none of whose prompts
-(train or held-out) occurs in "msft-flaws" for the same seed; configs/tiny_msft_base.toml trains it for 2 epochs (at
-its end, on msft-flaws' held-out rows: vote 0.88-1.00, reverse 0.89-0.99, copy 0.52-0.75, sort 0.08-0.34, first
-0.00-0.06 and last 0.00-0.26: the base was never asked for them). What the base brings, and how many training rows
-carry each flaw, are what stagger the peaks:
+From a pretrained base: the "msft-flaws" and "msft-base" sets (configs/tiny_msft_pretrained.toml). Random label noise
+makes no lasting fall (above), so "msft-flaws" has systematic flaws instead (FLAWS): on a training row whose payload has
+a trigger feature the label follows a second rule; held-out rows with the feature keep the truth, so a model that learns
+the flaw loses about the feature's share of the held-out rows, and keeps losing it. "msft-base" is the base's corpus:
+clean rows of copy, reverse, sort and vote from another random stream, none of whose prompts (train or held-out) occurs
+in "msft-flaws" for the same seed; configs/tiny_msft_base.toml trains it for 2 epochs (at its end, on msft-flaws'
+held-out rows: vote 0.88-1.00, reverse 0.89-0.99, copy 0.52-0.75, sort 0.08-0.34, first 0.00-0.06 and last 0.00-0.26:
+the base was never asked for them). What the base brings, where each trigger looks and how many training rows carry each
+flaw are what stagger the peaks:
 
   task   flaw                          train  weight  keep  training rows  held-out rows   base   under SFT
                                                             it changes     it turns wrong  knows
@@ -299,26 +299,26 @@ base, the flaws, the tasks, the weights, the lr, the optimizer and the model siz
   last and bigs at 0.25, 1.00 and 4.01). Without last (six tasks: first and bigs as the flawed new ones) the peaks
   come earlier and the falls stay small: first 9 points below its peak at 0.50 and bigs overfit at 1.01 in seed 0;
   first overfit at 1.50 and bigs 9 points below its peak at 2.25 in seed 2.
-- A larger trigger, thinned in the training split, gives every flawed task a lasting fall (a sixth session, 18 runs of
-  5 epochs from the study's bases, read with `mixture_shape`, which from then on asks for two evaluations after a
-  peak). A larger trigger alone, digits 2 and 3 (1 and 2 for last) "not multiples of 3" (36% of the rows, 30-32% of
-  the held-out rows turned wrong), with bigs "-> the other bit" as a seventh task (seeds 0-2; last's flaw answering 0,
-  or the first digit): first overfits in 5 runs of 6 (11-25 points down, peaks at 1.51-4.01 epochs), but last is
-  learned with its flaw in 5 of 6 (never above 0.77) and bigs falls 10 points in 1 of 6. Thinning alone (the parity
-  triggers, a training draw with the trigger kept with probability 0.3, so that 9-10% of the training rows carry the
-  flaw while 25% of the held-out rows have the trigger: `Flaw.keep`): first and last rise to 0.97-1.00 before their
-  flaws show, then fall slowly, 6-10 points on average within 5 epochs (with bigs, seeds 0-2); kept at 0.6 and 0.35
-  without bigs, they peak when their rules are learned (first at 1.26 in every seed, last at 1.00-2.25) and fall 8-11
-  points: the criterion met in seed 0. Both together, the mod-3 triggers kept with probability 0.5 (22% of the
-  training rows, 36% of the held-out): first and last fall 12-16 points in seeds 0 and 1, and peak 0.5 epoch apart in
-  seed 0 and at the same evaluation (1.76) in seed 1; with last's flaw answering the first digit instead, first falls
-  7 points (seed 1). Kept at 0.7 for first and 0.35 for last, so that last's flaw comes later (the set's second version): vote,
-  first and last overfit in every seed (falls of 11-31 points), vote at 0-0.25, first at 1.00-2.25 and last at
-  1.00-2.25 epochs, at least 0.5 epoch apart in seeds 0 and 1 (vote, last, first at 0, 1.26, 2.25; vote, first, last
-  at 0.25, 1.50, 2.25) and with first and last together at 1.00 in seed 2. So thinning parts when a flaw is learned
-  (its share of the training rows) from how far its task falls (its share of the held-out rows). (The trials thinned a
-  stream's draws after its first 500, the held-out rows but for a few duplicates; the set thins training draws only,
-  so its rows differ a little from the trials'.)
+- A larger trigger, thinned in the training split, gives every flawed task a lasting fall (a sixth session, 18 runs of 5
+  epochs from the study's bases, read with `mixture_shape`, which from then on asks for two evaluations after a peak). A
+  larger trigger alone, digits 2 and 3 (1 and 2 for last) "not multiples of 3" (36% of the rows, 30-32% of the held-out
+  rows turned wrong), with bigs "-> the other bit" as a seventh task (seeds 0-2; last's flaw answering 0, or the first
+  digit): first overfits in 5 runs of 6 (11-25 points down, peaks at 1.51-4.01 epochs), but last is learned with its
+  flaw in 5 of 6 (never above 0.77) and bigs falls 10 points in 1 of 6. Thinning alone (the parity triggers, a training
+  draw with the trigger kept with probability 0.3, so that 9-10% of the training rows carry the flaw while 25% of the
+  held-out rows have the trigger: `Flaw.keep`): first and last rise to 0.97-1.00 before their flaws show, then fall
+  slowly, 6-10 points on average within 5 epochs (with bigs, seeds 0-2); kept at 0.6 and 0.35 without bigs, they peak
+  when their rules are learned (first at 1.26 in every seed, last at 1.00-2.25) and fall 8-11 points: the criterion met
+  in seed 0. Both together, the mod-3 triggers kept with probability 0.5 (22% of the training rows, 36% of the
+  held-out): first and last fall 12-16 points in seeds 0 and 1, and peak 0.5 epoch apart in seed 0 and at the same
+  evaluation (1.76) in seed 1; with last's flaw answering the first digit instead, first falls 7 points (seed 1). Kept
+  at 0.7 for first and 0.35 for last, so that last's flaw comes later (the set's second version): vote, first and last
+  overfit in every seed (falls of 11-31 points), vote at 0-0.25, first at 1.00-2.25 and last at 1.00-2.25 epochs, at
+  least 0.5 epoch apart in seeds 0 and 1 (vote, last, first at 0, 1.26, 2.25; vote, first, last at 0.25, 1.50, 2.25) and
+  with first and last together at 1.00 in seed 2. So thinning parts when a flaw is learned (its share of the training
+  rows) from how far its task falls (its share of the held-out rows). (The trials thinned a stream's draws after its
+  first 500, the held-out rows but for a few duplicates; the set thins training draws only, so its rows differ a little
+  from the trials'.)
 - Where a trigger looks decides when its flaw is learned (a seventh session, 6 runs of 5 epochs from the study's bases,
   the set's second version unless said). Seed 0's base fine-tuned on seed 1's and seed 2's rows and draws shows that
   the base does not fix the timing: last and first overfit at 1.26 and 2.01 epochs with seed 1's, together at 1.26
