@@ -181,7 +181,6 @@ def test_cpu_training_refuses_torch_26_with_the_reason(monkeypatch, version, ref
         check_cpu_fsdp()
 
 
-
 def _summing_fsdp(d, out: str) -> None:
     import core.distributed as D
 
