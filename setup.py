@@ -1,21 +1,23 @@
 from setuptools import setup
 
-# Name note: the top-level package `kernels` has the import name of Hugging Face's hub-kernels library (distribution
-# `kernels`), and only one of the two can be imported in a process. transformers enables its hub-kernels integration
-# when that name's distribution version is in its supported range (0.18.2 <= v < 0.19.0 seen in earlier 5.x,
-# 0.19.1 <= v < 0.20.0 in 5.25) and then imports names from `kernels` that ours does not have. With HF's
-# distribution absent, transformers reads this distribution's version for the name, so keep it outside those
-# ranges; and transformers >= 5.25 installs HF's `kernels` as a hard dependency, so the extras that bring
-# transformers (tests, the HF anchors of the benchmarks) stop below 5.25. tests/test_packaging.py checks that
-# transformers does not take us for it.
+# The repository's folders are installed as one namespace, `posttrain` (posttrain.core, posttrain.kernels, ...), so the
+# library sits next to any other: Hugging Face's `kernels` (a hard dependency of transformers >= 5.25), or a user's
+# own `core` or `eval` package. The folders have no __init__.py on purpose: from the repository root (on sys.path
+# under `python -m` and pytest) a folder with one would be a top-level package that shadows a library of the same
+# name; without one it is at most a namespace portion, which every regular package of that name outranks.
+FOLDERS = ["core", "kernels", "train", "eval", "bench"]
+PACKAGES = {f"posttrain.{folder}": folder for folder in FOLDERS}
+
 setup(
     name="posttrain",
-    version="0.1.0",
-    description="A low-level, performance-first LLM post-training library (SFT, GRPO) in plain PyTorch + Triton.",
+    version="0.2.0",
+    description="A low-level, performance-first LLM post-training library (SFT, mSFT, GRPO, PerMix) in plain PyTorch "
+                "+ Triton.",
     python_requires=">=3.10",
-    packages=["core", "kernels", "train", "eval", "bench"],
-    package_data={"eval": ["data/*", "data/personagym/*"],
-                  "train": ["data/*", "data/tiny_tokenizer/*", "data/personas/*"]},
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    package_data={"posttrain.eval": ["data/*", "data/personagym/*", "data/personas/*"],
+                  "posttrain.train": ["data/*", "data/tiny_tokenizer/*"]},
     install_requires=[
         "torch>=2.6",
         "triton; sys_platform == 'linux'",
@@ -28,8 +30,8 @@ setup(
         "tomli; python_version < '3.11'",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.45,<5.25", "matplotlib"],
-        "bench": ["transformers>=4.45,<5.25", "math-verify"],
+        "test": ["pytest>=7", "transformers>=4.45", "matplotlib", "import-linter>=2.1"],
+        "bench": ["transformers>=4.45", "math-verify"],
         "flash": ["flash-attn"],
         "plot": ["matplotlib"],
     },

@@ -1,6 +1,6 @@
 """Benchmark: one GRPO policy-loss step from hidden states (forward + backward), ours vs anchors.
 
-    python -m bench.bench_grpo [--smoke] [--json PATH]
+    python -m posttrain.bench.bench_grpo [--smoke] [--json PATH]
 
 The step: lm-head log-probs of B x L completion tokens, the clipped GRPO/DAPO loss with old and reference log-probs
 given (beta = 0.04), gradients to hidden and weight. Ours is `linear_grpo_loss` (no logits); the anchors are eager
@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from bench.common import peak_gb, print_table, start, time_fn
-from kernels._utils import fp32_out_mm_available
-from kernels.grpo import grpo_loss, grpo_loss_reference, linear_grpo_loss
-from kernels.logprob import default_chunk_size, linear_logprob_reference
+from posttrain.bench.common import peak_gb, print_table, start, time_fn
+from posttrain.kernels._utils import fp32_out_mm_available
+from posttrain.kernels.grpo import grpo_loss, grpo_loss_reference, linear_grpo_loss
+from posttrain.kernels.logprob import default_chunk_size, linear_logprob_reference
 
 BUDGET_S = 50.0  # bench/gpu.sh gives this script 55 s
 KW = dict(beta=0.04, eps_low=0.2, eps_high=0.28, loss_type="dapo")

@@ -1,7 +1,7 @@
 """Benchmark: one full GRPO step (rollout, reward, update) of train/grpo.py's pieces, and its update phase vs a plain
 PyTorch update with materialized logits in the same run.
 
-    python -m bench.bench_grpo_step [--smoke] [--json PATH]
+    python -m posttrain.bench.bench_grpo_step [--smoke] [--json PATH]
 
 GPU: the Qwen2-0.5B shape (random weights, bf16 FSDP2 on one rank, as the trainer runs), 32 prompts of 64-128 tokens,
 G = 8, 256 new tokens (no stop token, so every completion is 256 tokens: the worst case of a step). CPU (--smoke, or
@@ -22,14 +22,14 @@ import time
 
 import torch
 
-from bench.common import peak_gb, print_table, start, sync
-from core.distributed import (ParallelConfig, build_model, build_optimizer, clip_grad_norm_, close_distributed,
+from posttrain.bench.common import peak_gb, print_table, start, sync
+from posttrain.core.distributed import (ParallelConfig, build_model, build_optimizer, clip_grad_norm_, close_distributed,
                               init_distributed)
-from core.model import ModelConfig
-from core.sampler import generate
-from kernels.grpo import grpo_loss_reference
-from train.grpo import GRPOSection, Prompt, Sample, accumulate_gradients, make_micro_batch, micro_batches
-from train.rl import group_advantages
+from posttrain.core.model import ModelConfig
+from posttrain.core.sampler import generate
+from posttrain.kernels.grpo import grpo_loss_reference
+from posttrain.train.grpo import GRPOSection, Prompt, Sample, accumulate_gradients, make_micro_batch, micro_batches
+from posttrain.train.rl import group_advantages
 
 QWEN2_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                  num_kv_heads=2, qkv_bias=True, tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=4096)

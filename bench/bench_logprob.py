@@ -1,6 +1,6 @@
 """Benchmark: log-prob of target tokens through the lm-head, forward + backward (the SFT loss), ours vs anchors.
 
-    python -m bench.bench_logprob [--smoke] [--json PATH]
+    python -m posttrain.bench.bench_logprob [--smoke] [--json PATH]
 
 Anchors in the same run: eager (`(h @ W.T).float().log_softmax(-1).gather`), torch.compile of it, and Liger-Kernel's
 LigerFusedLinearCrossEntropyLoss(reduction="none") when importable. On CUDA: median of 10 timed iterations after 3
@@ -14,9 +14,9 @@ import time
 
 import torch
 
-from bench.common import peak_gb, print_table, start, time_fn
-from kernels._utils import fp32_out_mm_available
-from kernels.logprob import default_chunk_size, linear_logprob, linear_logprob_reference
+from posttrain.bench.common import peak_gb, print_table, start, time_fn
+from posttrain.kernels._utils import fp32_out_mm_available
+from posttrain.kernels.logprob import default_chunk_size, linear_logprob, linear_logprob_reference
 
 BUDGET_S = 80.0  # bench/gpu.sh gives this script 85 s
 

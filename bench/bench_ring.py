@@ -1,6 +1,6 @@
 """The in-memory checkpoint ring (core/ring.py) vs torch.save / torch.load to local disk, in one run.
 
-    python -m bench.bench_ring [--smoke] [--json out.json]
+    python -m posttrain.bench.bench_ring [--smoke] [--json out.json]
 
 Rows, for 1 GB and 3 GB of weights (fp32 parameters of a stand-in model, one flat tensor per 64 MiB chunk, like a
 model's parameter list):
@@ -22,8 +22,8 @@ import time
 import torch
 from torch import nn
 
-from bench.common import print_table, start, sync, time_fn
-from core.ring import CheckpointRing
+from posttrain.bench.common import print_table, start, sync, time_fn
+from posttrain.core.ring import CheckpointRing
 
 class Weights(nn.Module):
     """`nbytes` of fp32 weights as a list of parameters of 64 MiB each (at most 1/16 of the total, for small runs)."""

@@ -17,7 +17,7 @@ Targets: >= 60,000 tok/s at batch 64, >= 50% of the roofline at batch 256, FSDP2
 CPU (no CUDA, or --smoke): the tiny model, small shapes, ratios only (the fused kernels are counted under
 TRITON_INTERPRET=1 but not timed: CPU decodes through the plain path).
 
-    python -m bench.bench_sampler [--smoke] [--json PATH]
+    python -m posttrain.bench.bench_sampler [--smoke] [--json PATH]
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import time
 
 import torch
 
-from bench.common import environment, hf_transformers, start, sync, time_fn
-from core.checkpoint import our_name
-from core.distributed import close_distributed
-from core.model import ModelConfig, Transformer
-from core.sampler import SamplingParams, generate, sampler_stats
+from posttrain.bench.common import environment, hf_transformers, start, sync, time_fn
+from posttrain.core.checkpoint import our_name
+from posttrain.core.distributed import close_distributed
+from posttrain.core.model import ModelConfig, Transformer
+from posttrain.core.sampler import SamplingParams, generate, sampler_stats
 
 BUDGET_S = 65.0  # bench/gpu.sh gives this benchmark 75 s; later rows are skipped (and said so) past the budget
 
@@ -87,8 +87,8 @@ def decode_step_kernels(cfg: ModelConfig, dtype: torch.dtype, device: str, fused
     """(kernels per layer, kernels outside the layers, the ops of a 2-layer step) of one decode step at top-p
     sampling, from the difference between 2- and 3-layer models of cfg's widths. fused: the fused kernels
     (Transformer.decode_fused and the sampling kernel's bookkeeping), as CUDA runs them; else the plain path."""
-    import core.sampler as S
-    from kernels.sample import fused_sample_step, sample_step_reference
+    import posttrain.core.sampler as S
+    from posttrain.kernels.sample import fused_sample_step, sample_step_reference
 
     counts = {}
     for layers in (2, 3):
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                        new_tokens=new_tokens)
 
     # Kernels per decode step, both paths (the fused one only where Triton runs: CUDA, or the interpreter).
-    from kernels._utils import use_triton
+    from posttrain.kernels._utils import use_triton
 
     kernels = {"plain": decode_step_kernels(cfg, dtype, device, fused=False)[:2]}
     if use_triton(torch.empty(0, device=device)):

@@ -1,6 +1,6 @@
 """Benchmark: one full training step (forward + backward + AdamW), ours vs Hugging Face transformers, same run.
 
-    python -m bench.bench_train [--smoke] [--skip-compile] [--json PATH]
+    python -m posttrain.bench.bench_train [--smoke] [--skip-compile] [--json PATH]
 
 GPU (default when CUDA is present): a Qwen2-0.5B-shaped model (hidden 896, 24 layers, 14 heads, 2 KV heads,
 intermediate 4864, vocab 151936, tied, qkv bias), 8 x 2048 random tokens per step as plain causal rows, bf16 compute.
@@ -34,12 +34,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from bench.common import Report, environment, hf_transformers, print_table, time_fn
-from core.checkpoint import hf_name
-from core.distributed import (Dist, ParallelConfig, build_optimizer, clip_grad_norm_, close_distributed,
+from posttrain.bench.common import Report, environment, hf_transformers, print_table, time_fn
+from posttrain.core.checkpoint import hf_name
+from posttrain.core.distributed import (Dist, ParallelConfig, build_optimizer, clip_grad_norm_, close_distributed,
                               init_distributed, shard_model)
-from core.model import ModelConfig, Transformer
-from train.runtime import peak_flops as dense_bf16_peak
+from posttrain.core.model import ModelConfig, Transformer
+from posttrain.train.runtime import peak_flops as dense_bf16_peak
 
 # bench/gpu.sh gives this script 85 s. The budget is counted from main(), after the imports (~3 s here, more on a
 # cold machine), and teardown follows it: 10 s of margin so a variant cut at the budget still gets its row written.

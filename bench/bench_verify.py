@@ -1,6 +1,6 @@
 """Answer verification throughput and deadlines: eval.verify vs math-verify (when installed), in one run.
 
-    python -m bench.bench_verify [--smoke] [--json PATH]
+    python -m posttrain.bench.bench_verify [--smoke] [--json PATH]
 
 Sets (from eval/data/math500.jsonl, the repository's copy):
   gold_vs_solution   every gold answer against its own solution (the boxed answer is extracted): all correct
@@ -26,9 +26,9 @@ import re
 import time
 from pathlib import Path
 
-from eval.math500 import load_gsm8k, load_math500
-from eval.latex import canonical
-from eval.verify import Verifier
+from posttrain.eval.math500 import load_gsm8k, load_math500
+from posttrain.eval.latex import canonical
+from posttrain.eval.verify import Verifier
 
 CASES = Path(__file__).resolve().parent.parent / "tests" / "data" / "verify_cases.jsonl"  # hand-labelled classes
 ADVERSARIAL = [

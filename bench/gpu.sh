@@ -35,13 +35,13 @@ step() {  # step NAME TIMEOUT_S CMD...
 step gpu_tests 60 python3 -m pytest -q -m gpu -p no:cacheprovider tests
 # The whole trainer once on CUDA: one-rank nccl group, bf16 FSDP2, per-block compile with activation checkpointing,
 # the compiled log-prob kernel, a DCP checkpoint, greedy eval through the sampler, HF export.
-step sft_cuda 45 python3 -m train.sft --config configs/tiny_sft.toml --device=cuda --out_dir=/tmp/sft_cuda \
+step sft_cuda 45 python3 -m posttrain.train.sft --config configs/tiny_sft.toml --device=cuda --out_dir=/tmp/sft_cuda \
   --parallel.param_dtype=bfloat16 --parallel.compile=true --parallel.activation_checkpointing=true \
   --train.max_steps=20 --eval.every_epochs=0 --eval.at_start=false --eval.max_examples=16
-step bench_logprob 85 python3 -m bench.bench_logprob --json "$OUT/bench_logprob.json"
-step bench_grpo 55 python3 -m bench.bench_grpo --json "$OUT/bench_grpo.json"
-step bench_grpo_step 40 python3 -m bench.bench_grpo_step --json "$OUT/bench_grpo_step.json"
-step bench_sampler 75 python3 -m bench.bench_sampler --json "$OUT/bench_sampler.json"
-step bench_train 85 python3 -m bench.bench_train --json "$OUT/bench_train.json"
-step bench_ring 20 python3 -m bench.bench_ring --json "$OUT/bench_ring.json"
+step bench_logprob 85 python3 -m posttrain.bench.bench_logprob --json "$OUT/bench_logprob.json"
+step bench_grpo 55 python3 -m posttrain.bench.bench_grpo --json "$OUT/bench_grpo.json"
+step bench_grpo_step 40 python3 -m posttrain.bench.bench_grpo_step --json "$OUT/bench_grpo_step.json"
+step bench_sampler 75 python3 -m posttrain.bench.bench_sampler --json "$OUT/bench_sampler.json"
+step bench_train 85 python3 -m posttrain.bench.bench_train --json "$OUT/bench_train.json"
+step bench_ring 20 python3 -m posttrain.bench.bench_ring --json "$OUT/bench_ring.json"
 exit $status

@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from core.model import ARCHITECTURES, ModelConfig, Transformer
+from posttrain.core.model import ARCHITECTURES, ModelConfig, Transformer
 
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 SINGLE_FILE = "model.safetensors"

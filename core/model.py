@@ -402,7 +402,7 @@ class LMHead(nn.Linear):
             return head_loss(hidden, self.weight)
         if targets is None:
             return super().forward(hidden)
-        from kernels.logprob import linear_logprob  # lazy: Triton is only needed by training
+        from posttrain.kernels.logprob import linear_logprob  # lazy: Triton is only needed by training
 
         shape = targets.shape
         logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), self.weight, targets.reshape(-1),
@@ -558,9 +558,9 @@ class Transformer(nn.Module):
         The same arithmetic as the plain forward in the same order, so the same numbers up to the fp32 rounding of
         the norm's mean. Where Triton cannot run, each kernel's plain-torch reference runs instead.
         """
-        from kernels.norm import rms_norm
-        from kernels.rope import rope_kv_write
-        from kernels.swiglu import swiglu
+        from posttrain.kernels.norm import rms_norm
+        from posttrain.kernels.rope import rope_kv_write
+        from posttrain.kernels.swiglu import swiglu
 
         cfg = self.config
         B, W = tokens.shape[0], cache.max_len

@@ -51,7 +51,7 @@ def reshard(model: nn.Module) -> None:
     """Put every FSDP2 module back in its sharded state (no communication): after a forward without backward (an
     evaluation) FSDP keeps the root's parameters gathered, and a module's `parameters()` are then the gathered
     copies, not the shards that the optimizer updates."""
-    from core.sampler import fsdp_modules, fsdp_param_groups
+    from posttrain.core.sampler import fsdp_modules, fsdp_param_groups
 
     for m in fsdp_modules(model):
         # A group of several modules (the final norm + lm-head) whose last module was run outside its module call

@@ -85,8 +85,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.model import KVCache
-from kernels.sample import filter_logits, sample, sample_reference, sample_step  # noqa: F401 (filter_logits: public)
+from posttrain.core.model import KVCache
+from posttrain.kernels.sample import filter_logits, sample, sample_reference, sample_step  # noqa: F401 (filter_logits: public)
 
 _WINDOW = 64  # cache length and attention window granularity (slots)
 _PREFILL_TOKENS = 8192  # tokens per prefill forward (padded; a long prompt's chunk): bounds memory and refill stalls

@@ -11,7 +11,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from eval.verify import Verifier, default_verifier
+from posttrain.eval.verify import Verifier, default_verifier
 
 DATA = Path(__file__).resolve().parent / "data"
 

@@ -3,7 +3,7 @@ plays a persona (constraint adherence; a PersonaGym-style judged PersonaScore).
 
 For: evaluating a checkpoint (SFT, RLVR, PerMix-RLVR; issue 15) on a verifiable benchmark under every persona of an
 evaluation pool (`persona_benchmark`, `stability`), and on PersonaGym's questions with an LLM judge (`personagym`).
-`python -m eval.persona --model PATH --pool NAME_OR_FILE --benchmark math500|gsm8k|synthetic` prints a table and
+`python -m posttrain.eval.persona --model PATH --pool NAME_OR_FILE --benchmark math500|gsm8k|synthetic` prints a table and
 writes JSON and a PNG; `--compare PATH2` puts a second model beside the first.
 Not for: training (train/permix uses this module to score its runs), the persona pools and constraint checkers
 themselves (train/personas.py), answer checking (train/checkers.py, eval/verify.py).
@@ -148,16 +148,16 @@ def questions_for(benchmark: str, limit: int = 0, seed: int = 0) -> list[Questio
     the embedded default's held-out rows (train.personas.synthetic_questions(seed)). limit > 0 keeps a random
     subset of that many, drawn with `seed`, in the data's order."""
     if benchmark == "math500":
-        from eval.math500 import load_math500
+        from posttrain.eval.math500 import load_math500
 
         qs = [Question(r["problem"] + MATH_INSTRUCTION, r["answer"], "math", r["unique_id"]) for r in load_math500()]
     elif benchmark == "gsm8k":
-        from eval.math500 import gsm8k_gold, load_gsm8k
+        from posttrain.eval.math500 import gsm8k_gold, load_gsm8k
 
         qs = [Question(r["question"] + MATH_INSTRUCTION, gsm8k_gold(r["answer"]), "math", f"gsm8k-{i}")
               for i, r in enumerate(load_gsm8k())]
     elif benchmark == "synthetic":
-        from train.personas import synthetic_questions
+        from posttrain.train.personas import synthetic_questions
 
         qs = [Question(r["prompt"], r["answer"], r["checker"], r["id"]) for r in synthetic_questions(seed)]
     else:
@@ -187,8 +187,8 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | None = Non
     """A Hugging Face checkpoint directory -> (core.model.Transformer in eval mode, core.tokenizer.Tokenizer)."""
     import torch
 
-    from core.checkpoint import load_hf
-    from core.tokenizer import Tokenizer
+    from posttrain.core.checkpoint import load_hf
+    from posttrain.core.tokenizer import Tokenizer
 
     dtypes = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
@@ -201,7 +201,7 @@ def _generate_texts(model: Any, tokenizer: Any, prompts: list[list[int]], *, n: 
                     max_new_tokens: int, max_batch_tokens: int | None = None,
                     top_p: float = 1.0) -> list[tuple[str, str]]:
     """(text, finish_reason) of each of n samples per prompt, ordered (prompt, sample): one generate call."""
-    from core.sampler import generate
+    from posttrain.core.sampler import generate
 
     outs = generate(model, prompts, max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p,
                     seed=seed, tokenizer=tokenizer, stop_token_ids=tokenizer.stop_ids,
@@ -223,8 +223,8 @@ def persona_benchmark(model: Any, tokenizer: Any, personas: Sequence[Any], quest
     personas alone)}}, "fidelity" (mean over the
     constrained personas; None if there are none), and the settings}.
     """
-    from train.checkers import check_rows, validate
-    from train.personas import fidelity, strip_style
+    from posttrain.train.checkers import check_rows, validate
+    from posttrain.train.personas import fidelity, strip_style
 
     if samples < 1:
         raise ValueError(f"persona_benchmark: samples must be >= 1, got {samples}")
@@ -632,7 +632,7 @@ def load_personagym(personas: int | Sequence[str] = 200, questions_per_task: int
                     path: str | Path = PERSONAGYM / "questions.jsonl") -> list[dict[str, str]]:
     """PersonaGym benchmark-v1 rows {persona, task, question}: the first `personas` personas in file order (or the
     named ones) and the first `questions_per_task` questions of each of their five tasks."""
-    from train.data import jsonl_objects
+    from posttrain.train.data import jsonl_objects
 
     rows = []
     for _, where, row in jsonl_objects(path):
@@ -777,7 +777,7 @@ def evaluate_model(path: str, args: argparse.Namespace, personas: list[Any], que
     if not args.responses:
         bench.pop("responses")
     if judge is not None:
-        from train.personas import resolve_pool
+        from posttrain.train.personas import resolve_pool
 
         described = [p.description for p in resolve_pool(args.personagym_pool) if p.description]
         if not described:
@@ -861,7 +861,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             except JudgeError as e:
                 raise SystemExit(f"eval.persona: {e}") from None
 
-    from train.personas import resolve_pool
+    from posttrain.train.personas import resolve_pool
 
     personas = resolve_pool(args.pool)
     questions = questions_for(args.benchmark, args.limit, args.seed)

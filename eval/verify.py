@@ -46,7 +46,7 @@ import threading
 import time
 from multiprocessing.connection import wait
 
-from eval.latex import NumericJudge, Refused, SympyJudge, canonical, compare, normalize, parse_answer
+from posttrain.eval.latex import NumericJudge, Refused, SympyJudge, canonical, compare, normalize, parse_answer
 
 REASONS = ("correct", "wrong", "unparseable", "timeout")
 MAX_TEXT_CHARS = 1_000_000  # a completion longer than this is cut to its last MAX_TEXT_CHARS characters
@@ -330,8 +330,7 @@ def verify(gold: str, pred: str, *, rel_tol: float = 0.0) -> bool:
 # multiprocessing: its spawn/forkserver children re-import the caller's __main__ (a training script), and its
 # fork start copies the caller's threads and CUDA state.
 
-_WORKER_BOOT = "from eval.verify import _worker_main; _worker_main()"  # a constant, never model text
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_WORKER_BOOT = "from posttrain.eval.verify import _worker_main; _worker_main()"  # a constant, never model text
 
 
 def _worker_main() -> None:
@@ -370,7 +369,7 @@ def _worker_main() -> None:
 
 class _Worker:
     def __init__(self, memory_bytes: int, check: str):
-        env = dict(os.environ, PYTHONPATH=_REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))  # the child imports posttrain as we did
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _WORKER_BOOT, str(memory_bytes), check],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
@@ -420,7 +419,7 @@ class Verifier:
     """
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 2048, rel_tol: float = 0.0,
-                 check: str = "eval.verify:_expensive"):
+                 check: str = "posttrain.eval.verify:_expensive"):
         if workers < 1:
             raise ValueError(f"Verifier(workers={workers}): need at least one worker process")
         self.workers = workers

@@ -1,7 +1,7 @@
 """Helpers shared by the Triton kernels in this package: where Triton can run, and fp32-accumulating matmuls.
 
 Not a kernel library: just the two decisions every kernel wrapper makes the same way (plus the switch that
-kernels/aot.py uses to compile every launch ahead of time).
+bench/aot.py uses to compile every launch ahead of time).
 """
 
 import functools
@@ -22,7 +22,7 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# True only inside kernels.aot.compile_only(), which owns it: launches compile for a stand-in GPU and return, and
+# True only inside bench.aot.compile_only(), which owns it: launches compile for a stand-in GPU and return, and
 # the wrappers are called with meta tensors (shapes without data), which must then take the Triton path.
 _COMPILE_ONLY = False
 

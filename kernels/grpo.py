@@ -27,8 +27,8 @@ tokens over all micro-batches of the step and all ranks) / world_size when DDP/F
 
 import torch
 
-from kernels._utils import HAS_TRITON, addmm_acc_, use_triton
-from kernels.logprob import (
+from posttrain.kernels._utils import HAS_TRITON, addmm_acc_, use_triton
+from posttrain.kernels.logprob import (
     IGNORE_INDEX, _rows, check_inputs, check_targets, default_chunk_size, logits_buffer, new_bad_flag, scale_cast,
 )  # fmt: skip
 

@@ -33,7 +33,7 @@ sum (and sum p*z for entropy) with one exp per element; the lanes are reduced on
 block-wide reduction (and no barrier) sits inside it. The buffer's rows are padded to a multiple of 16 elements
 (151937 -> 151952; GEMMs write it with ld = the padded stride) and the kernel loads and stores the padding too,
 masking values rather than addresses, so row starts, strides and loop bounds stay divisible by 16 and Triton
-keeps 16-byte vector loads and stores at any vocabulary size (`python -m kernels.aot` shows the widths).
+keeps 16-byte vector loads and stores at any vocabulary size (`python -m posttrain.bench.aot` shows the widths).
 
 Targets. An id that is neither ignore_index nor in [0, V) never reads outside its row: the kernel reads column 0
 instead, writes NaN as that token's log-prob and gradient row (so an unchecked result is loud, never plausible),
@@ -51,7 +51,7 @@ with a plain-torch row pass, so memory stays bounded; it is slower but gives the
 
 import torch
 
-from kernels._utils import HAS_TRITON, addmm_acc_, use_triton
+from posttrain.kernels._utils import HAS_TRITON, addmm_acc_, use_triton
 
 if HAS_TRITON:
     import triton
@@ -264,7 +264,7 @@ def check_targets(bad: torch.Tensor, flagged: bool | None, targets: torch.Tensor
     """Raise ValueError naming the first out-of-range target id, where it is, and V, if the row pass flagged one.
 
     `flagged`: the flag's value when the caller already read it (in the same transfer as another scalar);
-    None reads it here, one host sync on CUDA. Meta tensors (kernels.aot) carry no values and are not checked.
+    None reads it here, one host sync on CUDA. Meta tensors (bench.aot) carry no values and are not checked.
     """
     if bad.is_meta:
         return

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._utils import HAS_TRITON, use_triton
+from posttrain.kernels._utils import HAS_TRITON, use_triton
 
 if HAS_TRITON:
     import triton

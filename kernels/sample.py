@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from kernels._utils import HAS_TRITON
+from posttrain.kernels._utils import HAS_TRITON
 
 if HAS_TRITON:
     import triton

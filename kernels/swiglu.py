@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._utils import HAS_TRITON, use_triton
+from posttrain.kernels._utils import HAS_TRITON, use_triton
 
 if HAS_TRITON:
     import triton

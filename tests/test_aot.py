@@ -1,4 +1,4 @@
-"""kernels/aot.py: every Triton kernel compiles for sm_80 and sm_90 as the wrappers launch it, without a GPU.
+"""bench/aot.py: every Triton kernel compiles for sm_80 and sm_90 as the wrappers launch it, without a GPU.
 
 The compile runs in a child process: the suite runs under TRITON_INTERPRET=1, and Triton picks the interpreter once,
 when it is imported. The child compiles into a fresh cache, so the time printed is what CI pays.
@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from kernels import aot
+from posttrain.kernels import aot
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.skipif(aot.unavailable() is not None, reason=f"kernels.aot: {aot.unavailable()}")
+pytestmark = pytest.mark.skipif(aot.unavailable() is not None, reason=f"bench.aot: {aot.unavailable()}")
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +25,12 @@ def compiled(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp / "cache")
     t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([sys.executable, "-m", "kernels.aot", "--arch", "80", "90", "--json", str(tmp / "aot.json")],
+    proc = subprocess.run([sys.executable, "-m", "posttrain.bench.aot", "--arch", "80", "90", "--json", str(tmp / "aot.json")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
     took, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     print(proc.stdout[-20000:])
     cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime  # the wall time depends on the machine's load
-    print(f"kernels.aot took {took:.1f} s wall, {cpu:.1f} s CPU (both architectures, one process each)")
+    print(f"bench.aot took {took:.1f} s wall, {cpu:.1f} s CPU (both architectures, one process each)")
     assert (tmp / "aot.json").exists(), proc.stderr[-4000:]
     return proc, json.loads((tmp / "aot.json").read_text())
 
@@ -38,7 +38,7 @@ def compiled(tmp_path_factory):
 def test_every_kernel_compiles_for_both_archs_without_spills(compiled):
     proc, out = compiled
     rows = out["rows"]
-    assert not out["kernels_without_case"], f"add launch cases to kernels/aot.py for {out['kernels_without_case']}"
+    assert not out["kernels_without_case"], f"add launch cases to bench/aot.py for {out['kernels_without_case']}"
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     kernels = {r["kernel"] for r in rows}
     assert {"_logprob_rows_kernel", "_grpo_rows_kernel"} <= kernels

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from bench.bench_train import TINY, OutOfTime, deadline
+from posttrain.bench.bench_train import TINY, OutOfTime, deadline
 from tests.conftest import REPO
 
 
@@ -18,7 +18,7 @@ def test_smoke_ours_and_hf_take_the_same_steps(tmp_path):
     out = tmp_path / "train.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the torch fallback is fast on CPU
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "bench.bench_train", "--smoke", "--json", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "posttrain.bench.bench_train", "--smoke", "--json", str(out)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -60,7 +60,7 @@ def test_budget_leaves_room_for_imports_and_teardown_under_the_gpu_sh_cap():
     gpu.sh's `timeout`, a compile variant cut at the budget was killed by the cap instead (no row, step failed)."""
     import re
 
-    from bench.bench_train import BUDGET_S
+    from posttrain.bench.bench_train import BUDGET_S
 
     cap = re.search(r"^step bench_train (\d+) ", (REPO / "bench" / "gpu.sh").read_text(), re.M)
     assert cap, "bench/gpu.sh no longer runs bench_train as a step"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from train.checkers import check_batch, check_rows, choice_letter, normalize, validate
+from posttrain.train.checkers import check_batch, check_rows, choice_letter, normalize, validate
 
 
 def test_exact_normalises_case_space_unicode_and_a_final_period_only():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.checkpoint import CheckpointError, load_hf, save_hf
-from core.model import ModelConfig, Transformer
+from posttrain.core.checkpoint import CheckpointError, load_hf, save_hf
+from posttrain.core.model import ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
 

@@ -4,8 +4,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from core.config import ConfigError, flatten, load_config, parse_args
-from core.model import ModelConfig
+from posttrain.core.config import ConfigError, flatten, load_config, parse_args
+from posttrain.core.model import ModelConfig
 
 
 @dataclass
@@ -86,7 +86,7 @@ def test_parse_args(tmp_path):
 def test_repo_configs_load():
     from pathlib import Path
 
-    from core.model import Transformer
+    from posttrain.core.model import Transformer
 
     root = Path(__file__).resolve().parent.parent / "configs"
     @dataclass

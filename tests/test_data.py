@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.data import (
+from posttrain.train.data import (
     IGNORE_INDEX,
     DataError,
     MixtureSampler,
@@ -16,7 +16,7 @@ from train.data import (
     rows_from_records,
     synthetic_rows,
 )
-from train.synthetic import tiny_tokenizer, write_jsonl
+from posttrain.train.synthetic import tiny_tokenizer, write_jsonl
 
 SIZES = {"copy": 60, "reverse": 40, "sort": 30, "add": 80, "mod": 20, "majority": 12}
 HELDOUT = {"copy": 9, "reverse": 7, "sort": 5, "add": 13, "mod": 6, "majority": 4}
@@ -227,8 +227,7 @@ def test_packing_work_per_rank_does_not_grow_with_world_size(data, monkeypatch):
     measured time per round (the closing note's table)."""
     import time
 
-    import train.data as data_module
-
+    import posttrain.train.data as data_module
     packed = []
     real = data_module.pack_rows
     monkeypatch.setattr(data_module, "pack_rows", lambda rows, *a: packed.append(sum(map(len, rows))) or
@@ -281,7 +280,7 @@ def test_bad_checker_rows_name_file_and_line(tmp_path, row, checkers, message):
 
 
 def test_tokenization_cache_round_trip_and_key(tmp_path, tok):
-    from train.data import mixture_cache_key
+    from posttrain.train.data import mixture_cache_key
 
     write_jsonl(tmp_path / "mix", seed=0, train_sizes=SIZES, heldout_sizes=HELDOUT)
     root = tmp_path / "mix"

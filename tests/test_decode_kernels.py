@@ -4,10 +4,10 @@
 import pytest
 import torch
 
-from kernels._utils import use_triton
-from kernels.norm import rms_norm, rms_norm_reference
-from kernels.rope import rope_kv_write, rope_kv_write_reference
-from kernels.swiglu import swiglu, swiglu_reference
+from posttrain.kernels._utils import use_triton
+from posttrain.kernels.norm import rms_norm, rms_norm_reference
+from posttrain.kernels.rope import rope_kv_write, rope_kv_write_reference
+from posttrain.kernels.swiglu import swiglu, swiglu_reference
 
 pytestmark = pytest.mark.skipif(not use_triton(torch.empty(0)) and not torch.cuda.is_available(),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
@@ -67,7 +67,7 @@ def test_rope_kv_write(dtype):
     untouched[rows.cpu(), positions.cpu()] = False
     assert torch.equal(k1[untouched.to(DEV)], caches[0][1][untouched.to(DEV)])  # nothing else written
     # The model's own rotation (core.model.apply_rope) agrees with the reference's.
-    from core.model import apply_rope
+    from posttrain.core.model import apply_rope
 
     c = torch.cat([cos[positions]] * 2, -1).to(dtype)[:, None]
     s = torch.cat([sin[positions]] * 2, -1).to(dtype)[:, None]

@@ -9,8 +9,8 @@ import torch
 import torch.multiprocessing as mp
 from safetensors import safe_open
 
-from core.checkpoint import CheckpointError, save_hf
-from core.model import ModelConfig, Transformer
+from posttrain.core.checkpoint import CheckpointError, save_hf
+from posttrain.core.model import ModelConfig, Transformer
 
 CFG = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2)
 
@@ -29,7 +29,7 @@ def spawn(fn, world_size: int, *args) -> None:
 def _entry(rank, fn, world_size, port, *args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    from core.distributed import close_distributed, init_distributed
+    from posttrain.core.distributed import close_distributed, init_distributed
 
     d = init_distributed(0, device="cpu")
     try:
@@ -39,7 +39,7 @@ def _entry(rank, fn, world_size, port, *args):
 
 
 def _load_and_export(d, src: str, dst: str, tied: bool) -> None:
-    from core.distributed import ParallelConfig, build_model, export_hf
+    from posttrain.core.distributed import ParallelConfig, build_model, export_hf
     from torch.distributed.tensor import DTensor
 
     model = build_model(ModelConfig(), d, ParallelConfig(param_dtype="float32"), init_from=src)
@@ -70,7 +70,7 @@ def test_sharded_load_then_export_is_byte_identical(tmp_path, tied):
 
 
 def _init_matches(d, out: str) -> None:
-    from core.distributed import ParallelConfig, build_model, full_state_dict
+    from posttrain.core.distributed import ParallelConfig, build_model, full_state_dict
 
     cfg = ModelConfig(**CFG)
     model = build_model(cfg, d, ParallelConfig(param_dtype="float32"), seed=7)
@@ -89,7 +89,7 @@ def test_from_scratch_init_is_independent_of_world_size(tmp_path):
 
 
 def _clip(d, out: str) -> None:
-    from core.distributed import ParallelConfig, build_model, clip_grad_norm_
+    from posttrain.core.distributed import ParallelConfig, build_model, clip_grad_norm_
 
     model = build_model(ModelConfig(**CFG), d, ParallelConfig(param_dtype="float32"), seed=3)
     ids = torch.arange(24).view(2, 12) % 61
@@ -114,7 +114,7 @@ def test_clip_grad_norm_on_dtensors_matches_single_process(tmp_path):
 
 
 def _nonfinite(d, out: str) -> None:
-    from core.distributed import ParallelConfig, build_model, clip_grad_norm_
+    from posttrain.core.distributed import ParallelConfig, build_model, clip_grad_norm_
 
     model = build_model(ModelConfig(**CFG), d, ParallelConfig(param_dtype="float32"), seed=3)
     before = [p.detach().to_local().clone() for p in model.parameters()]
@@ -134,7 +134,7 @@ def test_nonfinite_gradient_is_seen_by_every_rank(tmp_path):
 
 
 def _root_stays_gathered(d, tied: bool) -> None:
-    from core.distributed import ParallelConfig, build_model
+    from posttrain.core.distributed import ParallelConfig, build_model
     from torch.distributed.tensor import DTensor
 
     model = build_model(ModelConfig(**CFG, tie_word_embeddings=tied), d, ParallelConfig(param_dtype="float32"))
@@ -154,7 +154,7 @@ def test_root_keeps_parameters_gathered_after_forward(tied):
 
 
 def test_build_model_rejects_bad_checkpoint_before_sharding(tmp_path):
-    from core.distributed import Dist, ParallelConfig, build_model
+    from posttrain.core.distributed import Dist, ParallelConfig, build_model
 
     m = Transformer(ModelConfig(**CFG))
     save_hf(m, tmp_path / "ck")
@@ -171,7 +171,7 @@ def test_build_model_rejects_bad_checkpoint_before_sharding(tmp_path):
 def test_cpu_training_refuses_torch_26_with_the_reason(monkeypatch, version, refused):
     """torch 2.6's FSDP2 cannot all-gather on CPU (core/distributed.check_cpu_fsdp): a clear error at start, not an
     AttributeError from inside the first forward."""
-    from core.distributed import check_cpu_fsdp
+    from posttrain.core.distributed import check_cpu_fsdp
 
     monkeypatch.setattr(torch, "__version__", version)
     if refused:
@@ -182,8 +182,7 @@ def test_cpu_training_refuses_torch_26_with_the_reason(monkeypatch, version, ref
 
 
 def _summing_fsdp(d, out: str) -> None:
-    import core.distributed as D
-
+    import posttrain.core.distributed as D
     assert D._reduced_gradient(d.mesh) == 1.0  # this torch averages (the check passed in init_distributed too)
     D._reduced_gradient = lambda mesh: 2.0  # as torch 2.7.1's FSDP2 over gloo: a sum where the mean is meant
     try:

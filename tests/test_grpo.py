@@ -8,10 +8,10 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels.grpo as grpo
-import kernels.logprob
-from kernels.grpo import grpo_loss, grpo_loss_reference, linear_grpo_loss
-from kernels.logprob import linear_logprob_reference, padded_width
+import posttrain.kernels.grpo as grpo
+import posttrain.kernels.logprob as logprob_module
+from posttrain.kernels.grpo import grpo_loss, grpo_loss_reference, linear_grpo_loss
+from posttrain.kernels.logprob import linear_logprob_reference, padded_width
 
 
 def batch(B=5, L=13, dtype=torch.float64, seed=0, adv_2d=False):
@@ -205,7 +205,7 @@ def test_linear_bf16_and_no_grad():
 
 
 def test_bench_smoke(tmp_path):
-    from bench import bench_grpo
+    from posttrain.bench import bench_grpo
 
     out = tmp_path / "grpo.json"
     bench_grpo.main(["--smoke", "--json", str(out)])
@@ -339,7 +339,7 @@ def test_pieces_cover_every_token_once():
 def test_cuda_linear_grpo_long_sequence_bounded_memory():
     """L = 16384, V = 151936, bf16: chunks within the sequence keep the extra memory of forward + backward <= 2 GB."""
     B, L, H, V = 1, 16384, 1536, 151936
-    hidden, weight, targets, base, old = cuda_policy(B, L, H, V, kernels.logprob.linear_logprob)
+    hidden, weight, targets, base, old = cuda_policy(B, L, H, V, logprob_module.linear_logprob)
     adv, mask = torch.ones(B, device="cuda"), torch.rand(B, L, device="cuda") > 0.1
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -361,8 +361,8 @@ def test_cuda_out_of_range_target_raises():
     targets = torch.randint(0, 100, (64,), device="cuda")
     targets[7] = 100
     with torch.no_grad(), pytest.raises(ValueError, match=r"target id 100 at targets\[7\] .* V=100"):
-        kernels.logprob.linear_logprob(hidden, weight, targets)
-    logp = kernels.logprob.linear_logprob(hidden, weight, targets)
+        logprob_module.linear_logprob(hidden, weight, targets)
+    logp = logprob_module.linear_logprob(hidden, weight, targets)
     assert logp[7].isnan() and torch.isfinite(logp[:7]).all()
     with pytest.raises(ValueError, match=r"target id 100 at targets\[7\] .* V=100"):
         logp.sum().backward()

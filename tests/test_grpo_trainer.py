@@ -12,11 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core.model import ModelConfig, Transformer
-from core.sampler import generate
-from kernels.grpo import grpo_loss_reference, linear_grpo_loss
-from train.grpo import GRPOSection, Prompt, Rewards, Sample, accumulate_gradients, micro_batches, sequence_logprobs
-from train.rl import group_advantages, token_weights
+from posttrain.core.model import ModelConfig, Transformer
+from posttrain.core.sampler import generate
+from posttrain.kernels.grpo import grpo_loss_reference, linear_grpo_loss
+from posttrain.train.grpo import GRPOSection, Prompt, Rewards, Sample, accumulate_gradients, micro_batches, sequence_logprobs
+from posttrain.train.rl import group_advantages, token_weights
+import posttrain.train.grpo as grpo_module
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -183,14 +184,12 @@ def test_failing_and_timing_out_rewards_are_counted_not_fatal(monkeypatch):
     assert time.perf_counter() - t0 < 3
     assert [s.reward for s in samples] == [1.0, 0.0, 1.0] and r.timeouts == 3  # scored by the checker only
 
-    import train.grpo
-
     def broken(checkers, texts, answers):  # a checker that raises on one item: that item alone scores 0
         if "41" in texts:
             raise ValueError("cannot parse")
         return [t.startswith("42") for t in texts]
 
-    monkeypatch.setattr(train.grpo, "check_rows", broken)
+    monkeypatch.setattr(grpo_module, "check_rows", broken)
     r = Rewards(GRPOSection(), is_main=False)
     r(samples)
     assert [s.reward for s in samples] == [1.0, 0.0, 1.0] and r.errors == 1
@@ -221,7 +220,7 @@ def run_grpo(out: Path, sft_hf: Path, *flags: str, nproc: int = 1) -> list[dict]
     env["OMP_NUM_THREADS"] = "1"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
-    cmd = launcher + ["-m", "train.grpo", "--config", str(REPO / "configs/tiny_grpo.toml"), f"--out_dir={out}",
+    cmd = launcher + ["-m", "posttrain.train.grpo", "--config", str(REPO / "configs/tiny_grpo.toml"), f"--out_dir={out}",
                       f"--init.hf_checkpoint={sft_hf}", *RUN, *flags]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

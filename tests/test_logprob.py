@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-import kernels._utils
-import kernels.logprob as lp
-from kernels.logprob import linear_logprob, linear_logprob_reference
+import posttrain.kernels._utils as kernel_utils
+import posttrain.kernels.logprob as lp
+from posttrain.kernels.logprob import linear_logprob, linear_logprob_reference
 
 SHAPES = [(1, 8, 17), (37, 24, 129), (64, 32, 1000)]
 
@@ -323,8 +323,8 @@ def test_addmm_acc_fallback_accumulates_in_fp32():
     a = torch.randn(6, 5, dtype=torch.bfloat16)
     b = torch.randn(5, 4, dtype=torch.bfloat16)
     acc = torch.empty(6, 4)
-    kernels._utils.addmm_acc_(acc, a, b, first=True)
-    kernels._utils.addmm_acc_(acc, a, b, first=False)
+    kernel_utils.addmm_acc_(acc, a, b, first=True)
+    kernel_utils.addmm_acc_(acc, a, b, first=False)
     close(acc, 2 * (a.float() @ b.float()), 2e-2)
 
 
@@ -341,7 +341,7 @@ def test_errors_name_the_problem():
 
 
 def test_bench_smoke(tmp_path):
-    from bench import bench_logprob
+    from posttrain.bench import bench_logprob
 
     out = tmp_path / "logprob.json"
     bench_logprob.main(["--smoke", "--json", str(out)])
@@ -373,7 +373,7 @@ def test_cuda_bf16_real_shapes(T, H, V):
 
 _FAR_ROWS = """
 import torch
-from kernels.logprob import _rows
+from posttrain.kernels.logprob import _rows
 V, stride = 40, 2**30 + 64  # stride fits int32 (so Triton types it i32), row 2 * stride does not
 big = torch.empty(2 * stride + V, dtype=torch.float16)  # 4.3 GB of address space; only the 3 rows are touched
 logits = big.as_strided((3, V), (stride, 1))

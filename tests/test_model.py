@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from core.model import KVCache, ModelConfig, Transformer, document_mask
+from posttrain.core.model import KVCache, ModelConfig, Transformer, document_mask
 
 
 def tiny(**kw) -> ModelConfig:
@@ -172,8 +172,7 @@ def _flash_func_standin(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False
 @pytest.fixture
 def flash_standin(monkeypatch):
     """Route Transformer's attention through the flash-attn branches (as on CUDA with flash-attn installed)."""
-    import core.model as cm
-
+    import posttrain.core.model as cm
     monkeypatch.setattr(cm, "flash_attn_func", _flash_func_standin, raising=False)
     monkeypatch.setattr(cm, "flash_attn_varlen_func", _flash_varlen_standin, raising=False)
     sdpa_layout = Transformer.attention_layout
@@ -200,8 +199,7 @@ def test_flash_attn_branches_equal_sdpa(model, flash_standin):
     with torch.no_grad():
         got_packed, got_one, got_plain = model(ids, pos), model(ids[1:], pos[1:]), model(ids)
     assert got_packed.shape == (2, 12, 97)
-    import core.model as cm
-
+    import posttrain.core.model as cm
     with torch.no_grad():  # the reference: the blocks' SDPA branch with the block-diagonal causal mask
         x = model.embed_tokens(ids)
         attn = cm.AttentionLayout(pos, mask=document_mask(pos))
@@ -215,7 +213,7 @@ def test_flash_attn_branches_equal_sdpa(model, flash_standin):
 
 
 def test_cu_seqlens_from_positions():
-    from core.model import cu_seqlens_from_positions
+    from posttrain.core.model import cu_seqlens_from_positions
 
     pos = torch.tensor([[0, 1, 2, 0, 1], [0, 0, 1, 2, 3], [0, 1, 2, 3, 4]])
     cu, max_len = cu_seqlens_from_positions(pos)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from train.msft import (MSFTSection, decide, dynamix_update, format_shape, mixture_shape, peak_index, peaked_at,
+from posttrain.train.msft import (MSFTSection, decide, dynamix_update, format_shape, mixture_shape, peak_index, peaked_at,
                         sft_shape, temperature_weights)
 
 P = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -184,8 +184,8 @@ def test_dynamix_update_against_hand_computed_values():
 def test_set_weights_is_deterministic_resumable_and_discards_the_prefetched_batch():
     """MixtureLoader.set_weights (DynamixSFT's re-weighting): with and without the background packer the stream is
     the same; a state saved after it resumes with the new weights; the weights take effect at the next batch."""
-    from train.data import DataError, SFTData, synthetic_rows
-    from train.synthetic import tiny_tokenizer
+    from posttrain.train.data import DataError, SFTData, synthetic_rows
+    from posttrain.train.synthetic import tiny_tokenizer
 
     sizes = {t: 12 + 3 * i for i, t in enumerate(("copy", "reverse", "sort", "add", "mod", "majority"))}
     data = SFTData(*synthetic_rows(0, sizes, {t: 3 for t in sizes}), tiny_tokenizer(), seq_len=64)
@@ -224,7 +224,7 @@ def _run_msft(out, data, *flags, nproc=1):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
     small = [f for f in SMALL if not f.startswith("--eval.")]
-    cmd = launcher + ["-m", "train.msft", "--config", str(REPO / "configs/tiny_msft.toml"), f"--out_dir={out}",
+    cmd = launcher + ["-m", "posttrain.train.msft", "--config", str(REPO / "configs/tiny_msft.toml"), f"--out_dir={out}",
                       *small, f"--data.path={data}", f"--data.cache_dir={out}/cache", "--optim.lr=1e-2",
                       "--msft.budget_epochs=0.5", "--msft.eval_every=0.125", "--msft.max_stages=4",
                       "--msft.dynamix_every=4", "--msft.dynamix_val_rows=4",
@@ -241,10 +241,10 @@ def test_dynamix_lookahead_restores_weights_optimizer_and_counters_bit_exactly(t
     code = f"""
 import copy, torch
 from dataclasses import asdict
-from core.config import parse_args
-from train.msft import Dynamix, MSFTConfig
-from train.runtime import Runtime
-from train.sft import make_loader, train_step
+from posttrain.core.config import parse_args
+from posttrain.train.msft import Dynamix, MSFTConfig
+from posttrain.train.runtime import Runtime
+from posttrain.train.sft import make_loader, train_step
 import torch.distributed as dist
 small = [f for f in {SMALL!r} if not f.startswith("--eval.")]
 cfg = parse_args(MSFTConfig, ["--config", "configs/tiny_msft.toml", "--out_dir={tmp_path}", *small,
@@ -286,7 +286,7 @@ assert not rt.optimizer.state
 bandit.close()
 rt.finish(loader, finished=False)
 loader.close()
-from core.distributed import close_distributed
+from posttrain.core.distributed import close_distributed
 close_distributed()
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -297,7 +297,7 @@ close_distributed()
 
 @pytest.fixture(scope="module")
 def mixture(tmp_path_factory):
-    from train.synthetic import write_jsonl
+    from posttrain.train.synthetic import write_jsonl
 
     root = tmp_path_factory.mktemp("mix")
     write_jsonl(root, seed=0, train_sizes={t: 48 for t in TASKS}, heldout_sizes={t: 8 for t in TASKS})
@@ -420,8 +420,8 @@ def test_a_methods_result_is_keyed_by_what_it_depends_on():
     change the method depends on does not."""
     from dataclasses import replace
 
-    from core.config import load_config
-    from train.msft import MSFTConfig, study_key, with_base
+    from posttrain.core.config import load_config
+    from posttrain.train.msft import MSFTConfig, study_key, with_base
 
     cfg = load_config(MSFTConfig, REPO / "configs/tiny_msft.toml")
     more = replace(cfg, msft=replace(cfg.msft, methods=["msft", "sft", "temperature", "dynamix"], seeds=[0, 1],
@@ -446,9 +446,9 @@ def test_a_result_is_keyed_by_the_data_it_read_not_only_the_config(tmp_path, mon
     import os
     from dataclasses import replace
 
-    from core.config import load_config
-    from train import data, synthetic
-    from train.msft import MSFTConfig, study_key
+    from posttrain.core.config import load_config
+    from posttrain.train import data, synthetic
+    from posttrain.train.msft import MSFTConfig, study_key
 
     cfg = load_config(MSFTConfig, REPO / "configs/tiny_msft.toml")
     assert study_key(cfg)["data.digest"] == study_key(cfg, "sft")["data.digest"]
@@ -474,16 +474,16 @@ def test_a_result_is_keyed_by_the_data_it_read_not_only_the_config(tmp_path, mon
 @pytest.mark.parametrize("name", ["tiny_msft.toml", "tiny_msft_pretrained.toml", "qwen2.5-0.5b_msft.toml",
                                   "qwen2.5-1.5b_msft.toml"])
 def test_repo_configs_parse(name):
-    from core.config import load_config
-    from train.msft import MSFTConfig
+    from posttrain.core.config import load_config
+    from posttrain.train.msft import MSFTConfig
 
     cfg = load_config(MSFTConfig, REPO / "configs" / name)
     assert cfg.msft.methods[0] == "msft" and cfg.optim.schedule == "constant"
 
 
 def test_bad_msft_settings_are_refused():
-    from core.config import ConfigError, load_config
-    from train.msft import MSFTConfig, run_one
+    from posttrain.core.config import ConfigError, load_config
+    from posttrain.train.msft import MSFTConfig, run_one
 
     with pytest.raises(ConfigError, match=r"msft.methods: unknown \['dynamics'\]"):
         load_config(MSFTConfig, None, ['--msft.methods=["msft", "dynamics"]'])
@@ -498,7 +498,7 @@ def test_bad_msft_settings_are_refused():
 
 
 def test_study_aggregates_mean_and_std_over_seeds():
-    from train.msft import aggregate, format_study
+    from posttrain.train.msft import aggregate, format_study
 
     r = {s: {"msft": {"accuracy": {"a": acc}, "average": acc, "tokens": tokens},
              "dynamix": {"accuracy": {"a": acc}, "average": acc, "tokens": tokens, "lookahead": {"tokens": extra}}}
@@ -515,8 +515,8 @@ def test_a_study_reuses_the_seeds_already_run_with_the_same_config(tmp_path):
     <out_dir>/seed<s>/report.json when its config is this one, and only then."""
     from dataclasses import replace
 
-    from core.config import load_config
-    from train.msft import MSFTConfig, finished_report, run, study_key
+    from posttrain.core.config import load_config
+    from posttrain.train.msft import MSFTConfig, finished_report, run, study_key
 
     cfg = load_config(MSFTConfig, REPO / "configs/tiny_msft.toml", [f"--out_dir={tmp_path}", "--msft.seeds=[3, 4]"])
     for seed, acc in ((3, 0.5), (4, 0.7)):

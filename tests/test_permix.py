@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from train.grpo import (
+from posttrain.train.grpo import (
     GRPOConfig,
     GRPOSection,
     PerMix,
@@ -28,9 +28,9 @@ from train.grpo import (
     read_prompts,
     with_persona,
 )
-from train.personas import CATEGORIES, NO_PERSONA, Persona, PersonaMixer, load_pool, pool_path
-from train.rl import combine_rewards
-from train.synthetic import tiny_tokenizer
+from posttrain.train.personas import CATEGORIES, NO_PERSONA, Persona, PersonaMixer, load_pool, pool_path
+from posttrain.train.rl import combine_rewards
+from posttrain.train.synthetic import tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 PIRATE = Persona("pirate", "You are a pirate.", "role-play", {"starts_with": "arr", "ends_with": "matey"})
@@ -181,7 +181,7 @@ def test_driver_end_to_end_on_a_tiny_budget(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"
     out = tmp_path / "permix"
-    proc = subprocess.run([sys.executable, "-m", "train.permix", "--config", str(REPO / "configs/tiny_permix.toml"),
+    proc = subprocess.run([sys.executable, "-m", "posttrain.train.permix", "--config", str(REPO / "configs/tiny_permix.toml"),
                            f"--out_dir={out}", *TINY], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -209,8 +209,8 @@ def test_driver_end_to_end_on_a_tiny_budget(tmp_path):
 
 
 def test_seeds_run_one_comparison_each_and_aggregate_mean_and_std(tmp_path, monkeypatch, capsys):
-    import train.permix as permix
-    from core.config import load_config
+    import posttrain.train.permix as permix
+    from posttrain.core.config import load_config
 
     seen = []
 

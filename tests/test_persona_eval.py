@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval import persona as P
+from posttrain.eval import persona as P
 
 # ------------------------------------------------------------------------------------------------ stability
 
@@ -333,9 +333,9 @@ def tiny_model(max_position_embeddings=512, seed=0, init_std=0.02):
     it answers everything with newlines; init_std=0.2 gives answers that differ by prompt."""
     from pathlib import Path
 
-    from core.config import tomllib
-    from core.model import ModelConfig, Transformer
-    from train.synthetic import tiny_tokenizer
+    from posttrain.core.config import tomllib
+    from posttrain.core.model import ModelConfig, Transformer
+    from posttrain.train.synthetic import tiny_tokenizer
 
     raw = tomllib.loads((Path(__file__).resolve().parent.parent / "configs" / "tiny.toml").read_text())["model"]
     raw.update(max_position_embeddings=max_position_embeddings, init_std=init_std)
@@ -366,7 +366,7 @@ def test_local_judge_refuses_a_prompt_longer_than_its_context():
 
 
 def small_pool():
-    from train.personas import Persona
+    from posttrain.train.personas import Persona
 
     return [Persona("none", "", "none"),
             Persona("careless", "You are a careless chef.", "unhelpful"),
@@ -413,8 +413,8 @@ def test_persona_benchmark_checks_stripped_answers_and_fidelity(monkeypatch):
 
 
 def test_persona_benchmark_on_the_tiny_model():
-    from train.checkers import check_rows
-    from train.personas import strip_style
+    from posttrain.train.checkers import check_rows
+    from posttrain.train.personas import strip_style
 
     model, tok = tiny_model(seed=1, init_std=0.2)
     pool = small_pool()
@@ -493,7 +493,7 @@ def test_load_personagym():
 
 
 def test_command_line(tmp_path, judge_server, capsys):
-    from core.checkpoint import save_hf
+    from posttrain.core.checkpoint import save_hf
 
     model, tok = tiny_model()
     for name, seed in (("a", 0), ("b", 1)):

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from train.personas import (
+from posttrain.train.personas import (
     CATEGORIES,
     KINDS,
     NO_PERSONA,
@@ -31,7 +31,7 @@ from train.personas import (
     synthetic_questions,
     synthetic_sft_rows,
 )
-from train.synthetic import check
+from posttrain.train.synthetic import check
 
 PIRATE = Persona("p", "You are a pirate.", "role-play", {"starts_with": "Arr!", "ends_with": "matey"})
 
@@ -171,7 +171,7 @@ def test_builtin_pools_load_and_train_eval_splits_are_disjoint():
 
 
 def test_synthetic_pool_files_are_what_the_generator_writes():
-    """The files are generated (python -m train.personas --write-pools): they must not drift from the code."""
+    """The files are generated (python -m posttrain.train.personas --write-pools): they must not drift from the code."""
     for name, personas in synthetic_pools().items():
         assert load_pool(pool_path(name)) == personas, name
 

@@ -5,8 +5,8 @@ gpu-marked test below.)"""
 import pytest
 import torch
 
-from core.model import ModelConfig, Transformer
-from core.ring import CheckpointRing, RingFull
+from posttrain.core.model import ModelConfig, Transformer
+from posttrain.core.ring import CheckpointRing, RingFull
 from tests.test_distributed import spawn
 
 CFG = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -113,7 +113,7 @@ def test_buffers_are_reused_never_grown():
 
 
 def _fsdp_ranks(d, out):
-    from core.distributed import ParallelConfig, build_model, build_optimizer
+    from posttrain.core.distributed import ParallelConfig, build_model, build_optimizer
 
     model = build_model(ModelConfig(**CFG), d, ParallelConfig(param_dtype="float32"), seed=0)
     opt = build_optimizer(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
@@ -165,9 +165,9 @@ def _after_eval(d, out):
     """After a forward without backward FSDP2 keeps the root's parameters gathered, and after a rollout the final
     norm + lm-head group is left gathered; the ring must still snapshot and restore the shards the optimizer
     updates."""
-    from core.distributed import ParallelConfig, build_model, build_optimizer
+    from posttrain.core.distributed import ParallelConfig, build_model, build_optimizer
 
-    from core.sampler import full_weights, generate
+    from posttrain.core.sampler import full_weights, generate
 
     model = build_model(ModelConfig(**CFG), d, ParallelConfig(param_dtype="float32"), seed=0)
     opt = build_optimizer(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
@@ -194,7 +194,7 @@ def test_snapshot_after_an_evaluation_forward_takes_the_shards(tmp_path):
 def test_bench_smoke(tmp_path):
     import json
 
-    from bench import bench_ring
+    from posttrain.bench import bench_ring
 
     out = tmp_path / "ring.json"
     bench_ring.main(["--smoke", "--json", str(out)])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from train.rl import (
+from posttrain.train.rl import (
     batch_normalize, combine_rewards, group_advantages, masked_mean, overlong_penalty, token_weights,
     zero_variance_groups,
 )  # fmt: skip

@@ -35,7 +35,7 @@ def test_first_50_steps_of_the_embedded_default_match_the_record(tmp_path):
     """Losses and held-out results (loss and accuracy per task, at step 0 and 28) of the embedded default, bitwise
     as recorded before the runtime existed (tests/data/tiny_sft_first50.json says how)."""
     record = json.loads((REPO / "tests/data/tiny_sft_first50.json").read_text())
-    cmd = [sys.executable, "-m", "train.sft", "--config", str(REPO / "configs/tiny_sft.toml"), f"--out_dir={tmp_path}",
+    cmd = [sys.executable, "-m", "posttrain.train.sft", "--config", str(REPO / "configs/tiny_sft.toml"), f"--out_dir={tmp_path}",
            "--train.stop_at_step=50", "--train.log_every=1"]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -56,8 +56,8 @@ def test_two_runs_in_one_process_equal_two_processes(tmp_path):
         run_sft(tmp_path / f"alone_{name}", *FLAGS, f"--train.seed={seed}")
     code = f"""
 import json, sys
-from core.config import parse_args
-from train.sft import SFTConfig, run
+from posttrain.core.config import parse_args
+from posttrain.train.sft import SFTConfig, run
 import torch.distributed as dist
 out = {str(tmp_path)!r}
 for name, seed in (("a", 0), ("b", 1)):
@@ -65,7 +65,7 @@ for name, seed in (("a", 0), ("b", 1)):
                                  f"--train.seed={{seed}}", *{FLAGS!r}])
     summary = run(cfg)
     assert dist.is_initialized() and summary["finished"] and summary["steps"] == 3, summary
-from core.distributed import close_distributed
+from posttrain.core.distributed import close_distributed
 close_distributed()
 """
     _python(code)
@@ -94,7 +94,7 @@ def test_kill_mid_run_on_two_ranks_resumes_exactly(tmp_path):
              "--eval.every_epochs=0.005"]
     run_sft(tmp_path / "full", *flags, nproc=2)
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train.sft",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "posttrain.train.sft",
            "--config", str(REPO / "configs/tiny_sft.toml"), f"--out_dir={out}", *SMALL, *flags]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -123,9 +123,9 @@ def test_rollback_safe_counters_and_rearmed_warmup(tmp_path):
     """A roll-back (restore an earlier data position) and a fresh optimizer: the global step and the compute
     counters keep counting, warmup starts again, and a checkpoint written after the roll-back gets a new name."""
     code = f"""
-from core.config import parse_args
-from train.sft import SFTConfig, make_loader, train_step
-from train.runtime import Runtime
+from posttrain.core.config import parse_args
+from posttrain.train.sft import SFTConfig, make_loader, train_step
+from posttrain.train.runtime import Runtime
 import torch.distributed as dist
 cfg = parse_args(SFTConfig, ["--config", "configs/tiny_sft.toml", "--out_dir={tmp_path}", *{SMALL!r},
                              "--optim.warmup_steps=4", "--checkpoint.keep_last=3"])
@@ -154,7 +154,7 @@ assert lrs == [lr / 4, lr / 2, 3 * lr / 4, lr, lr, lr / 4, lr / 2], lrs
 assert rt.checkpointer.steps() == [3, 7], rt.checkpointer.steps()
 rt.finish(loader, finished=False)
 loader.close()
-from core.distributed import close_distributed
+from posttrain.core.distributed import close_distributed
 close_distributed()
 """
     _python(code)
@@ -163,7 +163,7 @@ close_distributed()
 def test_jsonl_mixture_is_tokenized_once_and_shared_by_the_ranks(tmp_path):
     """A JSONL mixture on 2 ranks: one cache entry is written (by local rank 0; the other rank waits and maps it);
     a later 1-process run reads it instead of tokenizing, and draws the same global batches."""
-    from train.synthetic import write_jsonl
+    from posttrain.train.synthetic import write_jsonl
 
     write_jsonl(tmp_path / "mix", seed=0, train_sizes={t: 40 for t in ("copy", "reverse", "sort", "add", "mod")} |
                 {"majority": 20}, heldout_sizes={t: 4 for t in ("copy", "reverse", "sort", "add", "mod", "majority")})

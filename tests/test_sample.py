@@ -7,9 +7,9 @@ several tiles and a ragged last one); the distributional checks of the reference
 import pytest
 import torch
 
-from core.sampler import SamplingParams
-from kernels._utils import use_triton
-from kernels.sample import fused_sample, sample, sample_reference
+from posttrain.core.sampler import SamplingParams
+from posttrain.kernels._utils import use_triton
+from posttrain.kernels.sample import fused_sample, sample, sample_reference
 
 pytestmark = pytest.mark.skipif(not use_triton(torch.empty(0)) and not torch.cuda.is_available(),
                                 reason="needs CUDA or TRITON_INTERPRET=1")
@@ -121,7 +121,7 @@ def test_dispatch_and_bad_input():
 def test_fused_sample_step_equals_reference(params):
     """The decode step's tail in one launch: per-row uniform and output column, live rows advance, stop ids and the
     length limit set done, done rows change nothing that is read."""
-    from kernels.sample import fused_sample_step, sample_step_reference
+    from posttrain.kernels.sample import fused_sample_step, sample_step_reference
 
     g = torch.Generator().manual_seed(3)
     R, V, T = 5, 40, 4

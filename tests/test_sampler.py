@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from core.model import KVCache, ModelConfig, Transformer
-from core.sampler import (SamplingParams, counter_uniform, filter_logits, free_cache, generate, sample_tokens,
+from posttrain.core.model import KVCache, ModelConfig, Transformer
+from posttrain.core.sampler import (SamplingParams, counter_uniform, filter_logits, free_cache, generate, sample_tokens,
                           sampler_stats)
 from tests.conftest import REPO
 
@@ -143,7 +143,7 @@ def test_group_sampling_prefills_each_prompt_once(model):
 
 @torch.no_grad()
 def test_stop_tokens_and_stop_strings_end_rows_independently():
-    from train.synthetic import tiny_tokenizer
+    from posttrain.train.synthetic import tiny_tokenizer
 
     tok = tiny_tokenizer()
     model = tiny_model(vocab=tok.vocab_size, seed=1)
@@ -202,7 +202,7 @@ def test_bad_input_errors(model):
 def test_cache_is_reused_across_calls():
     model = tiny_model()
     generate(model, PROMPTS, max_new_tokens=8, temperature=0)
-    from core.sampler import _ENGINES
+    from posttrain.core.sampler import _ENGINES
 
     ptr = _ENGINES[model].flat_k.data_ptr()
     generate(model, PROMPTS[:2], max_new_tokens=5, n=2, seed=0)  # fits: same buffer
@@ -214,7 +214,7 @@ def test_cache_is_reused_across_calls():
 
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "bench.bench_sampler", "--smoke", "--json", str(out)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "posttrain.bench.bench_sampler", "--smoke", "--json", str(out)], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert out.exists() and "tokens/s" in r.stdout
@@ -277,14 +277,14 @@ def test_refill_gives_the_same_completions_in_fewer_steps(model):
 @torch.no_grad()
 def test_generate_with_the_fused_kernel_equals_the_reference(model, monkeypatch):
     """The whole decode loop with kernels/sample.py's Triton kernel (interpreter on CPU) in place of the reference."""
-    from kernels._utils import use_triton
-    from kernels.sample import fused_sample
+    from posttrain.kernels._utils import use_triton
+    from posttrain.kernels.sample import fused_sample
 
     if not use_triton(torch.empty(0)):
         pytest.skip("needs TRITON_INTERPRET=1")
     kw = dict(max_new_tokens=5, n=2, seed=4, temperature=0.9, top_k=40, top_p=0.9, min_p=0.01)
     ref = generate(model, PROMPTS[:2], **kw)
-    monkeypatch.setattr("core.sampler.sample", fused_sample)
+    monkeypatch.setattr("posttrain.core.sampler.sample", fused_sample)
     fused = generate(model, PROMPTS[:2], **kw)
     assert [c.tokens for c in fused] == [c.tokens for c in ref]
     for a, b in zip(fused, ref):
@@ -293,7 +293,7 @@ def test_generate_with_the_fused_kernel_equals_the_reference(model, monkeypatch)
 
 
 def test_uniform_table_is_the_counter_hash_per_step():
-    from core.sampler import uniform_table
+    from posttrain.core.sampler import uniform_table
 
     p, s = torch.tensor([3, 3, 9]), torch.tensor([0, 1, 0])
     table = uniform_table(12, p, s, 6)
@@ -305,14 +305,13 @@ def test_uniform_table_is_the_counter_hash_per_step():
 def test_attention_backend_is_chosen_logged_and_falls_back(model, monkeypatch, caplog):
     import logging
 
-    import core.model as M
-
+    import posttrain.core.model as M
     ref = generate(model, PROMPTS, max_new_tokens=6, temperature=0.0)
     monkeypatch.setattr(M, "_SDPA_CHOSEN", {})
     # EFFICIENT_ATTENTION has no CPU kernel: it must be skipped with a warning, math must serve, and say so.
     monkeypatch.setitem(M.SDPA_PREFERENCE, ("cpu", "prefill"), ["EFFICIENT_ATTENTION", "MATH"])
     monkeypatch.setitem(M.SDPA_PREFERENCE, ("cpu", "decode"), ["EFFICIENT_ATTENTION", "MATH"])
-    with caplog.at_level(logging.INFO, logger="core.model"), pytest.warns(UserWarning, match="EFFICIENT_ATTENTION refused"):
+    with caplog.at_level(logging.INFO, logger="posttrain.core.model"), pytest.warns(UserWarning, match="EFFICIENT_ATTENTION refused"):
         out = generate(model, PROMPTS, max_new_tokens=6, temperature=0.0)
     chosen = M.sdpa_backends()
     assert set(chosen.values()) == {"MATH"} and {k[0] for k in chosen} == {"prefill", "decode"}
@@ -339,8 +338,7 @@ def test_attention_backend_is_chosen_logged_and_falls_back(model, monkeypatch, c
 
 def test_graph_cache_is_lru_and_ignores_stop_list_contents(monkeypatch):
     """The graph bookkeeping of _Engine.step, with capture stubbed (no CUDA here): bounded, LRU, counted."""
-    import core.sampler as S
-
+    import posttrain.core.sampler as S
     class FakeGraph:
         replays = 0
 
@@ -365,7 +363,7 @@ def test_graph_cache_is_lru_and_ignores_stop_list_contents(monkeypatch):
 def test_fused_decode_path_equals_the_plain_forward(kw):
     """Transformer.decode_fused (the Triton norm / RoPE+KV-write / SwiGLU kernels under the interpreter) gives the
     plain decode's tokens and log-probs, Llama, Qwen2 and Qwen3 layouts."""
-    from kernels._utils import use_triton
+    from posttrain.kernels._utils import use_triton
 
     if not use_triton(torch.empty(0)):
         pytest.skip("needs TRITON_INTERPRET=1")
@@ -383,8 +381,8 @@ def test_kernels_per_decode_step(fused):
     """Kernel launches of one decode step (Qwen2 layout: q/k/v biases, tied embeddings), per layer and outside the
     layers, counted by bench_sampler's dispatch hook. The fused path (CUDA's) must meet the targets of <= 12 per
     layer and <= 10 outside; the plain path (CPU's) is counted to show what the fused one improves on."""
-    from bench.bench_sampler import decode_step_kernels
-    from kernels._utils import use_triton
+    from posttrain.bench.bench_sampler import decode_step_kernels
+    from posttrain.kernels._utils import use_triton
 
     if fused and not use_triton(torch.empty(0)):
         pytest.skip("needs TRITON_INTERPRET=1")
@@ -409,8 +407,7 @@ def qwen2_05b_shape(**kw) -> ModelConfig:
 def test_gpu_bf16_fused_decode_vs_full_recompute_qwen2_shape():
     """bf16 at the Qwen2-0.5B shape: the fused decode (graphs) against a teacher-forced full forward of prompt +
     completion. Reports token agreement (greedy argmax of the full forward) and the raw log-prob gap."""
-    import core.model as M
-
+    import posttrain.core.model as M
     with torch.device("cuda"):
         model = Transformer(qwen2_05b_shape())
     model.init_weights(0)
@@ -438,8 +435,7 @@ def test_gpu_bf16_fused_decode_vs_full_recompute_qwen2_shape():
 @pytest.mark.gpu
 @torch.no_grad()
 def test_gpu_attention_backends_are_pinned_and_match_math():
-    import core.model as M
-
+    import posttrain.core.model as M
     cfg = ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=8,
                       num_kv_heads=2, max_position_embeddings=512)
     with torch.device("cuda"):

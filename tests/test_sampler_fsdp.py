@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from core.distributed import close_distributed
+from posttrain.core.distributed import close_distributed
 
 PROMPTS = [[5, 17, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
 
@@ -32,7 +32,7 @@ def sharded_tiny_model(world: int, device: str = "cpu", **fsdp_kw):
 def _worker(rank: int, world: int, store_path: str, expected: list) -> None:
     from torch.distributed.tensor import DTensor
 
-    from core.sampler import full_weights, generate
+    from posttrain.core.sampler import full_weights, generate
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, store_path: str, expected: list) -> None:
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 def test_fsdp2_greedy_generate_equals_unsharded():
-    from core.sampler import generate
+    from posttrain.core.sampler import generate
     from tests.test_sampler import tiny_model
 
     expected = [c.tokens for c in generate(tiny_model(), PROMPTS, max_new_tokens=20, temperature=0.0)]
@@ -67,7 +67,7 @@ def _worker_torch26(rank: int, store_path: str) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    from core.sampler import generate
+    from posttrain.core.sampler import generate
 
     torch.set_num_threads(1)
     # torch 2.6 has no FSDPModule.set_reshard_after_forward: full_weights must not need it.
@@ -98,7 +98,7 @@ def test_full_weights_without_setter_and_before_first_forward():
 def _worker_replica(rank: int, world: int, store_path: str) -> None:
     from torch.distributed.tensor import DTensor
 
-    from core.sampler import free_cache, generate, replica_bytes, rollout_replica, sampler_stats
+    from posttrain.core.sampler import free_cache, generate, replica_bytes, rollout_replica, sampler_stats
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
@@ -143,7 +143,7 @@ def test_rollout_replica_equals_gathered_model_and_follows_training():
 def _worker_replica_graphs(rank: int, store_path: str) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    from core.sampler import generate, sampler_stats
+    from posttrain.core.sampler import generate, sampler_stats
     from tests.test_sampler import tiny_model
 
     dist.init_process_group("nccl", store=dist.FileStore(store_path, 1), rank=0, world_size=1)
@@ -173,7 +173,7 @@ def test_gpu_fsdp2_rollouts_use_graphs_through_the_replica():
 def _worker_uneven_rollouts(rank: int, world: int, store_path: str, expected: dict) -> None:
     import datetime
 
-    from core.sampler import fsdp_modules, fsdp_param_groups, generate
+    from posttrain.core.sampler import fsdp_modules, fsdp_param_groups, generate
 
     torch.set_num_threads(1)
     # A bounded wait: a rank left in a collective the other never issues fails the test instead of hanging it.

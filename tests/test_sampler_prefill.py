@@ -4,9 +4,9 @@ tokens: the same logits and completions as one forward, and a refill of a long p
 import pytest
 import torch
 
-import core.sampler as S
-from core.model import KVCache
-from core.sampler import generate, sampler_stats
+import posttrain.core.sampler as S
+from posttrain.core.model import KVCache
+from posttrain.core.sampler import generate, sampler_stats
 from tests.test_sampler import tiny_model
 
 C = 8  # the lowered chunk budget (_PREFILL_TOKENS)

@@ -30,7 +30,7 @@ def run_sft(out: Path, *flags: str, nproc: int = 1, ok: bool = True) -> subproce
     env["OMP_NUM_THREADS"] = "1"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
-    cmd = launcher + ["-m", "train.sft", "--config", str(REPO / "configs/tiny_sft.toml"), f"--out_dir={out}",
+    cmd = launcher + ["-m", "posttrain.train.sft", "--config", str(REPO / "configs/tiny_sft.toml"), f"--out_dir={out}",
                       *SMALL, *flags]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert (proc.returncode == 0) == ok, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -79,7 +79,7 @@ def test_exported_checkpoint_loads_in_transformers(tmp_path):
     run_sft(tmp_path, "--train.max_steps=2", "--model.tie_word_embeddings=true")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    from core.checkpoint import load_hf
+    from posttrain.core.checkpoint import load_hf
 
     ours = load_hf(tmp_path / "hf")
     ids = torch.tensor([tok.encode("copy 123")])
@@ -89,8 +89,8 @@ def test_exported_checkpoint_loads_in_transformers(tmp_path):
 
 @pytest.mark.parametrize("name", ["tiny_sft.toml", "qwen2.5-0.5b_sft.toml", "qwen2.5-1.5b_sft.toml"])
 def test_repo_configs_parse(name):
-    from core.config import load_config
-    from train.sft import SFTConfig
+    from posttrain.core.config import load_config
+    from posttrain.train.sft import SFTConfig
 
     cfg = load_config(SFTConfig, REPO / "configs" / name)
     assert cfg.data.max_tokens % cfg.data.seq_len == 0

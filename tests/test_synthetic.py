@@ -3,8 +3,8 @@ import re
 
 import pytest
 
-from train.data import synthetic_rows
-from train.synthetic import (
+from posttrain.train.data import synthetic_rows
+from posttrain.train.synthetic import (
     LABEL_NOISE,
     TASK_SETS,
     TASKS,

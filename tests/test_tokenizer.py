@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from core.tokenizer import (DEFAULT_CHAT_TEMPLATE, ChatTemplateError, Tokenizer, compile_chat_template,
+from posttrain.core.tokenizer import (DEFAULT_CHAT_TEMPLATE, ChatTemplateError, Tokenizer, compile_chat_template,
                             train_bpe_tokenizer)
 
 transformers = pytest.importorskip("transformers")

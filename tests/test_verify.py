@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from eval.latex import MAX_CHARS, Refused, parse_answer
-from eval.math500 import DATA, gsm8k_gold, load_gsm8k, load_math500, score_gsm8k, score_math500
-from eval.verify import Verifier, _expensive, extract_answer, verify, verify_batch, verify_reason
+from posttrain.eval.latex import MAX_CHARS, Refused, parse_answer
+from posttrain.eval.math500 import DATA, gsm8k_gold, load_gsm8k, load_math500, score_gsm8k, score_math500
+from posttrain.eval.verify import Verifier, _expensive, extract_answer, verify, verify_batch, verify_reason
 from tests.conftest import REPO, SHARED_DATA
 
 SENTINEL = "/tmp/posttrain_verify_pwned"
@@ -394,7 +394,7 @@ def test_no_code_evaluation_in_eval_package():
 
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench_verify.json"
-    subprocess.run([sys.executable, "-m", "bench.bench_verify", "--smoke", "--json", str(out)], cwd=REPO,
+    subprocess.run([sys.executable, "-m", "posttrain.bench.bench_verify", "--smoke", "--json", str(out)], cwd=REPO,
                    check=True, capture_output=True, timeout=120)
     res = json.loads(out.read_text())
     gs = res["sets"]["gold_vs_solution"]

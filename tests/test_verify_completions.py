@@ -11,9 +11,9 @@ from collections import defaultdict
 
 import pytest
 
-from bench.bench_verify import CONVENTIONS, completions
-from eval.math500 import load_gsm8k, load_math500
-from eval.verify import Verifier, extract_answer, verify, verify_reason
+from posttrain.bench.bench_verify import CONVENTIONS, completions
+from posttrain.eval.math500 import load_gsm8k, load_math500
+from posttrain.eval.verify import Verifier, extract_answer, verify, verify_reason
 from tests.conftest import REPO
 from tests.test_verify import verifier  # noqa: F401  -- the module-scoped worker pool fixture
 

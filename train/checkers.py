@@ -78,7 +78,7 @@ def check_batch(checker: str, responses: Sequence[str], answers: Sequence[str], 
     if checker == "exact":
         return [normalize(r) == normalize(a) for r, a in zip(responses, answers)]
     if checker == "synthetic":
-        from train.synthetic import check
+        from posttrain.train.synthetic import check
 
         return [check(r, a) for r, a in zip(responses, answers)]
     if checker == "choice":
@@ -86,7 +86,7 @@ def check_batch(checker: str, responses: Sequence[str], answers: Sequence[str], 
     if checker == "math":
         if not responses:
             return []
-        from eval.verify import verify_batch
+        from posttrain.eval.verify import verify_batch
 
         return verify_batch(list(answers), list(responses), timeout_s=timeout_s)
     raise ValueError(f"unknown checker {checker!r}; use one of {', '.join(CHECKERS)}")

@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from train.checkers import DEFAULT_CHECKER
-from train.checkers import validate as validate_checker
+from posttrain.train.checkers import DEFAULT_CHECKER
+from posttrain.train.checkers import validate as validate_checker
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -265,7 +265,7 @@ def synthetic_rows(seed: int = 0, train_sizes: dict[str, int] | None = None,
                    task_set: str = "default") -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
     """A built-in task set (train/synthetic.py) as (train, heldout) rows, without going through files.
     `train_sizes` / `heldout_sizes` override the set's sizes per task."""
-    from train.synthetic import task_set_tasks
+    from posttrain.train.synthetic import task_set_tasks
 
     train, heldout = {}, {}
     for name, task in task_set_tasks(task_set, seed, train_sizes, heldout_sizes).items():
@@ -953,7 +953,7 @@ def _data_digest(path: str, synthetic: str, seed: int, files: tuple) -> str:
     if path:
         _hash_mixture_files(Path(path), h)
     else:
-        from train.synthetic import task_set_tasks
+        from posttrain.train.synthetic import task_set_tasks
 
         for name, task in task_set_tasks(synthetic, seed).items():
             h.update(json.dumps([name, task.train, task.heldout], sort_keys=True).encode())

@@ -1,7 +1,7 @@
 """RL with verifiable rewards (GRPO and its variants), one process or many (torchrun), CPU or GPU.
 
-    python -m train.grpo --config configs/tiny_grpo.toml [--section.key=value ...]
-    torchrun --standalone --nproc_per_node=2 -m train.grpo --config configs/tiny_grpo.toml
+    python -m posttrain.train.grpo --config configs/tiny_grpo.toml [--section.key=value ...]
+    torchrun --standalone --nproc_per_node=2 -m posttrain.train.grpo --config configs/tiny_grpo.toml
 
 One step, top to bottom (`grpo_step`):
   1. prompts   the next `grpo.prompts_per_step` prompts of the global stream (a seeded permutation per epoch of the
@@ -75,12 +75,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from core.distributed import build_model, clip_grad_norm_
-from train.checkers import check_rows, validate
-from train.data import Row, jsonl_objects, load_split_dir, synthetic_rows
-from train.personas import CATEGORIES, NO_PERSONA, Draw, Persona, PersonaMixer, fidelity, resolve_pool, strip_style
-from train.rl import ADVANTAGES, batch_normalize, combine_rewards, group_advantages, zero_variance_groups
-from train.runtime import RunConfig, Runtime, entry_point, global_sum, log
+from posttrain.core.distributed import build_model, clip_grad_norm_
+from posttrain.train.checkers import check_rows, validate
+from posttrain.train.data import Row, jsonl_objects, load_split_dir, synthetic_rows
+from posttrain.train.personas import CATEGORIES, NO_PERSONA, Draw, Persona, PersonaMixer, fidelity, resolve_pool, strip_style
+from posttrain.train.rl import ADVANTAGES, batch_normalize, combine_rewards, group_advantages, zero_variance_groups
+from posttrain.train.runtime import RunConfig, Runtime, entry_point, global_sum, log
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -358,7 +358,7 @@ def local_shards(g: GRPOSection, d: Any) -> tuple[list[int], int]:
 
 def rollout(rt: Runtime, prompts: list[Prompt], step: int) -> list[Sample]:
     """G completions of each prompt of this rank's shards, in (prompt, sample) order."""
-    from core.sampler import generate
+    from posttrain.core.sampler import generate
 
     g = rt.cfg.grpo
     shards, n = local_shards(g, rt.d)
@@ -569,7 +569,7 @@ def sequence_logprobs(model: torch.nn.Module, samples: Sequence[Sample], g: GRPO
                       device: torch.device, *, entropy: bool = False) -> tuple[list[torch.Tensor], float, float]:
     """Per-sample log-probs of the completion tokens through the no-grad fused path (in `samples` order), and the
     summed entropy and token count when `entropy`. Collective under FSDP2 (every rank has as many micro-batches)."""
-    from kernels.logprob import linear_logprob
+    from posttrain.kernels.logprob import linear_logprob
 
     out: dict[int, torch.Tensor] = {}
     ent_sum = count = 0.0
@@ -583,7 +583,7 @@ def sequence_logprobs(model: torch.nn.Module, samples: Sequence[Sample], g: GRPO
             count += float(batch.mask.sum())
         for b, s in enumerate(mb):
             out[id(s)] = logp[b, : len(s.tokens)].float().cpu()
-    from core.sampler import forget_forwards
+    from posttrain.core.sampler import forget_forwards
 
     forget_forwards(model)  # no backward follows these forwards
     return [out[id(s)] for s in samples], ent_sum, count
@@ -596,7 +596,7 @@ def accumulate_gradients(model: torch.nn.Module, samples: Sequence[Sample], g: G
     `num_tokens` active tokens (both over all ranks), micro-batch by micro-batch (gradients accumulate in .grad).
     Returns this rank's share of the loss, token sums of (clip_low, clip_high, ratio, kl, active tokens), and the
     input tokens it ran."""
-    from kernels.grpo import linear_grpo_loss
+    from posttrain.kernels.grpo import linear_grpo_loss
 
     mbs = micro_batches(samples, g.micro_batch_seqs)
     loss_sum = 0.0
@@ -870,7 +870,7 @@ def bootstrap_sft(cfg: GRPOConfig) -> None:
                                 f"grpo.sft_config to run that SFT config into it)")
     if Path(path).name != "hf":
         raise ValueError(f"init.hf_checkpoint: {path} must be <dir>/hf for grpo.sft_config to write it")
-    from train.sft import train_once
+    from posttrain.train.sft import train_once
 
     train_once(cfg.grpo.sft_config, cfg.grpo.sft_overrides, Path(path).parent, who="grpo")
 

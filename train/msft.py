@@ -1,8 +1,8 @@
 """mSFT: overfitting-aware multi-task mixture search (arXiv 2603.21606), with its baselines in the same harness.
 
-    python -m train.msft --config configs/tiny_msft.toml                       mSFT, then the SFT baseline
-    python -m train.msft --config configs/tiny_msft.toml --msft.methods='["msft", "sft", "sro", "temperature"]'
-    python -m train.msft --config configs/tiny_msft.toml --msft.methods='["msft", "sft", "dynamix"]'
+    python -m posttrain.train.msft --config configs/tiny_msft.toml                       mSFT, then the SFT baseline
+    python -m posttrain.train.msft --config configs/tiny_msft.toml --msft.methods='["msft", "sft", "sro", "temperature"]'
+    python -m posttrain.train.msft --config configs/tiny_msft.toml --msft.methods='["msft", "sft", "dynamix"]'
 
 The method. Sub-datasets D_1..D_N each have a train and a held-out split. A stage trains the pooled, shuffled
 examples of the active sub-datasets with a fresh optimizer for C epochs of the active mixture (`msft.budget_epochs`,
@@ -116,7 +116,7 @@ rows of copy, reverse, sort and vote ("msft-base", no prompt shared with the fin
 "msft-flaws" (vote, which the base knows, and first and last, which it was never asked for, each with a systematic label
 flaw whose held-out fall lasts; train/synthetic.py has SFT's curves), AdamW 3e-4 constant, C = 1.0 epoch, Δ = 0.25, 4
 stages; every method from that base at mSFT's tokens (0.58-0.73M), seeds 0, 1, 2, mean ± std (2026-12-06, torch
-2.13.0+cpu, OMP_NUM_THREADS=1; `python -m train.msft --config configs/tiny_msft_pretrained.toml --msft.methods='[...all
+2.13.0+cpu, OMP_NUM_THREADS=1; `python -m posttrain.train.msft --config configs/tiny_msft_pretrained.toml --msft.methods='[...all
 six...]' --msft.seeds='[0, 1, 2]'`):
 
   method       copy  first  last  reverse  sort  vote  average
@@ -221,11 +221,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from core.config import flatten
-from core.ring import CheckpointRing, reshard
-from train.data import PackedBatch, data_digest, pack_rows
-from train.runtime import RunConfig, Runtime, entry_point, global_sum, log, seed_config, token_logprobs
-from train.sft import loader_step, make_loader, train_once, train_step
+from posttrain.core.config import flatten
+from posttrain.core.ring import CheckpointRing, reshard
+from posttrain.train.data import PackedBatch, data_digest, pack_rows
+from posttrain.train.runtime import RunConfig, Runtime, entry_point, global_sum, log, seed_config, token_logprobs
+from posttrain.train.sft import loader_step, make_loader, train_once, train_step
 
 METHODS = ("msft", "sft", "early_stop", "sro", "temperature", "dynamix")
 
@@ -607,7 +607,7 @@ def lookahead_loss(rt: Runtime, batches: Sequence[PackedBatch], tasks: Sequence[
             sums[i] += -logp[mine].double().sum()
             sums[n + i] += mine.sum()
         sums[2 * n] += (b.task_ids >= 0).sum()
-    from core.sampler import forget_forwards
+    from posttrain.core.sampler import forget_forwards
 
     forget_forwards(rt.model)  # no backward follows these forwards
     totals = global_sum(rt.d, *sums.tolist())

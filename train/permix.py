@@ -1,7 +1,7 @@
 """PerMix-RLVR against plain RLVR from one SFT checkpoint, evaluated for persona stability and fidelity.
 
-    python -m train.permix --config configs/tiny_permix.toml                          the embedded default
-    python -m train.permix --config configs/tiny_permix.toml --permix.seeds='[0, 1, 2]'   per seed, mean ± std
+    python -m posttrain.train.permix --config configs/tiny_permix.toml                          the embedded default
+    python -m posttrain.train.permix --config configs/tiny_permix.toml --permix.seeds='[0, 1, 2]'   per seed, mean ± std
 
 One comparison (`run_one`), top to bottom:
   1. data     the embedded default's persona data (train/personas.py), written under <out_dir>/data: SFT rows in
@@ -39,7 +39,7 @@ Design of the embedded default (the phenomenon first, then the methods):
     often as unhelpful personas are met. fidelity_weight 1: a styled correct answer earns 2, an unstyled one 1.
 
 Measured (2026-11-29; torch 2.13.0+cpu, Python 3.11.7, OMP_NUM_THREADS=1, a 2-core CPU shared with other jobs):
-`python -m train.permix --config configs/tiny_permix.toml` took 13 min 19 s wall at load average 4-7 (SFT 7 min
+`python -m posttrain.train.permix --config configs/tiny_permix.toml` took 13 min 19 s wall at load average 4-7 (SFT 7 min
 8 s, RLVR 1 min 22 s, PerMix 3 min 45 s, evaluation of 3 x 3,168 answers 58 s) and 8 min 3 s / 8 min 22 s for
 seeds 1 and 2 at load average 3-4.5. `--permix.seeds='[0, 1, 2]'`, mean ± std (population) over the seeds:
 
@@ -82,9 +82,9 @@ from typing import Any
 
 import numpy as np
 
-from train.grpo import GRPOConfig
-from train.grpo import run as run_grpo
-from train.runtime import entry_point, seed_config
+from posttrain.train.grpo import GRPOConfig
+from posttrain.train.grpo import run as run_grpo
+from posttrain.train.runtime import entry_point, seed_config
 
 METHODS = ("sft", "rlvr", "permix")
 LABELS = {"sft": "SFT", "rlvr": "RLVR", "permix": "PerMix"}
@@ -119,7 +119,7 @@ class PerMixConfig(GRPOConfig):
 def write_data(out: Path, seed: int) -> tuple[Path, Path]:
     """The SFT mixture (<out>/train/<category>.jsonl, <out>/heldout/<category>.jsonl) and the RL prompt file
     (<out>/prompts.jsonl). Returns (mixture directory, prompt file)."""
-    from train.personas import synthetic_prompts, synthetic_sft_rows
+    from posttrain.train.personas import synthetic_prompts, synthetic_sft_rows
 
     rows = synthetic_sft_rows(seed)
     for split in ("train", "heldout"):
@@ -138,7 +138,7 @@ def write_data(out: Path, seed: int) -> tuple[Path, Path]:
 
 
 def train_sft(cfg: PerMixConfig, data_dir: Path, out: Path) -> Path:
-    from train.sft import train_once
+    from posttrain.train.sft import train_once
 
     p, seed = cfg.permix, cfg.train.seed
     return train_once(p.sft_config, [*p.sft_overrides, f"--data.path={data_dir}", f"--train.seed={seed}",
@@ -156,8 +156,8 @@ def train_rl(cfg: PerMixConfig, mode: str, init: Path, data_dir: Path, prompts: 
 
 def benchmark(cfg: PerMixConfig, path: Path) -> dict[str, Any]:
     """The persona benchmark of one checkpoint: every evaluation persona x the held-out questions, greedy."""
-    from eval.persona import load_model, persona_benchmark
-    from train.personas import resolve_pool, synthetic_questions
+    from posttrain.eval.persona import load_model, persona_benchmark
+    from posttrain.train.personas import resolve_pool, synthetic_questions
 
     p = cfg.permix
     model, tokenizer = load_model(path)
@@ -198,7 +198,7 @@ def run_one(cfg: PerMixConfig) -> dict[str, Any]:
               "reports": {LABELS[m]: {"model": str(paths[m]), "benchmark_name": "synthetic", "benchmark": benches[m]}
                           for m in METHODS}}
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    from eval.persona import format_table
+    from posttrain.eval.persona import format_table
 
     print(format_table(report["reports"]), flush=True)
     print(format_summary({m: {k: (v, 0.0) for k, v in report["summary"][m].items()} for m in METHODS}, [])
@@ -207,7 +207,7 @@ def run_one(cfg: PerMixConfig) -> dict[str, Any]:
           flush=True)
     if cfg.permix.plot:
         try:
-            from eval.persona import plot
+            from posttrain.eval.persona import plot
 
             plot(report["reports"], out / "permix.png")
             print(f"wrote {out / 'report.json'} and {out / 'permix.png'}", flush=True)

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from train.data import jsonl_objects
+from posttrain.train.data import jsonl_objects
 
 CATEGORIES = ("none", "task-aligned", "neutral", "unhelpful", "role-play")
 CONSTRAINTS = ("starts_with", "ends_with", "contains", "forbidden", "casing", "answer_format", "max_words")
@@ -399,7 +399,7 @@ UNHELPFUL_WRONG_RATE = 0.75
 
 
 def _synthetic_tasks(seed: int) -> dict[str, Any]:
-    from train.synthetic import build_tasks
+    from posttrain.train.synthetic import build_tasks
 
     sizes = {t: SYNTHETIC_TRAIN_SIZE for t in SYNTHETIC_TASKS}
     return build_tasks(seed, sizes, {t: SYNTHETIC_HELDOUT_SIZE for t in SYNTHETIC_TASKS}, SYNTHETIC_TASKS)

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from core.config import flatten
-from core.distributed import (
+from posttrain.core.config import flatten
+from posttrain.core.distributed import (
     Checkpointer,
     Dist,
     ParallelConfig,
@@ -49,10 +49,10 @@ from core.distributed import (
     export_hf,
     init_distributed,
 )
-from core.model import ModelConfig, Transformer
-from core.tokenizer import Tokenizer
-from train.checkers import CHECKERS, check_rows
-from train.data import (
+from posttrain.core.model import ModelConfig, Transformer
+from posttrain.core.tokenizer import Tokenizer
+from posttrain.train.checkers import CHECKERS, check_rows
+from posttrain.train.data import (
     DataError,
     PackedBatch,
     SFTData,
@@ -293,7 +293,7 @@ def load_tokenizer(cfg: RunConfig) -> Tokenizer:
     path = cfg.init.tokenizer or cfg.init.hf_checkpoint
     if path:
         return Tokenizer.from_dir(path)
-    from train.synthetic import tiny_tokenizer
+    from posttrain.train.synthetic import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -468,7 +468,7 @@ class Runtime:
     def accuracy(self, task: str) -> float:
         """Greedy-generation accuracy on `task`'s held-out rows, each checked by its row's checker (each rank
         generates its share)."""
-        from core.sampler import full_weights, generate
+        from posttrain.core.sampler import full_weights, generate
 
         examples = self.data.heldout_examples(task, rank=self.d.rank, world_size=self.d.world_size)
         limit = self.cfg.eval.max_examples
@@ -497,10 +497,10 @@ class Runtime:
             if self.cfg.eval.generate:
                 out[task]["accuracy"] = self.accuracy(task)
         if self.cfg.eval.generate:
-            from core.sampler import free_cache
+            from posttrain.core.sampler import free_cache
 
             free_cache(self.model)  # evals are occasional: give the KV cache's memory back to training
-        from core.sampler import forget_forwards
+        from posttrain.core.sampler import forget_forwards
 
         forget_forwards(self.model)  # no backward follows the held-out loss's forwards
         self.model.train()
@@ -618,7 +618,7 @@ def seed_config(cfg: Any, seed: int, section: str) -> Any:
 
 def entry_point(run: Callable[[Any], Any], config_cls: type, argv: Sequence[str] | None = None) -> Any:
     """`python -m train.<stage>`: parse the config, run the stage, tear down the process group this process made."""
-    from core.config import parse_args
+    from posttrain.core.config import parse_args
 
     cfg = parse_args(config_cls, argv)
     try:

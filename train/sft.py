@@ -1,7 +1,7 @@
 """Supervised fine-tuning on a multi-task mixture, one process or many (torchrun), CPU or GPU.
 
-    python -m train.sft --config configs/tiny_sft.toml [--section.key=value ...]
-    torchrun --nproc_per_node=2 -m train.sft --config configs/tiny_sft.toml
+    python -m posttrain.train.sft --config configs/tiny_sft.toml [--section.key=value ...]
+    torchrun --nproc_per_node=2 -m posttrain.train.sft --config configs/tiny_sft.toml
 
 Reads top to bottom: the runtime (train/runtime.py: process group, tokenizer, data, sharded model, optimizer,
 checkpoints) -> a mixture loader over the training splits -> the loop (a global batch of micro-batches -> loss
@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from core.distributed import clip_grad_norm_
-from train.data import MixtureLoader, PackedBatch
-from train.runtime import RunConfig, Runtime, entry_point, global_sum, log, token_logprobs
+from posttrain.core.distributed import clip_grad_norm_
+from posttrain.train.data import MixtureLoader, PackedBatch
+from posttrain.train.runtime import RunConfig, Runtime, entry_point, global_sum, log, token_logprobs
 
 
 @dataclass
@@ -39,7 +39,7 @@ def make_loader(rt: Runtime) -> MixtureLoader:
     c = rt.cfg.data
     weights = c.weights or None
     if weights is None and not c.path:
-        from train.synthetic import task_set
+        from posttrain.train.synthetic import task_set
 
         weights = task_set(c.synthetic).weights
     return rt.data.loader(max_tokens=c.max_tokens, seed=c.seed, weights=weights, rank=rt.d.rank,
@@ -105,7 +105,7 @@ def train_once(config: str | Path, overrides: Sequence[str], out_dir: str | Path
         if main_rank:
             print(f"{who}: reusing the SFT checkpoint {hf} (delete it to retrain)", flush=True)
         return hf
-    from core.config import load_config
+    from posttrain.core.config import load_config
 
     if main_rank:
         print(f"{who}: training {config} into {out_dir}", flush=True)

@@ -22,7 +22,7 @@ held-out scores peak at different times (payloads of 3-5 digits; sizes are the t
   sort      sort 31415 -> 11345           1500  slow: counting digits; still improving at the end of the run
   add       add 12+45 -> 57               2000  slowest: carries; barely above zero within the default run
 
-Measured with the default `python -m train.sft --config configs/tiny_sft.toml` (1.67M params, 2048-token
+Measured with the default `python -m posttrain.train.sft --config configs/tiny_sft.toml` (1.67M params, 2048-token
 micro-batches, AdamW lr 3e-3 cosine, 6 epochs = 651 steps, seed 0; 2-core CPU, torch 2.13.0): 2 min 58 s wall
 including 25 evaluations and the HF export at load average 0.9-1.9 from other jobs (3 min 33 s at 1.7-2.1, same
 numbers: the run is deterministic), 6,700-8,100 training tokens/s, training loss 1.41 at step 50 -> 0.22 at step 650.
@@ -66,7 +66,7 @@ evaluation). A wrong label is another digit (another bit for vote), so it is sti
   sort     sort 31415 -> 11345      1500     0    0.5
 
 Measured (2026-11-29; torch 2.13.0+cpu, Python 3.11.7, OMP_NUM_THREADS=1): the SFT baseline of the mSFT study
-(`python -m train.msft --config configs/tiny_msft.toml --msft.methods=...`, train.seed = data.seed = s), i.e. plain
+(`python -m posttrain.train.msft --config configs/tiny_msft.toml --msft.methods=...`, train.seed = data.seed = s), i.e. plain
 SFT of the whole mixture (1.67M params, 2048-token micro-batches, AdamW lr 3e-3 constant after 20 warm-up steps) for
 the tokens mSFT spent, about 5.5 epochs. Its first 3 epochs are bitwise the earlier configs/tiny_msft_sft.toml runs
 (the run is deterministic). Held-out exact match (all 500 rows per task) at each quarter epoch; "overall" is the
@@ -333,7 +333,7 @@ verifiable truth that `check` compares against (they differ only on the noisy ta
 reward on training prompts is never computed against a deliberately wrong label), and "checker": "synthetic" names
 `check` for train/checkers.py. Held-out rows always have response == answer.
 
-The tiny tokenizer ships as files under train/data/tiny_tokenizer/ (built once by `python -m train.synthetic
+The tiny tokenizer ships as files under train/data/tiny_tokenizer/ (built once by `python -m posttrain.train.synthetic
 --write-tokenizer train/data/tiny_tokenizer`) rather than trained at start-up: BPE training takes well under a
 second, but its merges could change with the `tokenizers` version, and a checkpoint's token ids must not.
 
@@ -350,7 +350,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from core.tokenizer import Tokenizer, train_bpe_tokenizer
+from posttrain.core.tokenizer import Tokenizer, train_bpe_tokenizer
 
 TASKS = ("copy", "reverse", "sort", "add", "mod", "majority")
 DEFAULT_TRAIN_SIZES = {"copy": 3000, "reverse": 3000, "sort": 1500, "add": 2000, "mod": 800, "majority": 64}
@@ -769,7 +769,7 @@ def tiny_tokenizer() -> Tokenizer:
             raise FileNotFoundError(
                 f"{TINY_TOKENIZER_DIR}/tokenizer.json: missing; the package was installed without its data files. "
                 f"Reinstall from the repository (pip install -e .) or rebuild it with "
-                f"python -m train.synthetic --write-tokenizer {TINY_TOKENIZER_DIR}"
+                f"python -m posttrain.train.synthetic --write-tokenizer {TINY_TOKENIZER_DIR}"
             )
         _TINY_TOKENIZER = Tokenizer.from_dir(TINY_TOKENIZER_DIR)
     return _TINY_TOKENIZER

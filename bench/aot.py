@@ -1,7 +1,7 @@
 """Compile every Triton kernel in kernels/ for NVIDIA GPUs on a machine without one, exactly as the wrappers launch
 them, and report registers, spills, shared memory and the widest global load/store of each compiled variant.
 
-    python -m kernels.aot [--arch 80 90] [--json PATH]        (with TRITON_INTERPRET unset)
+    python -m posttrain.bench.aot [--arch 80 90] [--json PATH]        (with TRITON_INTERPRET unset)
 
 For: CI and CPU-only machines, to catch before a GPU run what a GPU run would reveal first -- a kernel that does not
 compile for sm_80 / sm_90, needs more shared memory than the card has, spills registers, or lost its vector loads.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import multiprocessing
 import os
@@ -39,11 +40,19 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-import kernels._utils as _utils
+import posttrain.kernels._utils as _utils
+from posttrain.core.sampler import SamplingParams
+from posttrain.kernels.grpo import grpo_loss, linear_grpo_loss
+from posttrain.kernels.logprob import IGNORE_INDEX, linear_logprob, logprob_backward
+from posttrain.kernels.norm import rms_norm
+from posttrain.kernels.rope import rope_kv_write
+from posttrain.kernels.sample import fused_sample, fused_sample_step
+from posttrain.kernels.swiglu import swiglu
 
 ARCHS = (80, 90)
 # Per-block shared memory a kernel may use (cudaDevAttrMaxSharedMemoryPerBlockOptin): A100 163 KB, H100 227 KB.
@@ -128,7 +137,7 @@ def _resources(cubin: bytes) -> tuple[int, int]:
                                capture_output=True, text=True, check=True, timeout=120).stdout  # fmt: skip
     m = re.search(r"REG:(\d+) .*LOCAL:(\d+)", usage)
     if not m:
-        raise RuntimeError(f"kernels.aot: cannot read cuobjdump's resource usage:\n{usage}")
+        raise RuntimeError(f"bench.aot: cannot read cuobjdump's resource usage:\n{usage}")
     return int(m.group(1)), int(m.group(2))
 
 
@@ -194,13 +203,13 @@ if _utils.HAS_TRITON:
             return ty
 
         def get_benchmarker(self):
-            raise RuntimeError("kernels.aot: the compile-only driver runs nothing")
+            raise RuntimeError("bench.aot: the compile-only driver runs nothing")
 
         def get_device_interface(self):
-            raise RuntimeError("kernels.aot: the compile-only driver has no device")
+            raise RuntimeError("bench.aot: the compile-only driver has no device")
 
         def get_empty_cache_for_benchmark(self):
-            raise RuntimeError("kernels.aot: the compile-only driver runs nothing")
+            raise RuntimeError("bench.aot: the compile-only driver runs nothing")
 
         def clear_cache(self, cache) -> None:
             pass
@@ -226,10 +235,10 @@ def _short(v) -> object:
 def compile_only(arch: int):
     """Make Triton compile for sm_<arch> and not launch, and send meta tensors down the wrappers' Triton path."""
     if _utils.interpreter_on():
-        raise RuntimeError("kernels.aot: TRITON_INTERPRET=1 is set; the interpreter never compiles. Unset it.")
+        raise RuntimeError("bench.aot: TRITON_INTERPRET=1 is set; the interpreter never compiles. Unset it.")
     why = unavailable()
     if why:
-        raise RuntimeError(f"kernels.aot: {why}")
+        raise RuntimeError(f"bench.aot: {why}")
     import triton
 
     drv = CompileOnlyDriver(arch)
@@ -259,8 +268,6 @@ T_SFT, H_SFT = 16384, 1536  # the log-prob benchmark's shape
 
 
 def _logprob_cases() -> list[LaunchCase]:
-    from kernels.logprob import IGNORE_INDEX, linear_logprob, logprob_backward
-
     cases = []
     for dtype in DTYPES:
         for V in VOCABS if dtype == torch.bfloat16 else VOCABS[:-1]:  # the odd V in the training dtype (CI time)
@@ -286,8 +293,6 @@ def _logprob_cases() -> list[LaunchCase]:
 
 
 def _grpo_cases() -> list[LaunchCase]:
-    from kernels.grpo import grpo_loss, linear_grpo_loss
-
     cases = []
     H, V = 1536, 151936
     for B, L in ((16, 512), (4, 4096), (1, 16384)):  # the benchmark's step, a long and a very long completion
@@ -313,9 +318,6 @@ def _sample_cases() -> list[LaunchCase]:
     """kernels/sample.py as the sampler launches it on CUDA: one row per sequence, the logits in the model dtype,
     each filter combination a constexpr variant; bare sampling (fused_sample) and the decode step's tail with its
     bookkeeping (fused_sample_step, [R, T + 1] buffers)."""
-    from core.sampler import SamplingParams
-    from kernels.sample import fused_sample, fused_sample_step
-
     variants = {"greedy": SamplingParams(temperature=0.0), "plain": SamplingParams(),
                 "top_p": SamplingParams(top_p=0.9),
                 "all": SamplingParams(temperature=0.8, top_k=200, top_p=0.95, min_p=0.05)}  # every branch at once
@@ -340,10 +342,6 @@ def _sample_cases() -> list[LaunchCase]:
 def _decode_cases() -> list[LaunchCase]:
     """kernels/norm.py, rope.py, swiglu.py in Transformer.decode_fused: 256 rows, Qwen2-0.5B widths (hidden 896,
     14 x 64 heads, 2 kv heads, intermediate 4864) and Llama-3-8B's (4096, 32 x 128, 8, 14336)."""
-    from kernels.norm import rms_norm
-    from kernels.rope import rope_kv_write
-    from kernels.swiglu import swiglu
-
     cases = []
     for H, HQ, KV, D, I, dtypes in ((896, 14, 2, 64, 4864, (torch.bfloat16, torch.float32)),
                                      (4096, 32, 8, 128, 14336, (torch.bfloat16,))):
@@ -377,7 +375,7 @@ def compile_all(arch: int, cases: list[LaunchCase] | None = None) -> list[Varian
             try:
                 case.fn()
             except Exception as e:
-                raise RuntimeError(f"kernels.aot: launch case {case.name!r} failed for sm_{arch}: {e}") from e
+                raise RuntimeError(f"bench.aot: launch case {case.name!r} failed for sm_{arch}: {e}") from e
     return drv.variants
 
 
@@ -407,17 +405,13 @@ def print_table(rows: list[dict]) -> None:
 def launched_kernels() -> set[str]:
     """Names of the @triton.jit kernels in kernels/*.py that a wrapper launches (a jit function whose name appears
     in another one's source is a device helper, compiled into its caller)."""
-    import importlib
-    import pkgutil
-
-    import kernels
     from triton.runtime.jit import JITFunction
 
     fns = {}
-    for mod in pkgutil.iter_modules(kernels.__path__):
-        if mod.name in ("aot", "_utils"):
+    for path in sorted(Path(_utils.__file__).parent.glob("*.py")):
+        if path.stem == "_utils":
             continue
-        m = importlib.import_module(f"kernels.{mod.name}")
+        m = importlib.import_module(f"posttrain.kernels.{path.stem}")
         fns.update({f.__name__: f for f in vars(m).values() if isinstance(f, JITFunction)})
     return {n for n in fns if not any(re.search(rf"\b{n}\(", f.src) for o, f in fns.items() if o != n)}
 
@@ -433,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     why = unavailable()
     if why:
-        print(f"kernels.aot: skipped: {why}")
+        print(f"bench.aot: skipped: {why}")
         return 0
     import triton
 
@@ -448,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {len(rows)} variants from {len(all_cases())} launch cases, triton {triton.__version__}, "
           f"torch {torch.__version__}, {took:.1f} s; {len(bad)} with spills")  # fmt: skip
     if missing:
-        print(f"# kernels no launch case compiles: {missing} (add their cases to kernels/aot.py, see its docstring)")
+        print(f"# kernels no launch case compiles: {missing} (add their cases to bench/aot.py, see its docstring)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "torch": torch.__version__, "seconds": took, "rows": rows,

@@ -1,1 +1,0 @@
-"""Microbenchmarks: each prints a table and writes JSON."""

@@ -1,1 +1,0 @@
-"""The model and everything that holds or moves weights."""

@@ -1,1 +1,0 @@
-"""Answer extraction and verification, benchmarks, persona stability."""

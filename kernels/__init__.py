@@ -1,1 +1,0 @@
-"""Triton kernels, each next to its plain-torch reference and its autograd wrapper."""

@@ -1,1 +1,0 @@
-"""One entry point per training stage, plus data mixtures and RL math."""
