@@ -14,12 +14,19 @@ the model is always an FSDP2 module and nothing branches on "distributed or not"
                            scheduler, data position, per-rank RNG, step; a COMPLETE marker written last; keep-last-k
   export_hf()              a consolidated Hugging Face checkpoint (core/checkpoint.save_hf) from the sharded model
   close_distributed()      tear the process group down so the process can exit cleanly
+  full_weights()           gather every shard once for a whole rollout (the sampler's), then reshard
+  forget_forwards()        drop FSDP2's records of forwards no backward follows (rollouts, evaluations)
+  reshard()                put every module back in its sharded state, so parameters() are the shards again
 
-Not here: the training loop (train/), the sampler's unsharding for rollouts (core/sampler.py).
+This is the only module that imports FSDP2 (an import-linter contract, .importlinter); `fsdp_modules` and
+`fsdp_param_groups` are the rest of the library's view of it, and the private state they read is read defensively.
+
+Not here: the training loop (train/), the rollout replica and decode engine (core/sampler.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -27,9 +34,10 @@ import random
 import re
 import shutil
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -43,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from safetensors import safe_open
@@ -378,6 +386,101 @@ class Checkpointer:
         if rng.is_file():
             _set_rng_state(torch.load(rng, weights_only=False))
         return json.loads((path / "trainer.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------ FSDP2 state
+
+_UNSHARDED: weakref.WeakSet = weakref.WeakSet()  # models inside full_weights(), so generate does not nest it
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """Every FSDP2 module of `model` (each `fully_shard`-ed block and the root), in `modules()` order."""
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def fsdp_param_groups(module: nn.Module) -> list[Any]:
+    """An FSDP2 module's parameter groups (private state, read defensively: the attribute differs by version)."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)  # a list in torch 2.13 (several groups per module)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)  # one group (torch 2.6 and 2.11 seen)
+        groups = [] if group is None else [group]
+    return list(groups)
+
+
+def forget_forwards(model: nn.Module) -> None:
+    """Drop what FSDP2 recorded of the forwards since the last backward. FSDP2 notes every forward's modules in
+    order (`post_forward_order`, and each group's `_post_forward_indices`) so that the next backward can prefetch
+    the module before each one, and only a backward clears those notes. Forwards that no backward follows (a
+    rollout's decode steps, a held-out loss pass) leave theirs behind: the next backward then gathers modules it
+    does not need, and when ranks ran different forwards (decode steps differ per rank) it prefetched different
+    modules on different ranks: an all-gather on one against a reduce-scatter on the other, a hang (seen on torch
+    2.11 in mSFT's two-rank test). Call it after no-grad forwards (full_weights does, after a rollout). Harmless at
+    any time: a backward whose notes were dropped only loses its prefetches (each module still gathers its own
+    weights before its backward). A no-op for an unsharded model; private state, read defensively."""
+    for m in fsdp_modules(model):
+        for g in fsdp_param_groups(m):
+            indices = getattr(g, "_post_forward_indices", None)
+            if indices is not None:
+                indices.clear()
+            order = getattr(getattr(g, "comm_ctx", None), "post_forward_order", None)
+            if order is not None:
+                order.clear()
+
+
+@contextlib.contextmanager
+def full_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Make an FSDP2-sharded model's weights whole for a whole rollout; a no-op for an unsharded model.
+
+    Every FSDP module (each `fully_shard`-ed block and the root) all-gathers its parameters once on entry
+    (`unshard`, issued asynchronously for all modules, then waited), resharding after forward is switched off so
+    the T forwards of a rollout reuse the gathered weights, and on exit every module reshards and gets its former
+    reshard-after-forward setting back. Peak memory: one full copy of the weights in param_dtype per rank.
+    Collective: every rank must enter and leave together (as for any FSDP forward).
+    """
+    modules = fsdp_modules(model)
+    if not modules or model in _UNSHARDED:
+        yield model
+        return
+    if modules[0] is model:
+        # The root decides at its lazy init (first forward or backward) to keep its parameters gathered after forward;
+        # take that decision now, or a rollout before the first training forward would save the undecided setting
+        # and restore it afterwards, and the root would reshard after every training forward.
+        model._get_fsdp_state()._lazy_init()
+    # Set and restore each param group's post-forward mesh (None = keep unsharded after forward) directly: the public
+    # setter `set_reshard_after_forward` is newer than torch 2.6, has no getter, and on torch >= 2.8 it also switches
+    # off the root's lazy decision above for good.
+    saved = [(g, g.post_forward_mesh_info) for m in modules for g in fsdp_param_groups(m)]
+    try:
+        for g, _ in saved:
+            g.post_forward_mesh_info = None
+        handles = [m.unshard(async_op=True) for m in modules]
+        for h in handles:
+            if h is not None:
+                h.wait()
+        _UNSHARDED.add(model)
+        yield model
+    finally:
+        _UNSHARDED.discard(model)
+        for m in modules:
+            m.reshard()
+        for g, info in saved:
+            g.post_forward_mesh_info = info
+        forget_forwards(model)  # the rollout's forwards are followed by no backward
+
+
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module back in its sharded state (no communication): after a forward without backward (an
+    evaluation) FSDP keeps the root's parameters gathered, and a module's `parameters()` are then the gathered
+    copies, not the shards that the optimizer updates."""
+    for m in fsdp_modules(model):
+        # A group of several modules (the final norm + lm-head) whose last module was run outside its module call
+        # (the sampler reads the lm-head weight) stays in its FORWARD state, where reshard() is a no-op for a group
+        # that keeps its parameters gathered after forward: end that forward first (private state, read defensively).
+        for group in fsdp_param_groups(m):
+            if getattr(group, "_training_state", None) is not None and group._training_state.name == "FORWARD":
+                group._training_state = type(group._training_state).IDLE
+        m.reshard()
 
 
 def _rng_state() -> dict[str, Any]:

@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from posttrain.core.distributed import reshard
+
 
 class RingFull(RuntimeError):
     """A snapshot would exceed the ring's capacity."""
@@ -45,22 +47,6 @@ class RingFull(RuntimeError):
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def reshard(model: nn.Module) -> None:
-    """Put every FSDP2 module back in its sharded state (no communication): after a forward without backward (an
-    evaluation) FSDP keeps the root's parameters gathered, and a module's `parameters()` are then the gathered
-    copies, not the shards that the optimizer updates."""
-    from posttrain.core.sampler import fsdp_modules, fsdp_param_groups
-
-    for m in fsdp_modules(model):
-        # A group of several modules (the final norm + lm-head) whose last module was run outside its module call
-        # (the sampler reads the lm-head weight) stays in its FORWARD state, where reshard() is a no-op for a group
-        # that keeps its parameters gathered after forward: end that forward first (private state, read defensively).
-        for group in fsdp_param_groups(m):
-            if getattr(group, "_training_state", None) is not None and group._training_state.name == "FORWARD":
-                group._training_state = type(group._training_state).IDLE
-        m.reshard()
 
 
 def _sources(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:

@@ -73,7 +73,6 @@ Design decisions (each one chosen for a measurable reason):
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import weakref
@@ -85,6 +84,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from posttrain.core.distributed import fsdp_modules, full_weights
 from posttrain.core.model import KVCache
 from posttrain.kernels.sample import filter_logits, sample, sample_reference, sample_step  # noqa: F401 (filter_logits: public)
 
@@ -172,90 +172,7 @@ def uniform_table(seed: int, prompt_index: torch.Tensor, sample_index: torch.Ten
     return counter_uniform(seed_t, prompt_index[:, None], sample_index[:, None], step)
 
 
-# ------------------------------------------------------------------------------------------------- FSDP2 weights
-
-_UNSHARDED: weakref.WeakSet = weakref.WeakSet()  # models inside full_weights(), so generate does not nest it
-
-
-def fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    """Every FSDP2 module of `model` (each `fully_shard`-ed block and the root), in `modules()` order."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch built without distributed
-        return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def fsdp_param_groups(module: nn.Module) -> list[Any]:
-    """An FSDP2 module's parameter groups (private state, read defensively: the attribute differs by version)."""
-    state = module._get_fsdp_state()
-    groups = getattr(state, "_fsdp_param_groups", None)  # a list in torch 2.13 (several groups per module)
-    if groups is None:
-        group = getattr(state, "_fsdp_param_group", None)  # one group (torch 2.6 and 2.11 seen)
-        groups = [] if group is None else [group]
-    return list(groups)
-
-
-def forget_forwards(model: nn.Module) -> None:
-    """Drop what FSDP2 recorded of the forwards since the last backward. FSDP2 notes every forward's modules in
-    order (`post_forward_order`, and each group's `_post_forward_indices`) so that the next backward can prefetch
-    the module before each one, and only a backward clears those notes. Forwards that no backward follows (a
-    rollout's decode steps, a held-out loss pass) leave theirs behind: the next backward then gathers modules it
-    does not need, and when ranks ran different forwards (decode steps differ per rank) it prefetched different
-    modules on different ranks: an all-gather on one against a reduce-scatter on the other, a hang (seen on torch
-    2.11 in mSFT's two-rank test). Call it after no-grad forwards (full_weights does, after a rollout). Harmless at
-    any time: a backward whose notes were dropped only loses its prefetches (each module still gathers its own
-    weights before its backward). A no-op for an unsharded model; private state, read defensively."""
-    for m in fsdp_modules(model):
-        for g in fsdp_param_groups(m):
-            indices = getattr(g, "_post_forward_indices", None)
-            if indices is not None:
-                indices.clear()
-            order = getattr(getattr(g, "comm_ctx", None), "post_forward_order", None)
-            if order is not None:
-                order.clear()
-
-
-@contextlib.contextmanager
-def full_weights(model: nn.Module) -> Iterator[nn.Module]:
-    """Make an FSDP2-sharded model's weights whole for a whole rollout; a no-op for an unsharded model.
-
-    Every FSDP module (each `fully_shard`-ed block and the root) all-gathers its parameters once on entry
-    (`unshard`, issued asynchronously for all modules, then waited), resharding after forward is switched off so
-    the T forwards of a rollout reuse the gathered weights, and on exit every module reshards and gets its former
-    reshard-after-forward setting back. Peak memory: one full copy of the weights in param_dtype per rank.
-    Collective: every rank must enter and leave together (as for any FSDP forward).
-    """
-    modules = fsdp_modules(model)
-    if not modules or model in _UNSHARDED:
-        yield model
-        return
-    if modules[0] is model:
-        # The root decides at its lazy init (first forward or backward) to keep its parameters gathered after forward;
-        # take that decision now, or a rollout before the first training forward would save the undecided setting
-        # and restore it afterwards, and the root would reshard after every training forward.
-        model._get_fsdp_state()._lazy_init()
-    # Set and restore each param group's post-forward mesh (None = keep unsharded after forward) directly: the public
-    # setter `set_reshard_after_forward` is newer than torch 2.6, has no getter, and on torch >= 2.8 it also switches
-    # off the root's lazy decision above for good.
-    saved = [(g, g.post_forward_mesh_info) for m in modules for g in fsdp_param_groups(m)]
-    try:
-        for g, _ in saved:
-            g.post_forward_mesh_info = None
-        handles = [m.unshard(async_op=True) for m in modules]
-        for h in handles:
-            if h is not None:
-                h.wait()
-        _UNSHARDED.add(model)
-        yield model
-    finally:
-        _UNSHARDED.discard(model)
-        for m in modules:
-            m.reshard()
-        for g, info in saved:
-            g.post_forward_mesh_info = info
-        forget_forwards(model)  # the rollout's forwards are followed by no backward
-
+# ------------------------------------------------------------------------------------------------- rollout replica
 
 _REPLICAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # sharded model -> its rollout replica
 

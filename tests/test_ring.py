@@ -167,7 +167,8 @@ def _after_eval(d, out):
     updates."""
     from posttrain.core.distributed import ParallelConfig, build_model, build_optimizer
 
-    from posttrain.core.sampler import full_weights, generate
+    from posttrain.core.distributed import full_weights
+    from posttrain.core.sampler import generate
 
     model = build_model(ModelConfig(**CFG), d, ParallelConfig(param_dtype="float32"), seed=0)
     opt = build_optimizer(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)

@@ -32,7 +32,8 @@ def sharded_tiny_model(world: int, device: str = "cpu", **fsdp_kw):
 def _worker(rank: int, world: int, store_path: str, expected: list) -> None:
     from torch.distributed.tensor import DTensor
 
-    from posttrain.core.sampler import full_weights, generate
+    from posttrain.core.distributed import full_weights
+    from posttrain.core.sampler import generate
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
@@ -173,7 +174,8 @@ def test_gpu_fsdp2_rollouts_use_graphs_through_the_replica():
 def _worker_uneven_rollouts(rank: int, world: int, store_path: str, expected: dict) -> None:
     import datetime
 
-    from posttrain.core.sampler import fsdp_modules, fsdp_param_groups, generate
+    from posttrain.core.distributed import fsdp_modules, fsdp_param_groups
+    from posttrain.core.sampler import generate
 
     torch.set_num_threads(1)
     # A bounded wait: a rank left in a collective the other never issues fails the test instead of hanging it.

@@ -583,7 +583,7 @@ def sequence_logprobs(model: torch.nn.Module, samples: Sequence[Sample], g: GRPO
             count += float(batch.mask.sum())
         for b, s in enumerate(mb):
             out[id(s)] = logp[b, : len(s.tokens)].float().cpu()
-    from posttrain.core.sampler import forget_forwards
+    from posttrain.core.distributed import forget_forwards
 
     forget_forwards(model)  # no backward follows these forwards
     return [out[id(s)] for s in samples], ent_sum, count

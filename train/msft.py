@@ -222,7 +222,8 @@ import torch
 import torch.distributed as dist
 
 from posttrain.core.config import flatten
-from posttrain.core.ring import CheckpointRing, reshard
+from posttrain.core.distributed import reshard
+from posttrain.core.ring import CheckpointRing
 from posttrain.train.data import PackedBatch, data_digest, pack_rows
 from posttrain.train.runtime import RunConfig, Runtime, entry_point, global_sum, log, seed_config, token_logprobs
 from posttrain.train.sft import loader_step, make_loader, train_once, train_step
@@ -607,7 +608,7 @@ def lookahead_loss(rt: Runtime, batches: Sequence[PackedBatch], tasks: Sequence[
             sums[i] += -logp[mine].double().sum()
             sums[n + i] += mine.sum()
         sums[2 * n] += (b.task_ids >= 0).sum()
-    from posttrain.core.sampler import forget_forwards
+    from posttrain.core.distributed import forget_forwards
 
     forget_forwards(rt.model)  # no backward follows these forwards
     totals = global_sum(rt.d, *sums.tolist())

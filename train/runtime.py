@@ -468,7 +468,8 @@ class Runtime:
     def accuracy(self, task: str) -> float:
         """Greedy-generation accuracy on `task`'s held-out rows, each checked by its row's checker (each rank
         generates its share)."""
-        from posttrain.core.sampler import full_weights, generate
+        from posttrain.core.distributed import full_weights
+        from posttrain.core.sampler import generate
 
         examples = self.data.heldout_examples(task, rank=self.d.rank, world_size=self.d.world_size)
         limit = self.cfg.eval.max_examples
@@ -500,7 +501,7 @@ class Runtime:
             from posttrain.core.sampler import free_cache
 
             free_cache(self.model)  # evals are occasional: give the KV cache's memory back to training
-        from posttrain.core.sampler import forget_forwards
+        from posttrain.core.distributed import forget_forwards
 
         forget_forwards(self.model)  # no backward follows the held-out loss's forwards
         self.model.train()
