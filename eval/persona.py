@@ -6,7 +6,7 @@ evaluation pool (`persona_benchmark`, `stability`), and on PersonaGym's question
 `python -m posttrain.eval.persona --model PATH --pool NAME_OR_FILE --benchmark math500|gsm8k|synthetic` prints a table and
 writes JSON and a PNG; `--compare PATH2` puts a second model beside the first.
 Not for: training (train/permix uses this module to score its runs), the persona pools and constraint checkers
-themselves (train/personas.py), answer checking (train/checkers.py, eval/verify.py).
+themselves (eval/personas.py), answer checking (eval/checkers.py, eval/verify.py).
 
 Persona stability. Every persona p of a pool answers every question q, greedily or k times; correct[p, q, k] is 0/1
 and acc[p, q] = the mean over k. Then (issue 15's definitions):
@@ -25,10 +25,10 @@ PSS depends on the pool (more personas can only lower it): compare models on the
 flip_rate beside it.
 
 Persona fidelity, two ways:
-  (a) constraint adherence: personas with checkable constraints (train.personas.check_constraints: an opening, a
+  (a) constraint adherence: personas with checkable constraints (eval.personas.check_constraints: an opening, a
       closing, a catchphrase, casing, an answer format...) score each response by the fraction it satisfies
-      (train.personas.fidelity); a persona's fidelity is the mean over its responses, the pool's the mean over its
-      constrained personas. A response is checked for correctness after train.personas.strip_style removes the
+      (eval.personas.fidelity); a persona's fidelity is the mean over its responses, the pool's the mean over its
+      constrained personas. A response is checked for correctness after eval.personas.strip_style removes the
       required style, so a role-play answer is not marked wrong for its catchphrase.
   (b) PersonaGym (Samuel et al. 2024; data, rubrics and judge prompts in eval/data/personagym, MIT): 200 personas
       x 5 tasks (Expected Action, Action Justification, Linguistic Habits, Persona Consistency, Toxicity) x 10
@@ -139,13 +139,13 @@ DEFAULT_MAX_NEW_TOKENS = {"math500": 1024, "gsm8k": 512, "synthetic": 32}
 class Question:
     prompt: str
     answer: str
-    checker: str  # a train.checkers checker: "math" for MATH500 / GSM8K, "synthetic" for the embedded tasks
+    checker: str  # a eval.checkers checker: "math" for MATH500 / GSM8K, "synthetic" for the embedded tasks
     id: str = ""
 
 
 def questions_for(benchmark: str, limit: int = 0, seed: int = 0) -> list[Question]:
     """A benchmark's questions: "math500" and "gsm8k" from eval/data (with MATH_INSTRUCTION appended), "synthetic"
-    the embedded default's held-out rows (train.personas.synthetic_questions(seed)). limit > 0 keeps a random
+    the embedded default's held-out rows (eval.personas.synthetic_questions(seed)). limit > 0 keeps a random
     subset of that many, drawn with `seed`, in the data's order."""
     if benchmark == "math500":
         from posttrain.eval.math500 import load_math500
@@ -157,7 +157,7 @@ def questions_for(benchmark: str, limit: int = 0, seed: int = 0) -> list[Questio
         qs = [Question(r["question"] + MATH_INSTRUCTION, gsm8k_gold(r["answer"]), "math", f"gsm8k-{i}")
               for i, r in enumerate(load_gsm8k())]
     elif benchmark == "synthetic":
-        from posttrain.train.personas import synthetic_questions
+        from posttrain.eval.personas import synthetic_questions
 
         qs = [Question(r["prompt"], r["answer"], r["checker"], r["id"]) for r in synthetic_questions(seed)]
     else:
@@ -212,10 +212,10 @@ def _generate_texts(model: Any, tokenizer: Any, prompts: list[list[int]], *, n: 
 def persona_benchmark(model: Any, tokenizer: Any, personas: Sequence[Any], questions: Sequence[Question | dict], *,
                       samples: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 512,
                       seed: int = 0, max_batch_tokens: int | None = None) -> dict[str, Any]:
-    """Every persona (train.personas.Persona) x every question x `samples`, in one core.sampler.generate call
+    """Every persona (eval.personas.Persona) x every question x `samples`, in one core.sampler.generate call
     (greedy when temperature == 0; then samples must be 1). Each response is checked by its question's checker
-    (train.checkers.check_rows) after train.personas.strip_style, and scored for the persona's constraints
-    (train.personas.fidelity) as written.
+    (eval.checkers.check_rows) after eval.personas.strip_style, and scored for the persona's constraints
+    (eval.personas.fidelity) as written.
 
     Returns {"correct": [P][Q][k] 0/1, "responses": [P][Q][k] texts, "stability": stability(correct),
     "per_persona": [{id, category, accuracy, fidelity (None without constraints), truncated (fraction of responses
@@ -223,8 +223,8 @@ def persona_benchmark(model: Any, tokenizer: Any, personas: Sequence[Any], quest
     personas alone)}}, "fidelity" (mean over the
     constrained personas; None if there are none), and the settings}.
     """
-    from posttrain.train.checkers import check_rows, validate
-    from posttrain.train.personas import fidelity, strip_style
+    from posttrain.eval.checkers import check_rows, validate
+    from posttrain.eval.personas import fidelity, strip_style
 
     if samples < 1:
         raise ValueError(f"persona_benchmark: samples must be >= 1, got {samples}")
@@ -632,7 +632,7 @@ def load_personagym(personas: int | Sequence[str] = 200, questions_per_task: int
                     path: str | Path = PERSONAGYM / "questions.jsonl") -> list[dict[str, str]]:
     """PersonaGym benchmark-v1 rows {persona, task, question}: the first `personas` personas in file order (or the
     named ones) and the first `questions_per_task` questions of each of their five tasks."""
-    from posttrain.train.data import jsonl_objects
+    from posttrain.core.records import jsonl_objects
 
     rows = []
     for _, where, row in jsonl_objects(path):
@@ -777,7 +777,7 @@ def evaluate_model(path: str, args: argparse.Namespace, personas: list[Any], que
     if not args.responses:
         bench.pop("responses")
     if judge is not None:
-        from posttrain.train.personas import resolve_pool
+        from posttrain.eval.personas import resolve_pool
 
         described = [p.description for p in resolve_pool(args.personagym_pool) if p.description]
         if not described:
@@ -861,7 +861,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             except JudgeError as e:
                 raise SystemExit(f"eval.persona: {e}") from None
 
-    from posttrain.train.personas import resolve_pool
+    from posttrain.eval.personas import resolve_pool
 
     personas = resolve_pool(args.pool)
     questions = questions_for(args.benchmark, args.limit, args.seed)

@@ -1,8 +1,8 @@
-"""train/checkers.py: each checker on positive and negative examples, and their validation errors."""
+"""eval/checkers.py: each checker on positive and negative examples, and their validation errors."""
 
 import pytest
 
-from posttrain.train.checkers import check_batch, check_rows, choice_letter, normalize, validate
+from posttrain.eval.checkers import check_batch, check_rows, choice_letter, normalize, validate
 
 
 def test_exact_normalises_case_space_unicode_and_a_final_period_only():

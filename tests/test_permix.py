@@ -28,7 +28,8 @@ from posttrain.train.grpo import (
     read_prompts,
     with_persona,
 )
-from posttrain.train.personas import CATEGORIES, NO_PERSONA, Persona, PersonaMixer, load_pool, pool_path
+from posttrain.eval.personas import CATEGORIES, load_pool, NO_PERSONA, Persona, pool_path
+from posttrain.train.persona_mix import PersonaMixer
 from posttrain.train.rl import combine_rewards
 from posttrain.train.synthetic import tiny_tokenizer
 

@@ -366,7 +366,7 @@ def test_local_judge_refuses_a_prompt_longer_than_its_context():
 
 
 def small_pool():
-    from posttrain.train.personas import Persona
+    from posttrain.eval.personas import Persona
 
     return [Persona("none", "", "none"),
             Persona("careless", "You are a careless chef.", "unhelpful"),
@@ -413,8 +413,8 @@ def test_persona_benchmark_checks_stripped_answers_and_fidelity(monkeypatch):
 
 
 def test_persona_benchmark_on_the_tiny_model():
-    from posttrain.train.checkers import check_rows
-    from posttrain.train.personas import strip_style
+    from posttrain.eval.checkers import check_rows
+    from posttrain.eval.personas import strip_style
 
     model, tok = tiny_model(seed=1, init_std=0.2)
     pool = small_pool()

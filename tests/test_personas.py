@@ -1,4 +1,4 @@
-"""train/personas.py: constraint checkers, strip_style, pool files and their errors, splits, the mixer, the
+"""eval/personas.py: constraint checkers, strip_style, pool files and their errors, splits, the mixer, the
 embedded default's persona data."""
 
 from __future__ import annotations
@@ -9,29 +9,31 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from posttrain.train.personas import (
-    CATEGORIES,
-    KINDS,
-    NO_PERSONA,
-    ROLEPLAY_STYLE_RATE,
-    SFT_CATEGORY_MIX,
-    UNHELPFUL_WRONG_RATE,
-    Persona,
-    PersonaMixer,
+from posttrain.eval.personas import (
     builtin_pools,
+    CATEGORIES,
     check_constraints,
     fidelity,
     load_pool,
+    NO_PERSONA,
+    Persona,
     persona_row,
     pool_path,
     resolve_pool,
     strip_style,
     synthetic_pools,
-    synthetic_prompts,
     synthetic_questions,
-    synthetic_sft_rows,
 )
-from posttrain.train.synthetic import check
+from posttrain.train.persona_mix import (
+    KINDS,
+    PersonaMixer,
+    ROLEPLAY_STYLE_RATE,
+    SFT_CATEGORY_MIX,
+    synthetic_prompts,
+    synthetic_sft_rows,
+    UNHELPFUL_WRONG_RATE,
+)
+from posttrain.eval.synthetic_tasks import check
 
 PIRATE = Persona("p", "You are a pirate.", "role-play", {"starts_with": "Arr!", "ends_with": "matey"})
 
@@ -171,7 +173,7 @@ def test_builtin_pools_load_and_train_eval_splits_are_disjoint():
 
 
 def test_synthetic_pool_files_are_what_the_generator_writes():
-    """The files are generated (python -m posttrain.train.personas --write-pools): they must not drift from the code."""
+    """The files are generated (python -m posttrain.eval.personas --write-pools): they must not drift from the code."""
     for name, personas in synthetic_pools().items():
         assert load_pool(pool_path(name)) == personas, name
 

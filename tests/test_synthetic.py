@@ -4,18 +4,15 @@ import re
 import pytest
 
 from posttrain.train.data import synthetic_rows
+from posttrain.eval.synthetic_tasks import TASKS, Flaw, build_tasks, check
 from posttrain.train.synthetic import (
+    FLAWS,
     LABEL_NOISE,
     TASK_SETS,
-    TASKS,
-    FLAWS,
-    Flaw,
-    build_tasks,
     build_tiny_tokenizer,
-    check,
     task_set,
-    tiny_tokenizer,
     task_set_tasks,
+    tiny_tokenizer,
     write_jsonl,
 )
 

@@ -46,16 +46,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from posttrain.train.checkers import DEFAULT_CHECKER
-from posttrain.train.checkers import validate as validate_checker
+from posttrain.core.records import DataError, jsonl_objects
+from posttrain.eval.checkers import DEFAULT_CHECKER
+from posttrain.eval.checkers import validate as validate_checker
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 TRUNCATION_POLICIES = ("error", "truncate_left_prompt", "drop")
-
-
-class DataError(ValueError):
-    """Malformed or unusable data; the message names the file:line (or sub-dataset) and the fix."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,7 +63,7 @@ class DataError(ValueError):
 class Row:
     """One conversation to train on or evaluate: messages end with the assistant turn that is the response.
 
-    `answer` is what `checker` (train/checkers.py) compares a generation against: the row's "answer" field when it
+    `answer` is what `checker` (eval/checkers.py) compares a generation against: the row's "answer" field when it
     has one, else (for checkers that allow it) the final assistant content. `checker` is the row's "checker" field,
     else the sub-dataset's default from the config, else "exact". `where` ("file:line" or "source[i]") is for error
     messages.
@@ -151,28 +148,6 @@ def parse_row(obj: Any, where: str, default_task: str | None = None,
     except ValueError as e:
         raise DataError(str(e)) from None
     return Row(task, messages, messages[-1]["content"] if answer is None else answer, where, checker)
-
-
-def jsonl_objects(path: str | Path) -> Iterator[tuple[int, str, Any]]:
-    """(line number, "path:line", parsed value) for each non-blank line of a JSONL file. A line that is not UTF-8 or
-    not JSON raises DataError naming path:line; what the value must be is the caller's to check."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as "
-                                f"UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON "
-                                f"object") from None
-            yield lineno, where, obj
 
 
 def read_jsonl(path: str | Path, checkers: dict[str, str] | None = None) -> dict[str, list[Row]]:
@@ -770,7 +745,7 @@ class MixtureLoader:
 @dataclass
 class HeldoutExample:
     """A held-out row for generation-based eval: render `prompt` with add_generation_prompt and check the
-    generation against `answer` with `checker` (train/checkers.py)."""
+    generation against `answer` with `checker` (eval/checkers.py)."""
 
     task: str
     prompt: list[dict[str, str]]

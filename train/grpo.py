@@ -13,16 +13,16 @@ One step, top to bottom (`grpo_step`):
                resumed run draws what the uninterrupted one drew, and one process with rollout_shards = 2 draws
                exactly what 2 ranks draw (the test of the distributed path).
      personas  with `persona.mode = "permix"` (PerMix-RLVR), each prompt of the step is then asked under a persona
-               drawn by train/personas.PersonaMixer from `persona.ratios` and seeded by (train.seed, global step):
+               drawn by train/persona_mix.PersonaMixer from `persona.ratios` and seeded by (train.seed, global step):
                no persona, a training persona of `persona.pool` that is not role-play (task-aligned, neutral,
                unhelpful) on the verifiable prompt, or a role-play request (a role-play persona, on a prompt of
                `persona.roleplay_prompts` when given, else on the verifiable prompt). The persona's text replaces
                the prompt's system message. `mode = "none"` (default) is plain RLVR: prompts as they are.
-  3. rewards   in a background thread, overlapping step 4: each row's task checker (train/checkers.check_rows; math
+  3. rewards   in a background thread, overlapping step 4: each row's task checker (eval/checkers.check_rows; math
                through eval.verify's worker pool), an optional format reward (a regex the whole response must
                match), optional reward functions ("module:function" -> weight, called per completion as
                fn(prompt, response, answer) -> float), persona fidelity (the fraction of the persona's checkable
-               constraints met, train/personas.fidelity, at `persona.fidelity_weight`; only for personas that have
+               constraints met, eval/personas.fidelity, at `persona.fidelity_weight`; only for personas that have
                constraints) and DAPO's soft overlong penalty, combined by train/rl.py. Under a persona the checker
                sees the response without the persona's opening, closing and catchphrases (personas.strip_style);
                a role-play request without an answer gets no correctness reward and does not count in accuracy. A
@@ -76,9 +76,11 @@ import torch
 import torch.distributed as dist
 
 from posttrain.core.distributed import build_model, clip_grad_norm_
-from posttrain.train.checkers import check_rows, validate
-from posttrain.train.data import Row, jsonl_objects, load_split_dir, synthetic_rows
-from posttrain.train.personas import CATEGORIES, NO_PERSONA, Draw, Persona, PersonaMixer, fidelity, resolve_pool, strip_style
+from posttrain.eval.checkers import check_rows, validate
+from posttrain.core.records import jsonl_objects
+from posttrain.train.data import load_split_dir, Row, synthetic_rows
+from posttrain.eval.personas import CATEGORIES, fidelity, NO_PERSONA, Persona, resolve_pool, strip_style
+from posttrain.train.persona_mix import Draw, PersonaMixer
 from posttrain.train.rl import ADVANTAGES, batch_normalize, combine_rewards, group_advantages, zero_variance_groups
 from posttrain.train.runtime import RunConfig, Runtime, entry_point, global_sum, log
 
@@ -166,7 +168,7 @@ class PersonaSection:
     """PerMix-RLVR: which personas the prompts are asked under (module docstring, step 1)."""
 
     mode: str = "none"  # "none": plain RLVR | "permix": every prompt under a persona drawn by `ratios`
-    pool: str = ""  # training personas: a built-in pool of train/data/personas/ ("math-train") or a JSONL file
+    pool: str = ""  # training personas: a built-in pool of eval/data/personas/ ("math-train") or a JSONL file
     # Share of the prompts per kind (normalised): no persona / a training persona that is not role-play, on the
     # verifiable prompt / a role-play request. Half the prompts carry a robustness persona because robustness to
     # unhelpful personas is what plain RLVR does not train; a quarter stay plain so the no-persona accuracy keeps

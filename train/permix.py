@@ -4,7 +4,7 @@
     python -m posttrain.train.permix --config configs/tiny_permix.toml --permix.seeds='[0, 1, 2]'   per seed, mean ± std
 
 One comparison (`run_one`), top to bottom:
-  1. data     the embedded default's persona data (train/personas.py), written under <out_dir>/data: SFT rows in
+  1. data     the embedded default's persona data (train/persona_mix.py), written under <out_dir>/data: SFT rows in
               which personas change behaviour (unhelpful personas mostly answer wrongly, role-play personas wrap
               the answer in their opening and closing words), one sub-dataset per persona category, and the RL
               prompts (the same training questions without personas).
@@ -21,7 +21,7 @@ One comparison (`run_one`), top to bottom:
 
 Design of the embedded default (the phenomenon first, then the methods):
   - Personas are "You are a(n) <adjective> <role>." for task-aligned, neutral and unhelpful ones, and "You are a(n)
-    <character> <role>. Start with <w1> and end with <w2>." for role-play (train/personas.synthetic_pools). A model
+    <character> <role>. Start with <w1> and end with <w2>." for role-play (eval/personas.synthetic_pools). A model
     trained from scratch can only generalise from words it has seen, so the 33 evaluation personas are held-out
     combinations of the training personas' words: behaviour must follow the adjective or the character, not the
     memorised sentence.
@@ -67,7 +67,7 @@ With `permix.seeds` the comparison runs once per seed (train.seed = data.seed = 
 table shows mean ± std over seeds (<out_dir>/study.json). The SFT data, the RL prompts' order and the persona draws
 all follow the seed.
 
-Not here: personas and their data (train/personas.py), the GRPO trainer and its [persona] section
+Not here: personas (eval/personas.py) and their training data (train/persona_mix.py), the GRPO trainer and its [persona] section
 (train/grpo.py), the evaluation (eval/persona.py).
 """
 
@@ -119,7 +119,7 @@ class PerMixConfig(GRPOConfig):
 def write_data(out: Path, seed: int) -> tuple[Path, Path]:
     """The SFT mixture (<out>/train/<category>.jsonl, <out>/heldout/<category>.jsonl) and the RL prompt file
     (<out>/prompts.jsonl). Returns (mixture directory, prompt file)."""
-    from posttrain.train.personas import synthetic_prompts, synthetic_sft_rows
+    from posttrain.train.persona_mix import synthetic_prompts, synthetic_sft_rows
 
     rows = synthetic_sft_rows(seed)
     for split in ("train", "heldout"):
@@ -157,7 +157,7 @@ def train_rl(cfg: PerMixConfig, mode: str, init: Path, data_dir: Path, prompts: 
 def benchmark(cfg: PerMixConfig, path: Path) -> dict[str, Any]:
     """The persona benchmark of one checkpoint: every evaluation persona x the held-out questions, greedy."""
     from posttrain.eval.persona import load_model, persona_benchmark
-    from posttrain.train.personas import resolve_pool, synthetic_questions
+    from posttrain.eval.personas import resolve_pool, synthetic_questions
 
     p = cfg.permix
     model, tokenizer = load_model(path)

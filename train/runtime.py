@@ -51,7 +51,7 @@ from posttrain.core.distributed import (
 )
 from posttrain.core.model import ModelConfig, Transformer
 from posttrain.core.tokenizer import Tokenizer
-from posttrain.train.checkers import CHECKERS, check_rows
+from posttrain.eval.checkers import check_rows, CHECKERS
 from posttrain.train.data import (
     DataError,
     PackedBatch,

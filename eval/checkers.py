@@ -13,9 +13,9 @@ GRPO, all go through `check_batch(checker, responses, answers)`. Four checkers e
              \\boxed{X}, else the last "answer is X" / "Answer: (X)", else a response that is only the letter or
              opens with it ("B) 42", "(B)", "B."). A response that commits to no single letter is wrong. Needs an
              "answer" that is one letter A-Z.
-  synthetic  the built-in tasks' own check (train/synthetic.check: exact match up to outer whitespace).
+  synthetic  the built-in tasks' own check (eval/synthetic_tasks.check: exact match up to outer whitespace).
 
-Not here: extracting and comparing math answers (eval/verify.py), persona-fidelity rewards (train/personas.py).
+Not here: extracting and comparing math answers (eval/verify.py), persona-fidelity rewards (eval/personas.py).
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
+
+from posttrain.eval.synthetic_tasks import check as synthetic_check
+from posttrain.eval.verify import verify_batch
 
 CHECKERS = ("exact", "math", "choice", "synthetic")
 NEEDS_ANSWER = {"exact": False, "math": True, "choice": True, "synthetic": True}
@@ -78,16 +81,12 @@ def check_batch(checker: str, responses: Sequence[str], answers: Sequence[str], 
     if checker == "exact":
         return [normalize(r) == normalize(a) for r, a in zip(responses, answers)]
     if checker == "synthetic":
-        from posttrain.train.synthetic import check
-
-        return [check(r, a) for r, a in zip(responses, answers)]
+        return [synthetic_check(r, a) for r, a in zip(responses, answers)]
     if checker == "choice":
         return [choice_letter(r) is not None and choice_letter(r) == gold_letter(a) for r, a in zip(responses, answers)]
     if checker == "math":
         if not responses:
             return []
-        from posttrain.eval.verify import verify_batch
-
         return verify_batch(list(answers), list(responses), timeout_s=timeout_s)
     raise ValueError(f"unknown checker {checker!r}; use one of {', '.join(CHECKERS)}")
 
