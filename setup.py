@@ -6,7 +6,7 @@ from setuptools import setup
 # under `python -m` and pytest) a folder with one would be a top-level package that shadows a library of the same
 # name; without one it is at most a namespace portion, which every regular package of that name outranks.
 FOLDERS = ["core", "kernels", "train", "eval", "bench"]
-PACKAGES = {f"posttrain.{folder}": folder for folder in FOLDERS}
+PACKAGES = {f"posttrain.{folder}": folder for folder in FOLDERS} | {"posttrain.train.msft": "train/msft"}
 
 setup(
     name="posttrain",

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from posttrain.train.msft import (MSFTSection, decide, dynamix_update, format_shape, mixture_shape, peak_index, peaked_at,
-                        sft_shape, temperature_weights)
+from posttrain.train.msft.baselines import dynamix_update, temperature_weights
+from posttrain.train.msft.method import MSFTSection, decide, peak_index, peaked_at
+from posttrain.train.msft.study import format_shape, mixture_shape, sft_shape
 
 P = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -242,7 +243,8 @@ def test_dynamix_lookahead_restores_weights_optimizer_and_counters_bit_exactly(t
 import copy, torch
 from dataclasses import asdict
 from posttrain.core.config import parse_args
-from posttrain.train.msft import Dynamix, MSFTConfig
+from posttrain.train.msft.baselines import Dynamix
+from posttrain.train.msft.method import MSFTConfig
 from posttrain.train.runtime import Runtime
 from posttrain.train.sft import make_loader, train_step
 import torch.distributed as dist
@@ -421,7 +423,8 @@ def test_a_methods_result_is_keyed_by_what_it_depends_on():
     from dataclasses import replace
 
     from posttrain.core.config import load_config
-    from posttrain.train.msft import MSFTConfig, study_key, with_base
+    from posttrain.train.msft.method import MSFTConfig
+    from posttrain.train.msft.study import study_key, with_base
 
     cfg = load_config(MSFTConfig, REPO / "configs/tiny_msft.toml")
     more = replace(cfg, msft=replace(cfg.msft, methods=["msft", "sft", "temperature", "dynamix"], seeds=[0, 1],
@@ -448,7 +451,8 @@ def test_a_result_is_keyed_by_the_data_it_read_not_only_the_config(tmp_path, mon
 
     from posttrain.core.config import load_config
     from posttrain.train import data, synthetic
-    from posttrain.train.msft import MSFTConfig, study_key
+    from posttrain.train.msft.method import MSFTConfig
+    from posttrain.train.msft.study import study_key
 
     cfg = load_config(MSFTConfig, REPO / "configs/tiny_msft.toml")
     assert study_key(cfg)["data.digest"] == study_key(cfg, "sft")["data.digest"]
@@ -475,7 +479,7 @@ def test_a_result_is_keyed_by_the_data_it_read_not_only_the_config(tmp_path, mon
                                   "qwen2.5-1.5b_msft.toml"])
 def test_repo_configs_parse(name):
     from posttrain.core.config import load_config
-    from posttrain.train.msft import MSFTConfig
+    from posttrain.train.msft.method import MSFTConfig
 
     cfg = load_config(MSFTConfig, REPO / "configs" / name)
     assert cfg.msft.methods[0] == "msft" and cfg.optim.schedule == "constant"
@@ -483,7 +487,8 @@ def test_repo_configs_parse(name):
 
 def test_bad_msft_settings_are_refused():
     from posttrain.core.config import ConfigError, load_config
-    from posttrain.train.msft import MSFTConfig, run_one
+    from posttrain.train.msft.method import MSFTConfig
+    from posttrain.train.msft.study import run_one
 
     with pytest.raises(ConfigError, match=r"msft.methods: unknown \['dynamics'\]"):
         load_config(MSFTConfig, None, ['--msft.methods=["msft", "dynamics"]'])
@@ -498,7 +503,7 @@ def test_bad_msft_settings_are_refused():
 
 
 def test_study_aggregates_mean_and_std_over_seeds():
-    from posttrain.train.msft import aggregate, format_study
+    from posttrain.train.msft.study import aggregate, format_study
 
     r = {s: {"msft": {"accuracy": {"a": acc}, "average": acc, "tokens": tokens},
              "dynamix": {"accuracy": {"a": acc}, "average": acc, "tokens": tokens, "lookahead": {"tokens": extra}}}
@@ -516,7 +521,8 @@ def test_a_study_reuses_the_seeds_already_run_with_the_same_config(tmp_path):
     from dataclasses import replace
 
     from posttrain.core.config import load_config
-    from posttrain.train.msft import MSFTConfig, finished_report, run, study_key
+    from posttrain.train.msft.method import MSFTConfig
+    from posttrain.train.msft.study import finished_report, run, study_key
 
     cfg = load_config(MSFTConfig, REPO / "configs/tiny_msft.toml", [f"--out_dir={tmp_path}", "--msft.seeds=[3, 4]"])
     for seed, acc in ((3, 0.5), (4, 0.7)):

@@ -551,7 +551,7 @@ class MixtureSampler:
 
     def set_weights(self, weights: dict[str, float]) -> None:
         """Draw with these relative weights from the next draw on (a bandit over the mixture, DynamixSFT in
-        train/msft.py). Like exclude, it changes only how later uniforms are mapped, so the stream stays
+        train/msft/). Like exclude, it changes only how later uniforms are mapped, so the stream stays
         deterministic and resumable; the active set and the epoch (sizes of the active sub-datasets) are unchanged.
         A sub-dataset left out gets 0, which only an inactive one may have (exclude the others instead)."""
         new = self._weight_list(weights)

@@ -1,6 +1,6 @@
 """The training runtime every stage shares: config sections, setup, bookkeeping, the loop, evaluation, checkpoints.
 
-A stage (train/sft.py, train/msft.py, train/grpo.py) is its data plus its step function; everything else is here:
+A stage (train/sft.py, train/msft/, train/grpo.py) is its data plus its step function; everything else is here:
 
     rt = Runtime(cfg)                   process group (joined, never destroyed here), tokenizer, sharded model,
                                         optimizer, checkpointer, metrics log
