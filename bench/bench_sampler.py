@@ -27,12 +27,17 @@ import copy
 import time
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
+import posttrain.core.sampler as S
 from posttrain.bench.common import environment, hf_transformers, start, sync, time_fn
-from posttrain.core.checkpoint import our_name
-from posttrain.core.distributed import close_distributed
+from posttrain.core.checkpoint import DTYPES, our_name
+from posttrain.core.distributed import ParallelConfig, close_distributed, parallelize
 from posttrain.core.model import ModelConfig, Transformer
 from posttrain.core.sampler import SamplingParams, generate, sampler_stats
+from posttrain.kernels._utils import use_triton
+from posttrain.kernels.sample import fused_sample_step, sample_step_reference
 
 BUDGET_S = 65.0  # bench/gpu.sh gives this benchmark 75 s; later rows are skipped (and said so) past the budget
 
@@ -87,9 +92,6 @@ def decode_step_kernels(cfg: ModelConfig, dtype: torch.dtype, device: str, fused
     """(kernels per layer, kernels outside the layers, the ops of a 2-layer step) of one decode step at top-p
     sampling, from the difference between 2- and 3-layer models of cfg's widths. fused: the fused kernels
     (Transformer.decode_fused and the sampling kernel's bookkeeping), as CUDA runs them; else the plain path."""
-    import posttrain.core.sampler as S
-    from posttrain.kernels.sample import fused_sample_step, sample_step_reference
-
     counts = {}
     for layers in (2, 3):
         small = ModelConfig(**{**cfg.to_dict(), "num_layers": layers})
@@ -137,20 +139,14 @@ def build(cfg: ModelConfig, dtype: torch.dtype, device: str):
 
 
 def fsdp_wrap(model: Transformer, device: str) -> Transformer:
-    """A copy of `model` under FSDP2 on a one-rank process group, as core.distributed.parallelize shards it."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
+    """A copy of `model` under FSDP2 on a one-rank process group, sharded by core.distributed.parallelize (in the
+    model's own dtype: no mixed precision)."""
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
     wrapped = copy.deepcopy(model)
-    mesh = init_device_mesh(device, (1,))
-    for block in wrapped.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(wrapped, mesh=mesh)
-    return wrapped
+    dtype = next(name for name, d in DTYPES.items() if d == next(model.parameters()).dtype)
+    return parallelize(wrapped, init_device_mesh(device, (1,)), ParallelConfig(param_dtype=dtype, reduce_dtype=dtype))
 
 
 def copy_bandwidth(device: str) -> float:
@@ -217,8 +213,6 @@ def main(argv: list[str] | None = None) -> None:
                        new_tokens=new_tokens)
 
     # Kernels per decode step, both paths (the fused one only where Triton runs: CUDA, or the interpreter).
-    from posttrain.kernels._utils import use_triton
-
     kernels = {"plain": decode_step_kernels(cfg, dtype, device, fused=False)[:2]}
     if use_triton(torch.empty(0, device=device)):
         kernels["fused"] = decode_step_kernels(cfg, dtype, device, fused=True)[:2]

@@ -38,6 +38,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from posttrain.kernels.logprob import linear_logprob
+from posttrain.kernels.norm import rms_norm
+from posttrain.kernels.rope import rope_kv_write
+from posttrain.kernels.swiglu import swiglu
+
 try:  # optional: flash-attn's varlen kernel for packed sequences on CUDA
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
@@ -402,7 +407,6 @@ class LMHead(nn.Linear):
             return head_loss(hidden, self.weight)
         if targets is None:
             return super().forward(hidden)
-        from posttrain.kernels.logprob import linear_logprob  # lazy: Triton is only needed by training
 
         shape = targets.shape
         logp = linear_logprob(hidden.reshape(-1, hidden.shape[-1]), self.weight, targets.reshape(-1),
@@ -558,10 +562,6 @@ class Transformer(nn.Module):
         The same arithmetic as the plain forward in the same order, so the same numbers up to the fp32 rounding of
         the norm's mean. Where Triton cannot run, each kernel's plain-torch reference runs instead.
         """
-        from posttrain.kernels.norm import rms_norm
-        from posttrain.kernels.rope import rope_kv_write
-        from posttrain.kernels.swiglu import swiglu
-
         cfg = self.config
         B, W = tokens.shape[0], cache.max_len
         HQ, KV, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim

@@ -74,6 +74,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from posttrain.core.checkpoint import load_hf
+from posttrain.core.records import jsonl_objects
+from posttrain.core.sampler import generate
+from posttrain.core.tokenizer import Tokenizer
+from posttrain.eval.checkers import check_rows, validate
+from posttrain.eval.math500 import gsm8k_gold, load_gsm8k, load_math500
+from posttrain.eval.personas import fidelity, resolve_pool, strip_style, synthetic_questions
+
 DATA = Path(__file__).resolve().parent / "data"
 PERSONAGYM = DATA / "personagym"
 
@@ -148,17 +156,11 @@ def questions_for(benchmark: str, limit: int = 0, seed: int = 0) -> list[Questio
     the embedded default's held-out rows (eval.personas.synthetic_questions(seed)). limit > 0 keeps a random
     subset of that many, drawn with `seed`, in the data's order."""
     if benchmark == "math500":
-        from posttrain.eval.math500 import load_math500
-
         qs = [Question(r["problem"] + MATH_INSTRUCTION, r["answer"], "math", r["unique_id"]) for r in load_math500()]
     elif benchmark == "gsm8k":
-        from posttrain.eval.math500 import gsm8k_gold, load_gsm8k
-
         qs = [Question(r["question"] + MATH_INSTRUCTION, gsm8k_gold(r["answer"]), "math", f"gsm8k-{i}")
               for i, r in enumerate(load_gsm8k())]
     elif benchmark == "synthetic":
-        from posttrain.eval.personas import synthetic_questions
-
         qs = [Question(r["prompt"], r["answer"], r["checker"], r["id"]) for r in synthetic_questions(seed)]
     else:
         raise ValueError(f"benchmark {benchmark!r}: use one of {', '.join(BENCHMARKS)}")
@@ -187,9 +189,6 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | None = Non
     """A Hugging Face checkpoint directory -> (core.model.Transformer in eval mode, core.tokenizer.Tokenizer)."""
     import torch
 
-    from posttrain.core.checkpoint import load_hf
-    from posttrain.core.tokenizer import Tokenizer
-
     dtypes = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype {dtype!r}: use one of float32, bfloat16, float16 (or none: the checkpoint's)")
@@ -201,8 +200,6 @@ def _generate_texts(model: Any, tokenizer: Any, prompts: list[list[int]], *, n: 
                     max_new_tokens: int, max_batch_tokens: int | None = None,
                     top_p: float = 1.0) -> list[tuple[str, str]]:
     """(text, finish_reason) of each of n samples per prompt, ordered (prompt, sample): one generate call."""
-    from posttrain.core.sampler import generate
-
     outs = generate(model, prompts, max_new_tokens=max_new_tokens, n=n, temperature=temperature, top_p=top_p,
                     seed=seed, tokenizer=tokenizer, stop_token_ids=tokenizer.stop_ids,
                     max_batch_tokens=max_batch_tokens)
@@ -223,9 +220,6 @@ def persona_benchmark(model: Any, tokenizer: Any, personas: Sequence[Any], quest
     personas alone)}}, "fidelity" (mean over the
     constrained personas; None if there are none), and the settings}.
     """
-    from posttrain.eval.checkers import check_rows, validate
-    from posttrain.eval.personas import fidelity, strip_style
-
     if samples < 1:
         raise ValueError(f"persona_benchmark: samples must be >= 1, got {samples}")
     if temperature == 0 and samples > 1:
@@ -632,8 +626,6 @@ def load_personagym(personas: int | Sequence[str] = 200, questions_per_task: int
                     path: str | Path = PERSONAGYM / "questions.jsonl") -> list[dict[str, str]]:
     """PersonaGym benchmark-v1 rows {persona, task, question}: the first `personas` personas in file order (or the
     named ones) and the first `questions_per_task` questions of each of their five tasks."""
-    from posttrain.core.records import jsonl_objects
-
     rows = []
     for _, where, row in jsonl_objects(path):
         if not isinstance(row, dict) or {"persona", "task", "question"} - set(row):
@@ -777,8 +769,6 @@ def evaluate_model(path: str, args: argparse.Namespace, personas: list[Any], que
     if not args.responses:
         bench.pop("responses")
     if judge is not None:
-        from posttrain.eval.personas import resolve_pool
-
         described = [p.description for p in resolve_pool(args.personagym_pool) if p.description]
         if not described:
             raise SystemExit(f"eval.persona: --personagym-pool {args.personagym_pool}: no persona has a "
@@ -860,8 +850,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 judge.check()  # before any model is loaded
             except JudgeError as e:
                 raise SystemExit(f"eval.persona: {e}") from None
-
-    from posttrain.eval.personas import resolve_pool
 
     personas = resolve_pool(args.pool)
     questions = questions_for(args.benchmark, args.limit, args.seed)

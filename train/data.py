@@ -47,8 +47,8 @@ import numpy as np
 import torch
 
 from posttrain.core.records import DataError, jsonl_objects
-from posttrain.eval.checkers import DEFAULT_CHECKER
-from posttrain.eval.checkers import validate as validate_checker
+from posttrain.eval.checkers import DEFAULT_CHECKER, validate as validate_checker
+from posttrain.train.synthetic import task_set_tasks
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
@@ -240,8 +240,6 @@ def synthetic_rows(seed: int = 0, train_sizes: dict[str, int] | None = None,
                    task_set: str = "default") -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
     """A built-in task set (train/synthetic.py) as (train, heldout) rows, without going through files.
     `train_sizes` / `heldout_sizes` override the set's sizes per task."""
-    from posttrain.train.synthetic import task_set_tasks
-
     train, heldout = {}, {}
     for name, task in task_set_tasks(task_set, seed, train_sizes, heldout_sizes).items():
         _merge(train, rows_from_records(task.train, f"synthetic:{name}/train"))
@@ -828,7 +826,6 @@ class SFTData:
                              for n in self.tasks}
         return self
 
-
     def report(self) -> str:
         """One line per sub-dataset: sizes, tokens and what the truncation policy did."""
         lines = []
@@ -928,8 +925,6 @@ def _data_digest(path: str, synthetic: str, seed: int, files: tuple) -> str:
     if path:
         _hash_mixture_files(Path(path), h)
     else:
-        from posttrain.train.synthetic import task_set_tasks
-
         for name, task in task_set_tasks(synthetic, seed).items():
             h.update(json.dumps([name, task.train, task.heldout], sort_keys=True).encode())
     return h.hexdigest()

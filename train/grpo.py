@@ -75,14 +75,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from posttrain.core.distributed import build_model, clip_grad_norm_
-from posttrain.eval.checkers import check_rows, validate
+from posttrain.core.distributed import build_model, clip_grad_norm_, forget_forwards
 from posttrain.core.records import jsonl_objects
-from posttrain.train.data import load_split_dir, Row, synthetic_rows
-from posttrain.eval.personas import CATEGORIES, fidelity, NO_PERSONA, Persona, resolve_pool, strip_style
+from posttrain.core.sampler import generate
+from posttrain.eval.checkers import check_rows, validate
+from posttrain.eval.personas import CATEGORIES, NO_PERSONA, Persona, fidelity, resolve_pool, strip_style
+from posttrain.kernels.grpo import linear_grpo_loss
+from posttrain.kernels.logprob import linear_logprob
+from posttrain.train.data import Row, load_split_dir, synthetic_rows
 from posttrain.train.persona_mix import Draw, PersonaMixer
 from posttrain.train.rl import ADVANTAGES, batch_normalize, combine_rewards, group_advantages, zero_variance_groups
 from posttrain.train.runtime import RunConfig, Runtime, entry_point, global_sum, log
+from posttrain.train.sft import train_once
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -360,8 +364,6 @@ def local_shards(g: GRPOSection, d: Any) -> tuple[list[int], int]:
 
 def rollout(rt: Runtime, prompts: list[Prompt], step: int) -> list[Sample]:
     """G completions of each prompt of this rank's shards, in (prompt, sample) order."""
-    from posttrain.core.sampler import generate
-
     g = rt.cfg.grpo
     shards, n = local_shards(g, rt.d)
     per = len(prompts) // n
@@ -571,8 +573,6 @@ def sequence_logprobs(model: torch.nn.Module, samples: Sequence[Sample], g: GRPO
                       device: torch.device, *, entropy: bool = False) -> tuple[list[torch.Tensor], float, float]:
     """Per-sample log-probs of the completion tokens through the no-grad fused path (in `samples` order), and the
     summed entropy and token count when `entropy`. Collective under FSDP2 (every rank has as many micro-batches)."""
-    from posttrain.kernels.logprob import linear_logprob
-
     out: dict[int, torch.Tensor] = {}
     ent_sum = count = 0.0
     for mb in micro_batches(samples, g.micro_batch_seqs):
@@ -585,7 +585,6 @@ def sequence_logprobs(model: torch.nn.Module, samples: Sequence[Sample], g: GRPO
             count += float(batch.mask.sum())
         for b, s in enumerate(mb):
             out[id(s)] = logp[b, : len(s.tokens)].float().cpu()
-    from posttrain.core.distributed import forget_forwards
 
     forget_forwards(model)  # no backward follows these forwards
     return [out[id(s)] for s in samples], ent_sum, count
@@ -598,8 +597,6 @@ def accumulate_gradients(model: torch.nn.Module, samples: Sequence[Sample], g: G
     `num_tokens` active tokens (both over all ranks), micro-batch by micro-batch (gradients accumulate in .grad).
     Returns this rank's share of the loss, token sums of (clip_low, clip_high, ratio, kl, active tokens), and the
     input tokens it ran."""
-    from posttrain.kernels.grpo import linear_grpo_loss
-
     mbs = micro_batches(samples, g.micro_batch_seqs)
     loss_sum = 0.0
     stats = [0.0] * 5
@@ -872,7 +869,6 @@ def bootstrap_sft(cfg: GRPOConfig) -> None:
                                 f"grpo.sft_config to run that SFT config into it)")
     if Path(path).name != "hf":
         raise ValueError(f"init.hf_checkpoint: {path} must be <dir>/hf for grpo.sft_config to write it")
-    from posttrain.train.sft import train_once
 
     train_once(cfg.grpo.sft_config, cfg.grpo.sft_overrides, Path(path).parent, who="grpo")
 

@@ -82,9 +82,12 @@ from typing import Any
 
 import numpy as np
 
-from posttrain.train.grpo import GRPOConfig
-from posttrain.train.grpo import run as run_grpo
+from posttrain.eval.persona import format_table, load_model, persona_benchmark, plot
+from posttrain.eval.personas import resolve_pool, synthetic_questions
+from posttrain.train.grpo import GRPOConfig, run as run_grpo
+from posttrain.train.persona_mix import synthetic_prompts, synthetic_sft_rows
 from posttrain.train.runtime import entry_point, seed_config
+from posttrain.train.sft import train_once
 
 METHODS = ("sft", "rlvr", "permix")
 LABELS = {"sft": "SFT", "rlvr": "RLVR", "permix": "PerMix"}
@@ -119,8 +122,6 @@ class PerMixConfig(GRPOConfig):
 def write_data(out: Path, seed: int) -> tuple[Path, Path]:
     """The SFT mixture (<out>/train/<category>.jsonl, <out>/heldout/<category>.jsonl) and the RL prompt file
     (<out>/prompts.jsonl). Returns (mixture directory, prompt file)."""
-    from posttrain.train.persona_mix import synthetic_prompts, synthetic_sft_rows
-
     rows = synthetic_sft_rows(seed)
     for split in ("train", "heldout"):
         by_cat: dict[str, list[str]] = {}
@@ -138,8 +139,6 @@ def write_data(out: Path, seed: int) -> tuple[Path, Path]:
 
 
 def train_sft(cfg: PerMixConfig, data_dir: Path, out: Path) -> Path:
-    from posttrain.train.sft import train_once
-
     p, seed = cfg.permix, cfg.train.seed
     return train_once(p.sft_config, [*p.sft_overrides, f"--data.path={data_dir}", f"--train.seed={seed}",
                                      f"--data.seed={seed}"], out, who="permix")
@@ -156,9 +155,6 @@ def train_rl(cfg: PerMixConfig, mode: str, init: Path, data_dir: Path, prompts: 
 
 def benchmark(cfg: PerMixConfig, path: Path) -> dict[str, Any]:
     """The persona benchmark of one checkpoint: every evaluation persona x the held-out questions, greedy."""
-    from posttrain.eval.persona import load_model, persona_benchmark
-    from posttrain.eval.personas import resolve_pool, synthetic_questions
-
     p = cfg.permix
     model, tokenizer = load_model(path)
     t0 = time.perf_counter()
@@ -198,7 +194,6 @@ def run_one(cfg: PerMixConfig) -> dict[str, Any]:
               "reports": {LABELS[m]: {"model": str(paths[m]), "benchmark_name": "synthetic", "benchmark": benches[m]}
                           for m in METHODS}}
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    from posttrain.eval.persona import format_table
 
     print(format_table(report["reports"]), flush=True)
     print(format_summary({m: {k: (v, 0.0) for k, v in report["summary"][m].items()} for m in METHODS}, [])
@@ -207,8 +202,6 @@ def run_one(cfg: PerMixConfig) -> dict[str, Any]:
           flush=True)
     if cfg.permix.plot:
         try:
-            from posttrain.eval.persona import plot
-
             plot(report["reports"], out / "permix.png")
             print(f"wrote {out / 'report.json'} and {out / 'permix.png'}", flush=True)
         except ImportError as e:

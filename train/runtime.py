@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from posttrain.core.config import flatten
+from posttrain.core.config import flatten, parse_args
 from posttrain.core.distributed import (
     Checkpointer,
     Dist,
@@ -47,19 +47,16 @@ from posttrain.core.distributed import (
     build_optimizer,
     close_distributed,
     export_hf,
+    forget_forwards,
+    full_weights,
     init_distributed,
 )
 from posttrain.core.model import ModelConfig, Transformer
+from posttrain.core.sampler import free_cache, generate
 from posttrain.core.tokenizer import Tokenizer
-from posttrain.eval.checkers import check_rows, CHECKERS
-from posttrain.train.data import (
-    DataError,
-    PackedBatch,
-    SFTData,
-    check_checker_names,
-    mixture_cache_key,
-    synthetic_rows,
-)
+from posttrain.eval.checkers import CHECKERS, check_rows
+from posttrain.train.data import DataError, PackedBatch, SFTData, check_checker_names, mixture_cache_key, synthetic_rows
+from posttrain.train.synthetic import tiny_tokenizer
 
 # Dense bf16 peak FLOP/s for MFU, by device name substring (spec sheets, no sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
@@ -293,7 +290,6 @@ def load_tokenizer(cfg: RunConfig) -> Tokenizer:
     path = cfg.init.tokenizer or cfg.init.hf_checkpoint
     if path:
         return Tokenizer.from_dir(path)
-    from posttrain.train.synthetic import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -468,9 +464,6 @@ class Runtime:
     def accuracy(self, task: str) -> float:
         """Greedy-generation accuracy on `task`'s held-out rows, each checked by its row's checker (each rank
         generates its share)."""
-        from posttrain.core.distributed import full_weights
-        from posttrain.core.sampler import generate
-
         examples = self.data.heldout_examples(task, rank=self.d.rank, world_size=self.d.world_size)
         limit = self.cfg.eval.max_examples
         if limit:
@@ -498,10 +491,7 @@ class Runtime:
             if self.cfg.eval.generate:
                 out[task]["accuracy"] = self.accuracy(task)
         if self.cfg.eval.generate:
-            from posttrain.core.sampler import free_cache
-
             free_cache(self.model)  # evals are occasional: give the KV cache's memory back to training
-        from posttrain.core.distributed import forget_forwards
 
         forget_forwards(self.model)  # no backward follows the held-out loss's forwards
         self.model.train()
@@ -619,8 +609,6 @@ def seed_config(cfg: Any, seed: int, section: str) -> Any:
 
 def entry_point(run: Callable[[Any], Any], config_cls: type, argv: Sequence[str] | None = None) -> Any:
     """`python -m train.<stage>`: parse the config, run the stage, tear down the process group this process made."""
-    from posttrain.core.config import parse_args
-
     cfg = parse_args(config_cls, argv)
     try:
         return run(cfg)

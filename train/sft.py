@@ -24,9 +24,11 @@ from typing import Any
 
 import torch
 
+from posttrain.core.config import load_config
 from posttrain.core.distributed import clip_grad_norm_
 from posttrain.train.data import MixtureLoader, PackedBatch
 from posttrain.train.runtime import RunConfig, Runtime, entry_point, global_sum, log, token_logprobs
+from posttrain.train.synthetic import task_set
 
 
 @dataclass
@@ -39,8 +41,6 @@ def make_loader(rt: Runtime) -> MixtureLoader:
     c = rt.cfg.data
     weights = c.weights or None
     if weights is None and not c.path:
-        from posttrain.train.synthetic import task_set
-
         weights = task_set(c.synthetic).weights
     return rt.data.loader(max_tokens=c.max_tokens, seed=c.seed, weights=weights, rank=rt.d.rank,
                           world_size=rt.d.world_size, prefetch=c.prefetch)
@@ -105,7 +105,6 @@ def train_once(config: str | Path, overrides: Sequence[str], out_dir: str | Path
         if main_rank:
             print(f"{who}: reusing the SFT checkpoint {hf} (delete it to retrain)", flush=True)
         return hf
-    from posttrain.core.config import load_config
 
     if main_rank:
         print(f"{who}: training {config} into {out_dir}", flush=True)
