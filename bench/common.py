@@ -61,15 +61,9 @@ def matmul_tflops() -> float | None:
 
 
 def hf_transformers():
-    """The transformers module for an HF anchor, or an error that says why it cannot work in this process: with
-    Hugging Face's `kernels` distribution installed (transformers >= 5.25 requires it), transformers imports names
-    from `kernels`, which here is this project's package (setup.py explains), and every model import fails."""
+    """The transformers module, for an HF anchor (imported only by the benchmarks that compare with it)."""
     import transformers
-    from transformers.utils import is_kernels_available
 
-    if is_kernels_available():
-        raise ImportError("transformers enables Hugging Face's hub kernels (`pip show kernels`), but `import kernels` "
-                          "is this project's package; use transformers < 5.25 and `pip uninstall kernels`")
     return transformers
 
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from posttrain.kernels import aot
+from posttrain.bench import aot
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.skipif(aot.unavailable() is not None, reason=f"bench.aot: {aot.unavailable()}")
@@ -91,6 +91,6 @@ def test_widest_access_parser():
 
 def test_refuses_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    code = "from kernels import aot\nwith aot.compile_only(90): pass"
+    code = "from posttrain.bench import aot\nwith aot.compile_only(90): pass"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "TRITON_INTERPRET=1 is set" in proc.stderr

@@ -317,7 +317,7 @@ def test_linear_out_of_range_target_raises(monkeypatch, bad):
     for triton_path in (True, False):
         with monkeypatch.context() as mp:
             if not triton_path:
-                mp.setattr(kernels.logprob, "use_triton", lambda t: False)
+                mp.setattr(logprob_module, "use_triton", lambda t: False)
             with pytest.raises(ValueError, match=rf"linear_grpo_loss: target id {bad} at targets\[2, 5\] .* V=37"):
                 linear_grpo_loss(hidden, weight, targets, old, adv, mask)
 

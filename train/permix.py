@@ -38,30 +38,8 @@ Design of the embedded default (the phenomenon first, then the methods):
     no-persona accuracy keeps its share of the signal; a quarter are role-play, so fidelity is rewarded about as
     often as unhelpful personas are met. fidelity_weight 1: a styled correct answer earns 2, an unstyled one 1.
 
-Measured (2026-11-29; torch 2.13.0+cpu, Python 3.11.7, OMP_NUM_THREADS=1, a 2-core CPU shared with other jobs):
-`python -m posttrain.train.permix --config configs/tiny_permix.toml` took 13 min 19 s wall at load average 4-7 (SFT 7 min
-8 s, RLVR 1 min 22 s, PerMix 3 min 45 s, evaluation of 3 x 3,168 answers 58 s) and 8 min 3 s / 8 min 22 s for
-seeds 1 and 2 at load average 3-4.5. `--permix.seeds='[0, 1, 2]'`, mean ± std (population) over the seeds:
-
-                                           SFT            RLVR          PerMix
-  PSS                              0.003 ± 0.005   0.014 ± 0.020   0.215 ± 0.077   (per seed PerMix .323 .177 .146)
-  mean accuracy                    0.657 ± 0.012   0.662 ± 0.013   0.819 ± 0.017
-  worst persona accuracy           0.056 ± 0.042   0.059 ± 0.055   0.368 ± 0.086
-  spread (best-worst)              0.906 ± 0.066   0.899 ± 0.069   0.587 ± 0.087
-  fidelity (constraints met)       0.599 ± 0.006   0.554 ± 0.030   0.902 ± 0.047
-  accuracy, unhelpful personas     0.087 ± 0.056   0.097 ± 0.070   0.935 ± 0.022
-  accuracy, role-play personas     0.599 ± 0.039   0.612 ± 0.052   0.447 ± 0.081
-  accuracy, no persona             0.951 ± 0.026   0.955 ± 0.013   0.944 ± 0.020
-
-The paper's direction holds on every seed: PSS(PerMix) > PSS(RLVR) and fidelity(PerMix) > fidelity(RLVR). PerMix
-lifts every unhelpful persona from ~0.1 to ~0.94 and every role-play persona's constraint adherence (cowboy, styled
-in 30% of its SFT rows, 0.18-0.32 -> 0.39-0.94; the others -> 0.88-1.0), without costing the plain accuracy. RLVR, which
-never sees a persona, leaves both where SFT had them, fidelity a little lower (0.599 -> 0.554: its plain answers
-win more often under the weakly styled knight and cowboy). PSS stays far below the plain accuracy because of the
-role-play personas: an answer between "arr" and "matey" is right less often than a plain one (styled rows are
-about 9% of the SFT data), and as PerMix's fidelity reward puts more answers in style, role-play accuracy falls
-(0.60 -> 0.45). That is the cost the fidelity reward has here; the correctness reward on role-play requests did
-not recover it within 40 steps.
+Measured over 3 seeds (docs/permix.md has the table and the command): PSS 0.003 / 0.014 / 0.215 and fidelity
+0.599 / 0.554 / 0.902 for SFT / RLVR / PerMix; the fidelity reward costs accuracy under role-play personas.
 
 With `permix.seeds` the comparison runs once per seed (train.seed = data.seed = s, <out_dir>/seed<s>) and the
 table shows mean ± std over seeds (<out_dir>/study.json). The SFT data, the RL prompts' order and the persona draws
