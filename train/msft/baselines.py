@@ -115,6 +115,7 @@ def sro_rollout_peaks(cfg: MSFTConfig) -> tuple[dict[str, float], float]:
     close_run(rt, loader, ring)
     return peaks, tokens
 
+
 # ---------------------------------------------------------------------------------------------------- DynamixSFT
 
 

@@ -63,7 +63,7 @@ class MSFTSection:
     min_fall: float = 0.0
     methods: list[str] = field(default_factory=lambda: ["msft", "sft"])
     temperature: float = 2.0  # the temperature baseline's τ
-    # DynamixSFT (run_dynamix; the paper's own values were not reachable here, see the docstring)
+    # DynamixSFT (train/msft/baselines.py; the paper's own values were not reachable, docs/msft.md)
     dynamix_every: int = 20  # K: optimizer steps between two updates of the mixture weights
     dynamix_eta: float = 3.0  # inverse temperature of the prior-scaled Boltzmann distribution (0: the prior)
     dynamix_discount: float = 0.9  # accumulated reward R <- discount * R + r (1: the plain sum, unbounded)
@@ -100,6 +100,7 @@ class MSFTSection:
 class MSFTConfig(RunConfig):
     msft: MSFTSection = field(default_factory=MSFTSection)
     out_dir: str = "runs/msft"
+
 
 # -------------------------------------------------------------------------------------------------- the decision
 
@@ -155,6 +156,7 @@ def decide(points: Sequence[float], scores: dict[str, Sequence[float]], active: 
         return None, points[-1]
     j = min(candidates, key=lambda task: (peaks[task], task))
     return j, points[peaks[j]]
+
 
 # --------------------------------------------------------------------------------------------------- evaluations
 
@@ -225,6 +227,7 @@ class Tracker:
     def new_stage(self) -> None:
         self.task_best = {}
         self._gc()
+
 
 # ---------------------------------------------------------------------------------------------------- the stages
 
