@@ -82,15 +82,20 @@ def _default_call(fn: ast.FunctionDef) -> tuple[list[str], int | None] | None:
     return None
 
 
-# Classes of the issue (31) and of the hedging rule (34), decided by rules on the two strings, first match wins.
+# Classes of the issue (31), decided by rules on the two strings (first match wins): a label to group disagreements
+# by, not a judgement.
+_RELATION = re.compile(r"<=|>=|!=|=<|=>|\\[lg]t\b|\\neq?\b|\\[lg]e(?:q|qslant)?\b|[<>≤≥≠]")
 _CLASSES = [
-    ("ascii relation", lambda g, p: bool(re.search(r"<=|>=|!=|\\[lg]t\b|\\neq?\b|\\[lg]e(q|qslant)?\b|[<>]", g + p))),
+    ("answer in prose, no marker", lambda g, p: len(p) > 150 or bool(re.search(r"<\|\w+\|>", p))),
     ("matrix", lambda g, p: "matrix" in g + p or "\\begin{array}" in g + p),
+    ("inequality vs interval", lambda g, p: bool(_RELATION.search(g)) != bool(_RELATION.search(p))
+     and bool(re.search(r"[(\[][^,]*,[^,]*[)\]]", g + p))),
+    ("relation, ASCII or LaTeX", lambda g, p: bool(_RELATION.search(g + p))),
     ("approximation", lambda g, p: bool(re.search(r"\\approx|≈", g + p))),
-    ("decimal vs fraction", lambda g, p: bool(re.search(r"\d\.\d{2,}", g + p)) and ("frac" in g + p or "/" in g + p)),
-    ("several answers", lambda g, p: len(re.findall(r"\\boxed", g + p)) > 2 or bool(re.search(
-        r"\b(or|and)\b|\\text\{\s*(and|or)", g + p))),
-    ("answer in prose", lambda g, p: len(p) > 80 or len(g) > 80),
+    ("decimal vs fraction", lambda g, p: bool(re.search(r"\d\.\d{2,}", g + p)) and bool(re.search(r"frac|/", g + p))),
+    ("several answers", lambda g, p: len(re.findall(r"\\boxed", g + p)) > 1 or bool(re.search(
+        r"\b(or|and)\b|\\text\{\s*(and|or)|,", g + p))),
+    ("display split over lines", lambda g, p: "\n" in p),
 ]
 
 

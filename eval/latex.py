@@ -461,8 +461,18 @@ def _closes_at_end(tokens: list[str]) -> bool:
     return False
 
 
+_CHOICE = re.compile(r"\s*(?:\\text(?:bf)?\{\s*)?\(([A-E])\)\s*\}?\s+(?![-+*/=<>^,;])\S", re.S)
+
+
 def parse_answer(ans: str):
     """A whole answer (already extracted) -> tree. Raises Refused when it cannot be parsed."""
+    if _CHOICE.match(ans):  # "\\text{(B)} 3(1 + r/10)^x = 7": a multiple-choice label and its option's text is the label
+        parts = [p for p in ans.split(";") if p.strip()]
+        if len(parts) == 1:
+            return ("sym", _CHOICE.match(ans).group(1))
+        if len(parts) > MAX_ELEMENTS:
+            raise Refused(f"more than {MAX_ELEMENTS} alternatives")
+        return ("set", _flatten([parse_answer(p) for p in parts]))
     s = normalize(ans)
     if not s:
         raise Refused("empty answer")

@@ -53,7 +53,7 @@ MAX_TEXT_CHARS = 1_000_000  # a completion longer than this is cut to its last M
 MAX_JOINED_BOXES = 32  # boxes listed together as one answer (an answer has at most latex.MAX_ELEMENTS elements)
 
 # ---------------------------------------------------------------------------------------------------------------
-# Extraction
+# Extraction: the final-answer region of a completion, and every candidate answer it names.
 
 
 def _braced(text: str, start: int) -> str | None:
@@ -92,13 +92,229 @@ _REMARK = re.compile(r"(?:correct|incorrect|wrong|right|not\b|indeed|consistent|
                      r"the same|that\b|this\b|also\b|clear|unique|as follows|below|above|to\b|of\b|in\b|for\b)", re.I)
 _DELIMS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
 _LIST_ITEM = re.compile(r"\s*(?:[-*•]|\d+[.)])\s+(.*)")
-# Between two \boxed that list one answer together ("\boxed{-2} and \boxed{1}"): only joining words and math
-# delimiters, and a name being assigned ("x = \boxed{2} or x = \boxed{3}").
-_JOINER = re.compile(r"(?:\s|\$|\\[()\[\],]|,|;|\band\b|\bor\b|\\text\{\s*(?:and|or)\s*\}|\\q?quad|"
-                     r"[a-zA-Z](?:_\{?\w+\}?)?\s*=)*")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 # Where the answer sentence ends and a remark begins: "16 (I checked it with $x = 1$)", "17 because …".
 _SENTENCE_END = re.compile(r"\.(?:\s|$)|\n|\s+(?:because|since|which|where|as|so|when|if)\s|\s+\((?=[A-Za-z]+\s)", re.I)
+_WORDS = re.compile(r"(?<![a-zA-Z\\])(?!and\b)[a-zA-Z]{3,}\b")  # words of prose; "1 and 2" is a list
+_COMMANDS = re.compile(r"\\(?:begin|end)\{[^{}]*\}|\\[a-zA-Z]+")
+
+# Candidates (issue 34). A candidate is a math span, a box, a number or a bare \frac / \sqrt / \pi. Two of them are
+# one answer region when only a link joins them: alternatives ("or", "alternatively", "maybe", "(or …)", "/",
+# "although", "it could also be") or a list ("," ";" "and"). Words that are neither (because, since, I, we, not,
+# which, …) end the chain: "16 (I checked it with $x = 1$)" names one candidate, "17, not 16" one.
+_BARE_VALUE = re.compile(r"(?:\\?\$\s?)?-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?(?!\d)(?:\s*\\?%)?"
+                         r"|-?\\d?frac\s*\{[^{}]*\}\s*\{[^{}]*\}|-?\\sqrt\s*(?:\[[^\]]*\])?\s*\{[^{}]*\}|-?\\pi\b")
+_LINK = re.compile(
+    r"[ \t)\]]*(?:[,;/(]|—|\band/or\b|\band\b|\bor\b|\balternatively\b|\bmaybe\b|\bperhaps\b|\bpossibly\b|"
+    r"\botherwise\b|\beither\b|\b(?:although|though|but)\b|\b(?:it|this|that)\s+(?:could|might|may)\s+(?:also\s+)?be\b|"
+    r"\b(?:could|might|may)\s+(?:also\s+)?be\b|\b(?:the\s+)?(?:final\s+)?answer\s+(?:is|could\s+be|might\s+be)\b|"
+    r"\bit(?:'s|\s+is)\b|\balso\b|\beven\b|\bjust\b|\\text\{\s*(?:or|and)\s*\}|\\q?quad|[ \t])+",
+    re.I,
+)
+_ALTERNATIVE = re.compile(r"\bor\b|alternativ|maybe|perhaps|possibl|otherwise|either|though|\bbut\b|could|might|"
+                          r"\bmay\b|[/(]|—", re.I)
+# A sentence after the answer that offers another candidate: "Alternatively, 6.", "Or maybe $6$.", "It could also
+# be 6.", "Another possible answer is 6.", "The answer is 6." (a second statement). Remarks do not start so.
+_HEDGE_START = re.compile(
+    r"\(?\s*(?:or\b|alternatively\b|maybe\b|perhaps\b|possibly\b|otherwise\b|either\b|"
+    r"(?:but|though|however)\b[ \t,]*(?:it|the\s+answer)\s+(?:could|might|may)\b|"
+    r"(?:it|this|that|the\s+(?:final\s+)?answer)\s+(?:could|might|may)\s+(?:also\s+)?be\b|"
+    r"another\s+(?:possible\s+|valid\s+|correct\s+)?(?:answer|solution|possibility|value)\s+(?:is|would\s+be|could\s+be)\b|"
+    r"(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|:)|####)",
+    re.I,
+)
+_FILLER = re.compile(r"(?:[ \t,:*]|\b(?:the\s+)?(?:final\s+)?answer\s+(?:is|could\s+be|might\s+be)\b|"
+                     r"\bit(?:'s|\s+is|\s+could\s+be|\s+might\s+be)\b|\b(?:is|be|also|even|just|maybe|perhaps)\b)*",
+                     re.I)
+# "6 is also possible", "6 would also be correct": a candidate offered after the fact.
+_ALSO = re.compile(r"[ \t]*(?:is|would\s+be|could\s+be|might\s+be|works)\s+(?:also\s+)?(?:possible|valid|correct|right|"
+                   r"an?\s+(?:possible\s+)?(?:answer|option|possibility|solution))", re.I)
+# What may stand between two answer statements for them to be one region ("The answer is 6. Wait, no. The answer is
+# 5."): punctuation, math delimiters and these words; any reasoning (a number, a formula, another word) separates.
+_BETWEEN = re.compile(
+    r"(?:[\s.,;:!?()*#\"'—-]|\$|\\[()\[\]]|\b(?:or|and|alternatively|maybe|perhaps|possibly|otherwise|either|also|wait|"
+    r"no|hmm|actually|so|thus|therefore|hence|rather|i|think|mean|sorry|correction|let|me|double|check|recheck|"
+    r"again|the|final|answer|is|it|could|might|may|be|would|should|a|an|another|possible|alternative|not|sure|oh|"
+    r"oops|ok|okay|well)\b)*",
+    re.I,
+)
+# Between two \boxed that list one answer together ("\boxed{-2} and \boxed{1}", "\boxed{5} (or \boxed{6})"):
+# joining words, math delimiters, a unit after the first ("\boxed{1} papers and \boxed{2} bins"), part labels
+# ("\text{ for part (a) and }") and a name being assigned ("x = \boxed{2} or x = \boxed{3}").
+_JOINER = re.compile(
+    r"(?:\s*[a-zA-Z]{3,}(?=\s*(?:,|\band\b|\bor\b)))?"
+    r"(?:\s|\$|\\[()\[\],]|[,;/().]|—|\band/or\b|\band\b|\bor\b|\balternatively\b|\bmaybe\b|\bperhaps\b|"
+    r"\bpossibly\b|\botherwise\b|\beither\b|\balso\b|\bit\s+(?:could|might|may)\s+(?:also\s+)?be\b|"
+    r"\bthe\s+answer\s+(?:is|could\s+be|might\s+be)\b|\\text\{\s*(?:(?:and|or|for|parts?|\(?[a-z]\))\s*)*\}|"
+    r"\\q?quad|[a-zA-Z](?:_\{?\w+\}?)?\s*=)*",
+    re.I,
+)
+# A closing sentence (no marker, no box) counts only after one of these and only when the turn visibly ended.
+_CUE = re.compile(r"\s*(?:therefore|thus|so|hence|finally|in\s+conclusion|in\s+summary|overall|altogether|in\s+total|"
+                  r"as\s+a\s+result|this\s+(?:means|gives)|we\s+(?:get|find|have|obtain|conclude))\b", re.I)
+_RUN_ON = re.compile(r"\s(?:Therefore|Thus|So|Hence|Finally|In conclusion|In summary|Overall)\b")
+_SAID = re.compile(r"\s(?:is|are|equals|was|were|be|=)\s+(?:(?:exactly|equal\s+to|the\s+value|precisely)\s+)?", re.I)
+_LEAD = re.compile(r"(?:(?:therefore|thus|so|then|simply|just|clearly|now)\b[ \t,]*)*", re.I)
+_BREAK = re.compile(r"\$|\\[(\[]|\\boxed|\\fbox|[.!?](?=\s|$)|\n")
+
+
+def _span_end(text: str, i: int) -> int | None:
+    """Where the math span ($…$, $$…$$, \\(…\\), \\[…\\]) or box opening at text[i] ends, else None."""
+    for left, right in _DELIMS:
+        if text.startswith(left, i):
+            end = text.find(right, i + len(left))
+            while right == "$" and end > 0 and text[end - 1] == "\\":  # "\$" is a dollar sign, not a delimiter
+                end = text.find(right, end + 1)
+            return end + len(right) if end >= 0 else None
+    if text.startswith("\\boxed", i) or text.startswith("\\fbox", i):
+        after = i + (6 if text.startswith("\\boxed", i) else 5)
+        inner = _braced(text, after)
+        return None if inner is None else text.index("{", after) + len(inner) + 2
+    return None
+
+
+def _inner(span: str) -> str:
+    """The contents of a math span or box, without the delimiters and a lone \\boxed{} inside."""
+    for left, right in _DELIMS:
+        if span.startswith(left) and span.endswith(right) and len(span) >= len(left) + len(right):
+            span = span[len(left) : len(span) - len(right)].strip()
+            break
+    box = re.match(r"\\(?:boxed|fbox)\s*\{", span)
+    if box and span.endswith("}") and _braced(span, box.end() - 1) == span[box.end() : -1]:
+        span = span[box.end() : -1].strip()
+    return span
+
+
+def _value(text: str, i: int) -> tuple[str, int] | None:
+    """(candidate, end) for the candidate answer starting at text[i], or None."""
+    end = _span_end(text, i)
+    if end is not None:
+        inner = _inner(text[i:end])
+        return (inner, end) if inner else None
+    m = _BARE_VALUE.match(text, i)
+    return (m.group(0), m.end()) if m else None
+
+
+def _chain(text: str, i: int) -> tuple[list[tuple[str, str]], int]:
+    """The candidates joined to the one ending at text[i] by links: [(separator, candidate)], separator "; " for
+    alternatives and ", " for a list; and where the last of them ends (after the math span it was in, if any)."""
+    out = []
+    close = _open_delimiter(text, i)  # "$x = \\boxed{4},$ since …": the box sits inside a span that closes later
+    while len(out) < MAX_JOINED_BOXES:
+        j = i
+        if close is not None:
+            k = _PUNCT.match(text, i).end()
+            if text.startswith(close, k):
+                j, close = k + len(close), None
+        m = _LINK.match(text, j)
+        link = text[i : m.end()] if m else text[i:j]
+        if not link.strip(" \t)]$"):
+            break
+        v = _value(text, m.end() if m else j)
+        if v is None:
+            break
+        out.append(("; " if _ALTERNATIVE.search(link) else ", ", v[0]))
+        i = v[1]
+    if close is not None:
+        k = _PUNCT.match(text, i).end()
+        if text.startswith(close, k):
+            i = k + len(close)
+    return out, i
+
+
+_PUNCT = re.compile(r"[\s,.;:)\]]*")
+_DELIM_TOKEN = re.compile(r"\$\$|\$|\\[()\[\]]")
+_CLOSES = {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}
+
+
+def _open_delimiter(text: str, i: int) -> str | None:
+    """The delimiter that closes a math span open at text[i] (counted from the paragraph's start), else None."""
+    lo = max(text.rfind("\n\n", 0, i), i - 2000, 0)
+    state = None
+    for m in _DELIM_TOKEN.finditer(text, lo, i):
+        tok = m.group(0)
+        if tok[0] == "$" and m.start() > 0 and text[m.start() - 1] == "\\":
+            continue  # "\$" is a dollar sign
+        if state is None:
+            state = _CLOSES.get(tok)
+        elif tok == state:
+            state = None
+    return state
+
+
+def _sentence_end(text: str, i: int, limit: int) -> int:
+    """Where the sentence that text[i] is in ends (after its . ! ? or line break), math spans skipped."""
+    while True:
+        m = _BREAK.search(text, i, limit)
+        if m is None:
+            return limit
+        if m.group(0)[0] in ".!?\n":
+            return m.end()
+        end = _span_end(text, m.start())
+        i = end if end is not None else m.end()
+
+
+def _hedges(text: str, i: int) -> list[tuple[str, str]]:
+    """Candidates offered besides the answer that ends at text[i]: joined to it by links in its own sentence
+    ("$5$ or $6$", "5, although 6 is also possible"), or in the sentences after it that offer one (_HEDGE_START,
+    "6 is also possible"); a remark ("I checked it with $x = 1$") offers none. Looks at most 600 characters ahead."""
+    found, i = _chain(text, i)
+    limit = min(len(text), i + 600)
+    j = _sentence_end(text, i, limit)
+    while j < limit and len(found) < MAX_JOINED_BOXES:
+        while j < limit and text[j] in " \t\n*":
+            j += 1
+        start = _HEDGE_START.match(text, j, limit)
+        v = None
+        if start is not None:
+            v = _value(text, _FILLER.match(text, start.end(), limit).end())
+        else:
+            v = _value(text, j)
+            if v is not None and not _ALSO.match(text, v[1], limit):
+                v = None
+        if v is not None and v[1] <= limit:
+            more, end = _chain(text, v[1])
+            found += [("; ", v[0])] + more
+            j = _sentence_end(text, end, limit)
+        else:
+            j = _sentence_end(text, j + 1, limit)
+    return found
+
+
+def _earlier(text: str, start: int) -> list[tuple[str, str]]:
+    """Answers stated just before the statement at text[start] with only _BETWEEN words between ("The answer is 6.
+    The answer is 5.", "\\boxed{6}. Wait, no: \\boxed{5}"): [("; ", candidate)], in text order."""
+    out = []
+    for _ in range(MAX_JOINED_BOXES):
+        lo = max(0, start - 300)
+        best = None  # (start, end, candidate) of the statement that ends last before `start`
+        box = _box_before(text, start)
+        if box is not None and box[2] is not None and lo <= box[0] and box[1] <= start:
+            best = (box[0], box[1], box[2])
+        for m in _MARKER.finditer(text, lo, start):
+            if _REMARK.match(text[m.end() : m.end() + 40].lstrip(" \t*:")):
+                continue
+            got = _after_marker(text, m.end())
+            if got is not None and got[1] <= start and (best is None or got[1] > best[1]):
+                best = (m.start(), got[1], got[0])
+        if best is None or not _BETWEEN.fullmatch(text, best[1], start):
+            break
+        out.insert(0, ("; ", best[2]))
+        start = best[0]
+    return out
+
+
+def _join(candidates: list[tuple[str, str]]) -> str:
+    """One answer string from [(separator, candidate)]: the same candidate twice counts once; "a; b" lists
+    alternatives and "a, b" a list, both read as a set by eval/latex.py."""
+    seen, out = set(), ""
+    for sep, c in candidates:
+        key = canonical(c)
+        if key in seen:
+            continue
+        seen.add(key)
+        out = c if not out else out + (sep or "; ") + c
+    return out
 
 
 def _delimited(text: str, whole: bool = False) -> str | None:
@@ -135,9 +351,10 @@ def _box_before(text: str, pos: int) -> tuple[int, int, str | None] | None:
     return k, len(text), None
 
 
-def _from_boxes(text: str, last: tuple[int, int, str]) -> str:
-    """The last box, joined with the boxes just before it when only joining words separate them."""
-    parts = [last[2]]
+def _from_boxes(text: str, last: tuple[int, int, str]) -> tuple[list[tuple[str, str]], int]:
+    """The last box with the boxes just before it that only joining words separate: [(separator, contents)] in
+    text order, and where the first of them starts."""
+    parts = [("", last[2])]
     box = last
     for _ in range(MAX_JOINED_BOXES):
         prev = _box_before(text, box[0])
@@ -146,40 +363,69 @@ def _from_boxes(text: str, last: tuple[int, int, str]) -> str:
         between = text[prev[1] : box[0]]
         if len(between) > 200 or "\n\n" in between or not _JOINER.fullmatch(between):
             break
-        if prev[2] not in parts:  # the same answer boxed twice is one answer
-            parts.insert(0, prev[2])
+        parts[0] = ("; " if _ALTERNATIVE.search(between) else ", ", parts[0][1])
+        parts.insert(0, ("", prev[2]))
         box = prev
-    return ", ".join(parts)
+    return parts, box[0]
 
 
-def _after_marker(rest: str) -> str | None:
-    """The answer that follows a marker: a math span, a list of lines, or the rest of the sentence."""
-    rest = rest.lstrip(" \t*:")
-    if rest.startswith("\n") or not rest.strip():
-        block = rest.strip("\n ").split("\n\n")[0]
-        if not block:
+def _after_marker(text: str, pos: int) -> tuple[str, int] | None:
+    """(answer, end) for what follows a marker that ends at text[pos]: a math span, a list of lines, or the rest
+    of the sentence; end is where the answer stops (where hedges are looked for)."""
+    n = len(text)
+    i = pos
+    while i < n and text[i] in " \t*:\"":
+        i += 1
+    if text.startswith('\\"', i):
+        i += 2
+    lead = _LEAD.match(text, i)  # "Our answer is therefore $16 \\cdot (-8) = -128$."
+    if lead.end() < n and text[lead.end()] in "$\\":
+        i = lead.end()
+    if i >= n or text[i] == "\n" or not text[i : i + 5000].strip():
+        while i < n and text[i] in " \n":
+            i += 1
+        if i >= n:
             return None
-        inner = _delimited(block.lstrip())
-        if inner is not None:
-            return inner
-        lines = [ln for ln in block.split("\n") if ln.strip()]
+        block_end = text.find("\n\n", i)
+        block_end = n if block_end < 0 else block_end
+        span = _span_end(text, i)
+        if span is not None and span <= block_end and not text.startswith("\\boxed", i):
+            inner = _inner(text[i:span])
+            return (inner, span) if inner else None
+        lines = [ln for ln in text[i:block_end].split("\n") if ln.strip()]
         items = [_LIST_ITEM.fullmatch(ln) for ln in lines]
         if len(lines) > 1 and all(items):  # "- $p = 6$" / "- $q = 31$" / "- $r = -1$"
-            return ", ".join(_strip_math(m.group(1)) for m in items)
-        rest = lines[0].lstrip(" \t*:")
-    inner = _delimited(rest)
-    if inner is not None:
-        return inner
-    end = _SENTENCE_END.search(rest)
-    sentence = _strip_math((rest[: end.start()] if end else rest).strip().strip("*").strip())
+            return ", ".join(_strip_math(m.group(1)) for m in items), block_end
+        while i < n and text[i] in " \t*:":
+            i += 1
+    span = _span_end(text, i)
+    if span is not None and not text.startswith("\\boxed", i) and not text.startswith("\\fbox", i):
+        inner = _inner(text[i:span])
+        return (inner, span) if inner else None
+    end = _SENTENCE_END.search(text, i, min(n, i + 5000))
+    stop = end.start() if end else min(n, i + 5000)
+    sentence = _strip_math(text[i:stop].strip().strip("*").strip().rstrip('"').rstrip("\\").strip())
+    if not sentence:
+        return None
+    first = _value(sentence, 0)
+    if first is not None:  # "5 or 6", "5, although 6 is also possible": the candidates it names
+        more, _ = _chain(sentence, first[1])
+        if more:
+            return _join([("", first[0])] + more), stop
     if len(_WORDS.findall(_COMMANDS.sub(" ", sentence))) >= 2:
         # A sentence, "The largest $n$ is 34": the answer is what it is said to be, and in prose, its one number.
         said = re.split(r"\s(?:is|are|equals|be)\s", sentence)[-1]
         if len(_WORDS.findall(_COMMANDS.sub(" ", said))) < 2:
-            return _strip_math(said) or None
+            said = _strip_math(said)
+            return (said, stop) if said else None
+        first = _value(said, 0)
+        if first is not None:
+            more, _ = _chain(said, first[1])
+            if more:
+                return _join([("", first[0])] + more), stop
         numbers = _NUMBER.findall(said)
-        return numbers[0].rstrip(",") if len(numbers) == 1 else None
-    return sentence or None
+        return (numbers[0].rstrip(","), stop) if len(numbers) == 1 else None
+    return sentence, stop
 
 
 def _strip_math(s: str) -> str:
@@ -189,24 +435,30 @@ def _strip_math(s: str) -> str:
     return s if inner is None else inner
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, *, region: bool = True) -> str | None:
     """The final answer in a completion, or None when it states none.
 
     Rules, in order (each is a convention models use; see the tests for examples of each):
       - the text ends at the first chat special token (<|im_end|>, <|im_start|>, </s>, …): what follows is not
         this turn;
       - \\boxed{…} / \\fbox{…}: the contents of the last box (nested braces allowed, also "\\boxed 5"), together
-        with the boxes right before it when only "and", "or", commas or math delimiters separate them
-        ("\\boxed{-2} and \\boxed{1}" is "-2, 1"). A last box that never closes is a completion cut off: None,
-        never a number from the reasoning. After the last box, only a "Final Answer" or "####" line can restate
-        the answer ("We may check our answer: …" is a remark);
+        with the boxes right before it when only joining words separate them ("\\boxed{-2} and \\boxed{1}" is
+        "-2, 1"). A last box that never closes is a completion cut off: None, never a number from the reasoning.
+        After the last box, only a "Final Answer" or "####" line can restate the answer ("We may check our answer:
+        …" is a remark);
       - otherwise the last marker ("the final answer is", "Answer:", "**Answer:**", "Final Answer" as a heading,
         "####"), skipping markers followed by a remark ("this answer is correct"): the math span that follows
-        ($…$, $$…$$, \\(…\\), \\[…\\]), or a list of "- $p = 6$" lines, or the rest of the sentence. Text after
-        it is a remark, not the answer;
-      - no marker: a short bare answer is itself the answer ("$\\frac12$", "x = 3"); a one-line sentence with
-        exactly one number gives that number ("She makes $1,600 in total."). Anything else has no final answer:
-        None (a completion cut off in its reasoning must not be graded by a number found there).
+        ($…$, $$…$$, \\(…\\), \\[…\\]), or a list of "- $p = 6$" lines, or the rest of the sentence;
+      - no marker: a short bare answer is itself the answer ("$\\frac12$", "x = 3"); a one-line sentence gives its
+        one math span or its one number ("Thus $x \\geq 5$ is the solution.", "She makes $1,600 in total."); a
+        longer completion gives the value of its closing sentence ("Therefore, the probability is 2/3.") only when
+        its turn visibly ended (a chat token follows). Anything else has no final answer: None (a completion cut
+        off in its reasoning must not be graded by a number found there).
+    The final-answer region is that answer's statement, the statements just before it with nothing but
+    connecting words between (_BETWEEN), and the sentences after it that offer another candidate (_HEDGES):
+    every candidate named there is part of the answer, so "The answer is $5$ or $6$." gives "5; 6" (a set, wrong
+    against the gold 5, right against {5, 6}). A remark after the answer that offers no candidate stays a remark.
+    region=False takes the answer statement alone (a gold solution is trusted: it hedges nothing).
     Never raises: anything that is not a str gives None.
     """
     if not isinstance(text, str) or not text:
@@ -223,19 +475,23 @@ def extract_answer(text: str) -> str | None:
     for m in reversed(list(_MARKER.finditer(text, offset))):
         if box is not None and not _FINAL.match(m.group(0)):
             continue  # after a box only "Final Answer" or "####" restates the answer ("check our answer: …" does not)
-        rest = text[m.end() :]
-        if _REMARK.match(rest.lstrip(" \t*:")):
+        if _REMARK.match(text[m.end() : m.end() + 40].lstrip(" \t*:")):
             continue
-        answer = _after_marker(rest)
-        if answer:
-            return answer
+        got = _after_marker(text, m.end())
+        if got:
+            answer, end = got
+            if not region:
+                return answer
+            return _join(_earlier(text, m.start()) + [("", answer)] + _hedges(text, end))
     if box is not None:
-        return _from_boxes(text, box)
-    return _bare(text)
+        boxes, start = _from_boxes(text, box)
+        return _join((_earlier(text, start) if region else []) + boxes + (_hedges(text, box[1]) if region else []))
+    return _closing(text, ended=chat is not None)
 
 
-def _bare(text: str) -> str | None:
-    """A completion without a final-answer marker: a bare answer, or one sentence with one number."""
+def _closing(text: str, ended: bool) -> str | None:
+    """A completion without a marker or a box: a bare answer, a one-line statement, or (turn ended) its closing
+    sentence."""
     s = text.strip()
     inner = _delimited(s.rstrip(".").rstrip(), whole=True)  # "$\\frac12$."
     if inner is not None:
@@ -243,16 +499,71 @@ def _bare(text: str) -> str | None:
     words = len(_WORDS.findall(_COMMANDS.sub(" ", s)))
     if words < 2 and len(s) <= 1000:  # math without prose, also over several lines (a matrix)
         return s or None
-    if "\n" in s or len(s) > 200:
-        return None
-    numbers = _NUMBER.findall(s)
-    if len(numbers) == 1 and re.search(r"[.!]\s*$|\d\s*$", s):
-        return numbers[0].rstrip(",")
+    if ("\n" not in s and len(s) <= 200 and _sentence_end(s, 0, len(s)) >= len(s.rstrip(" .!"))
+            and re.search(r"(?:[.!$]|\\[)\]]|\d)\s*$", s)):
+        return _statement(s)  # one finished sentence (a cut-off one ends inside it, or in an open span)
+    if ended:
+        sentence = _closing_sentence(s)
+        if sentence is not None and _CUE.match(sentence):
+            return _statement(sentence)
     return None
 
 
-_WORDS = re.compile(r"(?<![a-zA-Z\\])(?!and\b)[a-zA-Z]{3,}\b")  # words of prose; "1 and 2" is a list
-_COMMANDS = re.compile(r"\\(?:begin|end)\{[^{}]*\}|\\[a-zA-Z]+")
+def _closing_sentence(s: str) -> str | None:
+    """The last sentence of s that states something (has a digit or math): "I hope it is correct." is skipped."""
+    start = max(0, len(s) - 1000)
+    bounds = [start]
+    while bounds[-1] < len(s):
+        bounds.append(max(bounds[-1] + 1, _sentence_end(s, bounds[-1], len(s))))
+    for a, b in zip(bounds[-2::-1], bounds[:0:-1]):
+        sentence = s[a:b].strip()
+        if re.search(r"\d|\$|\\[(\[]", sentence):
+            # "… P(A) = 2/3 Therefore, the probability is 2/3.": a sentence run on without its period starts again at
+            # its last capitalised cue
+            cues = [m.start() for m in _RUN_ON.finditer(sentence) if _open_delimiter(sentence, m.start()) is None]
+            return sentence[cues[-1] + 1 :] if cues else sentence
+    return None
+
+
+def _statement(s: str) -> str | None:
+    """The value one sentence states: its one math span and nothing else numeric ("Thus $x <= 2$ is our answer."),
+    what it says something is when nothing numeric comes before ("... the game is 2/3."), or its one number."""
+    spans, outside, i = [], [], 0
+    while True:
+        m = _BREAK.search(s, i)
+        if m is None or m.group(0)[0] not in "$\\":
+            if m is None:
+                outside.append(s[i:])
+                break
+            outside.append(s[i : m.end()])
+            i = m.end()
+            continue
+        end = _span_end(s, m.start())
+        if end is None:
+            outside.append(s[i : m.end()])
+            i = m.end()
+            continue
+        outside.append(s[i : m.start()] + " \x00 ")
+        spans.append(_inner(s[m.start() : end]))
+        i = end
+    plain = "".join(outside)
+    numbers = _NUMBER.findall(plain)
+    if len(spans) == 1 and not numbers:
+        return spans[0] or None
+    said = list(_SAID.finditer(plain))
+    if said:
+        head, tail = plain[: said[-1].start()], plain[said[-1].end() :]
+        if not re.search(r"\d", head) and head.count("\x00") + tail.count("\x00") == len(spans):
+            k = head.count("\x00")  # spans before the one said to be the value
+            if tail.lstrip().startswith("\x00") and tail.count("\x00") == 1 and not _NUMBER.search(tail):
+                return spans[k] or None
+            first = _value(tail.lstrip(), 0)
+            if first is not None and "\x00" not in tail:
+                more, _ = _chain(tail.lstrip(), first[1])
+                return _join([("", first[0])] + more)
+    if not spans and len(numbers) == 1 and re.search(r"[.!]\s*$|\d\s*$", s):
+        return numbers[0].rstrip(",")
+    return None
 
 
 def _answer_of(pred: str) -> str | None:
@@ -264,7 +575,17 @@ def _answer_of(pred: str) -> str | None:
 
 
 def _gold_answer(gold: str) -> str:
-    return (extract_answer(gold) if ("\\boxed" in gold or "####" in gold) else None) or gold
+    """The answer a gold states: itself, or, for a worked solution (a box, "####", a marker, or prose), its final
+    answer (the statement alone: a trusted reference hedges nothing); a box the gold leaves unclosed runs to its end."""
+    g = gold
+    if "\\\\" in g and "\\begin" not in g:  # escaped twice (JSON written as text): two backslashes before a command are one
+        g = re.sub(r"\\\\(?=[a-zA-Z{}])", r"\\", g)
+    if "\\boxed" in g or "####" in g or _MARKER.search(g) or len(_WORDS.findall(_COMMANDS.sub(" ", g))) >= 8:
+        answer = extract_answer(g, region=False)
+        if answer is None and "\\boxed{" in g:
+            answer = g[g.rindex("\\boxed{") + 7 :].strip()
+        return answer or gold
+    return gold
 
 
 def _cheap(gold: str, answer: str, rel_tol: float) -> tuple[str, object, object]:

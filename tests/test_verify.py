@@ -57,10 +57,10 @@ def test_math500_every_gold_verifies_against_its_solution(verifier):
     rows = load_math500()
     assert len(rows) == 500
     # Every solution's last \boxed{} holds exactly the gold answer, except one that boxes the value twice, joined
-    # by "or" (boxes listed together are read as one answer: a set whose elements all equal the gold).
+    # by "or" (alternatives in one answer region: a set whose elements all equal the gold, so not a hedge).
     extracted = [extract_answer(r["solution"]) for r in rows]
     missed = [(r["answer"], a) for r, a in zip(rows, extracted) if a != r["answer"]]
-    assert missed == [("\\frac{639}{40}", "15\\frac{39}{40}, \\frac{639}{40}")]
+    assert missed == [("\\frac{639}{40}", "15\\frac{39}{40}; \\frac{639}{40}")]
     reasons = verifier.verify_batch_reasons([r["answer"] for r in rows], [r["solution"] for r in rows])
     assert reasons == ["correct"] * 500
     # And every gold answer parses with our grammar, so the structured stages are reachable for all of them.
