@@ -95,7 +95,7 @@ def _normalize(s: str) -> str:
         s = re.sub(_TEXT_CMD.pattern + r"(?:\s*\^\s*\{?[23]\}?)?", lambda m: " " if unit else m.group(1), s)
     s = _TRAILING_UNIT.sub("", s)  # "18 dollars", "5 cm^2", "10 square feet"
     s = _TRAILING_WORDS.sub("", s)  # "31 paintings", "33 players": words after a plain number are its unit
-    s = re.sub(r"(?<=[\s)\]}0-9])or(?=[\s($\\0-9A-Z-])", ";", s)  # "(5,2) or (7,2)", "W(x)=1orW(x)=-1": alternatives
+    s = re.sub(r"(?<=[\s)\]}0-9])or(?=[\s($\\0-9A-Z-]|[a-z]\()", ";", s)  # "(5,2) or (7,2)", "g(x)=1org(x)=-1"
     s = re.sub(r"(?<=[\s)\]}0-9])and(?=[\s($\\0-9-])", ",", s)  # "1 and 2 and 3": a list
     s = s.strip().rstrip(".,;:").strip()
     s = re.sub(r'^(?:\\?")+|(?:\\?")+$', "", s).strip()  # an answer in quotes: "\"12 and 13\""

@@ -46,7 +46,7 @@ import threading
 import time
 from multiprocessing.connection import wait
 
-from eval.latex import NumericJudge, Refused, SympyJudge, canonical, compare, normalize, parse_answer
+from eval.latex import SIG_DIGITS, NumericJudge, Refused, SympyJudge, canonical, compare, normalize, parse_answer
 
 REASONS = ("correct", "wrong", "unparseable", "timeout")
 MAX_TEXT_CHARS = 1_000_000  # a completion longer than this is cut to its last MAX_TEXT_CHARS characters
@@ -496,12 +496,17 @@ def _closing(text: str, ended: bool) -> str | None:
     inner = _delimited(s.rstrip(".").rstrip(), whole=True)  # "$\\frac12$."
     if inner is not None:
         return inner or None
-    words = len(_WORDS.findall(_COMMANDS.sub(" ", s)))
-    if words < 2 and len(s) <= 1000:  # math without prose, also over several lines (a matrix)
+    bare = len(_WORDS.findall(_COMMANDS.sub(" ", s))) < 2 and len(s) <= 1000  # math without prose (a matrix)
+    spans = re.search(r"\$|\\[(\[]", s) is not None
+    if bare and not spans:
         return s or None
     if ("\n" not in s and len(s) <= 200 and _sentence_end(s, 0, len(s)) >= len(s.rstrip(" .!"))
             and re.search(r"(?:[.!$]|\\[)\]]|\d)\s*$", s)):
-        return _statement(s)  # one finished sentence (a cut-off one ends inside it, or in an open span)
+        answer = _statement(s)  # one finished sentence (a cut-off one ends inside it, or in an open span)
+        if answer is not None:
+            return answer
+    if bare:  # "$28$ %"
+        return s or None
     if ended:
         sentence = _closing_sentence(s)
         if sentence is not None and _CUE.match(sentence):
@@ -553,8 +558,8 @@ def _statement(s: str) -> str | None:
     said = list(_SAID.finditer(plain))
     if said:
         head, tail = plain[: said[-1].start()], plain[said[-1].end() :]
-        if not re.search(r"\d", head) and head.count("\x00") + tail.count("\x00") == len(spans):
-            k = head.count("\x00")  # spans before the one said to be the value
+        k = head.count("\x00")  # spans before the one said to be the value
+        if not re.search(r"\d", head) and not any(re.search(r"\d", x) for x in spans[:k]):
             if tail.lstrip().startswith("\x00") and tail.count("\x00") == 1 and not _NUMBER.search(tail):
                 return spans[k] or None
             first = _value(tail.lstrip(), 0)
@@ -588,7 +593,7 @@ def _gold_answer(gold: str) -> str:
     return gold
 
 
-def _cheap(gold: str, answer: str, rel_tol: float) -> tuple[str, object, object]:
+def _cheap(gold: str, answer: str, rel_tol: float, sig_digits: int) -> tuple[str, object, object]:
     """(verdict, gold tree, pred tree); verdict "undecided" means only the sympy stage can tell."""
     if answer == gold:
         return "correct", None, None
@@ -607,7 +612,7 @@ def _cheap(gold: str, answer: str, rel_tol: float) -> tuple[str, object, object]
         same = re.sub(r"\s+", "", normalize(gold)).lower() == re.sub(r"\s+", "", normalize(answer)).lower()
         return ("correct" if same else "wrong"), None, None
     try:
-        verdict = compare(g, p, NumericJudge(rel_tol))
+        verdict = compare(g, p, NumericJudge(rel_tol, sig_digits))
     except Refused:
         return "unparseable", None, None
     except (ArithmeticError, ValueError, RecursionError):
@@ -615,10 +620,10 @@ def _cheap(gold: str, answer: str, rel_tol: float) -> tuple[str, object, object]
     return {True: "correct", False: "wrong", None: "undecided"}[verdict], g, p
 
 
-def _expensive(gold: str, answer: str, rel_tol: float) -> str:
+def _expensive(gold: str, answer: str, rel_tol: float, sig_digits: int = SIG_DIGITS) -> str:
     """The sympy stage; runs in a worker process."""
     try:
-        verdict = compare(parse_answer(gold), parse_answer(answer), SympyJudge(rel_tol))
+        verdict = compare(parse_answer(gold), parse_answer(answer), SympyJudge(rel_tol, sig_digits))
     except Refused:
         return "unparseable"
     except (ArithmeticError, ValueError, TypeError, RecursionError, AttributeError):
@@ -626,7 +631,7 @@ def _expensive(gold: str, answer: str, rel_tol: float) -> str:
     return "correct" if verdict else "wrong"
 
 
-def verify_reason(gold: str, pred: str, *, rel_tol: float = 0.0) -> str:
+def verify_reason(gold: str, pred: str, *, rel_tol: float = 0.0, sig_digits: int = SIG_DIGITS) -> str:
     """Like verify, with the reason. Runs every stage in this process and thread: no deadline, so use it only on
     trusted or short inputs; verify_batch is the entry point for model output."""
     if not isinstance(gold, str) or not isinstance(pred, str):
@@ -634,16 +639,19 @@ def verify_reason(gold: str, pred: str, *, rel_tol: float = 0.0) -> str:
     answer = _answer_of(pred)
     if answer is None:
         return "unparseable"
-    verdict, _, _ = _cheap(_gold_answer(gold), answer, rel_tol)
-    return _expensive(_gold_answer(gold), answer, rel_tol) if verdict == "undecided" else verdict
+    gold = _gold_answer(gold)
+    verdict, _, _ = _cheap(gold, answer, rel_tol, sig_digits)
+    return _expensive(gold, answer, rel_tol, sig_digits) if verdict == "undecided" else verdict
 
 
-def verify(gold: str, pred: str, *, rel_tol: float = 0.0) -> bool:
+def verify(gold: str, pred: str, *, rel_tol: float = 0.0, sig_digits: int = SIG_DIGITS) -> bool:
     """True when `pred` (a full completion or an extracted answer) states the same answer as `gold`.
 
-    In-process and without a deadline; for model output in bulk use verify_batch, which has one.
+    In-process and without a deadline; for model output in bulk use verify_batch, which has one. rel_tol > 0
+    grades decimals with that relative tolerance; sig_digits is the approximation rule's k (latex.NumericJudge; 0
+    makes decimals exact values).
     """
-    return verify_reason(gold, pred, rel_tol=rel_tol) == "correct"
+    return verify_reason(gold, pred, rel_tol=rel_tol, sig_digits=sig_digits) == "correct"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -658,8 +666,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _worker_main() -> None:
     """Worker loop (stdin/stdout of a child process). argv: memory cap in bytes, check as "module:function".
 
-    Reads one JSON [gold, answer, rel_tol] per line, writes one verdict per line: plain text both ways, so
-    neither side unpickles anything.
+    Reads one JSON [gold, answer, rel_tol, sig_digits] per line, writes one verdict per line: plain text both ways,
+    so neither side unpickles anything.
     """
     import importlib
 
@@ -679,8 +687,8 @@ def _worker_main() -> None:
     out.flush()
     for line in sys.stdin:
         try:
-            gold, answer, rel_tol = json.loads(line)
-            verdict = check(gold, answer, rel_tol)
+            gold, answer, rel_tol, sig_digits = json.loads(line)
+            verdict = check(gold, answer, rel_tol, sig_digits)
         except MemoryError:
             verdict = "timeout"
         except Exception:
@@ -703,8 +711,8 @@ class _Worker:
     def fileno(self) -> int:
         return self.fd
 
-    def send(self, gold: str, answer: str, rel_tol: float) -> None:
-        self.proc.stdin.write(json.dumps([gold, answer, rel_tol]).encode() + b"\n")
+    def send(self, gold: str, answer: str, rel_tol: float, sig_digits: int) -> None:
+        self.proc.stdin.write(json.dumps([gold, answer, rel_tol, sig_digits]).encode() + b"\n")
         self.proc.stdin.flush()
 
     def read_line(self) -> str | None:
@@ -737,17 +745,19 @@ class Verifier:
     Workers start lazily (when an item first needs sympy; ~1 s to import it, not counted in any deadline), live
     until close(), and are replaced when they pass their deadline or die. Threads may share one Verifier: each
     batch checks workers out and returns them. memory_mb caps each worker's address space (RLIMIT_AS).
-    `check` names the worker's function as "module:function" (tests swap in a hanging one).
+    rel_tol and sig_digits are verify's. `check` names the worker's function as "module:function", called as
+    check(gold, answer, rel_tol, sig_digits) (tests swap in a hanging one).
     """
 
     def __init__(self, workers: int = 2, timeout_s: float = 5.0, memory_mb: int = 2048, rel_tol: float = 0.0,
-                 check: str = "eval.verify:_expensive"):
+                 check: str = "eval.verify:_expensive", sig_digits: int = SIG_DIGITS):
         if workers < 1:
             raise ValueError(f"Verifier(workers={workers}): need at least one worker process")
         self.workers = workers
         self.timeout_s = timeout_s
         self.memory_bytes = memory_mb << 20
         self.rel_tol = rel_tol
+        self.sig_digits = sig_digits
         self.check = check
         self._cond = threading.Condition()
         self._idle: list[_Worker] = []
@@ -809,7 +819,7 @@ class Verifier:
                 if answer is None:
                     continue
                 gold = _gold_answer(gold)
-                verdict, _, _ = _cheap(gold, answer, self.rel_tol)
+                verdict, _, _ = _cheap(gold, answer, self.rel_tol, self.sig_digits)
             except Exception:  # a bug in a cheap stage must not take the training loop down
                 verdict = "unparseable"
             if verdict == "undecided":
@@ -839,7 +849,7 @@ class Verifier:
                     w = idle.pop()
                     i, gold, answer = pending.pop()
                     try:
-                        w.send(gold, answer, self.rel_tol)
+                        w.send(gold, answer, self.rel_tol, self.sig_digits)
                     except (OSError, ValueError):  # died while idle: replace it, retry the item
                         pending.append((i, gold, answer))
                         replace(w)

@@ -21,18 +21,18 @@ SENTINEL = "/tmp/posttrain_verify_pwned"
 POOL_GOLD, POOL_PRED = "e^{-40}", "e^{-40} + 0"
 
 
-def _hang_on_41(gold: str, answer: str, rel_tol: float) -> str:
+def _hang_on_41(gold: str, answer: str, rel_tol: float, sig_digits: int) -> str:
     """Worker check for the pool tests: hangs on answers mentioning 41, otherwise the real sympy stage."""
     if "41" in answer:
         time.sleep(600)
-    return _expensive(gold, answer, rel_tol)
+    return _expensive(gold, answer, rel_tol, sig_digits)
 
 
-def _allocate_on_41(gold: str, answer: str, rel_tol: float) -> str:
+def _allocate_on_41(gold: str, answer: str, rel_tol: float, sig_digits: int) -> str:
     if "41" in answer:
         blob = bytearray(8 << 30)  # 8 GiB: past the worker's RLIMIT_AS
         return str(len(blob))
-    return _expensive(gold, answer, rel_tol)
+    return _expensive(gold, answer, rel_tol, sig_digits)
 
 
 @pytest.fixture(scope="module")
