@@ -124,20 +124,36 @@ def _gsm_gold(answer: str) -> str:
     return answer.rsplit("####", 1)[-1].strip().replace(",", "")
 
 
+def _math_case(rows: list[dict], i: int) -> tuple[str, str, str, str]:
+    """(gold, reasoning, the gold as the correct completion writes it, a wrong answer) for MATH500 row i."""
+    row = rows[i]
+    gold, reasoning = row["answer"], _reasoning(row["solution"])
+    answer = _rewrite(gold) if i % 3 == 1 else gold
+    other = next(r["answer"] for r in rows[i + 1 :] + rows[:i] if not _same_string(r["answer"], gold))
+    if re.fullmatch(r"-?\d+", gold) and i % 2:
+        other = str(int(gold) + (1 if i % 4 == 1 else -10))
+    return gold, reasoning, answer, other
+
+
+def _gsm_case(rows: list[dict], i: int) -> tuple[str, str, str, str]:
+    """The same for GSM8K row i (numbers: the wrong answer is the gold + 1 or + 10)."""
+    gold, reasoning = _gsm_gold(rows[i]["answer"]), _reasoning(rows[i]["answer"])
+    value = int(gold) if re.fullmatch(r"-?\d+", gold) else None
+    written = f"{value:,}" if value is not None and i % 4 == 3 else gold
+    other = str(value + (1 if i % 3 else 10)) if value is not None else gold + "1"
+    return gold, reasoning, written, other
+
+
 def completions(math_rows: list[dict], gsm_rows: list[dict]) -> list[tuple[str, str, bool, str]]:
     """(gold, completion, label, kind) for each problem: one correct, one wrong, and every third a truncated one.
 
     kind is "correct/<convention>", "wrong/<convention>" or "truncated/<how>". Deterministic.
     """
     out = []
-    for i, row in enumerate(math_rows):
-        gold, reasoning = row["answer"], _reasoning(row["solution"])
+    for i in range(len(math_rows)):
+        gold, reasoning, answer, other = _math_case(math_rows, i)
         name, tpl = CONVENTIONS[i % len(CONVENTIONS)]
-        answer = _rewrite(gold) if i % 3 == 1 else gold
         out.append((gold, tpl.format(r=reasoning, a=answer), True, "correct/" + name))
-        other = next(r["answer"] for r in math_rows[i + 1 :] + math_rows[:i] if not _same_string(r["answer"], gold))
-        if re.fullmatch(r"-?\d+", gold) and i % 2:
-            other = str(int(gold) + (1 if i % 4 == 1 else -10))
         name, tpl = CONVENTIONS[(i + 5) % len(CONVENTIONS)]
         out.append((gold, tpl.format(r=reasoning, a=other), False, "wrong/" + name))
         if i % 3 == 0:
@@ -145,20 +161,89 @@ def completions(math_rows: list[dict], gsm_rows: list[dict]) -> list[tuple[str, 
             boxed = reasoning + "\n\nSo the answer is $\\boxed{" + gold[: len(gold) // 2]
             kind, text = (("mid_reasoning", cut), ("inside_box", boxed))[(i // 3) % 2]
             out.append((gold, text, False, "truncated/" + kind))
-    for i, row in enumerate(gsm_rows):
-        gold, reasoning = _gsm_gold(row["answer"]), _reasoning(row["answer"])
-        value = int(gold) if re.fullmatch(r"-?\d+", gold) else None
-        written = f"{value:,}" if value is not None and i % 4 == 3 else gold
+    for i in range(len(gsm_rows)):
+        gold, reasoning, written, other = _gsm_case(gsm_rows, i)
         if i % 2:
             name, tpl = CONVENTIONS[i % len(CONVENTIONS)]
         else:
             name, tpl = GSM_CONVENTIONS[(i // 2) % len(GSM_CONVENTIONS)]
         out.append((gold, tpl.format(r=reasoning, a=written), True, "correct/" + name))
-        other = str(value + (1 if i % 3 else 10)) if value is not None else gold + "1"
         name, tpl = GSM_CONVENTIONS[(i + 1) % len(GSM_CONVENTIONS)]
         out.append((gold, tpl.format(r=reasoning, a=other), False, "wrong/" + name))
         if i % 3 == 0:  # the reasoning ends with the right number, but no final answer was reached
             out.append((gold, reasoning, False, "truncated/no_final_answer"))
+    return out
+
+
+# Hedged completions (issue 34): the final answer region names the gold and a second, different candidate. {a} is
+# the first candidate and {b} the second; each form runs in both orders (gold first, gold second). "inline" forms
+# put both in one answer statement, "after" forms state one and offer the other in a statement that follows.
+HEDGE_FORMS = [
+    ("or", "inline", "The answer is ${a}$ or ${b}$."),
+    ("or_maybe", "inline", "So the answer is ${a}$ or maybe ${b}$."),
+    ("paren_or", "inline", "Final answer: ${a}$ (or ${b}$)."),
+    ("semicolon_alternatively", "inline", "The answer is ${a}$; alternatively ${b}$."),
+    ("although_plain", "inline", "The final answer is {a}, although {b} is also possible."),
+    ("either_or", "inline", "The answer is either ${a}$ or ${b}$."),
+    ("slash", "inline", "The answer is ${a}$/${b}$."),
+    ("comma_list", "inline", "The answer is ${a}$, ${b}$."),
+    ("or_possibly", "inline", "The answer is ${a}$, or possibly ${b}$."),
+    ("paren_maybe", "inline", "The answer is ${a}$ (maybe ${b}$)."),
+    ("boxes_or", "inline", "The answer is $\\boxed{{{a}}}$ or $\\boxed{{{b}}}$."),
+    ("box_paren_or", "inline", "The final answer is $\\boxed{{{a}}}$ (or $\\boxed{{{b}}}$)."),
+    ("text_or_in_math", "inline", "The answer is ${a} \\text{{ or }} {b}$."),
+    ("bold_slash", "inline", "**Answer:** ${a}$ / ${b}$"),
+    ("or_perhaps", "inline", "The answer is \\({a}\\), or perhaps \\({b}\\)."),
+    ("but_could_be", "inline", "The answer is ${a}$, but it could also be ${b}$."),
+    ("and_or", "inline", "The answer is ${a}$ and/or ${b}$."),
+    ("plain_or", "inline", "Final answer: {a} or {b}"),
+    ("hashes_or", "inline", "#### {a} or {b}"),
+    ("boxed_otherwise", "inline", "\\boxed{{{a}}}, otherwise \\boxed{{{b}}}"),
+    ("display_quad_or", "inline", "\\[ \\boxed{{{a}}} \\quad\\text{{or}}\\quad \\boxed{{{b}}} \\]"),
+    ("display_lines_or", "inline", "The answer is\n$$\n{a}\n$$\nor\n$$\n{b}\n$$"),
+    ("then_alternatively", "after", "The answer is ${a}$. Alternatively, the answer is ${b}$."),
+    ("repeated_answer_is", "after", "The answer is ${a}$. The answer is ${b}$."),
+    ("then_or_maybe", "after", "The answer is ${a}$. Or maybe ${b}$."),
+    ("boxes_alternatively", "after", "\\boxed{{{a}}}\n\nAlternatively: \\boxed{{{b}}}"),
+    ("could_also_be", "after", "The answer is ${a}$. It could also be ${b}$."),
+    ("answer_lines", "after", "Answer: ${a}$\nAnswer: ${b}$"),
+    ("also_possible", "after", "The answer is ${a}$.\n\n${b}$ is also possible."),
+    ("another_answer", "after", "The answer is ${a}$. Another possible answer is ${b}$."),
+    ("wait_no", "after", "The answer is ${a}$. Wait, no: the answer is ${b}$."),
+    ("box_then_final_answer", "after", "\\boxed{{{a}}}\n\nFinal Answer: ${b}$"),
+]
+# What may follow the hedge: nothing, a remark that names no other value, or the end of a chat turn.
+HEDGE_TAILS = ["", " I hope it is correct.", "\n\nI double-checked the arithmetic.", CHAT_TAIL]
+
+
+def hedge_cases(math_rows: list[dict], gsm_rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(gold, reasoning, a wrong answer) for every correct completion of `completions`, the gold as it writes it."""
+    out = []
+    for i in range(len(math_rows)):
+        gold, reasoning, answer, other = _math_case(math_rows, i)
+        out.append((gold, reasoning, answer, other))
+    for i in range(len(gsm_rows)):
+        out.append(_gsm_case(gsm_rows, i))
+    return out
+
+
+def hedge(reasoning: str, first: str, second: str, form: str, tail: str = "") -> str:
+    """A completion whose final-answer region names `first` and `second` in hedge form `form` (a HEDGE_FORMS name)."""
+    tpl = next(t for name, _, t in HEDGE_FORMS if name == form)
+    return reasoning + "\n\n" + tpl.format(a=first, b=second) + tail
+
+
+def hedged(math_rows: list[dict], gsm_rows: list[dict], per_case: int = 2) -> list[tuple[str, str, str]]:
+    """(gold, completion, kind) hedged completions: per correct completion, `per_case` forms (cycled so that every
+    form meets every kind of answer) in both orders, each with a tail from HEDGE_TAILS; kind is
+    "<form>/gold_first" or "<form>/gold_second". None may be accepted. Deterministic."""
+    out = []
+    for k, (gold, reasoning, answer, other) in enumerate(hedge_cases(math_rows, gsm_rows)):
+        for j in range(per_case):
+            form = HEDGE_FORMS[(k + j * (len(HEDGE_FORMS) // per_case + 1)) % len(HEDGE_FORMS)][0]
+            tail = HEDGE_TAILS[(k + j) % len(HEDGE_TAILS)]
+            out.append((gold, hedge(reasoning, answer, other, form, tail), form + "/gold_first"))
+            out.append((gold, hedge(reasoning, other, answer, form, tail), form + "/gold_second"))
     return out
 
 

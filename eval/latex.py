@@ -91,8 +91,10 @@ def _normalize(s: str) -> str:
     else:
         s = re.sub(r"\\text\{\s*and\s*\}", ",", s)
         s = re.sub(r"\\text\{\s*or\s*\}", ";", s)
-        unit = _has_value(s)  # "5.4 \text{ cents}" loses its unit; "\text{Devon} and \text{Eve}" keeps the names
-        s = re.sub(_TEXT_CMD.pattern + r"(?:\s*\^\s*\{?[23]\}?)?", lambda m: " " if unit else m.group(1), s)
+        # "5.4 \text{ cents}" loses its unit; "\text{Devon} and \text{Eve}" and "3; \text{(C)}" keep their words
+        unit = _has_value(s)
+        s = re.sub(_TEXT_CMD.pattern + r"(?:\s*\^\s*\{?[23]\}?)?",
+                   lambda m: " " if unit and _after_value(s, m.start()) else m.group(1), s)
     s = _TRAILING_UNIT.sub("", s)  # "18 dollars", "5 cm^2", "10 square feet"
     s = _TRAILING_WORDS.sub("", s)  # "31 paintings", "33 players": words after a plain number are its unit
     s = re.sub(r"(?<=[\s)\]}0-9])or(?=[\s($\\0-9A-Z-]|[a-z]\()", ";", s)  # "(5,2) or (7,2)", "g(x)=1org(x)=-1"
@@ -129,6 +131,12 @@ _RELATION_WORDS = re.compile(
     r"<=|>=|=<|=>|!=|\\(?:neq?|lt|gt|approx|simeq|leqq|geqq|leqslant|geqslant|le|ge)(?![a-zA-Z])"
 )
 _TRAILING_WORDS = re.compile(r"(?<=\d)\s+[a-zA-Z][a-zA-Z'-]{2,}(?:\s+[a-zA-Z][a-zA-Z'-]+)*$")
+
+
+def _after_value(s: str, i: int) -> bool:
+    """Whether s[i] follows a value (a digit, a closing bracket, a letter): what a unit follows."""
+    before = s[max(0, i - 8) : i].rstrip()
+    return bool(before) and before[-1] not in ",;=([" and not re.search(r"\b(?:or|and)$", before)
 
 
 def _has_value(s: str) -> bool:
@@ -461,7 +469,8 @@ def _closes_at_end(tokens: list[str]) -> bool:
     return False
 
 
-_CHOICE = re.compile(r"\s*(?:\\text(?:bf)?\{\s*)?\(([A-E])\)\s*\}?\s+(?![-+*/=<>^,;])\S", re.S)
+_CHOICE = re.compile(r"\s*(?:\\text(?:bf)?\{\s*)?\(([A-E])\)\s*\}?\s+(?![-+*/=<>^,;])"
+                     r"(?![^;]*(?:\bor\b|\\text\{\s*(?:or|and)\b))\S", re.S)
 
 
 def parse_answer(ans: str):

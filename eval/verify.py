@@ -102,13 +102,14 @@ _COMMANDS = re.compile(r"\\(?:begin|end)\{[^{}]*\}|\\[a-zA-Z]+")
 # one answer region when only a link joins them: alternatives ("or", "alternatively", "maybe", "(or …)", "/",
 # "although", "it could also be") or a list ("," ";" "and"). Words that are neither (because, since, I, we, not,
 # which, …) end the chain: "16 (I checked it with $x = 1$)" names one candidate, "17, not 16" one.
-_BARE_VALUE = re.compile(r"(?:\\?\$\s?)?-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?(?!\d)(?:\s*\\?%)?"
+_BARE_VALUE = re.compile(r"(?:\\?\$\s?)?-?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?(?!\d)"
+                         r"(?:_\{?\w+\}?|\^\{?\\?\w+\}?|\s*\\?%)*"
                          r"|-?\\d?frac\s*\{[^{}]*\}\s*\{[^{}]*\}|-?\\sqrt\s*(?:\[[^\]]*\])?\s*\{[^{}]*\}|-?\\pi\b")
 _LINK = re.compile(
-    r"[ \t)\]]*(?:[,;/(]|—|\band/or\b|\band\b|\bor\b|\balternatively\b|\bmaybe\b|\bperhaps\b|\bpossibly\b|"
+    r"[\s)\]]*(?:[,;/(]|—|\band/or\b|\band\b|\bor\b|\balternatively\b|\bmaybe\b|\bperhaps\b|\bpossibly\b|"
     r"\botherwise\b|\beither\b|\b(?:although|though|but)\b|\b(?:it|this|that)\s+(?:could|might|may)\s+(?:also\s+)?be\b|"
     r"\b(?:could|might|may)\s+(?:also\s+)?be\b|\b(?:the\s+)?(?:final\s+)?answer\s+(?:is|could\s+be|might\s+be)\b|"
-    r"\bit(?:'s|\s+is)\b|\balso\b|\beven\b|\bjust\b|\\text\{\s*(?:or|and)\s*\}|\\q?quad|[ \t])+",
+    r"\bit(?:'s|\s+is)\b|\balso\b|\beven\b|\bjust\b|\\text\{\s*(?:or|and)\s*\}|\\q?quad|\s)+",
     re.I,
 )
 _ALTERNATIVE = re.compile(r"\bor\b|alternativ|maybe|perhaps|possibl|otherwise|either|though|\bbut\b|could|might|"
@@ -208,8 +209,8 @@ def _chain(text: str, i: int) -> tuple[list[tuple[str, str]], int]:
                 j, close = k + len(close), None
         m = _LINK.match(text, j)
         link = text[i : m.end()] if m else text[i:j]
-        if not link.strip(" \t)]$"):
-            break
+        if not re.sub(r"[\s)\]$]", "", link) or re.search(r"[.!?]", link):
+            break  # only spaces and closing brackets, or a sentence end: no link
         v = _value(text, m.end() if m else j)
         if v is None:
             break
@@ -478,11 +479,14 @@ def extract_answer(text: str, *, region: bool = True) -> str | None:
         if _REMARK.match(text[m.end() : m.end() + 40].lstrip(" \t*:")):
             continue
         got = _after_marker(text, m.end())
-        if got:
-            answer, end = got
-            if not region:
-                return answer
-            return _join(_earlier(text, m.start()) + [("", answer)] + _hedges(text, end))
+        if got is None:
+            # The last answer statement names nothing readable ("… is 5 apples and 3 pears", "… although 6 is also
+            # possible"): no answer, rather than an earlier statement it may have replaced.
+            return None
+        answer, end = got
+        if not region:
+            return answer
+        return _join(_earlier(text, m.start()) + [("", answer)] + _hedges(text, end))
     if box is not None:
         boxes, start = _from_boxes(text, box)
         return _join((_earlier(text, start) if region else []) + boxes + (_hedges(text, box[1]) if region else []))
