@@ -230,7 +230,10 @@ def hedge_cases(math_rows: list[dict], gsm_rows: list[dict]) -> list[tuple[str, 
 def hedge(reasoning: str, first: str, second: str, form: str, tail: str = "") -> str:
     """A completion whose final-answer region names `first` and `second` in hedge form `form` (a HEDGE_FORMS name)."""
     tpl = next(t for name, _, t in HEDGE_FORMS if name == form)
-    return reasoning + "\n\n" + tpl.format(a=first, b=second) + tail
+    body = tpl.format(a=first, b=second)
+    if tail.startswith(" ") and body[-1] not in ".$":  # a remark after a plain answer starts a new line
+        tail = "\n" + tail[1:]
+    return reasoning + "\n\n" + body + tail
 
 
 def hedged(math_rows: list[dict], gsm_rows: list[dict], per_case: int = 2) -> list[tuple[str, str, str]]:

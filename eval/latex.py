@@ -503,6 +503,8 @@ def _answer(tokens: list[str], depth: int):
         raise Refused("empty element")
     if tokens[0] == "\\begin":
         raise Refused("a matrix inside a larger answer")
+    if depth and len(tokens) >= 4 and all(len(t) == 1 and t.isalpha() for t in tokens):
+        return ("text", "".join(tokens).lower())  # "Evelyn; Navin": a word as an element
     parts = _split(tokens, {";"})  # alternatives: "(5,2); (7,2)", "p=5,q=2; p=7,q=2", "x<-1 or x>2"
     if len(parts) > 1:
         if len(parts) > MAX_ELEMENTS:
@@ -618,6 +620,13 @@ def _is_name(node) -> bool:
     return node[0] == "abs" and _is_name(node[1])  # |AB|
 
 
+def _names_only(node) -> bool:
+    """A sum or difference of names ("a + b", "m - n"): a predicted "a + b = -1" states the value -1."""
+    if node[0] == "add":
+        return all(_is_name(x[1] if x[0] == "neg" else x) for x in node[1])
+    return False
+
+
 def _named(node):
     """A set of assignments read as one answer: "p=5, q=2" is ("named", names, values), which compares by name
     with another such list and as the tuple (5, 2), in the order written, with anything else; "x=1, x=2" is the
@@ -728,8 +737,12 @@ def compare(g, p, judge) -> bool | None:
         return _compare_approx(g, p, judge)
     if g[0] == "eq" and p[0] != "eq" and _is_name(g[1]):  # "x = 5", "AB = 4" against "5"
         g = g[2]
-    if p[0] == "eq" and g[0] != "eq" and _is_name(p[1]):
+    if p[0] == "eq" and g[0] != "eq" and (_is_name(p[1]) or _names_only(p[1])):  # "a + b = -1" states -1
         p = p[2]
+    if "text" in (g[0], p[0]) and "set" not in (g[0], p[0]):  # a word, also as an element ("Evelyn; Navin")
+        return g[0] == p[0] and g[1].replace(" ", "") == p[1].replace(" ", "")
+    if p[0] == "set" and g[0] not in ("set", "union") and p[1] and all(compare(g, x, judge) is True for x in p[1]):
+        return True  # one answer written several ways: "(3, 4] or (3, 4]", "\\frac{14}{3}; 14/3"
     if g[0] == "named" and p[0] == "named" and sorted(g[1]) == sorted(p[1]):  # "a_3 = 2, a_37 = 19", any order
         values = dict(zip(p[1], p[2]))
         return _all(compare(v, values[name], judge) for name, v in zip(g[1], g[2]))

@@ -128,6 +128,8 @@ _FILLER = re.compile(r"(?:[ \t,:*]|\b(?:the\s+)?(?:final\s+)?answer\s+(?:is|coul
                      r"\bit(?:'s|\s+is|\s+could\s+be|\s+might\s+be)\b|\b(?:is|be|also|even|just|maybe|perhaps)\b)*",
                      re.I)
 # "6 is also possible", "6 would also be correct": a candidate offered after the fact.
+_ALSO_TAIL = re.compile(r"\s+(?:is|would\s+be|could\s+be|might\s+be|works)\s+(?:also\s+)?(?:possible|valid|correct|right|"
+                       r"an?\s+(?:possible\s+)?(?:answer|option|possibility|solution))\W*$", re.I)
 _ALSO = re.compile(r"[ \t]*(?:is|would\s+be|could\s+be|might\s+be|works)\s+(?:also\s+)?(?:possible|valid|correct|right|"
                    r"an?\s+(?:possible\s+)?(?:answer|option|possibility|solution))", re.I)
 # What may stand between two answer statements for them to be one region ("The answer is 6. Wait, no. The answer is
@@ -155,7 +157,7 @@ _CUE = re.compile(r"\s*(?:therefore|thus|so|hence|finally|in\s+conclusion|in\s+s
                   r"as\s+a\s+result|this\s+(?:means|gives)|we\s+(?:get|find|have|obtain|conclude))\b", re.I)
 _RUN_ON = re.compile(r"\s(?:Therefore|Thus|So|Hence|Finally|In conclusion|In summary|Overall)\b")
 _SAID = re.compile(r"\s(?:is|are|equals|was|were|be|=)\s+(?:(?:exactly|equal\s+to|the\s+value|precisely)\s+)?", re.I)
-_LEAD = re.compile(r"(?:(?:therefore|thus|so|then|simply|just|clearly|now)\b[ \t,]*)*", re.I)
+_LEAD = re.compile(r"(?:(?:therefore|thus|so|then|simply|just|clearly|now|either)\b[ \t,]*)*", re.I)
 _BREAK = re.compile(r"\$|\\[(\[]|\\boxed|\\fbox|[.!?](?=\s|$)|\n")
 
 
@@ -305,11 +307,16 @@ def _earlier(text: str, start: int) -> list[tuple[str, str]]:
     return out
 
 
+_THOUSANDS_ONLY = re.compile(r"\\?\$?-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+
+
 def _join(candidates: list[tuple[str, str]]) -> str:
     """One answer string from [(separator, candidate)]: the same candidate twice counts once; "a; b" lists
     alternatives and "a, b" a list, both read as a set by eval/latex.py."""
     seen, out = set(), ""
     for sep, c in candidates:
+        if len(candidates) > 1 and _THOUSANDS_ONLY.fullmatch(c.strip()):
+            c = c.replace(",", "")  # "1,596" is one number, also beside another candidate
         key = canonical(c)
         if key in seen:
             continue
@@ -408,11 +415,15 @@ def _after_marker(text: str, pos: int) -> tuple[str, int] | None:
     sentence = _strip_math(text[i:stop].strip().strip("*").strip().rstrip('"').rstrip("\\").strip())
     if not sentence:
         return None
-    first = _value(sentence, 0)
+    named = re.sub(r"^[a-zA-Z](?:_\{?\w+\}?)?\s*=\s*", "", sentence)  # "x = 5.0, although 6 …"
+    first = _value(named, 0)
     if first is not None:  # "5 or 6", "5, although 6 is also possible": the candidates it names
-        more, _ = _chain(sentence, first[1])
+        more, _ = _chain(named, first[1])
         if more:
             return _join([("", first[0])] + more), stop
+    parts = _alternatives(sentence)
+    if parts is not None:  # "\\left(3, \\frac{\\pi}{2}\\right), although (1, 2) is also possible"
+        return _join([("; ", p) for p in parts]), stop
     if len(_WORDS.findall(_COMMANDS.sub(" ", sentence))) >= 2:
         # A sentence, "The largest $n$ is 34": the answer is what it is said to be, and in prose, its one number.
         said = re.split(r"\s(?:is|are|equals|be)\s", sentence)[-1]
@@ -427,6 +438,32 @@ def _after_marker(text: str, pos: int) -> tuple[str, int] | None:
         numbers = _NUMBER.findall(said)
         return (numbers[0].rstrip(","), stop) if len(numbers) == 1 else None
     return sentence, stop
+
+
+_HEDGE_SPLIT = re.compile(r",?\s+(?:or(?:\s+(?:maybe|perhaps|possibly|else))?|although|though|alternatively|otherwise|"
+                          r"and/or|but\s+(?:it\s+)?(?:could|might|may)\s+(?:also\s+)?be)\s+|\s*;\s*(?:alternatively,?\s*)?|"
+                          r"\s+\((?:or|maybe|perhaps)\s+", re.I)
+
+
+def _alternatives(sentence: str) -> list[str] | None:
+    """A prose answer split at its hedge links, when every part is math ("(1, 2), although (2, 1) is also
+    possible"); None when it has no link or a part is prose."""
+    parts, depth, start = [], 0, 0
+    for m in _HEDGE_SPLIT.finditer(sentence):
+        depth = sum({"{": 1, "}": -1, "(": 1, ")": -1}.get(c, 0) for c in sentence[: m.start()])
+        if depth == 0:
+            parts.append(sentence[start : m.start()])
+            start = m.end()
+    if not parts:
+        return None
+    last = _ALSO_TAIL.sub("", sentence[start:]).rstrip()
+    if last.endswith(")") and last.count(")") > last.count("("):  # "5 (or 6)"
+        last = last[:-1]
+    parts.append(last)
+    parts = [_strip_math(p) for p in parts]
+    if any(not p or len(_WORDS.findall(_COMMANDS.sub(" ", p))) >= 2 for p in parts):
+        return None
+    return parts
 
 
 def _strip_math(s: str) -> str:
@@ -612,7 +649,7 @@ def _cheap(gold: str, answer: str, rel_tol: float, sig_digits: int) -> tuple[str
         p = parse_answer(answer)
     except Refused:
         return "unparseable", None, None
-    if g[0] == "text" or p[0] == "text":
+    if (g[0] == "text" or p[0] == "text") and "set" not in (g[0], p[0]):
         same = re.sub(r"\s+", "", normalize(gold)).lower() == re.sub(r"\s+", "", normalize(answer)).lower()
         return ("correct" if same else "wrong"), None, None
     try:
