@@ -102,8 +102,9 @@ def _normalize(s: str) -> str:
     s = s.strip().rstrip(".,;:").strip()
     s = re.sub(r'^(?:\\?")+|(?:\\?")+$', "", s).strip()  # an answer in quotes: "\"12 and 13\""
     s = re.sub(r"^(?:[a-zA-Z]\s*\\in|\\text\{is\}|=|\\approx)\s*", "", s)  # "x \in [-2, 7]", "\approx 11"
-    if _THOUSANDS.fullmatch(s):  # "1,000" is 1000; "32, 349" (a space after the comma) is a list
-        s = s.replace(",", "")
+    # "1,000" is 1000, also as one alternative of several ("1,000 ; 1,000"); "32, 349" (a space after the comma) is
+    # a list
+    s = ";".join(p.replace(",", "") if _THOUSANDS.fullmatch(p.strip()) else p for p in s.split(";"))
     return s
 
 
@@ -475,7 +476,7 @@ _CHOICE = re.compile(r"\s*(?:\\text(?:bf)?\{\s*)?\(([A-E])\)\s*\}?\s+(?![-+*/=<>
 
 def parse_answer(ans: str):
     """A whole answer (already extracted) -> tree. Raises Refused when it cannot be parsed."""
-    if _CHOICE.match(ans):  # "\\text{(B)} 3(1 + r/10)^x = 7": a multiple-choice label and its option's text is the label
+    if _CHOICE.match(ans):  # "\\text{(B)} 3(1 + r/10)^x = 7": a choice label and its option's text is the label
         parts = [p for p in ans.split(";") if p.strip()]
         if len(parts) == 1:
             return ("sym", _CHOICE.match(ans).group(1))
@@ -485,6 +486,15 @@ def parse_answer(ans: str):
     s = normalize(ans)
     if not s:
         raise Refused("empty answer")
+    if "\\begin" in s and ";" in s:  # "A \\text{ or } B" with matrices: alternatives, each parsed whole
+        parts = [p.strip() for p in s.split(";") if p.strip()]
+        if len(parts) > MAX_ELEMENTS:
+            raise Refused(f"more than {MAX_ELEMENTS} alternatives")
+        return ("set", _flatten([_parse_normalized(p, p) for p in parts]))
+    return _parse_normalized(s, ans)
+
+
+def _parse_normalized(s: str, ans: str):
     wrapped = re.fullmatch(r"[(\[]\s*(\\begin\{(?:array|[pbBvV]?matrix)\}.*\\end\{\w+\})\s*[)\]]", s, re.S)
     if wrapped:  # \left( \begin{array}{cc} … \end{array} \right): the brackets of an array matrix
         s = wrapped.group(1)

@@ -315,8 +315,10 @@ def _join(candidates: list[tuple[str, str]]) -> str:
     alternatives and "a, b" a list, both read as a set by eval/latex.py."""
     seen, out = set(), ""
     for sep, c in candidates:
-        if len(candidates) > 1 and _THOUSANDS_ONLY.fullmatch(c.strip()):
-            c = c.replace(",", "")  # "1,596" is one number, also beside another candidate
+        if len(candidates) > 1:
+            c = c.strip().rstrip(".,;:").rstrip()  # "$40_9.$": the sentence's period, inside the span
+            if _THOUSANDS_ONLY.fullmatch(c):
+                c = c.replace(",", "")  # "1,596" is one number, also beside another candidate
         key = canonical(c)
         if key in seen:
             continue
@@ -450,7 +452,7 @@ def _alternatives(sentence: str) -> list[str] | None:
     possible"); None when it has no link or a part is prose."""
     parts, depth, start = [], 0, 0
     for m in _HEDGE_SPLIT.finditer(sentence):
-        depth = sum({"{": 1, "}": -1, "(": 1, ")": -1}.get(c, 0) for c in sentence[: m.start()])
+        depth = sum({"{": 1, "}": -1, "(": 1, "[": 1, ")": -1, "]": -1}.get(c, 0) for c in sentence[: m.start()])
         if depth == 0:
             parts.append(sentence[start : m.start()])
             start = m.end()
