@@ -12,6 +12,12 @@ Sets (from eval/data/math500.jsonl, the repository's copy):
                      wrong ones rejected, truncated ones rejected, and the conventions that failed
   classes            tests/data/verify_cases.jsonl: hand-labelled cases of each judgement call (markers, truncation,
                      relations, matrices, tuples, named assignments, notation, decimals), same split
+  longtail           tests/data/verify_longtail.jsonl: hand-labelled cases of the long tail (issue 31: ASCII
+                     relations, answers without a marker, matrix arithmetic, approximations, several answers,
+                     inequalities vs intervals, worked-solution golds) and of hedging (issue 34), same split
+  hedged             every correct completion of `completions` with a second, different candidate in its final
+                     answer region: 2 of the 32 HEDGE_FORMS each (cycled), both orders; none may be accepted;
+                     reported as accepted per form
   adversarial        huge powers, factorials, 1 MB strings, 10,000 nested braces, code payloads: all must finish
                      within their deadline + 1 s (ours only; math-verify's signal.alarm does not bound these
                      outside the main thread, so it is not run on them)
@@ -30,7 +36,9 @@ from eval.math500 import load_gsm8k, load_math500
 from eval.latex import canonical
 from eval.verify import Verifier
 
-CASES = Path(__file__).resolve().parent.parent / "tests" / "data" / "verify_cases.jsonl"  # hand-labelled classes
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+CASES = DATA / "verify_cases.jsonl"  # hand-labelled classes
+LONGTAIL = DATA / "verify_longtail.jsonl"
 ADVERSARIAL = [
     "\\boxed{9^{9^{9^{9^{9}}}}}",
     "\\boxed{10^{10^{10^{10}}}!}",
@@ -293,15 +301,21 @@ def run(smoke: bool) -> dict:
     rewritten = [f"The answer is $\\boxed{{{_rewrite(g)}}}$." for g in golds]
     made = completions(rows, gsm)
     cases = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()]
+    tail = [json.loads(line) for line in LONGTAIL.read_text().splitlines() if line.strip()]
+    hedges = hedged(rows, gsm)
     sets = {
         "gold_vs_solution": (golds, sols, [True] * len(rows)),
         "rewritten": (golds, rewritten, [True] * len(rows)),
         "mix_wrong": (golds + golds, sols + wrong, [True] * len(rows) + same),
         "completions": ([m[0] for m in made], [m[1] for m in made], [m[2] for m in made]),
         "classes": ([c["gold"] for c in cases], [c["pred"] for c in cases], [c["label"] for c in cases]),
+        "longtail": ([c["gold"] for c in tail], [c["pred"] for c in tail], [c["label"] for c in tail]),
+        "hedged": ([h[0] for h in hedges], [h[1] for h in hedges], [False] * len(hedges)),
     }
     kinds = {"completions": [m[3] for m in made],
-             "classes": [("correct/" if c["label"] else "wrong/") + c["class"] for c in cases]}
+             "classes": [("correct/" if c["label"] else "wrong/") + c["class"] for c in cases],
+             "longtail": [("correct/" if c["label"] else "wrong/") + c["class"] for c in tail],
+             "hedged": ["wrong/" + h[2] for h in hedges]}
     results = {"env": {"python": platform.python_version(), "machine": platform.machine()}, "sets": {}}
     verifier = Verifier(workers=2, timeout_s=5.0)
     verifier.verify_batch(["x^2"], ["\\sin^2 x"])  # start the workers outside the timed region
@@ -350,7 +364,7 @@ def main() -> None:
         mv = (f"{r['math_verify_per_s']:14.0f} {r['math_verify_agree']:6d} {r['speedup']:7.1f}x"
               if "math_verify_per_s" in r else f"{'(not installed)':>14} {'-':>6} {'-':>8}")
         print(f"{name:18} {r['n']:5d} {r['ours_per_s']:9.0f} {r['ours_agree']:8d} {mv}")
-    for name in ("completions", "classes"):
+    for name in ("completions", "classes", "longtail", "hedged"):
         c = res["sets"][name]
         for who in ("ours", "math_verify"):
             if who in c:

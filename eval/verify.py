@@ -37,6 +37,7 @@ math-verify on MATH500/GSM8K completions built in many conventions, with labels 
 """
 
 import atexit
+import functools
 import json
 import os
 import re
@@ -120,18 +121,21 @@ _HEDGE_START = re.compile(
     r"\(?\s*(?:or\b|alternatively\b|maybe\b|perhaps\b|possibly\b|otherwise\b|either\b|"
     r"(?:but|though|however)\b[ \t,]*(?:it|the\s+answer)\s+(?:could|might|may)\b|"
     r"(?:it|this|that|the\s+(?:final\s+)?answer)\s+(?:could|might|may)\s+(?:also\s+)?be\b|"
-    r"another\s+(?:possible\s+|valid\s+|correct\s+)?(?:answer|solution|possibility|value)\s+(?:is|would\s+be|could\s+be)\b|"
-    r"(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|:)|####)",
+    r"another\s+(?:possible\s+|valid\s+|correct\s+)?(?:answer|solution|possibility|value)\s+"
+    r"(?:is|would\s+be|could\s+be)\b|(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|:)|####)",
     re.I,
 )
 _FILLER = re.compile(r"(?:[ \t,:*]|\b(?:the\s+)?(?:final\s+)?answer\s+(?:is|could\s+be|might\s+be)\b|"
                      r"\bit(?:'s|\s+is|\s+could\s+be|\s+might\s+be)\b|\b(?:is|be|also|even|just|maybe|perhaps)\b)*",
                      re.I)
 # "6 is also possible", "6 would also be correct": a candidate offered after the fact.
-_ALSO_TAIL = re.compile(r"\s+(?:is|would\s+be|could\s+be|might\s+be|works)\s+(?:also\s+)?(?:possible|valid|correct|right|"
-                       r"an?\s+(?:possible\s+)?(?:answer|option|possibility|solution))\W*$", re.I)
-_ALSO = re.compile(r"[ \t]*(?:is|would\s+be|could\s+be|might\s+be|works)\s+(?:also\s+)?(?:possible|valid|correct|right|"
-                   r"an?\s+(?:possible\s+)?(?:answer|option|possibility|solution))", re.I)
+_ALSO_WORDS = (r"(?:is|would\s+be|could\s+be|might\s+be|works)\s+(?:also\s+)?(?:possible|valid|correct|right|"
+               r"an?\s+(?:possible\s+)?(?:answer|option|possibility|solution))")
+_ALSO = re.compile(r"[ \t]*" + _ALSO_WORDS, re.I)
+_ALSO_TAIL = re.compile(r"\s+" + _ALSO_WORDS + r"\W*$", re.I)
+# A word without which no sentence after the answer offers another candidate (a cheap test before the scan).
+_OFFER = re.compile(r"\b(?:or|alternatively|maybe|perhaps|possibly|otherwise|either|could|might|may|another|"
+                    r"answer|also|however|though|but)\b|####", re.I)
 # What may stand between two answer statements for them to be one region ("The answer is 6. Wait, no. The answer is
 # 5."): punctuation, math delimiters and these words; any reasoning (a number, a formula, another word) separates.
 _BETWEEN = re.compile(
@@ -198,11 +202,20 @@ def _value(text: str, i: int) -> tuple[str, int] | None:
     return (m.group(0), m.end()) if m else None
 
 
-def _chain(text: str, i: int) -> tuple[list[tuple[str, str]], int]:
+def _chain(text: str, i: int, start: int | None = None) -> tuple[list[tuple[str, str]], int]:
     """The candidates joined to the one ending at text[i] by links: [(separator, candidate)], separator "; " for
-    alternatives and ", " for a list; and where the last of them ends (after the math span it was in, if any)."""
+    alternatives and ", " for a list; and where the last of them ends (after the math span it was in, if any).
+    start, where that candidate starts, saves a look back: "$\\boxed{5}$" closes the span its box opened."""
     out = []
-    close = _open_delimiter(text, i)  # "$x = \\boxed{4},$ since …": the box sits inside a span that closes later
+    k = _PUNCT.match(text, i).end()
+    # "$x = \\boxed{4},$ since …": the box sits inside a span that closes later (looked up only when one may close)
+    close = None
+    if text.startswith(("$", "\\)", "\\]"), k):
+        opened = text[max(0, (start or 0) - 2) : start or 0]
+        if start is not None and (opened.endswith(("\\(", "\\[")) or opened[-1:] == "$"):
+            close = {"\\(": "\\)", "\\[": "\\]", "$$": "$$"}.get(opened, "$")
+        else:
+            close = _open_delimiter(text, i)
     while len(out) < MAX_JOINED_BOXES:
         j = i
         if close is not None:
@@ -232,7 +245,12 @@ _CLOSES = {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}
 
 def _open_delimiter(text: str, i: int) -> str | None:
     """The delimiter that closes a math span open at text[i] (counted from the paragraph's start), else None."""
-    lo = max(text.rfind("\n\n", 0, i), i - 2000, 0)
+    lo = max(text.rfind("\n\n", max(0, i - 2000), i), i - 2000, 0)
+    window = text[lo:i]
+    if "\\(" not in window and "\\[" not in window:  # dollars only: the parity of their counts says it
+        doubles = window.count("$$")
+        singles = window.count("$") - 2 * doubles - window.count("\\$")
+        return "$$" if doubles % 2 else ("$" if singles % 2 else None)
     state = None
     for m in _DELIM_TOKEN.finditer(text, lo, i):
         tok = m.group(0)
@@ -257,12 +275,14 @@ def _sentence_end(text: str, i: int, limit: int) -> int:
         i = end if end is not None else m.end()
 
 
-def _hedges(text: str, i: int) -> list[tuple[str, str]]:
+def _hedges(text: str, i: int, start: int | None = None) -> list[tuple[str, str]]:
     """Candidates offered besides the answer that ends at text[i]: joined to it by links in its own sentence
     ("$5$ or $6$", "5, although 6 is also possible"), or in the sentences after it that offer one (_HEDGE_START,
     "6 is also possible"); a remark ("I checked it with $x = 1$") offers none. Looks at most 600 characters ahead."""
-    found, i = _chain(text, i)
+    found, i = _chain(text, i, start)
     limit = min(len(text), i + 600)
+    if not _OFFER.search(text, i, limit):
+        return found  # no sentence after the answer can offer a candidate: skip the sentence scan
     j = _sentence_end(text, i, limit)
     while j < limit and len(found) < MAX_JOINED_BOXES:
         while j < limit and text[j] in " \t\n*":
@@ -290,8 +310,10 @@ def _earlier(text: str, start: int) -> list[tuple[str, str]]:
     out = []
     for _ in range(MAX_JOINED_BOXES):
         lo = max(0, start - 300)
+        if not _STATEMENT.search(text, lo, start):
+            break  # no statement there to join
         best = None  # (start, end, candidate) of the statement that ends last before `start`
-        box = _box_before(text, start)
+        box = _box_before(text, start, lo)
         if box is not None and box[2] is not None and lo <= box[0] and box[1] <= start:
             best = (box[0], box[1], box[2])
         for m in _MARKER.finditer(text, lo, start):
@@ -300,19 +322,23 @@ def _earlier(text: str, start: int) -> list[tuple[str, str]]:
             got = _after_marker(text, m.end())
             if got is not None and got[1] <= start and (best is None or got[1] > best[1]):
                 best = (m.start(), got[1], got[0])
-        if best is None or not _BETWEEN.fullmatch(text, best[1], start):
+        if best is None or start - best[1] > 200 or not _BETWEEN.fullmatch(text, best[1], start):
             break
         out.insert(0, ("; ", best[2]))
         start = best[0]
     return out
 
 
+_NONBLANK = re.compile(r"\S")
+_STATEMENT = re.compile(r"answer|\\boxed|\\fbox|####", re.I)
 _THOUSANDS_ONLY = re.compile(r"\\?\$?-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 
 
 def _join(candidates: list[tuple[str, str]]) -> str:
     """One answer string from [(separator, candidate)]: the same candidate twice counts once; "a; b" lists
     alternatives and "a, b" a list, both read as a set by eval/latex.py."""
+    if len(candidates) == 1:
+        return candidates[0][1]
     seen, out = set(), ""
     for sep, c in candidates:
         if len(candidates) > 1:
@@ -341,12 +367,12 @@ def _delimited(text: str, whole: bool = False) -> str | None:
     return None
 
 
-def _box_before(text: str, pos: int) -> tuple[int, int, str | None] | None:
-    """(start, end, contents) of the last \\boxed / \\fbox starting before pos, or None; contents None when the
+def _box_before(text: str, pos: int, lo: int = 0) -> tuple[int, int, str | None] | None:
+    """(start, end, contents) of the last \\boxed / \\fbox starting in text[lo:pos], or None; contents None when the
     box never closes (cut off). Searches backwards, so a text of many boxes costs one scan, not one per box."""
     k = pos
     while True:
-        k = max(text.rfind("\\boxed", 0, k), text.rfind("\\fbox", 0, k))
+        k = max(text.rfind("\\boxed", lo, k), text.rfind("\\fbox", lo, k))
         if k < 0:
             return None
         after = k + (6 if text.startswith("\\boxed", k) else 5)
@@ -391,7 +417,7 @@ def _after_marker(text: str, pos: int) -> tuple[str, int] | None:
     lead = _LEAD.match(text, i)  # "Our answer is therefore $16 \\cdot (-8) = -128$."
     if lead.end() < n and text[lead.end()] in "$\\":
         i = lead.end()
-    if i >= n or text[i] == "\n" or not text[i : i + 5000].strip():
+    if i >= n or text[i] == "\n" or not _NONBLANK.search(text, i, i + 5000):
         while i < n and text[i] in " \n":
             i += 1
         if i >= n:
@@ -442,9 +468,9 @@ def _after_marker(text: str, pos: int) -> tuple[str, int] | None:
     return sentence, stop
 
 
-_HEDGE_SPLIT = re.compile(r",?\s+(?:or(?:\s+(?:maybe|perhaps|possibly|else))?|although|though|alternatively|otherwise|"
-                          r"and/or|but\s+(?:it\s+)?(?:could|might|may)\s+(?:also\s+)?be)\s+|\s*;\s*(?:alternatively,?\s*)?|"
-                          r"\s+\((?:or|maybe|perhaps)\s+", re.I)
+_HEDGE_SPLIT = re.compile(r",?\s+(?:or(?:\s+(?:maybe|perhaps|possibly|else))?|although|though|alternatively|"
+                          r"otherwise|and/or|but\s+(?:it\s+)?(?:could|might|may)\s+(?:also\s+)?be)\s+|"
+                          r"\s*;\s*(?:alternatively,?\s*)?|\s+\((?:or|maybe|perhaps)\s+", re.I)
 
 
 def _alternatives(sentence: str) -> list[str] | None:
@@ -528,7 +554,9 @@ def extract_answer(text: str, *, region: bool = True) -> str | None:
         return _join(_earlier(text, m.start()) + [("", answer)] + _hedges(text, end))
     if box is not None:
         boxes, start = _from_boxes(text, box)
-        return _join((_earlier(text, start) if region else []) + boxes + (_hedges(text, box[1]) if region else []))
+        if not region:
+            return _join(boxes)
+        return _join(_earlier(text, start) + boxes + _hedges(text, box[1], box[0]))
     return _closing(text, ended=chat is not None)
 
 
@@ -622,11 +650,12 @@ def _answer_of(pred: str) -> str | None:
 # One pair: the in-process stages.
 
 
+@functools.lru_cache(maxsize=4096)  # a group of samples shares its gold
 def _gold_answer(gold: str) -> str:
     """The answer a gold states: itself, or, for a worked solution (a box, "####", a marker, or prose), its final
     answer (the statement alone: a trusted reference hedges nothing); a box the gold leaves unclosed runs to its end."""
     g = gold
-    if "\\\\" in g and "\\begin" not in g:  # escaped twice (JSON written as text): two backslashes before a command are one
+    if "\\\\" in g and "\\begin" not in g:  # escaped twice (JSON as text): two backslashes before a command are one
         g = re.sub(r"\\\\(?=[a-zA-Z{}])", r"\\", g)
     if "\\boxed" in g or "####" in g or _MARKER.search(g) or len(_WORDS.findall(_COMMANDS.sub(" ", g))) >= 8:
         answer = extract_answer(g, region=False)
