@@ -50,6 +50,9 @@ ADVERSARIAL = [
     "x" * 1_000_000,
     "\\boxed{" * 100_000,
     "**Answer:**" + "\n- $p = 6$" * 50_000,
+    "The answer is " + "7 or " * 200_000 + "6.",
+    "The answer is 5." + " Alternatively, 6." * 100_000,
+    "The answer is 6. Wait, no. " * 50_000 + "The answer is 7.",
 ]
 
 
@@ -318,7 +321,10 @@ def run(smoke: bool) -> dict:
              "hedged": ["wrong/" + h[2] for h in hedges]}
     results = {"env": {"python": platform.python_version(), "machine": platform.machine()}, "sets": {}}
     verifier = Verifier(workers=2, timeout_s=5.0)
-    verifier.verify_batch(["x^2"], ["\\sin^2 x"])  # start the workers outside the timed region
+    # Start both workers outside the timed region: the pair must need the sympy stage (floats underflow at e^{-40});
+    # "x^2" against "\\sin^2 x", used before, is decided in-process and started none, so the first adversarial item
+    # to reach the pool paid the workers' start (~1.8 s) inside its deadline.
+    verifier.verify_batch(["e^{-40}"] * 2, ["e^{-40} + 0"] * 2)
     try:
         import math_verify
     except ImportError:

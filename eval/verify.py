@@ -473,15 +473,21 @@ _HEDGE_SPLIT = re.compile(r",?\s+(?:or(?:\s+(?:maybe|perhaps|possibly|else))?|al
                           r"\s*;\s*(?:alternatively,?\s*)?|\s+\((?:or|maybe|perhaps)\s+", re.I)
 
 
+_DEPTH = {"{": 1, "}": -1, "(": 1, "[": 1, ")": -1, "]": -1}
+
+
 def _alternatives(sentence: str) -> list[str] | None:
     """A prose answer split at its hedge links, when every part is math ("(1, 2), although (2, 1) is also
     possible"); None when it has no link or a part is prose."""
-    parts, depth, start = [], 0, 0
+    parts, depth, start, seen = [], 0, 0, 0
     for m in _HEDGE_SPLIT.finditer(sentence):
-        depth = sum({"{": 1, "}": -1, "(": 1, "[": 1, ")": -1, "]": -1}.get(c, 0) for c in sentence[: m.start()])
+        depth += sum(_DEPTH.get(c, 0) for c in sentence[seen : m.start()])  # brackets open before the link
+        seen = m.start()
         if depth == 0:
             parts.append(sentence[start : m.start()])
             start = m.end()
+        if len(parts) > MAX_JOINED_BOXES:
+            return None
     if not parts:
         return None
     last = _ALSO_TAIL.sub("", sentence[start:]).rstrip()

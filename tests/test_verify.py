@@ -291,6 +291,15 @@ ADVERSARIAL = [
     "answer" + " " * 5_000 + "x",
     "**Answer:**" + "\n- $p = 6$" * 50_000,
     "x < " * 300 + "1",
+    # The final-answer region (issue 34): long chains of hedges, statements and links, all bounded.
+    "The answer is " + "7 or " * 200_000 + "6.",
+    "The answer is $5$" + " (or $6$)" * 100_000,
+    "The final answer is x = 1.0" + ", although 2 is also possible" * 30_000,
+    "The answer is 5." + " Alternatively, 6." * 100_000,
+    "The answer is 6. Wait, no. " * 50_000 + "The answer is 7.",
+    "The answer is " + "therefore " * 100_000 + "$5$",
+    "$" * 1_000_000,
+    "We compute. " * 50_000 + "Therefore, the value is 5 or 6.<|im_end|>",
 ]
 PAYLOADS = [
     f"__import__('os').system('touch {SENTINEL}')",
@@ -404,4 +413,7 @@ def test_bench_smoke(tmp_path):
     made = res["sets"]["completions"]
     assert made["ours_agree"] == made["n"] > 80 and made["ours"]["truncated_rejected"]["n"] > 0
     assert res["sets"]["classes"]["ours_agree"] == res["sets"]["classes"]["n"]
+    assert res["sets"]["longtail"]["ours_agree"] == res["sets"]["longtail"]["n"] == 132
+    hedged = res["sets"]["hedged"]  # 80 correct completions x 2 forms x 2 orders, none accepted
+    assert hedged["n"] == 320 and hedged["ours_agree"] == 320 and hedged["ours"]["misses"] == {}
     assert res["adversarial"]["worst_over_deadline_s"] < 1.0 and res["adversarial"]["pool_works_after"]
