@@ -16,7 +16,7 @@ Sets (from eval/data/math500.jsonl, the repository's copy):
                      relations, answers without a marker, matrix arithmetic, approximations, several answers,
                      inequalities vs intervals, worked-solution golds) and of hedging (issue 34), same split
   hedged             every correct completion of `completions` with a second, different candidate in its final
-                     answer region: 2 of the 32 HEDGE_FORMS each (cycled), both orders; none may be accepted;
+                     answer region: 2 of the 33 HEDGE_FORMS each (cycled), both orders; none may be accepted;
                      reported as accepted per form
   adversarial        huge powers, factorials, 1 MB strings, 10,000 nested braces, code payloads: all must finish
                      within their deadline + 1 s (ours only; math-verify's signal.alarm does not bound these
@@ -222,6 +222,8 @@ HEDGE_FORMS = [
     ("another_answer", "after", "The answer is ${a}$. Another possible answer is ${b}$."),
     ("wait_no", "after", "The answer is ${a}$. Wait, no: the answer is ${b}$."),
     ("box_then_final_answer", "after", "\\boxed{{{a}}}\n\nFinal Answer: ${b}$"),
+    ("boxed_span_then_could_be", "after",
+     "The final answer is $\\boxed{{{a}}}$.\n\nAlternatively, the answer could be ${b}$."),
 ]
 # What may follow the hedge: nothing, a remark that names no other value, or the end of a chat turn.
 HEDGE_TAILS = ["", " I hope it is correct.", "\n\nI double-checked the arithmetic.", CHAT_TAIL]

@@ -225,9 +225,11 @@ def _chain(text: str, i: int, start: int | None = None) -> tuple[list[tuple[str,
         m = _LINK.match(text, j)
         link = text[i : m.end()] if m else text[i:j]
         if not re.sub(r"[\s)\]$]", "", link) or re.search(r"[.!?]", link):
-            break  # only spaces and closing brackets, or a sentence end: no link
+            i = j  # only spaces and closing brackets, or a sentence end: no link (but past the span it closed)
+            break
         v = _value(text, m.end() if m else j)
         if v is None:
+            i = j
             break
         out.append(("; " if _ALTERNATIVE.search(link) else ", ", v[0]))
         i = v[1]
@@ -573,9 +575,10 @@ def _closing(text: str, ended: bool) -> str | None:
     inner = _delimited(s.rstrip(".").rstrip(), whole=True)  # "$\\frac12$."
     if inner is not None:
         return inner or None
-    bare = len(_WORDS.findall(_COMMANDS.sub(" ", s))) < 2 and len(s) <= 1000  # math without prose (a matrix)
+    words = _WORDS.findall(_COMMANDS.sub(" ", s))
+    bare = len(words) < 2 and len(s) <= 1000  # math without prose (a matrix)
     spans = re.search(r"\$|\\[(\[]", s) is not None
-    if bare and not spans:
+    if bare and not spans and not (words and _SAID.search(s)):  # "x equals 4" is a statement
         return s or None
     if ("\n" not in s and len(s) <= 200 and _sentence_end(s, 0, len(s)) >= len(s.rstrip(" .!"))
             and re.search(r"(?:[.!$]|\\[)\]]|\d)\s*$", s)):

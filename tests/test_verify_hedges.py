@@ -2,12 +2,13 @@
 candidate is never accepted; one that names only the gold (once, twice, or with remarks) stays accepted.
 
 The completions are the correct completions of bench/bench_verify.py's `completions` (every MATH500 and GSM8K
-problem), with their final statement replaced by a hedge form of bench_verify.HEDGE_FORMS (32 forms: "or", "or
+problem), with their final statement replaced by a hedge form of bench_verify.HEDGE_FORMS (33 forms: "or", "or
 maybe", "(or …)", "; alternatively", "although … is also possible", "either … or", "/", a comma list, boxes joined by
 "or", "\\text{ or }" in math, "and/or", plain text and "####", and statements after the answer: "Alternatively, …",
 "It could also be …", "… is also possible", a second "The answer is …", "Wait, no: the answer is …", a box then a
-different "Final Answer"), in both orders (the gold first or second). The second candidate is the answer of the
-set's wrong completion for that problem, which the verifier rejects on its own.
+different "Final Answer", a boxed answer then "Alternatively, the answer could be …"), in both orders (the gold
+first or second). The second candidate is the answer of the set's wrong completion for that problem, which the
+verifier rejects on its own.
 """
 
 import collections
@@ -25,7 +26,7 @@ FORMS = [name for name, _, _ in HEDGE_FORMS]
 
 def test_forms_cover_both_positions():
     positions = collections.Counter(position for _, position, _ in HEDGE_FORMS)
-    assert len(FORMS) == len(set(FORMS)) == 32 and positions == {"inline": 22, "after": 10}
+    assert len(FORMS) == len(set(FORMS)) == 33 and positions == {"inline": 22, "after": 11}
     correct = [m for m in completions(load_math500(), load_gsm8k()) if m[2]]
     assert len(CASES) == len(correct) == 1819
     assert [c[0] for c in CASES] == [m[0] for m in correct]  # the same problems, in the same order
@@ -41,7 +42,7 @@ def test_every_correct_completion_hedged_in_every_form_is_rejected(verifier):
                 preds.append(hedge(reasoning, first, second, form, tail))
                 kinds.append(f"{form}/{order}")
     reasons = verifier.verify_batch_reasons(golds, preds)
-    assert len(reasons) == 1819 * 32 * 2
+    assert len(reasons) == 1819 * 33 * 2
     accepted = collections.Counter(k for k, r in zip(kinds, reasons) if r == "correct")
     assert accepted == {}
     assert reasons.count("timeout") == 0
@@ -56,7 +57,7 @@ def test_the_gold_restated_in_a_hedge_form_stays_accepted(verifier):
             preds.append(hedge(reasoning, answer, answer, form, HEDGE_TAILS[k % len(HEDGE_TAILS)]))
     reasons = verifier.verify_batch_reasons(golds, preds)
     missed = [(g, p[-100:]) for g, p, r in zip(golds, preds, reasons) if r != "correct"]
-    assert len(reasons) == 260 * 32 and missed == []
+    assert len(reasons) == 260 * 33 and missed == []
 
 
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
