@@ -1,22 +1,27 @@
 """Math answers in LaTeX -> a small tree, compared without running any code from the text.
 
 For: the verifier (eval/verify.py). This module normalises an answer string, tokenises it, parses it with a
-recursive-descent grammar into plain tuples, compares two trees structurally (tuples, intervals, sets, matrices,
-equations), and compares scalars by exact rational arithmetic, by floats at random points, or (in the worker pool
-only) by sympy objects built from the tree with sympy's constructors. Every stage has size guards: a tree that
-would need a huge integer, a huge exponent or deep nesting is refused (`Refused`), never computed.
-Not for: general LaTeX, proofs. Model text is never handed to eval/exec or to sympy's string parsers.
+recursive-descent grammar into plain tuples, compares two trees structurally (tuples, intervals, sets, matrices and
+their sums and products, equations, relations), and compares scalars by exact rational arithmetic, by floats at
+random points, or (in the worker pool only) by sympy objects built from the tree with sympy's constructors. Every
+stage has size guards: a tree that would need a huge integer, a huge exponent or deep nesting is refused
+(`Refused`), never computed. Not for: general LaTeX, proofs. Model text never reaches eval/exec or sympy's string
+parsers.
 
 Tree nodes are tuples whose first item names the kind:
-    ("num", Fraction, exact: bool[, written])   a literal; exact is False for a decimal, which keeps its digits as
-                                     written ("2.6667") for the approximation rule (NumericJudge)
+    ("num", Fraction, exact: bool[, written])   a literal; a decimal (exact False) keeps its digits as written
+                                     ("2.6667") for the approximation rule (NumericJudge)
     ("sym", name) ("const", "pi" | "e" | "i" | "oo") ("base", digits, base)   e.g. 204_5
     ("add", [nodes]) ("mul", [nodes]) ("div", a, b) ("pow", a, b) ("neg", a) ("fact", a) ("abs", a)
     ("fn", name, arg) ("log", base | None, arg) ("binom", n, k)
 Answers (the top level) add:
     ("seq", open, close, [answers])   tuples, points, intervals      ("set", [answers])   \\{…\\}, ± and bare lists
-    ("union", [answers])   ("matrix", [[nodes]])   ("eq", lhs, rhs)   ("text", str)
+    ("union", [answers])   ("matrix", [[nodes]])   ("eq", lhs, rhs)   ("text", str)   ("named", names, values)
     ("rel", [(f, op), ...])   every f op 0 holds, op in "<", "<=", "!=", "=" ("x >= 5" is 5 - x <= 0)
+    ("approx", exact | None, approximation)   "x = 1/3 \\approx 0.33": graded by the exact value (_compare_approx)
+Design: comparisons answer True, False or None (cannot decide) so that a cheap judge can hand only the undecided
+pairs to sympy; a decimal is an exact value unless the approximation rule or a caller's rel_tol says otherwise
+(docs/verifier.md has the rule and why k = 4).
 """
 
 import cmath

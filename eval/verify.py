@@ -7,33 +7,32 @@ Not for: grading proofs or free-form text. Model output is untrusted: it is pars
 and never reaches eval/exec or sympy's string parsers.
 
 Stages, cheapest first (eval/latex.py has the details):
+  0. extraction: the final-answer region and every candidate it names (extract_answer)
   1. normalisation and exact match of token strings            in-process, decides most correct answers
   2. structure + exact rationals + floats at random points     in-process, decides almost everything else
   3. sympy simplify on trees built with sympy constructors      worker process, only where 2 cannot decide
 A verdict is one of "correct", "wrong", "unparseable" (no answer, or the prediction is outside the grammar or its
 size guards) or "timeout" (the worker ran past its deadline, or died, e.g. on its memory cap; it is replaced).
 
-Judgement calls (each has accepted and rejected cases in tests/data/verify_cases.jsonl):
-  - A completion's answer is what follows its last final-answer convention (extract_answer lists them); text after
-    it is a remark. A completion without one, or cut off inside its last \\boxed{, has no answer ("unparseable"):
-    a reward must not come from a number that happens to appear in unfinished reasoning.
-  - Decimals are exact values: 6366.2 is not 20000/pi. Pass rel_tol > 0 to grade rounded answers (latex.NumericJudge).
+Judgement calls (each has accepted and rejected cases in tests/data/verify_cases.jsonl or verify_longtail.jsonl;
+docs/verifier.md gives the reasons and the measurements):
+  - The answer is what follows the last final-answer convention (extract_answer lists them). A completion without
+    one, or cut off inside its last \\boxed{, has no answer: a reward must not come from a number in unfinished
+    reasoning. Without a marker, a one-line statement gives its one value, and a long completion its closing
+    sentence only when its turn visibly ended (a chat token follows).
+  - Hedging: every candidate the final-answer region names is part of the answer, so "5 or 6" is the set {5, 6}:
+    wrong against 5, right against {5, 6}. The same value named twice is one candidate; a remark that offers no
+    candidate ("I checked it with $x = 1$") is not part of the region; a last statement naming nothing readable
+    gives no answer (never the statement it replaced).
+  - Approximations: a predicted decimal matches a rational gold when it is the gold rounded to its own places with
+    at least sig_digits (4) significant digits; otherwise decimals are exact values (6366.2 is not 20000/pi).
+    "a \\approx b" is graded by a. rel_tol > 0 grades every decimal with a relative tolerance instead.
   - A percentage is the number before the sign (10\\% is 10); words after a number are its unit ("31 paintings").
   - "x = 5", "AB = 4", "(x, y) = (1, 2)" state the value on the right; "p=5, q=2" is the tuple (5, 2) and matches
-    "q=2, p=5" by name; "x=1, x=2" is the set {1, 2}. Several boxes separated only by "and"/"or"/commas list one
-    answer ("\\boxed{-2} and \\boxed{1}" is "-2, 1"); the same value boxed twice is one answer.
-  - Sets compare as sets (a repeated element counts once); ";" and "or" separate alternatives, "and" and ","
-    elements; "1,000" is a thousand but "32, 349" (a space after the comma) is a list of two.
-  - Inequalities compare as sets of real numbers: "-x > -1" is "x < 1" is (-\\infty, 1). Two relations agree when
-    their atoms match (sides proportional with a positive factor); a relation in one variable and intervals agree
-    when they hold at the same probe points (every endpoint and linear boundary, beside it, between, far out, a
-    grid, all mirrored about 0): a nonlinear boundary ("|z| <= 3/2") that is not an endpoint is seen only by the
-    grid, so two sets that differ only on a sliver between grid points would be taken as equal.
-  - After a \\boxed answer only "Final Answer" or "####" restates it ("check our answer: ..." is a remark); a
-    sentence after a marker gives what it says "is" ("Final Answer: The largest $n$ is 34").
-
-Not measured here: how these rules fare on other models' habits. bench/bench_verify.py measures them against
-math-verify on MATH500/GSM8K completions built in many conventions, with labels known by construction.
+    "q=2, p=5" by name; "x=1, x=2" is the set {1, 2}; boxes joined by "and"/"or"/commas are one answer.
+  - Sets compare as sets; ";" and "or" separate alternatives, "and" and "," elements; "1,000" is a thousand.
+  - Inequalities compare as sets of real numbers, by matching atoms or at probe points around every endpoint and
+    linear boundary: a nonlinear boundary that is not an endpoint is seen only by a grid of probes.
 """
 
 import atexit
