@@ -5,14 +5,16 @@
 PATH is a math-verify tests/ directory or test file (e.g. the sdist's `math_verify-0.9.0/tests`: `pip download
 math-verify==0.9.0 --no-binary :all: --no-deps` and unpack it). The files are parsed with `ast` and never
 executed or imported; their strings are not copied into this repository. A case is one (gold, pred, expected)
-triple of a `@pytest.mark.parametrize("gold, pred, expected", [...])` test whose body calls `compare_strings` with
-no option beyond `match_types` (the "default configuration": no precision, strict or set-relation switch);
-identical triples within a test count once. Each case runs through
+triple of a `@pytest.mark.parametrize("gold, pred, expected"[, precision], [...])` test whose `compare_strings`
+call extracts LaTeX and sets no option beyond `match_types` and `precision` (no strict or set-relation switch):
+math-verify's default configuration otherwise. Identical triples within a test count once (229 cases in 0.9.0).
+Each case runs through
   ours          eval.verify.Verifier.verify_batch_reasons(gold, pred) == "correct" (worker pool, 5 s deadline)
-  math-verify   parse + verify with the test's own extraction targets, as its compare_strings does (when installed)
-and agreement is the share of cases whose verdict equals `expected`. Disagreements are printed by class (a rule on
-the strings, `_class`), each named by file::test[index] so it can be looked up in math-verify's sources; --cases
-also prints the strings (to the terminal only).
+  math-verify   verify(parse(gold), parse(pred)) at its defaults, and as the test calls it (its extraction targets,
+                its precision), when math-verify is installed
+and agreement is the share of cases whose verdict equals `expected`. Disagreements are printed by class (rules on the
+strings, `_CLASSES`), each named file::test[index] so it can be looked up in math-verify's sources; --cases also
+prints the strings (to the terminal only). docs/verifier.md has the results and the deliberate disagreements.
 """
 
 import argparse

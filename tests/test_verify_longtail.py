@@ -140,3 +140,40 @@ def test_hedged_region_is_wrong_unless_the_gold_is_a_set():
     assert verify_reason("7", "The answer is 7, although 8 is also possible.") == "wrong"
     # The last statement names nothing readable: no answer, never an earlier statement it replaced.
     assert verify_reason("7", "The answer is $7$.\n\nFinal answer: seven or eight apples") == "unparseable"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench/verify_agreement.py reads math-verify's tests with ast: which cases count (checked on a file written here).
+
+FAKE_TESTS = '''
+import pytest
+
+@pytest.mark.parametrize("gold,pred,expected", [("$1$", "$1$", 1), ("$1$", "$2$", 0), ("$1$", "$1$", 1), (f(), "x", 1)])
+def test_plain(gold, pred, expected):
+    assert compare_strings(gold, pred, match_types=["latex", "expr"]) == expected
+
+@pytest.mark.parametrize("gold, pred, expected, precision", [("$1/3$", "$0.33$", 1, 2)])
+def test_with_precision(gold, pred, expected, precision):
+    assert compare_strings(gold, pred, match_types=["latex", "expr"], precision=precision) == expected
+
+@pytest.mark.parametrize("gold,pred,expected", [("1", "1", 1)])
+def test_expr_only(gold, pred, expected):
+    assert compare_strings(gold, pred, match_types=["expr"]) == expected
+
+@pytest.mark.parametrize("gold,pred,expected", [("$x$", "$y$", 0)])
+def test_not_strict(gold, pred, expected):
+    assert compare_strings(gold, pred, match_types=["latex"], strict=False) == expected
+'''
+
+
+def test_agreement_harness_reads_default_configuration_cases_only(tmp_path):
+    from bench.verify_agreement import read_cases
+
+    (tmp_path / "test_fake.py").write_text(FAKE_TESTS)
+    cases = read_cases([str(tmp_path)])
+    # test_plain: 2 distinct literal triples (a repeat and a computed one skipped); test_with_precision: 1 with its
+    # precision; expr-only and strict=False tests are not the default configuration.
+    assert [(c["id"], c["expected"], c["precision"]) for c in cases] == [
+        ("test_fake.py::test_plain[0]", True, None), ("test_fake.py::test_plain[1]", False, None),
+        ("test_fake.py::test_with_precision[0]", True, 2)]
+    assert cases[0]["match_types"] == ["latex", "expr"]
