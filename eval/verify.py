@@ -82,7 +82,7 @@ _CHAT_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>|</s>|<eos>|<end_of_turn>")
 # choices") is not a marker.
 _MARKER = re.compile(
     r"\b(?:final\s+)?answer\b\s*(?:\*\*\s*)?(?:(?:is|would\s+be|should\s+be|will\s+be)\b[ \t]*:?|[:=])[ \t]*(?:\*\*)?"
-    r"|\b(?:final\s+)?answer\b[ \t]*(?:\*\*)?(?=[ \t]*(?:\n|\$|\\[\[(]|$))"
+    r"|\b(?:final\s+)?answer\b(?=[ \t]*(?:\*\*[ \t]*)?(?:\n|\$|\\[\[(]|$))[ \t]*(?:\*\*)?"
     r"|####",
     re.I,
 )
@@ -94,7 +94,9 @@ _DELIMS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
 _LIST_ITEM = re.compile(r"\s*(?:[-*•]|\d+[.)])\s+(.*)")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 # Where the answer sentence ends and a remark begins: "16 (I checked it with $x = 1$)", "17 because …".
-_SENTENCE_END = re.compile(r"\.(?:\s|$)|\n|\s+(?:because|since|which|where|as|so|when|if)\s|\s+\((?=[A-Za-z]+\s)", re.I)
+# (?<!\s): a match starts where a run of spaces starts, so that a long run costs one scan, not one per space.
+_SENTENCE_END = re.compile(r"\.(?:\s|$)|\n|(?<!\s)\s+(?:because|since|which|where|as|so|when|if)\s|(?<!\s)\s+\((?=[A-Za-z]+\s)",
+                           re.I)
 _WORDS = re.compile(r"(?<![a-zA-Z\\])(?!and\b)[a-zA-Z]{3,}\b")  # words of prose; "1 and 2" is a list
 _COMMANDS = re.compile(r"\\(?:begin|end)\{[^{}]*\}|\\[a-zA-Z]+")
 
@@ -131,7 +133,7 @@ _FILLER = re.compile(r"(?:[ \t,:*]|\b(?:the\s+)?(?:final\s+)?answer\s+(?:is|coul
 _ALSO_WORDS = (r"(?:is|would\s+be|could\s+be|might\s+be|works)\s+(?:also\s+)?(?:possible|valid|correct|right|"
                r"an?\s+(?:possible\s+)?(?:answer|option|possibility|solution))")
 _ALSO = re.compile(r"[ \t]*" + _ALSO_WORDS, re.I)
-_ALSO_TAIL = re.compile(r"\s+" + _ALSO_WORDS + r"\W*$", re.I)
+_ALSO_TAIL = re.compile(r"(?<!\s)\s+" + _ALSO_WORDS + r"\W*$", re.I)
 # A word without which no sentence after the answer offers another candidate (a cheap test before the scan).
 _OFFER = re.compile(r"\b(?:or|alternatively|maybe|perhaps|possibly|otherwise|either|could|might|may|another|"
                     r"answer|also|however|though|but)\b|####", re.I)
@@ -342,10 +344,9 @@ def _join(candidates: list[tuple[str, str]]) -> str:
         return candidates[0][1]
     seen, out = set(), ""
     for sep, c in candidates:
-        if len(candidates) > 1:
-            c = c.strip().rstrip(".,;:").rstrip()  # "$40_9.$": the sentence's period, inside the span
-            if _THOUSANDS_ONLY.fullmatch(c):
-                c = c.replace(",", "")  # "1,596" is one number, also beside another candidate
+        c = c.strip().rstrip(".,;:").rstrip()  # "$40_9.$": the sentence's period, inside the span
+        if _THOUSANDS_ONLY.fullmatch(c):
+            c = c.replace(",", "")  # "1,596" is one number, also beside another candidate
         key = canonical(c)
         if key in seen:
             continue
@@ -469,9 +470,9 @@ def _after_marker(text: str, pos: int) -> tuple[str, int] | None:
     return sentence, stop
 
 
-_HEDGE_SPLIT = re.compile(r",?\s+(?:or(?:\s+(?:maybe|perhaps|possibly|else))?|although|though|alternatively|"
+_HEDGE_SPLIT = re.compile(r"(?<!\s),?\s+(?:or(?:\s+(?:maybe|perhaps|possibly|else))?|although|though|alternatively|"
                           r"otherwise|and/or|but\s+(?:it\s+)?(?:could|might|may)\s+(?:also\s+)?be)\s+|"
-                          r"\s*;\s*(?:alternatively,?\s*)?|\s+\((?:or|maybe|perhaps)\s+", re.I)
+                          r"(?<!\s)\s*;\s*(?:alternatively,?\s*)?|(?<!\s)\s+\((?:or|maybe|perhaps)\s+", re.I)
 
 
 _DEPTH = {"{": 1, "}": -1, "(": 1, "[": 1, ")": -1, "]": -1}

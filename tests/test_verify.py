@@ -300,6 +300,11 @@ ADVERSARIAL = [
     "The answer is " + "therefore " * 100_000 + "$5$",
     "$" * 1_000_000,
     "We compute. " * 50_000 + "Therefore, the value is 5 or 6.<|im_end|>",
+    # Long runs of spaces where a pattern could start at every space (each once cost ~1 s: quadratic scans).
+    "x answer" + " " * 4_900 + "y",
+    "The answer is 7" + " " * 4_900 + "x",
+    "We compute." + " " * 4_900 + "Therefore 7 is it.<|im_end|>",
+    "Final answer: 7, although" + " " * 4_900 + "8",
 ]
 PAYLOADS = [
     f"__import__('os').system('touch {SENTINEL}')",
