@@ -181,13 +181,18 @@ def _span_end(text: str, i: int) -> int | None:
     return None
 
 
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_NAME_IS = re.compile(r"^[a-zA-Z](?:_\{?\w+\}?)?\s*=\s*")
+_IS = re.compile(r"\s(?:is|are|equals|be)\s")
+
+
 def _inner(span: str) -> str:
     """The contents of a math span or box, without the delimiters and a lone \\boxed{} inside."""
     for left, right in _DELIMS:
         if span.startswith(left) and span.endswith(right) and len(span) >= len(left) + len(right):
             span = span[len(left) : len(span) - len(right)].strip()
             break
-    box = re.match(r"\\(?:boxed|fbox)\s*\{", span)
+    box = _BOX_OPEN.match(span) if span.startswith(("\\boxed", "\\fbox")) else None
     if box and span.endswith("}") and _braced(span, box.end() - 1) == span[box.end() : -1]:
         span = span[box.end() : -1].strip()
     return span
@@ -416,9 +421,10 @@ def _after_marker(text: str, pos: int) -> tuple[str, int] | None:
         i += 1
     if text.startswith('\\"', i):
         i += 2
-    lead = _LEAD.match(text, i)  # "Our answer is therefore $16 \\cdot (-8) = -128$."
-    if lead.end() < n and text[lead.end()] in "$\\":
-        i = lead.end()
+    if text[i : i + 1].isalpha():  # "Our answer is therefore $16 \\cdot (-8) = -128$."
+        lead = _LEAD.match(text, i).end()
+        if lead < n and text[lead] in "$\\":
+            i = lead
     if i >= n or text[i] == "\n" or not _NONBLANK.search(text, i, i + 5000):
         while i < n and text[i] in " \n":
             i += 1
@@ -445,7 +451,7 @@ def _after_marker(text: str, pos: int) -> tuple[str, int] | None:
     sentence = _strip_math(text[i:stop].strip().strip("*").strip().rstrip('"').rstrip("\\").strip())
     if not sentence:
         return None
-    named = re.sub(r"^[a-zA-Z](?:_\{?\w+\}?)?\s*=\s*", "", sentence)  # "x = 5.0, although 6 …"
+    named = _NAME_IS.sub("", sentence, count=1)  # "x = 5.0, although 6 …"
     first = _value(named, 0)
     if first is not None:  # "5 or 6", "5, although 6 is also possible": the candidates it names
         more, _ = _chain(named, first[1])
@@ -456,7 +462,7 @@ def _after_marker(text: str, pos: int) -> tuple[str, int] | None:
         return _join([("; ", p) for p in parts]), stop
     if len(_WORDS.findall(_COMMANDS.sub(" ", sentence))) >= 2:
         # A sentence, "The largest $n$ is 34": the answer is what it is said to be, and in prose, its one number.
-        said = re.split(r"\s(?:is|are|equals|be)\s", sentence)[-1]
+        said = _IS.split(sentence)[-1]
         if len(_WORDS.findall(_COMMANDS.sub(" ", said))) < 2:
             said = _strip_math(said)
             return (said, stop) if said else None
