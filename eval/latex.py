@@ -1187,8 +1187,12 @@ def _inf_sign(node) -> int:
 
 
 def _points(names: set, n: int) -> list[dict]:
+    return _points_cached(tuple(sorted(names)), n)
+
+
+@functools.lru_cache(maxsize=1024)  # a new Random per comparison cost more than the comparison; callers only read
+def _points_cached(ordered: tuple, n: int) -> list[dict]:
     rng = random.Random(1234)  # fixed: a verdict must not change between runs
-    ordered = sorted(names)
     # Values in [1.2, 2.9] stay clear of 0 and 1, where cancellation would blur a float comparison.
     return [{s: complex(1.2 + 1.7 * rng.random()) for s in ordered} for _ in range(n)]
 
@@ -1262,8 +1266,10 @@ class NumericJudge:
 def _rounded_decimal(gold, pred, sig_digits: int) -> bool:
     """The approximation rule: pred is a decimal literal with >= sig_digits significant digits, and the rational
     gold rounded to pred's decimal places gives pred (either way at a tie)."""
+    if "." not in _written(pred):
+        return False  # not a decimal literal (the common case: checked first, cheaply)
     lit = _literal(pred)
-    if lit is None or "." not in _written(pred):
+    if lit is None:
         return False
     value, places, sig = lit
     if sig < sig_digits or has_decimal(gold) or symbols(gold):
