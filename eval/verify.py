@@ -247,28 +247,20 @@ def _chain(text: str, i: int, start: int | None = None) -> tuple[list[tuple[str,
 
 
 _PUNCT = re.compile(r"[\s,.;:)\]]*")
-_DELIM_TOKEN = re.compile(r"\$\$|\$|\\[()\[\]]")
-_CLOSES = {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}
 
 
 def _open_delimiter(text: str, i: int) -> str | None:
-    """The delimiter that closes a math span open at text[i] (counted from the paragraph's start), else None."""
+    """The delimiter that closes a math span open at text[i] (counted from the paragraph's start), else None.
+    Counts, not a walk: \\( \\) and \\[ \\] pair up, and dollars open and close in turn."""
     lo = max(text.rfind("\n\n", max(0, i - 2000), i), i - 2000, 0)
     window = text[lo:i]
-    if "\\(" not in window and "\\[" not in window:  # dollars only: the parity of their counts says it
-        doubles = window.count("$$")
-        singles = window.count("$") - 2 * doubles - window.count("\\$")
-        return "$$" if doubles % 2 else ("$" if singles % 2 else None)
-    state = None
-    for m in _DELIM_TOKEN.finditer(text, lo, i):
-        tok = m.group(0)
-        if tok[0] == "$" and m.start() > 0 and text[m.start() - 1] == "\\":
-            continue  # "\$" is a dollar sign
-        if state is None:
-            state = _CLOSES.get(tok)
-        elif tok == state:
-            state = None
-    return state
+    if window.count("\\(") > window.count("\\)"):
+        return "\\)"
+    if window.count("\\[") > window.count("\\]"):
+        return "\\]"
+    doubles = window.count("$$")
+    singles = window.count("$") - 2 * doubles - window.count("\\$")
+    return "$$" if doubles % 2 else ("$" if singles % 2 else None)
 
 
 def _sentence_end(text: str, i: int, limit: int) -> int:
