@@ -30,7 +30,7 @@ setup(
         "tomli; python_version < '3.11'",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.45", "matplotlib", "import-linter>=2.1"],
+        "test": ["pytest>=7", "transformers>=4.45", "matplotlib", "import-linter>=2.1", "hypothesis>=6"],
         "bench": ["transformers>=4.45", "math-verify"],
         "flash": ["flash-attn"],
         "plot": ["matplotlib"],
