@@ -52,6 +52,7 @@ from posttrain.core.distributed import (
     init_distributed,
 )
 from posttrain.core.model import ModelConfig, Transformer
+from posttrain.core.records import layout
 from posttrain.core.sampler import free_cache, generate
 from posttrain.core.tokenizer import Tokenizer
 from posttrain.eval.checkers import CHECKERS, check_rows
@@ -73,7 +74,7 @@ class InitConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # directory with train/*.jsonl (+ heldout/*.jsonl); empty: the built-in synthetic tasks
+    path: str = ""  # directory with train/<name>.jsonl|.parquet|save_to_disk folder (+ heldout/ alike); empty: built-in
     synthetic: str = "default"  # which built-in task set (train/synthetic.TASK_SETS) when path is empty
     heldout_fraction: float = 0.05  # carved from each training file when there is no heldout/ directory
     seq_len: int = 256  # packed row length
@@ -83,7 +84,9 @@ class DataConfig:
     weights: dict[str, float] = field(default_factory=dict)
     # sub-dataset -> default checker ("exact", "math", "choice", "synthetic"); a row's own "checker" field wins
     checkers: dict[str, str] = field(default_factory=dict)
-    cache_dir: str = ""  # tokenized JSONL mixtures are cached here (default: runtime.default_cache_dir()); "off": none
+    # sub-dataset -> column layout: "gsm8k", "math", "messages" or {row key = column} (core/records.py)
+    columns: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str = ""  # tokenized mixtures are cached here (default: runtime.default_cache_dir()); "off": none
     prefetch: bool = True  # pack the next micro-batch in a background thread while the current step runs
     seed: int = 0
 
@@ -91,6 +94,11 @@ class DataConfig:
         for task, name in self.checkers.items():
             if name not in CHECKERS:
                 raise ValueError(f"data.checkers.{task}: unknown checker {name!r}; use one of {', '.join(CHECKERS)}")
+        for task, spec in self.columns.items():
+            try:
+                layout(spec)
+            except DataError as e:
+                raise ValueError(f"data.columns.{task}: {e}") from None
 
 
 @dataclass
@@ -295,11 +303,14 @@ def load_tokenizer(cfg: RunConfig) -> Tokenizer:
 
 
 def load_data(cfg: RunConfig, d: Dist, tokenizer: Tokenizer) -> SFTData:
-    """The sub-datasets of `cfg.data`, tokenized. A JSONL mixture is tokenized once per node: rank 0 keys the cache
+    """The sub-datasets of `cfg.data`, tokenized. A mixture of files is tokenized once per node: rank 0 keys the cache
     by content and tells every rank; each node's local rank 0 builds the entry if it is missing (the others wait),
     then every rank memory-maps it. The built-in tasks are small and built in memory on every rank."""
     c = cfg.data
     if not c.path:
+        if c.columns:
+            raise DataError(f"data.columns {sorted(c.columns)}: column layouts apply to the files of data.path; the "
+                            f"built-in tasks have none")
         train, heldout = synthetic_rows(c.seed, task_set=c.synthetic)
         check_checker_names(c.checkers, train, "the built-in tasks")
         for rows in (*train.values(), *heldout.values()):  # the config's defaults do not override a row's own
@@ -309,13 +320,22 @@ def load_data(cfg: RunConfig, d: Dist, tokenizer: Tokenizer) -> SFTData:
 
     def build() -> SFTData:
         return SFTData.from_dir(c.path, tokenizer, seq_len=c.seq_len, truncation=c.truncation,
-                                heldout_fraction=c.heldout_fraction, seed=c.seed, checkers=c.checkers)
+                                heldout_fraction=c.heldout_fraction, seed=c.seed, checkers=c.checkers,
+                                columns=c.columns)
 
     if c.cache_dir == "off":
         return build()
-    key = broadcast(d, mixture_cache_key(c.path, tokenizer, seq_len=c.seq_len, truncation=c.truncation,
-                                         heldout_fraction=c.heldout_fraction, seed=c.seed, checkers=c.checkers)
-                    if d.is_main else None)
+    key = error = None
+    if d.is_main:
+        try:  # a bad source is found here on rank 0: every rank must hear of it, not wait in the broadcast
+            key = mixture_cache_key(c.path, tokenizer, seq_len=c.seq_len, truncation=c.truncation,
+                                    heldout_fraction=c.heldout_fraction, seed=c.seed, checkers=c.checkers,
+                                    columns=c.columns)
+        except DataError as e:
+            error = str(e)
+    key, error = broadcast(d, (key, error))
+    if error is not None:
+        raise DataError(error)
     entry = Path(c.cache_dir or default_cache_dir()) / key
     hit, error = (entry / "meta.json").is_file(), None
     if d.local_rank == 0 and not hit:
