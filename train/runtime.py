@@ -57,6 +57,7 @@ from posttrain.core.sampler import free_cache, generate
 from posttrain.core.tokenizer import Tokenizer
 from posttrain.eval.checkers import CHECKERS, check_rows
 from posttrain.train.data import DataError, PackedBatch, SFTData, check_checker_names, mixture_cache_key, synthetic_rows
+from posttrain.train.metrics import LogConfig, MetricsLog
 from posttrain.train.synthetic import tiny_tokenizer
 
 # Dense bf16 peak FLOP/s for MFU, by device name substring (spec sheets, no sparsity).
@@ -161,6 +162,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    log: LogConfig = field(default_factory=LogConfig)  # metrics.jsonl always; TensorBoard, W&B (train/metrics.py)
     out_dir: str = "runs/run"
     device: str = ""  # "" picks cuda when available, else cpu
 
@@ -213,49 +215,6 @@ def log(d: Dist, message: str) -> None:
 def format_eval(results: dict[str, dict[str, float]]) -> str:
     return "  ".join(f"{t}:" + (f" loss {r['loss']:.3f}" if "loss" in r else "")
                      + (f" acc {r['accuracy']:.2f}" if "accuracy" in r else "") for t, r in results.items())
-
-
-class MetricsLog:
-    """JSONL metrics (and TensorBoard when installed), written by rank 0 only."""
-
-    def __init__(self, out_dir: Path, enabled: bool, *, append: bool) -> None:
-        self.enabled = enabled
-        self.file = self.tb = None
-        if enabled:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(out_dir / "metrics.jsonl", "a" if append else "w")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tb"))
-            except ImportError:
-                pass
-
-    def write(self, step: int, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"step": step, **record}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in flatten_metrics(record).items():
-                self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
-        self.file = self.tb = None
-
-
-def flatten_metrics(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in record.items():
-        if isinstance(v, dict):
-            out.update(flatten_metrics(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)):
-            out[prefix + k] = v
-    return out
 
 
 @dataclass
@@ -453,7 +412,14 @@ class Runtime:
         Returns the saved state (a stage reads its own keys from it), or None for a fresh start."""
         latest = self.checkpointer.latest() if self.cfg.checkpoint.resume and self.d.is_main else None
         step = broadcast(self.d, latest)
-        self.metrics = MetricsLog(self.out, self.d.is_main, append=step is not None)
+        opened: Exception | None = None
+        try:
+            self.metrics = MetricsLog(self.out, self.d.is_main, append=step is not None, cfg=self.cfg.log,
+                                      config=flatten(self.cfg))
+        except Exception as e:  # rank 0 alone opens it (W&B's login can fail there): no rank may wait for it
+            opened = e
+        if broadcast(self.d, None if opened is None else repr(opened)) is not None:
+            raise opened or RuntimeError("rank 0 could not open the metrics log (its error is in its output)")
         if step is None:
             return None
         state = self.checkpointer.load(step, self.model, self.optimizer)
