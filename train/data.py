@@ -157,13 +157,13 @@ def read_rows(path: str | Path, checkers: dict[str, str] | None = None,
     """Rows of one source (a JSONL or Parquet file, or a save_to_disk folder; core/records.py), read through the
     layout `lay` when given, grouped by sub-dataset: the row's `task` field, else the source's name. Any bad row
     raises DataError naming the file and line or row. An empty source is an error (empty sub-dataset)."""
-    path = Path(path)
+    path, name = Path(path), source_name(path)
     groups: dict[str, list[Row]] = {}
     for _, where, obj in read_records(path, lay):
-        row = parse_row(obj, where, default_task=source_name(path), checkers=checkers)
+        row = parse_row(obj, where, default_task=name, checkers=checkers)
         groups.setdefault(row.task, []).append(row)
     if not groups:
-        raise DataError(f"{path}: sub-dataset '{source_name(path)}' is empty (no rows); fill it or remove it")
+        raise DataError(f"{path}: sub-dataset '{name}' is empty (no rows); fill it or remove it")
     return groups
 
 
