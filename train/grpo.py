@@ -179,15 +179,15 @@ class PersonaSection:
     """PerMix-RLVR: which personas the prompts are asked under (module docstring, step 1)."""
 
     mode: str = "none"  # "none": plain RLVR | "permix": every prompt under a persona drawn by `ratios`
-    pool: str = ""  # training personas: a built-in pool of eval/data/personas/ ("math-train") or a JSONL file
+    pool: str = ""  # training personas: a built-in pool of eval/data/personas/ ("math-train") or a pool file
     # Share of the prompts per kind (normalised): no persona / a training persona that is not role-play, on the
     # verifiable prompt / a role-play request. Half the prompts carry a robustness persona because robustness to
     # unhelpful personas is what plain RLVR does not train; a quarter stay plain so the no-persona accuracy keeps
     # its signal; a quarter are role-play so fidelity is rewarded as often as it can be lost.
     ratios: dict[str, float] = field(default_factory=lambda: {"none": 0.25, "persona": 0.5, "roleplay": 0.25})
     fidelity_weight: float = 1.0  # reward weight of fidelity (fraction of the persona's constraints met, in [0, 1])
-    roleplay_prompts: str = ""  # JSONL of role-play requests ("prompt"/"messages", "answer" optional); empty: the
-    #                             verifiable prompts
+    roleplay_prompts: str = ""  # a prompt file of role-play requests ("prompt"/"messages", "answer" optional);
+    #                             empty: the verifiable prompts
 
     def __post_init__(self) -> None:
         if self.mode not in ("none", "permix"):
