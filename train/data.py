@@ -1,4 +1,4 @@
-"""Multi-task SFT data: JSONL sub-datasets -> chat-rendered token streams -> packed, fixed-shape micro-batches.
+"""Multi-task SFT data: sub-datasets from files -> chat-rendered token streams -> packed, fixed-shape micro-batches.
 
 What it is for:
   - Reading sub-datasets from JSONL, Parquet or `datasets` save_to_disk folders (core/records.py; `{"prompt",
