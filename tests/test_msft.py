@@ -327,6 +327,17 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
     stages = r["stages"]
     _assert_decisions_follow_the_curves(one, skip_flat=True)
     assert stages and all(s["restored_weights"] == s["point_weights"] for s in stages if s["excluded"])
+    # Each exclusion and its roll-back are events in the method's metrics (and W&B), at the step of the decision.
+    lines = (tmp_path / "one" / "msft" / "metrics.jsonl").read_text().splitlines()
+    events = [json.loads(x) for x in lines if '"event"' in x]
+    excluded = [s for s in stages if s["excluded"]]
+    assert excluded and [(e["event"], e["stage"]) for e in events] == [
+        (name, s["stage"]) for s in excluded for name in ("msft/exclude", "msft/rollback")]
+    for s, ex, rb in zip(excluded, events[::2], events[1::2]):
+        assert (ex["task"], ex["peak_c"]) == (s["excluded"], s["rollback_to"]) and ex["step"] == rb["step"]
+        assert (rb["to_c"], rb["to_step"], rb["discarded_tokens"]) == (s["rollback_to"], s["rollback_step"],
+                                                                       s["discarded_tokens"])
+        assert rb["step"] > rb["to_step"]
     assert r["selected"]["restored_weights"] == r["selected"]["weights"]
     for s in stages:
         if s["excluded"]:

@@ -5,7 +5,8 @@
 
 One step, top to bottom (`grpo_step`):
   1. prompts   the next `grpo.prompts_per_step` prompts of the global stream (a seeded permutation per epoch of the
-               prompt pool: a JSONL file `grpo.prompts`, else the training rows of [data] without their response),
+               prompt pool: a JSONL or Parquet file or a save_to_disk folder `grpo.prompts`, read through the
+               layout `grpo.prompts_columns`, else the training rows of [data] without their response),
                the same on every rank; rendered with the chat template. They are cut into `rollout_shards` equal
                contiguous shards (default: one per rank); each rank rolls out its own shard.
   2. rollout   G = `grpo.group_size` completions per prompt from the current policy (core/sampler.generate, the
@@ -76,7 +77,7 @@ import torch
 import torch.distributed as dist
 
 from posttrain.core.distributed import build_model, clip_grad_norm_, forget_forwards
-from posttrain.core.records import jsonl_objects
+from posttrain.core.records import layout, read_records, source_name
 from posttrain.core.sampler import generate
 from posttrain.eval.checkers import check_rows, validate
 from posttrain.eval.personas import CATEGORIES, NO_PERSONA, Persona, fidelity, resolve_pool, strip_style
@@ -94,7 +95,9 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 @dataclass
 class GRPOSection:
     # -- prompts and rollouts
-    prompts: str = ""  # JSONL prompt file (rows: prompt or messages, answer, checker, task); empty: [data]'s rows
+    prompts: str = ""  # JSONL or Parquet prompt file or a save_to_disk folder (rows: prompt or messages, answer,
+    #                    checker, task); empty: [data]'s rows
+    prompts_columns: str | dict[str, str] = ""  # its column layout: "gsm8k", "math", {row key = column} (see [data])
     tasks: list[str] = field(default_factory=list)  # sub-datasets to draw prompts from (default: all)
     prompts_per_step: int = 16  # global, over all ranks
     group_size: int = 8  # G completions per prompt
@@ -161,6 +164,10 @@ class GRPOSection:
                 raise ValueError(f"grpo.format_regex: invalid regular expression: {e}") from None
         for name in self.reward_fns:
             need(name.count(":") == 1, "reward_fns", f"{name!r} is not 'module:function'")
+        try:
+            layout(self.prompts_columns)
+        except ValueError as e:
+            raise ValueError(f"grpo.prompts_columns: {e}") from None
 
     @property
     def updates_per_step(self) -> int:
@@ -172,15 +179,15 @@ class PersonaSection:
     """PerMix-RLVR: which personas the prompts are asked under (module docstring, step 1)."""
 
     mode: str = "none"  # "none": plain RLVR | "permix": every prompt under a persona drawn by `ratios`
-    pool: str = ""  # training personas: a built-in pool of eval/data/personas/ ("math-train") or a JSONL file
+    pool: str = ""  # training personas: a built-in pool of eval/data/personas/ ("math-train") or a pool file
     # Share of the prompts per kind (normalised): no persona / a training persona that is not role-play, on the
     # verifiable prompt / a role-play request. Half the prompts carry a robustness persona because robustness to
     # unhelpful personas is what plain RLVR does not train; a quarter stay plain so the no-persona accuracy keeps
     # its signal; a quarter are role-play so fidelity is rewarded as often as it can be lost.
     ratios: dict[str, float] = field(default_factory=lambda: {"none": 0.25, "persona": 0.5, "roleplay": 0.25})
     fidelity_weight: float = 1.0  # reward weight of fidelity (fraction of the persona's constraints met, in [0, 1])
-    roleplay_prompts: str = ""  # JSONL of role-play requests ("prompt"/"messages", "answer" optional); empty: the
-    #                             verifiable prompts
+    roleplay_prompts: str = ""  # a prompt file of role-play requests ("prompt"/"messages", "answer" optional);
+    #                             empty: the verifiable prompts
 
     def __post_init__(self) -> None:
         if self.mode not in ("none", "permix"):
@@ -214,17 +221,18 @@ class Prompt:
     verifiable: bool = True  # False: a role-play request without an answer (fidelity is its only reward)
 
 
-def read_prompts(path: str | Path, checkers: dict[str, str] | None = None, *,
-                 require_answer: bool = True) -> list[Prompt]:
-    """A JSONL prompt file: rows {"prompt": str | "messages": [...], "answer", "checker"?, "task"?, "system"?}. A
-    trailing assistant message is dropped (SFT files serve as prompt files). Errors name file:line. Without
-    `require_answer` (role-play requests) a row may have no answer: it is then not verifiable."""
+def read_prompts(path: str | Path, checkers: dict[str, str] | None = None, *, require_answer: bool = True,
+                 columns: str | dict[str, str] = "") -> list[Prompt]:
+    """A prompt file (JSONL, Parquet or a save_to_disk folder; core/records.py), read through the layout `columns`:
+    rows {"prompt": str | "messages": [...], "answer", "checker"?, "task"?, "system"?}. A trailing assistant message
+    is dropped (SFT files serve as prompt files). Errors name the file and line or row. Without `require_answer`
+    (role-play requests) a row may have no answer: it is then not verifiable."""
     path = Path(path)
     out = []
-    for _, where, obj in jsonl_objects(path):
+    for _, where, obj in read_records(path, layout(columns)):
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected a JSON object")
-        task = str(obj.get("task", path.stem))
+        task = str(obj.get("task", source_name(path)))
         if "messages" in obj:
             messages = [dict(m) for m in obj["messages"]]
             if messages and messages[-1].get("role") == "assistant":
@@ -256,10 +264,11 @@ def prompt_pool(cfg: GRPOConfig, rt: Runtime) -> list[Prompt]:
     counted (every rank drops the same ones)."""
     g, c = cfg.grpo, cfg.data
     if g.prompts:
-        prompts = read_prompts(g.prompts, c.checkers)
+        prompts = read_prompts(g.prompts, c.checkers, columns=g.prompts_columns)
     else:
         if c.path:  # data.checkers are applied as the sub-datasets' defaults while reading
-            rows: dict[str, list[Row]] = load_split_dir(c.path, c.heldout_fraction, c.seed, c.checkers)[0]
+            rows: dict[str, list[Row]] = load_split_dir(c.path, c.heldout_fraction, c.seed, c.checkers,
+                                                        c.columns)[0]
         else:  # the built-in tasks: data.checkers override, as in train/runtime.load_data
             rows = synthetic_rows(c.seed, task_set=c.synthetic)[0]
             for task_rows in rows.values():

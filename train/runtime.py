@@ -52,10 +52,12 @@ from posttrain.core.distributed import (
     init_distributed,
 )
 from posttrain.core.model import ModelConfig, Transformer
+from posttrain.core.records import layout
 from posttrain.core.sampler import free_cache, generate
 from posttrain.core.tokenizer import Tokenizer
 from posttrain.eval.checkers import CHECKERS, check_rows
 from posttrain.train.data import DataError, PackedBatch, SFTData, check_checker_names, mixture_cache_key, synthetic_rows
+from posttrain.train.metrics import LogConfig, MetricsLog
 from posttrain.train.synthetic import tiny_tokenizer
 
 # Dense bf16 peak FLOP/s for MFU, by device name substring (spec sheets, no sparsity).
@@ -73,7 +75,7 @@ class InitConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # directory with train/*.jsonl (+ heldout/*.jsonl); empty: the built-in synthetic tasks
+    path: str = ""  # directory with train/<name>.jsonl|.parquet|save_to_disk folder (+ heldout/ alike); empty: built-in
     synthetic: str = "default"  # which built-in task set (train/synthetic.TASK_SETS) when path is empty
     heldout_fraction: float = 0.05  # carved from each training file when there is no heldout/ directory
     seq_len: int = 256  # packed row length
@@ -83,7 +85,9 @@ class DataConfig:
     weights: dict[str, float] = field(default_factory=dict)
     # sub-dataset -> default checker ("exact", "math", "choice", "synthetic"); a row's own "checker" field wins
     checkers: dict[str, str] = field(default_factory=dict)
-    cache_dir: str = ""  # tokenized JSONL mixtures are cached here (default: runtime.default_cache_dir()); "off": none
+    # sub-dataset -> column layout: "gsm8k", "math", "messages" or {row key = column} (core/records.py)
+    columns: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str = ""  # tokenized mixtures are cached here (default: runtime.default_cache_dir()); "off": none
     prefetch: bool = True  # pack the next micro-batch in a background thread while the current step runs
     seed: int = 0
 
@@ -91,6 +95,11 @@ class DataConfig:
         for task, name in self.checkers.items():
             if name not in CHECKERS:
                 raise ValueError(f"data.checkers.{task}: unknown checker {name!r}; use one of {', '.join(CHECKERS)}")
+        for task, spec in self.columns.items():
+            try:
+                layout(spec)
+            except DataError as e:
+                raise ValueError(f"data.columns.{task}: {e}") from None
 
 
 @dataclass
@@ -153,6 +162,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    log: LogConfig = field(default_factory=LogConfig)  # metrics.jsonl always; TensorBoard, W&B (train/metrics.py)
     out_dir: str = "runs/run"
     device: str = ""  # "" picks cuda when available, else cpu
 
@@ -207,49 +217,6 @@ def format_eval(results: dict[str, dict[str, float]]) -> str:
                      + (f" acc {r['accuracy']:.2f}" if "accuracy" in r else "") for t, r in results.items())
 
 
-class MetricsLog:
-    """JSONL metrics (and TensorBoard when installed), written by rank 0 only."""
-
-    def __init__(self, out_dir: Path, enabled: bool, *, append: bool) -> None:
-        self.enabled = enabled
-        self.file = self.tb = None
-        if enabled:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(out_dir / "metrics.jsonl", "a" if append else "w")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tb"))
-            except ImportError:
-                pass
-
-    def write(self, step: int, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"step": step, **record}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in flatten_metrics(record).items():
-                self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
-        self.file = self.tb = None
-
-
-def flatten_metrics(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in record.items():
-        if isinstance(v, dict):
-            out.update(flatten_metrics(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)):
-            out[prefix + k] = v
-    return out
-
-
 @dataclass
 class Counters:
     """Monotone over a run, whatever is rolled back; saved in checkpoints. Compute counts every step taken,
@@ -295,11 +262,14 @@ def load_tokenizer(cfg: RunConfig) -> Tokenizer:
 
 
 def load_data(cfg: RunConfig, d: Dist, tokenizer: Tokenizer) -> SFTData:
-    """The sub-datasets of `cfg.data`, tokenized. A JSONL mixture is tokenized once per node: rank 0 keys the cache
+    """The sub-datasets of `cfg.data`, tokenized. A mixture of files is tokenized once per node: rank 0 keys the cache
     by content and tells every rank; each node's local rank 0 builds the entry if it is missing (the others wait),
     then every rank memory-maps it. The built-in tasks are small and built in memory on every rank."""
     c = cfg.data
     if not c.path:
+        if c.columns:
+            raise DataError(f"data.columns {sorted(c.columns)}: column layouts apply to the files of data.path; the "
+                            f"built-in tasks have none")
         train, heldout = synthetic_rows(c.seed, task_set=c.synthetic)
         check_checker_names(c.checkers, train, "the built-in tasks")
         for rows in (*train.values(), *heldout.values()):  # the config's defaults do not override a row's own
@@ -309,13 +279,22 @@ def load_data(cfg: RunConfig, d: Dist, tokenizer: Tokenizer) -> SFTData:
 
     def build() -> SFTData:
         return SFTData.from_dir(c.path, tokenizer, seq_len=c.seq_len, truncation=c.truncation,
-                                heldout_fraction=c.heldout_fraction, seed=c.seed, checkers=c.checkers)
+                                heldout_fraction=c.heldout_fraction, seed=c.seed, checkers=c.checkers,
+                                columns=c.columns)
 
     if c.cache_dir == "off":
         return build()
-    key = broadcast(d, mixture_cache_key(c.path, tokenizer, seq_len=c.seq_len, truncation=c.truncation,
-                                         heldout_fraction=c.heldout_fraction, seed=c.seed, checkers=c.checkers)
-                    if d.is_main else None)
+    key = error = None
+    if d.is_main:
+        try:  # a bad source is found here on rank 0: every rank must hear of it, not wait in the broadcast
+            key = mixture_cache_key(c.path, tokenizer, seq_len=c.seq_len, truncation=c.truncation,
+                                    heldout_fraction=c.heldout_fraction, seed=c.seed, checkers=c.checkers,
+                                    columns=c.columns)
+        except DataError as e:
+            error = str(e)
+    key, error = broadcast(d, (key, error))
+    if error is not None:
+        raise DataError(error)
     entry = Path(c.cache_dir or default_cache_dir()) / key
     hit, error = (entry / "meta.json").is_file(), None
     if d.local_rank == 0 and not hit:
@@ -433,7 +412,14 @@ class Runtime:
         Returns the saved state (a stage reads its own keys from it), or None for a fresh start."""
         latest = self.checkpointer.latest() if self.cfg.checkpoint.resume and self.d.is_main else None
         step = broadcast(self.d, latest)
-        self.metrics = MetricsLog(self.out, self.d.is_main, append=step is not None)
+        opened: Exception | None = None
+        try:
+            self.metrics = MetricsLog(self.out, self.d.is_main, append=step is not None, cfg=self.cfg.log,
+                                      config=flatten(self.cfg))
+        except Exception as e:  # rank 0 alone opens it (W&B's login can fail there): no rank may wait for it
+            opened = e
+        if broadcast(self.d, None if opened is None else repr(opened)) is not None:
+            raise opened or RuntimeError("rank 0 could not open the metrics log (its error is in its output)")
         if step is None:
             return None
         state = self.checkpointer.load(step, self.model, self.optimizer)

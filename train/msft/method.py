@@ -312,6 +312,9 @@ def run_msft(rt: Runtime, loader: Any, ring: CheckpointRing) -> dict[str, Any]:
             carry = meta["point"]["eval"]
             record["discarded_tokens"] = rt.counters.tokens - meta["point"]["tokens"]
             record["rollback_step"] = meta["point"]["step"]
+            rt.metrics.event(rt.counters.step, "msft/exclude", stage=stage, task=excluded, peak_c=c_star)
+            rt.metrics.event(rt.counters.step, "msft/rollback", stage=stage, to_c=c_star,
+                             to_step=record["rollback_step"], discarded_tokens=record["discarded_tokens"])
         stages.append(record)
         log(rt.d, f"mSFT stage {stage}: peaks {({t: round(c, 3) for t, c in peaks.items()})} -> "
                   + (f"exclude {excluded}, roll back to c = {c_star:.3f}" if excluded else "no peak before C"))
