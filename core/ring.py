@@ -21,7 +21,10 @@ Contract:
     waits for the snapshot it reads, and the compute stream waits for the restore, so what follows sees the
     restored weights.
   - Under FSDP2 every rank copies its own shards (DTensor local tensors), with no communication: call snapshot and
-    restore on every rank, with the same keys.
+    restore on every rank, with the same keys. Under HSDP the replicas hold equal shards and the ring still keeps
+    one copy per rank, not one per replica: a restore then stays a local copy on every rank (one kept per replica
+    would have to be broadcast across nodes at each roll-back, the traffic HSDP exists to avoid), and the host memory
+    it costs is per node, where the ranks of one replica group together hold exactly one copy of the model.
   - Exact: restore gives back bit-identical parameters and optimizer state (every tensor in `optimizer.state`, and
     the param groups' hyperparameters).
 

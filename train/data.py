@@ -28,6 +28,8 @@ Definitions the trainer relies on:
   - Distributed: every rank builds the same sampler and packs the same global stream of micro-batches; one call to
     `next_batch()` packs `world_size` consecutive micro-batches and rank r tensorizes and returns the r-th. Ranks thus
     get disjoint slices of one global batch, hold identical loader state, and any rank's `state_dict()` resumes all.
+    Under HSDP (core/distributed.py) every rank is still a data-parallel rank, so each replica group sees its own
+    slices and all of them form the one global batch: rank r = replica * shard + shard rank takes the r-th.
 """
 
 from __future__ import annotations

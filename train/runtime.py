@@ -181,10 +181,11 @@ def lr_at(o: OptimConfig, step: int, frac: float) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def global_sum(d: Dist, *values: float) -> list[float]:
-    """All-reduce a few floats (float64) over the ranks; collective."""
+def global_sum(d: Dist, *values: float, group: dist.ProcessGroup | None = None) -> list[float]:
+    """All-reduce a few floats (float64) over the ranks (or over `group`, e.g. `d.shard_group` for a sum over the
+    shards of the model, which HSDP's replicas hold alike); collective."""
     t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t.tolist()
 
 
@@ -262,9 +263,11 @@ def load_tokenizer(cfg: RunConfig) -> Tokenizer:
 
 
 def load_data(cfg: RunConfig, d: Dist, tokenizer: Tokenizer) -> SFTData:
-    """The sub-datasets of `cfg.data`, tokenized. A mixture of files is tokenized once per node: rank 0 keys the cache
-    by content and tells every rank; each node's local rank 0 builds the entry if it is missing (the others wait),
-    then every rank memory-maps it. The built-in tasks are small and built in memory on every rank."""
+    """The sub-datasets of `cfg.data`, tokenized. A mixture of files is tokenized once: rank 0 keys the cache by
+    content and tells every rank, builds the entry if it is missing (the others wait), then each node's local rank 0
+    that still does not see it (a node without the shared filesystem) builds its own, and every rank memory-maps it.
+    So nodes sharing a cache directory never build the same entry twice, and a build that fails stops every rank. The
+    built-in tasks are small and built in memory on every rank."""
     c = cfg.data
     if not c.path:
         if c.columns:
@@ -296,18 +299,25 @@ def load_data(cfg: RunConfig, d: Dist, tokenizer: Tokenizer) -> SFTData:
     if error is not None:
         raise DataError(error)
     entry = Path(c.cache_dir or default_cache_dir()) / key
-    hit, error = (entry / "meta.json").is_file(), None
-    if d.local_rank == 0 and not hit:
-        try:
-            build().save_cache(entry)
-        except Exception as e:  # raised after the barrier, so the other ranks are not left waiting there
-            error = e
-    dist.barrier()
-    if error is not None:
-        raise error
+    hit = (entry / "meta.json").is_file()
+    for builders in ("rank 0", "local rank 0"):  # a second round only for nodes that cannot see rank 0's entry
+        build_here = d.is_main if builders == "rank 0" else d.local_rank == 0
+        error = None
+        if build_here and not (entry / "meta.json").is_file():
+            try:
+                build().save_cache(entry)  # atomic: a temporary directory renamed into place
+                print(f"rank {d.rank}: tokenized {c.path} into {entry}", flush=True)
+            except Exception as e:  # raised after the all-reduce below, so no rank is left waiting
+                error = e
+        (failed,) = global_sum(d, float(error is not None))  # also the barrier after the build
+        if error is not None:
+            raise error
+        if failed:
+            raise DataError(f"{entry}: building the tokenization cache entry failed on {failed:.0f} rank(s) "
+                            f"({builders}; its error is in that rank's output)")
     if not (entry / "meta.json").is_file():
-        raise DataError(f"{entry}: the tokenization cache entry is missing: local rank 0 of this node failed to "
-                        f"build it (its error is above)")
+        raise DataError(f"{entry}: the tokenization cache entry is missing on rank {d.rank} after local rank 0 "
+                        f"of its node built it: is the cache directory writable and the same path on every rank?")
     log(d, f"{c.path}: tokenized mixture {'read from' if hit else 'written to'} {entry}")
     return SFTData.load_cache(entry)
 
@@ -328,7 +338,9 @@ class Runtime:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.d = d = init_distributed(cfg.train.seed, device=cfg.device or None)
+        self.d = d = init_distributed(cfg.train.seed, device=cfg.device or None, parallel=cfg.parallel)
+        if d.replicate > 1:
+            log(d, f"HSDP: {d.replicate} replicas x {d.shard} shards (ranks {d.shard} apart hold the same shards)")
         self.tokenizer = load_tokenizer(cfg)
         if not cfg.init.hf_checkpoint and cfg.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "

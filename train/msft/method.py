@@ -170,11 +170,12 @@ def micro_accuracy(rt: Runtime, results: dict[str, dict[str, float]]) -> float:
 
 
 def weights_digest(rt: Runtime) -> float:
-    """Sum of squares of every weight (float64, all ranks): recorded at each evaluation, compared after each
-    restore, so the report shows that a roll-back restored exactly the snapshot it names."""
+    """Sum of squares of every weight (float64, over the shards of one copy of the model: HSDP's replicas hold the
+    same shards): recorded at each evaluation, compared after each restore, so the report shows that a roll-back
+    restored exactly the snapshot it names."""
     reshard(rt.model)
     local = sum(float(p.detach().to_local().double().pow(2).sum()) for p in rt.model.parameters())
-    return global_sum(rt.d, local)[0]
+    return global_sum(rt.d, local, group=rt.d.shard_group)[0]
 
 
 def signal_of(cfg: MSFTConfig, result: dict[str, float]) -> float:
