@@ -38,14 +38,13 @@ from typing import Any
 
 import torch
 
-from posttrain.core.distributed import forget_forwards, reshard
-from posttrain.core.ring import CheckpointRing
+from posttrain.core.distributed import forget_forwards
+from posttrain.core.ring import CheckpointRing, snapshot_bytes
 from posttrain.train.data import PackedBatch, pack_rows
 from posttrain.train.msft.method import (
     MSFTConfig,
     Tracker,
     close_run,
-    local_bytes,
     open_run,
     peaked_at,
     signal_of,
@@ -230,9 +229,7 @@ class Dynamix:
         """A ring with room for one snapshot of this rank's weights and optimizer state (remade if the state grew:
         AdamW creates its moments at the first step)."""
         rt = self.rt
-        reshard(rt.model)
-        state = [v for st in rt.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-        need = local_bytes(list(rt.model.parameters()) + state)
+        need = snapshot_bytes(rt.model, rt.optimizer)
         if self.ring is None or self.ring.capacity < need:
             if self.ring is not None:
                 self.ring.clear()
@@ -249,8 +246,7 @@ class Dynamix:
         ring = self._probe_ring()
         optimizer = rt.optimizer if rt.optimizer.state else None  # a fresh AdamW has no state to snapshot yet
         lrs = [g["lr"] for g in rt.optimizer.param_groups]
-        ring.snapshot("probe", rt.model, optimizer)
-        ring.fence()  # on CUDA the copy is asynchronous: the probe step must not write the weights before it ends
+        ring.snapshot("probe", rt.model, optimizer)  # the probe step's optimizer waits for the copy (core/ring.py)
         kept = replace(rt.counters)
         sched_step, bad_steps = rt.sched_step, rt.bad_steps
         rewards, probe_tokens = {}, 0.0

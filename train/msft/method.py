@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from posttrain.core.distributed import reshard
-from posttrain.core.ring import CheckpointRing
+from posttrain.core.ring import CheckpointRing, snapshot_bytes
 from posttrain.train.runtime import RunConfig, Runtime, global_sum, log
 from posttrain.train.sft import loader_step, make_loader
 
@@ -249,17 +249,9 @@ def close_run(rt: Runtime, loader: Any, ring: CheckpointRing) -> None:
     ring.clear()
 
 
-def local_bytes(tensors: Sequence[torch.Tensor]) -> int:
-    """Bytes of this rank's part of each tensor (a DTensor's local shard)."""
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-    return sum(t.numel() * t.element_size() for t in local)
-
-
 def new_ring(rt: Runtime) -> CheckpointRing:
-    reshard(rt.model)
-    per = local_bytes(list(rt.model.parameters()))
     gb = rt.cfg.msft.ring_gb
-    capacity = int(gb * 2**30) if gb > 0 else per * (len(rt.data.tasks) + 2)
+    capacity = int(gb * 2**30) if gb > 0 else snapshot_bytes(rt.model) * (len(rt.data.tasks) + 2)
     return CheckpointRing(capacity, device="cpu")
 
 
