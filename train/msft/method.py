@@ -168,11 +168,24 @@ def micro_accuracy(rt: Runtime, results: dict[str, dict[str, float]]) -> float:
 
 
 def weights_digest(rt: Runtime) -> float:
-    """Sum of squares of every weight (float64, all ranks): recorded at each evaluation, compared after each
-    restore, so the report shows that a roll-back restored exactly the snapshot it names."""
+    """Sum of squares of every weight (float64, all ranks): recorded at each evaluation and checked after each
+    restore (`restore_evaluated`). One host read."""
     reshard(rt.model)
-    local = sum(float(p.detach().to_local().double().pow(2).sum()) for p in rt.model.parameters())
-    return global_sum(rt.d, local)[0]
+    local = torch.stack([p.detach().to_local().double().pow(2).sum() for p in rt.model.parameters()]).sum()
+    return global_sum(rt.d, local.item())[0]
+
+
+def restore_evaluated(rt: Runtime, ring: CheckpointRing, key: str) -> tuple[dict[str, Any], float]:
+    """Restore snapshot `key` (weights) and check that they are the weights evaluated at its point: (meta, digest).
+    A different digest means the snapshot does not hold what was evaluated (say, a copy that raced the next
+    optimizer step), and everything decided from it would be wrong: that raises rather than being only recorded."""
+    meta = ring.restore(key, rt.model)
+    got, want = weights_digest(rt), meta["point"]["weights"]
+    if got != want:
+        raise RuntimeError(f"CheckpointRing: snapshot {key!r} restored weights whose sum of squares is {got!r}, but "
+                           f"the weights evaluated at its point (step {meta['point']['step']}) had {want!r}: the "
+                           f"snapshot does not hold the evaluated weights")
+    return meta, got
 
 
 def signal_of(cfg: MSFTConfig, result: dict[str, float]) -> float:
@@ -292,8 +305,8 @@ def run_msft(rt: Runtime, loader: Any, ring: CheckpointRing) -> dict[str, Any]:
             record["discarded_tokens"] = 0.0
         else:
             key = tracker.task_best[excluded][1]
-            meta = ring.restore(key, rt.model)
-            record["restored_weights"], record["point_weights"] = weights_digest(rt), meta["point"]["weights"]
+            meta, record["restored_weights"] = restore_evaluated(rt, ring, key)
+            record["point_weights"] = meta["point"]["weights"]
             loader.load_state_dict(meta["data"])
             if len(active) > 1:  # the last task is not excluded from the loader: the run ends here
                 loader.exclude(excluded)
@@ -310,10 +323,11 @@ def run_msft(rt: Runtime, loader: Any, ring: CheckpointRing) -> dict[str, Any]:
 def summarize(rt: Runtime, ring: CheckpointRing, tracker: Tracker, method: str, **extra: Any) -> dict[str, Any]:
     """Restore the best-overall snapshot and summarise the run."""
     overall, key = tracker.best_overall
-    point = ring.restore(key, rt.model)["point"]
+    meta, restored = restore_evaluated(rt, ring, key)
+    point = meta["point"]
     return {"method": method, "selected": {"step": point["step"], "epoch": point["epoch"], "stage": point["stage"],
                                            "c": point["c"], "overall": overall, "weights": point["weights"],
-                                           "restored_weights": weights_digest(rt),
+                                           "restored_weights": restored,
                                            "accuracy": {t: r["accuracy"] for t, r in point["eval"].items()}},
             "tokens": rt.counters.tokens, "flops": rt.counters.flops, "optimizer_steps": rt.counters.optimizer_steps,
             "curve": tracker.curve, **extra}
