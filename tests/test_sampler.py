@@ -336,18 +336,30 @@ def test_attention_backend_is_chosen_logged_and_falls_back(model, monkeypatch, c
         assert (a - b).abs().max() < 1e-5
 
 
-def test_graph_cache_is_lru_and_ignores_stop_list_contents(monkeypatch):
-    """The graph bookkeeping of _Engine.step, with capture stubbed (no CUDA here): bounded, LRU, counted."""
-    import posttrain.core.sampler as S
-    class FakeGraph:
-        replays = 0
+class FakeGraph:
+    """A captured graph stand-in (no CUDA here): counts replays."""
 
-        def replay(self):
-            FakeGraph.replays += 1
+    replays = 0
+
+    def replay(self):
+        FakeGraph.replays += 1
+
+
+def _engine_without_capture(monkeypatch):
+    import posttrain.core.sampler as S
 
     eng = S._Engine()
     monkeypatch.setattr(eng, "capture", lambda model, st, window: FakeGraph())
-    monkeypatch.setattr(S, "_MAX_GRAPHS", 3)
+    return eng
+
+
+def test_graph_cache_is_lru_and_ignores_stop_list_contents(monkeypatch):
+    """The graph bookkeeping of _Engine.step, with capture stubbed: bounded, LRU, counted."""
+    import posttrain.core.sampler as S
+
+    eng = _engine_without_capture(monkeypatch)
+    monkeypatch.setattr(S, "graph_capacity", lambda L: 3)
+    FakeGraph.replays = 0
     st = eng.state(tiny_model().config, 2, 64, 4, torch.float32, torch.device("cpu"))
     for window in (64, 128, 64, 192, 256, 64):
         eng.step(None, st, window, use_graphs=True)
@@ -356,6 +368,70 @@ def test_graph_cache_is_lru_and_ignores_stop_list_contents(monkeypatch):
     st.stop_ids.copy_(torch.tensor([7]))  # same count, other ids: the graph reads them by value
     eng.step(None, st, 64, use_graphs=True)
     assert eng.stats["graph_captures"] == 4
+
+
+def test_the_graph_key_holds_the_decode_path(monkeypatch):
+    """bench_sampler's plain-path row toggles fused_kernels on the same shapes: it must get graphs of its own."""
+    eng = _engine_without_capture(monkeypatch)
+    st = eng.state(tiny_model().config, 2, 64, 4, torch.float32, torch.device("cpu"))
+    for fused in (True, False, True):
+        st.fused = fused
+        eng.step(None, st, 64, use_graphs=True)
+    assert eng.stats["graph_captures"] == 2
+
+
+def test_cache_lengths_are_whole_windows_then_four_per_doubling():
+    import posttrain.core.sampler as S
+
+    got = [S.cache_length(t, 32768) for t in (1, 64, 65, 512, 513, 577, 1024, 1025, 1300, 1536, 1537, 3000)]
+    assert got == [64, 64, 128, 512, 640, 640, 1024, 1280, 1536, 1536, 1792, 3072]
+    assert S.cache_length(5000, 1000) == 1024  # the model's positions, in whole windows
+    for t in range(1, 5000, 7):  # never short, never more than a quarter longer than asked (beyond 8 windows)
+        L = S.cache_length(t, 1 << 20)
+        assert t <= L and L % 64 == 0 and (L <= 512 or L < 1.25 * t + 64)
+
+
+def test_graphs_of_the_math_grpo_recipe_are_captured_once(monkeypatch):
+    """configs/qwen2.5-1.5b_math_grpo.toml: 1024 new tokens. Rollouts whose longest prompts differ (here 300 to 512
+    tokens) share one decode state; each walks its windows in order; after the first rollout, nothing is captured
+    or evicted again. (With 16 graphs per state and L rounded to 64 each rollout recaptured every window.)"""
+    import tomllib
+
+    import posttrain.core.sampler as S
+
+    T = tomllib.loads((REPO / "configs/qwen2.5-1.5b_math_grpo.toml").read_text())["grpo"]["max_new_tokens"]
+    assert T == 1024
+    eng = _engine_without_capture(monkeypatch)
+    cfg = tiny_model().config
+    captures, windows = [], set()
+    for longest in (350, 420, 300, 512, 380, 451, 333, 500):
+        L = S.cache_length(longest + T, 32768)  # Qwen2.5-1.5B: max_position_embeddings 32768
+        st = eng.state(cfg, 8, L, T, torch.float32, torch.device("cpu"))
+        st.params, st.fused = SamplingParams(temperature=1.0), True
+        for pos in range(longest, longest + T):  # one decode step per position of the longest row
+            windows.add(min(L, -(-(pos + 1) // 64) * 64))
+            eng.step(None, st, min(L, -(-(pos + 1) // 64) * 64), use_graphs=True)
+        captures.append(eng.stats["graph_captures"])
+    assert len(eng.states) == 1 and eng.stats["graphs_evicted"] == 0
+    # A capture per window the first time it is needed (windows 384..1408 for the first rollout), never again.
+    assert captures == [17, 18, 19, 20, 20, 20, 20, 20] and len(windows) == 20
+
+
+def test_the_kv_budget_counts_allocator_cache_and_the_training_peak():
+    import posttrain.core.sampler as S
+
+    GB = 1 << 30
+    kw = dict(slot_bytes=1 << 20, fraction=0.4)
+    # After a training step: 2 GB free to the driver, 30 GB cached by PyTorch's allocator and free, the step's peak
+    # back at what is allocated now: 40% of 32 GB (the old budget saw 40% of the 2 GB).
+    assert S.kv_budget_slots(free=2 * GB, reserved=60 * GB, allocated=30 * GB, peak=30 * GB, held=0, **kw) == \
+        int(0.4 * 32 * GB) // (1 << 20)
+    # A step that peaked 25 GB above what is allocated now needs that again while the cache stays resident.
+    assert S.kv_budget_slots(free=40 * GB, reserved=30 * GB, allocated=30 * GB, peak=55 * GB, held=0, **kw) == \
+        int(0.4 * 15 * GB) // (1 << 20)
+    # The cache this model holds already is reused, whatever is left besides.
+    assert S.kv_budget_slots(free=0, reserved=30 * GB, allocated=30 * GB, peak=70 * GB, held=3 * GB, **kw) == \
+        3 * GB // (1 << 20)
 
 
 @torch.no_grad()
