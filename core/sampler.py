@@ -190,7 +190,9 @@ def rollout_replica(model: nn.Module) -> nn.Module:
     graphs, and its gathered parameters get new storage at each unshard. The replica is an ordinary module whose
     parameters keep their storage across refreshes, so the decode graphs captured for it stay valid across training
     steps. Cost: one more copy of the weights in the unsharded dtype per rank, kept between rollouts (see
-    `replica_bytes`); `free_cache(model)` drops it. The refresh gathers the weights (`full_weights`): collective,
+    `replica_bytes`); `free_cache(model)` drops it. It is built in that dtype directly (a meta-device skeleton, then
+    each parameter allocated once), never at the default fp32 first: that would cost 4 more bytes per parameter at
+    the first rollout (about 32 GB for an 8B model). The refresh gathers the weights (`full_weights`): collective,
     every rank calls it together, and for its duration a second full copy exists.
     """
     if not fsdp_modules(model):
@@ -199,17 +201,37 @@ def rollout_replica(model: nn.Module) -> nn.Module:
     with full_weights(model):
         full = dict(model.named_parameters())
         if replica is None:
-            with torch.device("meta"):
-                replica = type(model)(model.config)
-            replica.to_empty(device=next(iter(full.values())).device)
-            replica.tie_weights()
-            for name, p in replica.named_parameters():
-                p.data = p.data.to(full[name].dtype)
-            replica.eval().requires_grad_(False)
+            replica = _replica_skeleton(model)
+            _materialize(replica, full, next(iter(full.values())).device)
             _REPLICAS[model] = replica
         for name, p in replica.named_parameters():
             p.copy_(full[name])
     return replica
+
+
+def _replica_skeleton(model: nn.Module) -> nn.Module:
+    """`model`'s class and config on the meta device (no memory), for `_materialize`."""
+    with torch.device("meta"):
+        replica = type(model)(model.config)
+    if any(True for _ in replica.buffers()):  # they would need values; the model computes RoPE on the fly instead
+        raise NotImplementedError(f"rollout_replica: {type(replica).__name__} has buffers; copy them to the replica")
+    return replica.eval().requires_grad_(False)
+
+
+def _materialize(replica: nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give each parameter of `replica` uninitialised storage on `device` in the dtype of its gathered counterpart
+    `full[name]`: one allocation per parameter (a tied one once, and tied it stays), dropping each meta placeholder
+    as it goes. Not `to_empty`: it allocates at the placeholder's dtype (the default fp32) and unties."""
+    made: dict[int, nn.Parameter] = {}
+    for name in [n for n, _ in replica.named_parameters(remove_duplicate=False)]:
+        owner, _, leaf = name.rpartition(".")
+        module = replica.get_submodule(owner)
+        old = getattr(module, leaf)
+        if id(old) not in made:  # a tied parameter's later names find it here (placeholders live until replaced)
+            dtype = full[name].dtype
+            made[id(old)] = nn.Parameter(torch.empty(old.shape, dtype=dtype, device=device), requires_grad=False)
+        setattr(module, leaf, made[id(old)])
+        del old
 
 
 def replica_bytes(model: nn.Module) -> int:
