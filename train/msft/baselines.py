@@ -51,7 +51,7 @@ from posttrain.train.msft.method import (
     summarize,
     train_until,
 )
-from posttrain.train.runtime import Runtime, global_sum, log, token_logprobs
+from posttrain.train.runtime import Runtime, global_sum, log, to_device, token_logprobs
 from posttrain.train.sft import loader_step, train_step
 
 def run_sft_budget(rt: Runtime, loader: Any, ring: CheckpointRing, method: str, tokens: float,
@@ -173,12 +173,14 @@ def lookahead_loss(rt: Runtime, batches: Sequence[PackedBatch], tasks: Sequence[
     n = len(rt.data.tasks)
     sums = torch.zeros(2 * n + 1, dtype=torch.float64, device=rt.d.device)
     for batch in batches:
-        b = batch.to(rt.d.device)
-        logp = token_logprobs(rt.model, b)
+        b = to_device(batch, rt.d.device)
+        logp = token_logprobs(rt.model, b).double()
         scored = b.targets != -100
-        for i in range(n):  # masked sums, not bincount: its CUDA kernel adds in no fixed order
+        # Masked sums: not bincount (its CUDA kernel adds in no fixed order), nor logp[mine] (a boolean index waits
+        # for the device to count the selected tokens: a host sync per task per batch).
+        for i in range(n):
             mine = scored & (b.task_ids == i)
-            sums[i] += -logp[mine].double().sum()
+            sums[i] -= torch.where(mine, logp, 0.0).sum()
             sums[n + i] += mine.sum()
         sums[2 * n] += (b.task_ids >= 0).sum()
     forget_forwards(rt.model)  # no backward follows these forwards
