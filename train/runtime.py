@@ -132,6 +132,11 @@ class EvalConfig:
     max_examples: int = 64  # held-out rows per sub-dataset for generation (0: all)
     max_new_tokens: int = 32
 
+    def __post_init__(self) -> None:
+        if not self.loss and not self.generate:
+            raise ValueError("eval.loss = false and eval.generate = false: every evaluation would be empty (no "
+                             "held-out loss, no accuracy); set one of them to true")
+
 
 @dataclass
 class CheckpointConfig:
