@@ -908,6 +908,24 @@ def bootstrap_sft(cfg: GRPOConfig) -> None:
     train_once(cfg.grpo.sft_config, cfg.grpo.sft_overrides, Path(path).parent, who="grpo")
 
 
+def saved_state(cfg: GRPOConfig, trainer: GRPO) -> dict[str, Any]:
+    """What a checkpoint (and the summary) records of the stage besides the runtime's state: the rollout seed and
+    shards, the reward failure counts, and which method ran (persona.mode: plain RLVR or PerMix-RLVR)."""
+    return {"grpo": {"seed": cfg.train.seed, "shards": local_shards(cfg.grpo, trainer.rt.d)[1],
+                     "reward_errors": trainer.rewards.errors, "reward_timeouts": trainer.rewards.timeouts,
+                     "persona_mode": cfg.persona.mode}}
+
+
+def check_resumed_mode(resumed: dict[str, Any], cfg: GRPOConfig, where: str) -> None:
+    """Refuse to resume a checkpoint of one method (persona.mode) as the other: their prompts differ from the first
+    step, so the run would be neither. Older checkpoints carry the mode only in their flattened config."""
+    mode = resumed.get("grpo", {}).get("persona_mode", resumed.get("config", {}).get("persona.mode"))
+    if mode is not None and mode != cfg.persona.mode:
+        raise ValueError(f"{where}: the checkpoint was written with persona.mode = {mode!r}, this run has "
+                         f"persona.mode = {cfg.persona.mode!r}; resume with the same mode, or use another out_dir "
+                         f"(or checkpoint.resume = false)")
+
+
 def run(cfg: GRPOConfig) -> dict[str, Any]:
     check_step_multiples(cfg)
     bootstrap_sft(cfg)
@@ -916,6 +934,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
     trainer = GRPO(rt)
     resumed = rt.resume(trainer.prompts)
     if resumed is not None:
+        check_resumed_mode(resumed, cfg, str(rt.checkpointer.root))
         saved = resumed.get("grpo", {})
         if saved.get("seed") != cfg.train.seed or saved.get("shards") != local_shards(g, rt.d)[1]:
             log(rt.d, f"grpo: warning: the checkpoint's rollouts used seed {saved.get('seed')} and "
@@ -937,8 +956,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
             evaluate()  # the loop evaluates at the end itself
         return m
 
-    extra = lambda: {"grpo": {"seed": cfg.train.seed, "shards": local_shards(g, rt.d)[1],  # noqa: E731
-                              "reward_errors": trainer.rewards.errors, "reward_timeouts": trainer.rewards.timeouts}}
+    extra = lambda: saved_state(cfg, trainer)  # noqa: E731
     try:
         finished = rt.loop(step, progress=lambda: trainer.prompts.progress,
                            frac=lambda: rt.frac_of(trainer.prompts.progress),
