@@ -87,7 +87,9 @@ def test_a_step_past_its_share_is_stopped_and_the_rest_still_run(tmp_path):
     proc, calls = _run(tmp_path, GPU_SH_BUDGET_S=str(sum(cold.values()) - cold["gpu_tests"] + 11), FAKE_SLEEP="60")
     assert proc.returncode == 1
     assert re.search(r"this step gets 11 s .*\n!!! gpu_tests failed \(rc=124: stopped at its 11 s\)", proc.stdout)
-    assert len(calls) == 1 + len(STEPS)  # every later step ran, each with its cold budget at least
+    # Every later step ran, each with its cold budget (less the second or two the stopped step overran by).
+    assert len(calls) == 1 + len(STEPS)
     for name in STEPS[1:]:
         share = int(re.search(rf"^=== {name}: .* this step gets (\d+) s", proc.stdout, re.M).group(1))
-        assert share >= cold[name]
+        assert share >= cold[name] - 3, (name, share)
+    assert int(re.search(r"^=== done in (\d+) s of the \d+ s budget$", proc.stdout, re.M).group(1)) < 11 + 10
