@@ -328,13 +328,14 @@ def _init_reference(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
 
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip DTensor (or plain) gradients in place; returns the total norm before clipping as a plain tensor.
-    A non-finite norm is returned and nothing is scaled: the caller skips the step."""
+    A non-finite norm is returned and nothing is scaled: the caller skips the step. No host read: the norm and the
+    choice stay on the device, so the caller can read them with the rest of its step's metrics."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()  # the all-reduce of the per-shard partial norms
-    if torch.isfinite(norm) and max_norm > 0:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    if max_norm > 0:
+        coef = torch.where(torch.isfinite(norm), torch.clamp(max_norm / (norm + 1e-6), max=1.0), 1.0)
         for g in grads:
             (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
     return norm

@@ -238,7 +238,8 @@ def _run_msft(out, data, *flags, nproc=1):
 def test_dynamix_lookahead_restores_weights_optimizer_and_counters_bit_exactly(tmp_path):
     """A look-ahead probes every arm with a real training step and puts everything back: parameters, AdamW state,
     param groups, counters, schedule position and the training loader's position are bit-identical afterwards
-    (only the mixture weights change); the same with a fresh optimizer (no state yet: none is left behind)."""
+    (only the mixture weights change); the same with a fresh optimizer (no state yet: none is left behind). And
+    mSFT's roll-back refuses a snapshot whose weights are not the ones evaluated at its point."""
     code = f"""
 import copy, torch
 from dataclasses import asdict
@@ -286,6 +287,23 @@ bandit.update(rt.lr(0.0))
 same(before, state())
 assert not rt.optimizer.state
 bandit.close()
+
+# A roll-back checks that the snapshot holds the weights evaluated at its point, and refuses one that does not.
+from posttrain.train.msft.method import Tracker, new_ring, restore_evaluated
+ring = new_ring(rt)
+tracker = Tracker(rt, ring, loader, "t")
+tracker.evaluate(results={{t: {{"accuracy": 0.5}} for t in rt.data.tasks}})
+key = tracker.best_overall[1]
+train_step(rt, [loader.next_batch()], rt.lr(0.0))
+meta, digest = restore_evaluated(rt, ring, key)
+assert digest == meta["point"]["weights"]
+ring._slots[key].buffers[0].add_(1.0)  # as if the copy had raced a later write
+try:
+    restore_evaluated(rt, ring, key)
+    raise AssertionError("restored weights that were never evaluated")
+except RuntimeError as e:
+    assert "does not hold the evaluated weights" in str(e), e
+ring.clear()
 rt.finish(loader, finished=False)
 loader.close()
 from posttrain.core.distributed import close_distributed

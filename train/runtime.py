@@ -25,6 +25,7 @@ Not here: what a step computes (the stages), how data is packed (train/data.py),
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -140,6 +141,11 @@ class EvalConfig:
     max_examples: int = 64  # held-out rows per sub-dataset for generation (0: all)
     max_new_tokens: int = 32
 
+    def __post_init__(self) -> None:
+        if not self.loss and not self.generate:
+            raise ValueError("eval.loss = false and eval.generate = false: every evaluation would be empty (no "
+                             "held-out loss, no accuracy); set one of them to true")
+
 
 @dataclass
 class CheckpointConfig:
@@ -187,6 +193,19 @@ def global_sum(d: Dist, *values: float, group: dist.ProcessGroup | None = None) 
     t = torch.tensor(values, dtype=torch.float64, device=d.device)
     dist.all_reduce(t, group=group)
     return t.tolist()
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """A host tensor, or a dataclass of them (a PackedBatch), on `device` without a host sync: on CUDA each tensor is
+    staged in pinned memory and copied asynchronously, so the host goes on queueing work; a blocking copy from
+    pageable memory would wait until the GPU has run everything queued before it. None stays None."""
+    if x is None:
+        return None
+    if dataclasses.is_dataclass(x):
+        return dataclasses.replace(x, **{f.name: to_device(getattr(x, f.name), device) for f in dataclasses.fields(x)
+                                         if isinstance(getattr(x, f.name), torch.Tensor)})
+    pinned = x.pin_memory() if device.type == "cuda" and x.device.type == "cpu" else x
+    return pinned.to(device, non_blocking=True)
 
 
 def broadcast(d: Dist, value: Any) -> Any:
@@ -378,30 +397,47 @@ class Runtime:
     def lr(self, frac: float) -> float:
         return lr_at(self.cfg.optim, self.sched_step, frac)
 
-    def apply_step(self, loss: float, grad_norm: float, lr: float, *, tokens: float, loss_tokens: float) -> bool:
-        """Finish a step whose gradients are in place: apply it when loss and gradient norm are finite (else skip
-        and count it; `train.max_bad_steps` in a row raise), zero the gradients, advance the counters."""
+    def optimizer_step(self, lr: float, finite: torch.Tensor) -> int:
+        """Apply the step whose gradients are in place unless `finite` (a 0-d bool tensor on the device: loss and
+        gradient norm finite) is False, zero the gradients, advance the global and schedule steps; returns the
+        global step taken. No host read where the optimizer can skip by itself: fused AdamW (the default on CUDA)
+        reads `found_inf` on the device, the mechanism torch.amp's GradScaler uses. Any other optimizer reads
+        `finite` here (free on CPU). `book_step` counts the outcome once the step's metrics are read."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = (~finite).to(torch.float32)  # 1: skip (parameters and state untouched)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif bool(finite):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        step = self.counters.step
+        self.counters.step += 1
+        self.sched_step += 1
+        return step
+
+    def book_step(self, step: int, loss: float, grad_norm: float, *, tokens: float, loss_tokens: float) -> bool:
+        """Count global step `step` (taken by `optimizer_step`) from its metrics read on the host: applied when loss
+        and gradient norm are finite, else skipped (`train.max_bad_steps` skipped in a row raise); tokens, FLOPs.
+        Returns whether it was applied."""
         c = self.counters
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
             self.bad_steps = 0
             c.optimizer_steps += 1
         else:
             self.bad_steps += 1
             c.skipped_steps += 1
-            log(self.d, f"step {c.step}: non-finite loss {loss} or grad norm {grad_norm}; step skipped "
+            log(self.d, f"step {step}: non-finite loss {loss} or grad norm {grad_norm}; step skipped "
                         f"({self.bad_steps} in a row, {c.skipped_steps} in total)")
             if self.bad_steps >= self.cfg.train.max_bad_steps:
                 raise FloatingPointError(
                     f"{self.bad_steps} consecutive steps with non-finite loss or gradients (last: loss {loss}, grad "
-                    f"norm {grad_norm}) at step {c.step}; lower optim.lr, check the data, or use parallel.param_dtype="
+                    f"norm {grad_norm}) at step {step}; lower optim.lr, check the data, or use parallel.param_dtype="
                     f"'float32'")
-        self.optimizer.zero_grad(set_to_none=True)
-        c.step += 1
-        self.sched_step += 1
         c.tokens += tokens
         c.loss_tokens += loss_tokens
         c.flops += tokens * self.flops_per_token
@@ -449,13 +485,14 @@ class Runtime:
     @torch.no_grad()
     def heldout_loss(self, task: str) -> float:
         """Mean response-token NLL on `task`'s held-out split (collective: every rank runs the same batches)."""
-        total = count = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.d.device)  # read once, after the last batch
+        count = 0.0
         for batch in self.data.heldout_batches(task, max_tokens=self.cfg.data.max_tokens, rank=self.d.rank,
                                                world_size=self.d.world_size):
-            logp = token_logprobs(self.model, batch.to(self.d.device))
-            total += -logp.sum().item()
+            logp = token_logprobs(self.model, to_device(batch, self.d.device))
+            total += -logp.sum().double()
             count += batch.num_loss_tokens
-        total, count = global_sum(self.d, total, count)
+        total, count = global_sum(self.d, total.item(), count)
         return total / max(count, 1.0)
 
     @torch.no_grad()
@@ -511,10 +548,10 @@ class Runtime:
              save: Callable[[], None] | None = None) -> bool:
         """Call `step_fn(lr)` until `frac()` reaches 1 (True) or the global step reaches `train.stop_at_step`
         (False). `lr()` is the scheduled learning rate; a step calls it after drawing its data, so the schedule sees
-        the position including this step's batches. `step_fn` runs one optimizer step through `apply_step` and
-        returns its metrics (at least "loss",
-        "grad_norm" and "input_tokens"). `evaluate()` runs before the first step when `at_start` (a stage passes
-        False when it resumes mid-run, so a resumed run evaluates where the uninterrupted one did), whenever
+        the position including this step's batches. `step_fn` runs its optimizer steps through `optimizer_step` and
+        `book_step` and returns its metrics (at least "loss", "grad_norm" and "input_tokens"). `evaluate()` runs
+        before the first step when `at_start` (a stage passes False when it resumes mid-run, so a resumed run
+        evaluates where the uninterrupted one did), whenever
         `progress()` passes a multiple of `every_epochs` (default: `eval.every_epochs`), and at the end. `save()`
         writes a checkpoint every `checkpoint.every_steps` global steps."""
         cfg, c = self.cfg, self.counters
