@@ -23,8 +23,8 @@ import time
 import torch
 
 from posttrain.bench.common import peak_gb, print_table, start, sync
-from posttrain.core.distributed import (ParallelConfig, build_model, build_optimizer, clip_grad_norm_, close_distributed,
-                              init_distributed)
+from posttrain.core.distributed import (ParallelConfig, build_model, build_optimizer, clip_grad_norm_,
+                                        close_distributed, init_distributed)
 from posttrain.core.model import ModelConfig
 from posttrain.core.sampler import generate
 from posttrain.kernels.grpo import grpo_loss_reference
@@ -44,7 +44,8 @@ def plain_update(model, samples, g: GRPOSection, device, num_tokens: float) -> f
         b = make_micro_batch(mb, 0, device, mask_truncated=False)
         logits = model(b.input_ids)  # [B, S, V]
         rows = torch.arange(len(mb), device=device)[:, None]
-        logp = torch.log_softmax(logits[rows, b.index].float(), -1).gather(-1, b.targets.clamp(min=0)[..., None])[..., 0]
+        logp = torch.log_softmax(logits[rows, b.index].float(), -1)
+        logp = logp.gather(-1, b.targets.clamp(min=0)[..., None])[..., 0]
         loss, _ = grpo_loss_reference(logp, b.old_logp, b.advantages, b.mask * (b.targets != -100),
                                       eps_low=g.eps_low, eps_high=g.eps_high, loss_type="dapo", num_tokens=num_tokens)
         loss.backward()
@@ -63,9 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     g = GRPOSection(group_size=G, max_new_tokens=T, micro_batch_seqs=mbs, loss_type="dapo")
     gen = torch.Generator().manual_seed(0)
     V = shape["vocab_size"]
-    prompts = [Prompt("bench", [], "", "exact", f"p{i}",
-                      torch.randint(0, V, (int(torch.randint(lo, hi + 1, (1,), generator=gen)),), generator=gen).tolist())
-               for i in range(P)]
+
+    def prompt_ids() -> list[int]:  # a length, then that many tokens: one prompt at a time from one generator
+        n = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+        return torch.randint(0, V, (n,), generator=gen).tolist()
+
+    prompts = [Prompt("bench", [], "", "exact", f"p{i}", prompt_ids()) for i in range(P)]
 
     def step(seed: int, plain: bool) -> dict:
         out = {}
@@ -76,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         sync()
         out["rollout_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        samples = [Sample(c.prompt_index, prompts[c.prompt_index], c.tokens, c.raw_logprobs, c.finish_reason == "length",
-                          "") for c in comps]
+        samples = [Sample(c.prompt_index, prompts[c.prompt_index], c.tokens, c.raw_logprobs,
+                          c.finish_reason == "length", "") for c in comps]
         rewards = torch.tensor([float(hash(tuple(s.tokens[:4])) % 2) for s in samples]).view(P, G)
         for s, a in zip(samples, group_advantages(rewards, mode="grpo").view(-1).tolist()):
             s.advantage = a

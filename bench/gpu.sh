@@ -11,11 +11,12 @@
 # -> <folder>, on PYTHONPATH), as .ci/lint-imports does.
 #
 # Time. The steps stop themselves within GPU_SH_BUDGET_S (default 540 s), counted from the first step: a 10-minute
-# call keeps 60 s for the wheel install, the version probe (importing torch and Triton cold) and teardown. Each step has a cold budget (below): how long it may take on a cold
-# machine, empty Triton and Inductor caches. A step gets whatever the budget has left minus the cold budgets of the
-# steps after it, so time a warm step saves goes to the next one, and no step can eat a later step's share; the
-# remaining time is printed before each step. A benchmark is told its share less 10 s (BENCH_BUDGET_S, for imports
-# and teardown) and skips rows past it, writing JSON after every row; the tests and the trainer are all or nothing.
+# call keeps 60 s for the wheel install, the version probe (importing torch and Triton cold) and teardown. Each step
+# has a cold budget (below): how long it may take on a cold machine, empty Triton and Inductor caches. A step gets
+# whatever the budget has left minus the cold budgets of the steps after it, so time a warm step saves goes to the
+# next one, and no step can eat a later step's share; the remaining time is printed before each step. A benchmark
+# is told its share less 10 s (BENCH_BUDGET_S, for imports and teardown) and skips rows past it, writing JSON after
+# every row; the tests and the trainer are all or nothing.
 # The cold budgets are estimates from what each step compiles, not yet measured on a cold machine:
 #   gpu_tests        120 s  ~30 Triton variants (log-prob, GRPO, sampling, decode kernels) compile one after another,
 #                           ~1-3 s each cold; a Qwen2-0.5B-shape model is built; the tests themselves ~20 s warm

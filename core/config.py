@@ -96,7 +96,8 @@ def _set_nested(tree: dict, cls: type, path: list[str], value: Any, root: type, 
     if dataclasses.is_dataclass(tp):
         if len(path) == 1:
             if not isinstance(value, dict):
-                raise ConfigError(f"{where}: '{prefix + name}' is a section; set its keys, e.g. '{prefix + name}.<key>'")
+                raise ConfigError(f"{where}: '{prefix + name}' is a section; set its keys, "
+                                  f"e.g. '{prefix + name}.<key>'")
             for k, v in value.items():
                 _set_nested(tree.setdefault(name, {}), tp, [k], v, root, where, prefix + name + ".")
         else:

@@ -66,7 +66,8 @@ from torch.distributed.tensor import DTensor, Shard
 
 from safetensors import safe_open
 
-from posttrain.core.checkpoint import DTYPES, CheckpointError, check_tensor_names, hf_weight_map, read_hf_config, save_hf
+from posttrain.core.checkpoint import (DTYPES, CheckpointError, check_tensor_names, hf_weight_map, read_hf_config,
+                                      save_hf)
 from posttrain.core.model import ModelConfig, Transformer
 
 

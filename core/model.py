@@ -83,7 +83,8 @@ class ModelConfig:
         if self.head_dim == 0:
             self.head_dim = self.hidden_size // self.num_heads
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"model.architecture: unknown {self.architecture!r}; supported: {', '.join(ARCHITECTURES)}")
+            raise ValueError(f"model.architecture: unknown {self.architecture!r}; "
+                             f"supported: {', '.join(ARCHITECTURES)}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")

@@ -90,7 +90,7 @@ from torch import nn
 
 from posttrain.core.distributed import fsdp_modules, full_weights
 from posttrain.core.model import KVCache
-from posttrain.kernels.sample import filter_logits, sample, sample_reference, sample_step  # noqa: F401 (filter_logits: public)
+from posttrain.kernels.sample import filter_logits, sample, sample_reference, sample_step  # noqa: F401 (public)
 
 _WINDOW = 64  # cache length and attention window granularity (slots)
 _PREFILL_TOKENS = 8192  # tokens per prefill forward (padded; a long prompt's chunk): bounds memory and refill stalls
@@ -520,8 +520,8 @@ def generate(
         they run under TRITON_INTERPRET=1 only (tests), else as their plain-torch references.
     replica: for an FSDP2-sharded model, decode on its `rollout_replica` (refreshed from the shards first), which
         CUDA graphs can capture; None = on for CUDA. Off: decode on the gathered model itself (`full_weights`).
-    use_cuda_graphs: None = on for CUDA unless the forwards run on an FSDP-sharded model. sync_every: decode steps between looks at
-        the device (all-done check, refills, stop strings).
+    use_cuda_graphs: None = on for CUDA unless the forwards run on an FSDP-sharded model.
+    sync_every: decode steps between looks at the device (all-done check, refills, stop strings).
     The cache and graphs stay allocated for the next call (see `free_cache`).
     """
     _validate(model, prompts, max_new_tokens, n, stop_strings, tokenizer)

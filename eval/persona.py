@@ -3,8 +3,8 @@ plays a persona (constraint adherence; a PersonaGym-style judged PersonaScore).
 
 For: evaluating a checkpoint (SFT, RLVR, PerMix-RLVR; issue 15) on a verifiable benchmark under every persona of an
 evaluation pool (`persona_benchmark`, `stability`), and on PersonaGym's questions with an LLM judge (`personagym`).
-`python -m posttrain.eval.persona --model PATH --pool NAME_OR_FILE --benchmark math500|gsm8k|synthetic` prints a table and
-writes JSON and a PNG; `--compare PATH2` puts a second model beside the first.
+`python -m posttrain.eval.persona --model PATH --pool NAME_OR_FILE --benchmark math500|gsm8k|synthetic` prints a
+table and writes JSON and a PNG; `--compare PATH2` puts a second model beside the first.
 Not for: training (train/permix uses this module to score its runs), the persona pools and constraint checkers
 themselves (eval/personas.py), answer checking (eval/checkers.py, eval/verify.py).
 
@@ -192,7 +192,7 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | None = Non
     dtypes = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype {dtype!r}: use one of float32, bfloat16, float16 (or none: the checkpoint's)")
-    model = load_hf(path, dtype=dtypes[dtype], device=device).train(False)  # inference mode (spelled so: see test_verify)
+    model = load_hf(path, dtype=dtypes[dtype], device=device).train(False)  # inference mode (spelled: test_verify)
     return model, Tokenizer.from_dir(path)
 
 

@@ -46,7 +46,8 @@ import threading
 import time
 from multiprocessing.connection import wait
 
-from posttrain.eval.latex import SIG_DIGITS, NumericJudge, Refused, SympyJudge, canonical, compare, normalize, parse_answer
+from posttrain.eval.latex import (SIG_DIGITS, NumericJudge, Refused, SympyJudge, canonical, compare, normalize,
+                                  parse_answer)
 
 REASONS = ("correct", "wrong", "unparseable", "timeout")
 MAX_TEXT_CHARS = 1_000_000  # a completion longer than this is cut to its last MAX_TEXT_CHARS characters
@@ -95,8 +96,8 @@ _LIST_ITEM = re.compile(r"\s*(?:[-*•]|\d+[.)])\s+(.*)")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 # Where the answer sentence ends and a remark begins: "16 (I checked it with $x = 1$)", "17 because …".
 # (?<!\s): a match starts where a run of spaces starts, so that a long run costs one scan, not one per space.
-_SENTENCE_END = re.compile(r"\.(?:\s|$)|\n|(?<!\s)\s+(?:because|since|which|where|as|so|when|if)\s|(?<!\s)\s+\((?=[A-Za-z]+\s)",
-                           re.I)
+_SENTENCE_END = re.compile(
+    r"\.(?:\s|$)|\n|(?<!\s)\s+(?:because|since|which|where|as|so|when|if)\s|(?<!\s)\s+\((?=[A-Za-z]+\s)", re.I)
 _WORDS = re.compile(r"(?<![a-zA-Z\\])(?!and\b)[a-zA-Z]{3,}\b")  # words of prose; "1 and 2" is a list
 _COMMANDS = re.compile(r"\\(?:begin|end)\{[^{}]*\}|\\[a-zA-Z]+")
 
@@ -140,8 +141,8 @@ _OFFER = re.compile(r"\b(?:or|alternatively|maybe|perhaps|possibly|otherwise|eit
 # What may stand between two answer statements for them to be one region ("The answer is 6. Wait, no. The answer is
 # 5."): punctuation, math delimiters and these words; any reasoning (a number, a formula, another word) separates.
 _BETWEEN = re.compile(
-    r"(?:[\s.,;:!?()*#\"'—-]|\$|\\[()\[\]]|\b(?:or|and|alternatively|maybe|perhaps|possibly|otherwise|either|also|wait|"
-    r"no|hmm|actually|so|thus|therefore|hence|rather|i|think|mean|sorry|correction|let|me|double|check|recheck|"
+    r"(?:[\s.,;:!?()*#\"'—-]|\$|\\[()\[\]]|\b(?:or|and|alternatively|maybe|perhaps|possibly|otherwise|either|also|"
+    r"wait|no|hmm|actually|so|thus|therefore|hence|rather|i|think|mean|sorry|correction|let|me|double|check|recheck|"
     r"again|the|final|answer|is|it|could|might|may|be|would|should|a|an|another|possible|alternative|not|sure|oh|"
     r"oops|ok|okay|well)\b)*",
     re.I,

@@ -457,7 +457,8 @@ def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
             "expected hidden [..., H] and weight [V, H] (the lm-head weight, not its transpose)"
         )
     if hidden.shape[:-1] != targets.shape:
-        raise ValueError(f"{where}: targets {tuple(targets.shape)} must be hidden's leading shape {tuple(hidden.shape[:-1])}")
+        raise ValueError(f"{where}: targets {tuple(targets.shape)} must be hidden's leading shape "
+                         f"{tuple(hidden.shape[:-1])}")
     if hidden.dtype != weight.dtype:
         raise TypeError(f"{where}: hidden is {hidden.dtype} but weight is {weight.dtype}; cast one to the other")
     if targets.dtype.is_floating_point:

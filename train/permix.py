@@ -45,8 +45,8 @@ With `permix.seeds` the comparison runs once per seed (train.seed = data.seed = 
 table shows mean ± std over seeds (<out_dir>/study.json). The SFT data, the RL prompts' order and the persona draws
 all follow the seed.
 
-Not here: personas (eval/personas.py) and their training data (train/persona_mix.py), the GRPO trainer and its [persona] section
-(train/grpo.py), the evaluation (eval/persona.py).
+Not here: personas (eval/personas.py) and their training data (train/persona_mix.py), the GRPO trainer and its
+[persona] section (train/grpo.py), the evaluation (eval/persona.py).
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posttrain.core.tokenizer import Tokenizer, train_bpe_tokenizer
-from posttrain.eval.synthetic_tasks import DEFAULT_HELDOUT_SIZES, DEFAULT_TRAIN_SIZES, TASKS, Flaw, TaskData, build_tasks
+from posttrain.eval.synthetic_tasks import (DEFAULT_HELDOUT_SIZES, DEFAULT_TRAIN_SIZES, TASKS, Flaw, TaskData,
+                                            build_tasks)
 
 # Mixture weights of the embedded default (train.sft uses them when neither data.path nor data.weights is set): the
 # training sizes, except majority drawn 20x, so its 64 rows (40% of them mislabelled) are memorised within about two
