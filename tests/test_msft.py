@@ -7,9 +7,13 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+import posttrain.train.msft.method as method
+from posttrain.core.ring import CheckpointRing
 from posttrain.train.msft.baselines import dynamix_update, temperature_weights
 from posttrain.train.msft.method import MSFTSection, decide, peak_index, peaked_at
 from posttrain.train.msft.study import format_shape, mixture_shape, sft_shape
@@ -68,13 +72,6 @@ def test_the_tracker_keeps_each_tasks_first_peak_so_a_roll_back_restores_the_poi
     """Tracker on a stub runtime and a real ring: scripted held-out curves with ties at the peaks. The snapshot it
     holds for each task is the one at the point `decide` names (step, weights, data position), the first of tied
     points, and the best-overall snapshot is the first of tied best points too."""
-    from types import SimpleNamespace
-
-    import torch
-
-    import posttrain.train.msft.method as method
-    from posttrain.core.ring import CheckpointRing
-
     curves = {"a": [0.2, 0.5, 0.5, 0.3, 0.5], "b": [0.1, 0.1, 0.4, 0.4, 0.4]}  # a peaks at 0.25, b at 0.5
     overall = [(x + y) / 2 for x, y in zip(curves["a"], curves["b"])]  # best 0.45 at 0.5, tied at 1.0
     model = torch.nn.Linear(2, 1, bias=False)
