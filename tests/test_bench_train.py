@@ -14,6 +14,7 @@ from posttrain.bench.bench_train import TINY, OutOfTime, deadline
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_smoke_ours_and_hf_take_the_same_steps(tmp_path):
     out = tmp_path / "train.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the torch fallback is fast on CPU

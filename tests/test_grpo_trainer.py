@@ -245,6 +245,7 @@ def straight(tmp_path_factory):
     return out, sft_hf, metrics
 
 
+@pytest.mark.slow
 def test_resume_mid_run_reproduces_the_following_steps_exactly(straight, tmp_path):
     """Stop after the first rollout (2 updates), resume: the second rollout and its losses are identical."""
     out, sft_hf, full = straight

@@ -373,6 +373,7 @@ def _assert_decisions_follow_the_curves(report, **rule):
         assert decide(s["points"], scores, s["active"], **rule) == (s["excluded"], s["rollback_to"]), s
 
 
+@pytest.mark.slow
 def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
     """mSFT and every baseline on a small mixture: each roll-back restored exactly the snapshot it names (weights
     digests), compute adds up (tokens per stage, the discarded part, equal budgets), and 2 gloo ranks make the
@@ -450,6 +451,7 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
     assert one["runs"]["dynamix"]["tokens"] == two["runs"]["dynamix"]["tokens"]
 
 
+@pytest.mark.slow
 def test_mSFT_from_a_pretrained_base_trains_it_once_and_starts_every_method_from_it(tmp_path, mixture):
     """msft.base_config: the base is trained into <out_dir>/base with the run's seeds, every method starts from
     <out_dir>/base/hf (the first evaluation's weights are the exported base's), and a second run reuses it."""

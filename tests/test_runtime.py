@@ -153,6 +153,7 @@ FLAGS = SMALL + ["--train.max_steps=3", "--eval.generate=true", "--eval.max_exam
                  "--eval.at_start=true"]
 
 
+@pytest.mark.slow
 def test_two_runs_in_one_process_equal_two_processes(tmp_path):
     """run(cfg) returns and leaves the process group up: a second run in the same process (another seed) gives
     what it gives alone."""
@@ -181,6 +182,7 @@ close_distributed()
     assert losses(tmp_path / "alone_a") != losses(tmp_path / "alone_b")
 
 
+@pytest.mark.slow
 def test_three_gloo_ranks_draw_the_global_stream_of_one_process(tmp_path):
     run_sft(tmp_path / "one", "--train.max_steps=3", "--optim.grad_accum=3")
     run_sft(tmp_path / "three", "--train.max_steps=3", nproc=3)
@@ -190,6 +192,7 @@ def test_three_gloo_ranks_draw_the_global_stream_of_one_process(tmp_path):
         assert abs(a[step] - b[step]) < 1e-5 * abs(a[step]), (step, a[step], b[step])
 
 
+@pytest.mark.slow
 def test_kill_mid_run_on_two_ranks_resumes_exactly(tmp_path):
     """Two gloo ranks, a checkpoint every 2 steps, SIGKILL to the whole job once step 4's checkpoint is complete;
     the restarted job (rank 0 picks the checkpoint for both) reproduces the uninterrupted run's losses, its
