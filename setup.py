@@ -30,9 +30,14 @@ setup(
         "tomli; python_version < '3.11'",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.45", "matplotlib", "import-linter>=2.1"],
+        # pyarrow, wandb: the Parquet and W&B paths; datasets: the tests make a real save_to_disk folder with it;
+        # hypothesis: the verifier's property tests
+        "test": ["pytest>=7", "transformers>=4.45", "matplotlib", "import-linter>=2.1", "hypothesis>=6",
+                 "pyarrow>=14.0.1", "wandb>=0.17", "datasets>=2.14"],
         "bench": ["transformers>=4.45", "math-verify"],
         "flash": ["flash-attn"],
         "plot": ["matplotlib"],
+        "data": ["pyarrow>=14.0.1"],  # Parquet files and save_to_disk folders as data (14.0.1: CVE-2023-47248)
+        "wandb": ["wandb>=0.17"],  # log.wandb = true
     },
 )

@@ -12,15 +12,24 @@ Sets (from eval/data/math500.jsonl, the repository's copy):
                      wrong ones rejected, truncated ones rejected, and the conventions that failed
   classes            tests/data/verify_cases.jsonl: hand-labelled cases of each judgement call (markers, truncation,
                      relations, matrices, tuples, named assignments, notation, decimals), same split
+  longtail           tests/data/verify_longtail.jsonl: hand-labelled cases of the long tail (issue 31: ASCII
+                     relations, answers without a marker, matrix arithmetic, approximations, several answers,
+                     inequalities vs intervals, worked-solution golds) and of hedging (issue 34), same split
+  hedged             every correct completion of `completions` with a second, different candidate in its final
+                     answer region: 2 of the 33 HEDGE_FORMS each (cycled), both orders; none may be accepted;
+                     reported as accepted per form
   adversarial        huge powers, factorials, 1 MB strings, 10,000 nested braces, code payloads: all must finish
                      within their deadline + 1 s (ours only; math-verify's signal.alarm does not bound these
                      outside the main thread, so it is not run on them)
-Both verifiers run on the same pairs in the same process; math-verify gets the gold as \\boxed{gold}.
+Both verifiers run on the same pairs in the same process; math-verify gets the gold as \\boxed{gold}. Rates are
+verdicts per wall second and, in brackets, per CPU second of this process: on a machine shared with other jobs the
+CPU rate is the one to compare between runs (ours leaves the pool's CPU out: only pairs that reach sympy use it).
 A CPU benchmark (2 cores here): not part of bench/gpu.sh. --smoke uses 40 problems per set and runs in seconds.
 """
 
 import argparse
 import json
+import os
 import platform
 import re
 import time
@@ -30,7 +39,9 @@ from posttrain.eval.math500 import load_gsm8k, load_math500
 from posttrain.eval.latex import canonical
 from posttrain.eval.verify import Verifier
 
-CASES = Path(__file__).resolve().parent.parent / "tests" / "data" / "verify_cases.jsonl"  # hand-labelled classes
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+CASES = DATA / "verify_cases.jsonl"  # hand-labelled classes
+LONGTAIL = DATA / "verify_longtail.jsonl"
 ADVERSARIAL = [
     "\\boxed{9^{9^{9^{9^{9}}}}}",
     "\\boxed{10^{10^{10^{10}}}!}",
@@ -42,6 +53,9 @@ ADVERSARIAL = [
     "x" * 1_000_000,
     "\\boxed{" * 100_000,
     "**Answer:**" + "\n- $p = 6$" * 50_000,
+    "The answer is " + "7 or " * 200_000 + "6.",
+    "The answer is 5." + " Alternatively, 6." * 100_000,
+    "The answer is 6. Wait, no. " * 50_000 + "The answer is 7.",
 ]
 
 
@@ -124,20 +138,36 @@ def _gsm_gold(answer: str) -> str:
     return answer.rsplit("####", 1)[-1].strip().replace(",", "")
 
 
+def _math_case(rows: list[dict], i: int) -> tuple[str, str, str, str]:
+    """(gold, reasoning, the gold as the correct completion writes it, a wrong answer) for MATH500 row i."""
+    row = rows[i]
+    gold, reasoning = row["answer"], _reasoning(row["solution"])
+    answer = _rewrite(gold) if i % 3 == 1 else gold
+    other = next(r["answer"] for r in rows[i + 1 :] + rows[:i] if not _same_string(r["answer"], gold))
+    if re.fullmatch(r"-?\d+", gold) and i % 2:
+        other = str(int(gold) + (1 if i % 4 == 1 else -10))
+    return gold, reasoning, answer, other
+
+
+def _gsm_case(rows: list[dict], i: int) -> tuple[str, str, str, str]:
+    """The same for GSM8K row i (numbers: the wrong answer is the gold + 1 or + 10)."""
+    gold, reasoning = _gsm_gold(rows[i]["answer"]), _reasoning(rows[i]["answer"])
+    value = int(gold) if re.fullmatch(r"-?\d+", gold) else None
+    written = f"{value:,}" if value is not None and i % 4 == 3 else gold
+    other = str(value + (1 if i % 3 else 10)) if value is not None else gold + "1"
+    return gold, reasoning, written, other
+
+
 def completions(math_rows: list[dict], gsm_rows: list[dict]) -> list[tuple[str, str, bool, str]]:
     """(gold, completion, label, kind) for each problem: one correct, one wrong, and every third a truncated one.
 
     kind is "correct/<convention>", "wrong/<convention>" or "truncated/<how>". Deterministic.
     """
     out = []
-    for i, row in enumerate(math_rows):
-        gold, reasoning = row["answer"], _reasoning(row["solution"])
+    for i in range(len(math_rows)):
+        gold, reasoning, answer, other = _math_case(math_rows, i)
         name, tpl = CONVENTIONS[i % len(CONVENTIONS)]
-        answer = _rewrite(gold) if i % 3 == 1 else gold
         out.append((gold, tpl.format(r=reasoning, a=answer), True, "correct/" + name))
-        other = next(r["answer"] for r in math_rows[i + 1 :] + math_rows[:i] if not _same_string(r["answer"], gold))
-        if re.fullmatch(r"-?\d+", gold) and i % 2:
-            other = str(int(gold) + (1 if i % 4 == 1 else -10))
         name, tpl = CONVENTIONS[(i + 5) % len(CONVENTIONS)]
         out.append((gold, tpl.format(r=reasoning, a=other), False, "wrong/" + name))
         if i % 3 == 0:
@@ -145,16 +175,13 @@ def completions(math_rows: list[dict], gsm_rows: list[dict]) -> list[tuple[str, 
             boxed = reasoning + "\n\nSo the answer is $\\boxed{" + gold[: len(gold) // 2]
             kind, text = (("mid_reasoning", cut), ("inside_box", boxed))[(i // 3) % 2]
             out.append((gold, text, False, "truncated/" + kind))
-    for i, row in enumerate(gsm_rows):
-        gold, reasoning = _gsm_gold(row["answer"]), _reasoning(row["answer"])
-        value = int(gold) if re.fullmatch(r"-?\d+", gold) else None
-        written = f"{value:,}" if value is not None and i % 4 == 3 else gold
+    for i in range(len(gsm_rows)):
+        gold, reasoning, written, other = _gsm_case(gsm_rows, i)
         if i % 2:
             name, tpl = CONVENTIONS[i % len(CONVENTIONS)]
         else:
             name, tpl = GSM_CONVENTIONS[(i // 2) % len(GSM_CONVENTIONS)]
         out.append((gold, tpl.format(r=reasoning, a=written), True, "correct/" + name))
-        other = str(value + (1 if i % 3 else 10)) if value is not None else gold + "1"
         name, tpl = GSM_CONVENTIONS[(i + 1) % len(GSM_CONVENTIONS)]
         out.append((gold, tpl.format(r=reasoning, a=other), False, "wrong/" + name))
         if i % 3 == 0:  # the reasoning ends with the right number, but no final answer was reached
@@ -162,10 +189,89 @@ def completions(math_rows: list[dict], gsm_rows: list[dict]) -> list[tuple[str, 
     return out
 
 
-def _rate(fn, n: int) -> tuple[float, object]:
-    t = time.perf_counter()
+# Hedged completions (issue 34): the final answer region names the gold and a second, different candidate. {a} is
+# the first candidate and {b} the second; each form runs in both orders (gold first, gold second). "inline" forms
+# put both in one answer statement, "after" forms state one and offer the other in a statement that follows.
+HEDGE_FORMS = [
+    ("or", "inline", "The answer is ${a}$ or ${b}$."),
+    ("or_maybe", "inline", "So the answer is ${a}$ or maybe ${b}$."),
+    ("paren_or", "inline", "Final answer: ${a}$ (or ${b}$)."),
+    ("semicolon_alternatively", "inline", "The answer is ${a}$; alternatively ${b}$."),
+    ("although_plain", "inline", "The final answer is {a}, although {b} is also possible."),
+    ("either_or", "inline", "The answer is either ${a}$ or ${b}$."),
+    ("slash", "inline", "The answer is ${a}$/${b}$."),
+    ("comma_list", "inline", "The answer is ${a}$, ${b}$."),
+    ("or_possibly", "inline", "The answer is ${a}$, or possibly ${b}$."),
+    ("paren_maybe", "inline", "The answer is ${a}$ (maybe ${b}$)."),
+    ("boxes_or", "inline", "The answer is $\\boxed{{{a}}}$ or $\\boxed{{{b}}}$."),
+    ("box_paren_or", "inline", "The final answer is $\\boxed{{{a}}}$ (or $\\boxed{{{b}}}$)."),
+    ("text_or_in_math", "inline", "The answer is ${a} \\text{{ or }} {b}$."),
+    ("bold_slash", "inline", "**Answer:** ${a}$ / ${b}$"),
+    ("or_perhaps", "inline", "The answer is \\({a}\\), or perhaps \\({b}\\)."),
+    ("but_could_be", "inline", "The answer is ${a}$, but it could also be ${b}$."),
+    ("and_or", "inline", "The answer is ${a}$ and/or ${b}$."),
+    ("plain_or", "inline", "Final answer: {a} or {b}"),
+    ("hashes_or", "inline", "#### {a} or {b}"),
+    ("boxed_otherwise", "inline", "\\boxed{{{a}}}, otherwise \\boxed{{{b}}}"),
+    ("display_quad_or", "inline", "\\[ \\boxed{{{a}}} \\quad\\text{{or}}\\quad \\boxed{{{b}}} \\]"),
+    ("display_lines_or", "inline", "The answer is\n$$\n{a}\n$$\nor\n$$\n{b}\n$$"),
+    ("then_alternatively", "after", "The answer is ${a}$. Alternatively, the answer is ${b}$."),
+    ("repeated_answer_is", "after", "The answer is ${a}$. The answer is ${b}$."),
+    ("then_or_maybe", "after", "The answer is ${a}$. Or maybe ${b}$."),
+    ("boxes_alternatively", "after", "\\boxed{{{a}}}\n\nAlternatively: \\boxed{{{b}}}"),
+    ("could_also_be", "after", "The answer is ${a}$. It could also be ${b}$."),
+    ("answer_lines", "after", "Answer: ${a}$\nAnswer: ${b}$"),
+    ("also_possible", "after", "The answer is ${a}$.\n\n${b}$ is also possible."),
+    ("another_answer", "after", "The answer is ${a}$. Another possible answer is ${b}$."),
+    ("wait_no", "after", "The answer is ${a}$. Wait, no: the answer is ${b}$."),
+    ("box_then_final_answer", "after", "\\boxed{{{a}}}\n\nFinal Answer: ${b}$"),
+    ("boxed_span_then_could_be", "after",
+     "The final answer is $\\boxed{{{a}}}$.\n\nAlternatively, the answer could be ${b}$."),
+]
+# What may follow the hedge: nothing, a remark that names no other value, or the end of a chat turn.
+HEDGE_TAILS = ["", " I hope it is correct.", "\n\nI double-checked the arithmetic.", CHAT_TAIL]
+
+
+def hedge_cases(math_rows: list[dict], gsm_rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(gold, reasoning, a wrong answer) for every correct completion of `completions`, the gold as it writes it."""
+    out = []
+    for i in range(len(math_rows)):
+        gold, reasoning, answer, other = _math_case(math_rows, i)
+        out.append((gold, reasoning, answer, other))
+    for i in range(len(gsm_rows)):
+        out.append(_gsm_case(gsm_rows, i))
+    return out
+
+
+def hedge(reasoning: str, first: str, second: str, form: str, tail: str = "") -> str:
+    """A completion whose final-answer region names `first` and `second` in hedge form `form` (a HEDGE_FORMS name)."""
+    tpl = next(t for name, _, t in HEDGE_FORMS if name == form)
+    body = tpl.format(a=first, b=second)
+    if tail.startswith(" ") and body[-1] not in ".$":  # a remark after a plain answer starts a new line
+        tail = "\n" + tail[1:]
+    return reasoning + "\n\n" + body + tail
+
+
+def hedged(math_rows: list[dict], gsm_rows: list[dict], per_case: int = 2) -> list[tuple[str, str, str]]:
+    """(gold, completion, kind) hedged completions: per correct completion, `per_case` forms (cycled so that every
+    form meets every kind of answer) in both orders, each with a tail from HEDGE_TAILS; kind is
+    "<form>/gold_first" or "<form>/gold_second". None may be accepted. Deterministic."""
+    out = []
+    for k, (gold, reasoning, answer, other) in enumerate(hedge_cases(math_rows, gsm_rows)):
+        for j in range(per_case):
+            form = HEDGE_FORMS[(k + j * (len(HEDGE_FORMS) // per_case + 1)) % len(HEDGE_FORMS)][0]
+            tail = HEDGE_TAILS[(k + j) % len(HEDGE_TAILS)]
+            out.append((gold, hedge(reasoning, answer, other, form, tail), form + "/gold_first"))
+            out.append((gold, hedge(reasoning, other, answer, form, tail), form + "/gold_second"))
+    return out
+
+
+def _rate(fn, n: int) -> tuple[float, float, object]:
+    """(items per wall second, items per CPU second of this process, fn's result). On a shared machine the CPU rate
+    is the steadier one; it leaves out the workers' CPU, which only the few pairs that reach sympy use."""
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
-    return n / (time.perf_counter() - t), out
+    return n / (time.perf_counter() - t), n / max(time.process_time() - c, 1e-9), out
 
 
 def _split_score(verdicts: list[bool], labels: list[bool], kinds: list[str]) -> dict:
@@ -205,18 +311,27 @@ def run(smoke: bool) -> dict:
     rewritten = [f"The answer is $\\boxed{{{_rewrite(g)}}}$." for g in golds]
     made = completions(rows, gsm)
     cases = [json.loads(line) for line in CASES.read_text().splitlines() if line.strip()]
+    tail = [json.loads(line) for line in LONGTAIL.read_text().splitlines() if line.strip()]
+    hedges = hedged(rows, gsm)
     sets = {
         "gold_vs_solution": (golds, sols, [True] * len(rows)),
         "rewritten": (golds, rewritten, [True] * len(rows)),
         "mix_wrong": (golds + golds, sols + wrong, [True] * len(rows) + same),
         "completions": ([m[0] for m in made], [m[1] for m in made], [m[2] for m in made]),
         "classes": ([c["gold"] for c in cases], [c["pred"] for c in cases], [c["label"] for c in cases]),
+        "longtail": ([c["gold"] for c in tail], [c["pred"] for c in tail], [c["label"] for c in tail]),
+        "hedged": ([h[0] for h in hedges], [h[1] for h in hedges], [False] * len(hedges)),
     }
     kinds = {"completions": [m[3] for m in made],
-             "classes": [("correct/" if c["label"] else "wrong/") + c["class"] for c in cases]}
+             "classes": [("correct/" if c["label"] else "wrong/") + c["class"] for c in cases],
+             "longtail": [("correct/" if c["label"] else "wrong/") + c["class"] for c in tail],
+             "hedged": ["wrong/" + h[2] for h in hedges]}
     results = {"env": {"python": platform.python_version(), "machine": platform.machine()}, "sets": {}}
     verifier = Verifier(workers=2, timeout_s=5.0)
-    verifier.verify_batch(["x^2"], ["\\sin^2 x"])  # start the workers outside the timed region
+    # Start both workers outside the timed region: the pair must need the sympy stage (floats underflow at e^{-40});
+    # "x^2" against "\\sin^2 x", used before, is decided in-process and started none, so the first adversarial item
+    # to reach the pool paid the workers' start (~1.8 s) inside its deadline.
+    verifier.verify_batch(["e^{-40}"] * 2, ["e^{-40} + 0"] * 2)
     try:
         import math_verify
     except ImportError:
@@ -226,14 +341,16 @@ def run(smoke: bool) -> dict:
         mv_check = _math_verify_fn(math_verify)
         mv_check("\\frac{1}{2}", "$0.5$")
     for name, (g, p, expect) in sets.items():
-        rate, verdicts = _rate(lambda: verifier.verify_batch(g, p), len(g))
-        row = {"n": len(g), "ours_per_s": rate, "ours_agree": sum(v == e for v, e in zip(verdicts, expect))}
+        rate, cpu_rate, verdicts = _rate(lambda: verifier.verify_batch(g, p), len(g))
+        row = {"n": len(g), "ours_per_s": rate, "ours_per_cpu_s": cpu_rate,
+               "ours_agree": sum(v == e for v, e in zip(verdicts, expect))}
         if name in kinds:
             row["ours"] = _split_score(verdicts, expect, kinds[name])
         if math_verify is not None:
-            mv_rate, mv_verdicts = _rate(lambda: [mv_check(a, b) for a, b in zip(g, p)], len(g))
+            mv_rate, mv_cpu_rate, mv_verdicts = _rate(lambda: [mv_check(a, b) for a, b in zip(g, p)], len(g))
             mv_agree = sum(bool(v) == e for v, e in zip(mv_verdicts, expect))
-            row.update(math_verify_per_s=mv_rate, math_verify_agree=mv_agree, speedup=rate / mv_rate)
+            row.update(math_verify_per_s=mv_rate, math_verify_per_cpu_s=mv_cpu_rate, math_verify_agree=mv_agree,
+                       speedup=rate / mv_rate, cpu_speedup=cpu_rate / mv_cpu_rate)
             if name in kinds:
                 row["math_verify"] = _split_score(mv_verdicts, expect, kinds[name])
         results["sets"][name] = row
@@ -257,12 +374,14 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     res = run(args.smoke)
-    print(f"{'set':18} {'n':>5} {'ours/s':>9} {'ours ok':>8} {'math-verify/s':>14} {'mv ok':>6} {'speedup':>8}")
+    print("rates: verdicts per wall second (per CPU second of this process)")
+    print(f"{'set':18} {'n':>5} {'ours/s':>17} {'ours ok':>8} {'math-verify/s':>14} {'mv ok':>6} {'speedup':>8}")
     for name, r in res["sets"].items():
-        mv = (f"{r['math_verify_per_s']:14.0f} {r['math_verify_agree']:6d} {r['speedup']:7.1f}x"
-              if "math_verify_per_s" in r else f"{'(not installed)':>14} {'-':>6} {'-':>8}")
-        print(f"{name:18} {r['n']:5d} {r['ours_per_s']:9.0f} {r['ours_agree']:8d} {mv}")
-    for name in ("completions", "classes"):
+        mv = (f"{r['math_verify_per_s']:6.0f} ({r['math_verify_per_cpu_s']:5.0f}) {r['math_verify_agree']:6d} "
+              f"{r['speedup']:7.1f}x" if "math_verify_per_s" in r else f"{'(not installed)':>14} {'-':>6} {'-':>8}")
+        print(f"{name:18} {r['n']:5d} {r['ours_per_s']:7.0f} ({r['ours_per_cpu_s']:7.0f}) {r['ours_agree']:8d} {mv}")
+    print(f"load average {os.getloadavg()[0]:.1f} (1 min) at the end")
+    for name in ("completions", "classes", "longtail", "hedged"):
         c = res["sets"][name]
         for who in ("ours", "math_verify"):
             if who in c:

@@ -6,11 +6,18 @@ each bench_*.py still reads top to bottom and decides its own shapes and anchors
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
 
 import torch
+
+
+def budget_s(default: float) -> float:
+    """Seconds a benchmark may run before it skips its remaining rows: what bench/gpu.sh gives its step less a margin
+    for imports and teardown ($BENCH_BUDGET_S), else `default` (a run by hand)."""
+    return float(os.environ.get("BENCH_BUDGET_S") or default)
 
 
 def sync() -> None:

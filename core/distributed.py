@@ -3,7 +3,7 @@
 One process or many, the training code runs the same path: without torchrun we start a one-rank process group, so
 the model is always an FSDP2 module and nothing branches on "distributed or not".
 
-  init_distributed()       torchrun's env -> process group (nccl on CUDA, gloo on CPU), 1-D device mesh, seeds
+  init_distributed()       torchrun's env -> process group (nccl on CUDA, gloo on CPU), device mesh, seeds
   parallelize()            activation checkpointing -> per-block compile -> fully_shard per block ->
                            final norm + lm-head as one group -> root, in that order (torchtitan's order)
   build_model()            meta-device construction, parallelize, then each rank fills only its own shards, from
@@ -17,6 +17,16 @@ the model is always an FSDP2 module and nothing branches on "distributed or not"
   full_weights()           gather every shard once for a whole rollout (the sampler's), then reshard
   forget_forwards()        drop FSDP2's records of forwards no backward follows (rollouts, evaluations)
   reshard()                put every module back in its sharded state, so parameters() are the shards again
+
+The mesh: FSDP (1-D, `("shard",)`, every rank holds 1/world of each tensor) by default; HSDP with
+`parallel.replicate` = R > 1: a 2-D mesh `("replicate", "shard")` of R groups of S = world / R consecutive ranks. Each
+group holds one whole copy of the model sharded S ways; the all-gathers and reduce-scatters of every block stay
+inside a group, and only one gradient all-reduce per step crosses groups. torchrun numbers a node's ranks
+consecutively, so S = ranks per node keeps the per-block traffic on the node's fast links (torchtitan's
+data_parallel_replicate_degree). Every rank is a data-parallel rank either way: rank r takes the r-th micro-batch of
+the global batch, so replica groups see disjoint data, and FSDP2 averages gradients over all world ranks (mean over
+the group's reduce-scatter, then over the replicas' all-reduce). Quantities summed over shards (a norm, a weights
+digest) are summed over the "shard" dimension only (`Dist.shard_group`): the replicas hold the same shards.
 
 This is the only module that imports FSDP2 (an import-linter contract, .importlinter); `fsdp_modules` and
 `fsdp_param_groups` are the rest of the library's view of it, and the private state they read is read defensively.
@@ -68,24 +78,53 @@ class ParallelConfig:
     reshard_after_forward: bool = True  # False trades memory for one all-gather less per block in backward
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each block
+    replicate: int = 1  # HSDP: whole copies of the model (one per node, typically); 1: plain FSDP over all ranks
+    shard: int = 0  # ranks each copy is sharded over (ranks per node, typically); 0: world size / replicate
 
     def __post_init__(self) -> None:
         for key in ("param_dtype", "reduce_dtype"):
             if getattr(self, key) not in DTYPES:
                 raise ValueError(f"parallel.{key}: {getattr(self, key)!r} is not one of {', '.join(DTYPES)}")
+        if self.replicate < 1 or self.shard < 0:
+            raise ValueError(f"parallel.replicate={self.replicate} must be >= 1 and parallel.shard={self.shard} >= 0 "
+                             f"(0: the world size / parallel.replicate)")
+
+    def mesh_shape(self, world_size: int) -> tuple[int, int]:
+        """(replicate, shard) degrees for `world_size` ranks; an error names both numbers when they do not fit."""
+        r = self.replicate
+        if world_size % r:
+            raise ValueError(f"parallel.replicate={r} does not divide the world size {world_size}: HSDP needs "
+                             f"world size = replicate x shard (e.g. replicate = the number of nodes)")
+        s = self.shard or world_size // r
+        if r * s != world_size:
+            raise ValueError(f"parallel.replicate={r} x parallel.shard={self.shard} = {r * s} ranks, but the world "
+                             f"size is {world_size}; set parallel.shard={world_size // r} or leave it 0")
+        return r, s
 
 
 @dataclass
 class Dist:
-    rank: int
+    rank: int  # global rank, also the data-parallel rank (every rank takes its own micro-batch)
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh
+    mesh: DeviceMesh  # what FSDP2 shards over: ("shard",), or ("replicate", "shard") for HSDP
+    replicate: int = 1  # HSDP degree: whole copies of the model, each sharded over world_size // replicate ranks
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def shard(self) -> int:
+        """Ranks one copy of the model is sharded over."""
+        return self.world_size // self.replicate
+
+    @property
+    def shard_group(self) -> dist.ProcessGroup | None:
+        """The ranks holding the other shards of this rank's copy (all ranks without HSDP): sum over it what is
+        summed over shards, once per copy."""
+        return self.mesh.get_group("shard") if self.mesh is not None else None
 
 
 def check_cpu_fsdp() -> None:
@@ -99,8 +138,10 @@ def check_cpu_fsdp() -> None:
                            f"cannot all-gather on CPU")
 
 
-def init_distributed(seed: int = 0, *, device: str | None = None, timeout_s: float = 600.0) -> Dist:
-    """Start (or join) the process group from torchrun's environment; a one-rank group without torchrun.
+def init_distributed(seed: int = 0, *, device: str | None = None, timeout_s: float = 600.0,
+                     parallel: ParallelConfig | None = None) -> Dist:
+    """Start (or join) the process group from torchrun's environment; a one-rank group without torchrun. The device
+    mesh follows `parallel.replicate` and `parallel.shard` (see the module docstring).
 
     Seeds python, numpy and torch identically on every rank: model init and data order are global decisions, so
     every rank must draw the same numbers. Per-rank randomness (none in SFT) would derive its own generator.
@@ -126,11 +167,15 @@ def init_distributed(seed: int = 0, *, device: str | None = None, timeout_s: flo
             if world_size != 1:
                 raise RuntimeError("WORLD_SIZE > 1 without MASTER_ADDR: launch with torchrun")
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
+    replicate, shard = (parallel or ParallelConfig()).mesh_shape(world_size)
+    if replicate == 1:  # plain FSDP: the 1-D mesh, no all-reduce over a one-rank replicate group
+        mesh = init_device_mesh(dev.type, (shard,), mesh_dim_names=("shard",))
+    else:  # row-major: replica group k is ranks k*shard .. (k+1)*shard - 1, a node's ranks under torchrun
+        mesh = init_device_mesh(dev.type, (replicate, shard), mesh_dim_names=("replicate", "shard"))
     if dev.type == "cpu" and world_size > 1:
         check_gradient_average(mesh)
     seed_everything(seed)
-    return Dist(rank, world_size, local_rank, dev, mesh)
+    return Dist(rank, world_size, local_rank, dev, mesh, replicate)
 
 
 def check_gradient_average(mesh: DeviceMesh) -> None:
@@ -146,11 +191,12 @@ def check_gradient_average(mesh: DeviceMesh) -> None:
 
 
 def _reduced_gradient(mesh: DeviceMesh) -> float:
-    """FSDP2's reduction over `mesh` of a gradient that is 1 on every rank (1 for a mean, the world size for a sum)."""
+    """FSDP2's reduction over `mesh` of a gradient that is 1 on every rank (1 for a mean, the world size for a sum;
+    under HSDP both the reduce-scatter within a group and the all-reduce across groups count)."""
     probe = nn.Linear(1, mesh.size(), bias=False)
     fully_shard(probe, mesh=mesh)
     probe(torch.ones(1, 1)).sum().backward()
-    return float(probe.weight.grad.to_local().sum())
+    return float(probe.weight.grad.to_local().mean())
 
 
 def close_distributed() -> None:
@@ -199,15 +245,18 @@ def parallelize(model: Transformer, mesh: DeviceMesh, cfg: ParallelConfig) -> Tr
 
 
 def _local_rows(param: torch.Tensor) -> tuple[int, int]:
-    """Rows [start, end) of dim 0 of the full tensor that this rank's FSDP2 shard holds (torch.chunk layout)."""
+    """Rows [start, end) of dim 0 of the full tensor that this rank's FSDP2 shard holds (torch.chunk layout over
+    the mesh's "shard" dimension; HSDP's replicas hold the same rows)."""
     if not isinstance(param, DTensor):
         return 0, param.shape[0]
     placements = param.placements
-    if len(placements) != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
-        raise NotImplementedError(f"only 1-D FSDP sharding on dim 0 is supported, got {placements}")
-    n, world = param.shape[0], param.device_mesh.size()
+    shards = [i for i, p in enumerate(placements) if not p.is_replicate()]
+    if len(shards) != 1 or not isinstance(placements[shards[0]], Shard) or placements[shards[0]].dim != 0:
+        raise NotImplementedError(f"only FSDP/HSDP sharding on dim 0 (Shard(0), with Replicate() for HSDP) is "
+                                  f"supported, got {placements}")
+    n, world = param.shape[0], param.device_mesh.size(shards[0])
     chunk = -(-n // world)
-    start = min(param.device_mesh.get_local_rank() * chunk, n)
+    start = min(param.device_mesh.get_local_rank(shards[0]) * chunk, n)
     return start, min(start + chunk, n)
 
 
@@ -279,13 +328,14 @@ def _init_reference(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
 
 def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Clip DTensor (or plain) gradients in place; returns the total norm before clipping as a plain tensor.
-    A non-finite norm is returned and nothing is scaled: the caller skips the step."""
+    A non-finite norm is returned and nothing is scaled: the caller skips the step. No host read: the norm and the
+    choice stay on the device, so the caller can read them with the rest of its step's metrics."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()  # the all-reduce of the per-shard partial norms
-    if torch.isfinite(norm) and max_norm > 0:
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    if max_norm > 0:
+        coef = torch.where(torch.isfinite(norm), torch.clamp(max_norm / (norm + 1e-6), max=1.0), 1.0)
         for g in grads:
             (g.to_local() if isinstance(g, DTensor) else g).mul_(coef)
     return norm
@@ -326,6 +376,9 @@ class Checkpointer:
     Layout: DCP shards of {"model", "optim"} written by all ranks; `trainer.json` (step, scheduler, data position and
     any other JSON state) written by rank 0; `rng_rank{r}.pt` per rank; `COMPLETE` written by rank 0 last, after a
     barrier. A directory without COMPLETE (a crash mid-write) is ignored by `latest()` and removed by the next save.
+    Across nodes the directory must be on a shared filesystem (checked at each save); only global rank 0 creates,
+    removes or marks directories. DCP stores each tensor once whatever the layout (HSDP's replicas write one copy)
+    and reshards on load, so a checkpoint resumes on any world size and replicate x shard layout.
     """
 
     MARKER = "COMPLETE"
@@ -360,6 +413,7 @@ class Checkpointer:
                 shutil.rmtree(path)
             path.mkdir(parents=True)
         dist.barrier()
+        self._check_shared(path)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
         torch.save(_rng_state(), path / f"rng_rank{self.d.rank}.pt")
@@ -372,6 +426,17 @@ class Checkpointer:
                 shutil.rmtree(self._dir(s), ignore_errors=True)
         dist.barrier()
         return path
+
+    def _check_shared(self, path: Path) -> None:
+        """Every rank must see the directory rank 0 made: each writes its own shards into it, and on another node's
+        local disk they would be lost to a resume (found only then). Collective; every rank raises alike."""
+        seen = path.is_dir()
+        blind = torch.tensor([0.0 if seen else 1.0])
+        dist.all_reduce(blind)
+        if blind.item():
+            raise RuntimeError(f"{path}: {blind.item():.0f} of {self.d.world_size} ranks do not see the checkpoint "
+                               f"directory rank 0 created (rank {self.d.rank} {'does' if seen else 'does not'}); "
+                               f"checkpoint.dir must be on a filesystem shared by every node")
 
     def load(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Restore model, optimizer and this rank's RNG in place; returns the JSON state saved with them."""

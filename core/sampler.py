@@ -9,7 +9,8 @@ Design decisions (each one chosen for a measurable reason):
 
 - **Cache.** One static cache k, v [layers, R, L, kv_heads, head_dim] per call shape, viewed out of one flat buffer
   per model that only grows, so repeated calls (every GRPO step) reuse it without allocating; `free_cache(model)`
-  hands it back (e.g. before a memory-hungry training step). L = the longest prompt + max_new_tokens, rounded up.
+  hands it back (e.g. before a memory-hungry training step). L = the longest prompt + max_new_tokens, rounded up to
+  one of a few lengths (`cache_length`: whole windows, then 4 per doubling), so calls share states and graphs.
 - **Rows hold sequences; finished rows are refilled.** A sequence is one (prompt, sample) pair. Each of the R rows
   holds one sequence at a time; when rows finish, pending sequences start in them at the next look at the device
   (`refill=True`, continuous batching within the call), so a batch with a long tail does not decode dead rows until
@@ -53,11 +54,13 @@ Design decisions (each one chosen for a measurable reason):
   `text` ends just before the stop string. For a stop token, `tokens` end with it (the trainer trains on EOS) and
   `text` leaves it out.
 - **CUDA graphs.** On CUDA the decode step (model forward + sampling + bookkeeping) is captured once per (rows
-  bucket, cache length, window, sampling parameters, number of stop ids) and replayed; static inputs are the state
-  tensors above and the cache (the stop ids are read by value, padded to a power-of-two length, so a different stop
-  list reuses the graph). Rows are bucketed (powers of two up to 32, then multiples of 32); spare rows stay free. At most
-  _MAX_GRAPHS graphs per state, least recently used evicted; captures, capture seconds and evictions are counted in
-  `sampler_stats`. Prefill runs eagerly. On CPU, or with `use_cuda_graphs=False`, the identical step function runs
+  bucket, cache length, window, sampling parameters, fused or plain path, number of stop ids: `graph_key`) and
+  replayed; static inputs are the state tensors above and the cache (the stop ids are read by value, padded to a
+  power-of-two length, so a different stop list reuses the graph). Rows are bucketed (powers of two up to 32, then
+  multiples of 32); spare rows stay free. A state keeps `graph_capacity(L)` graphs (every window of a call, twice),
+  least recently used evicted; captures, capture seconds and evictions are counted in `sampler_stats`. A capture
+  uses capture_begin/end, not `torch.cuda.graph`, whose entry empties the caching allocator (the training step's
+  cached blocks). Prefill runs eagerly. On CPU, or with `use_cuda_graphs=False`, the identical step function runs
   eagerly. Graphs are dropped when the cache is reallocated or the weights move (data_ptr check).
 - **FSDP2.** FSDP's forward hooks run host-side logic every call and its gathered weights move, so a sharded model
   cannot be graph-captured. On CUDA `generate` decodes an FSDP model on its `rollout_replica`: a plain copy whose
@@ -67,8 +70,9 @@ Design decisions (each one chosen for a measurable reason):
   CPU), `full_weights(model)` unshards every FSDP module once (all-gather per module), turns off resharding after
   forward, and reshards on exit, so a rollout of T steps costs one all-gather per module instead of T; graphs are
   off then.
-- **Memory budget.** `max_batch_tokens` bounds rows x cache length (default: every sequence a row on CPU; 40% of
-  free device memory on CUDA).
+- **Memory budget.** `max_batch_tokens` bounds rows x cache length (default: every sequence a row on CPU; on CUDA
+  `kv_budget_slots`: the cache held already plus 40% of the memory left after the training peak, counting memory
+  PyTorch's allocator holds free; the cache, replica and graph pool stay resident through the policy update).
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ import math
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,7 +190,9 @@ def rollout_replica(model: nn.Module) -> nn.Module:
     graphs, and its gathered parameters get new storage at each unshard. The replica is an ordinary module whose
     parameters keep their storage across refreshes, so the decode graphs captured for it stay valid across training
     steps. Cost: one more copy of the weights in the unsharded dtype per rank, kept between rollouts (see
-    `replica_bytes`); `free_cache(model)` drops it. The refresh gathers the weights (`full_weights`): collective,
+    `replica_bytes`); `free_cache(model)` drops it. It is built in that dtype directly (a meta-device skeleton, then
+    each parameter allocated once), never at the default fp32 first: that would cost 4 more bytes per parameter at
+    the first rollout (about 32 GB for an 8B model). The refresh gathers the weights (`full_weights`): collective,
     every rank calls it together, and for its duration a second full copy exists.
     """
     if not fsdp_modules(model):
@@ -195,17 +201,37 @@ def rollout_replica(model: nn.Module) -> nn.Module:
     with full_weights(model):
         full = dict(model.named_parameters())
         if replica is None:
-            with torch.device("meta"):
-                replica = type(model)(model.config)
-            replica.to_empty(device=next(iter(full.values())).device)
-            replica.tie_weights()
-            for name, p in replica.named_parameters():
-                p.data = p.data.to(full[name].dtype)
-            replica.eval().requires_grad_(False)
+            replica = _replica_skeleton(model)
+            _materialize(replica, full, next(iter(full.values())).device)
             _REPLICAS[model] = replica
         for name, p in replica.named_parameters():
             p.copy_(full[name])
     return replica
+
+
+def _replica_skeleton(model: nn.Module) -> nn.Module:
+    """`model`'s class and config on the meta device (no memory), for `_materialize`."""
+    with torch.device("meta"):
+        replica = type(model)(model.config)
+    if any(True for _ in replica.buffers()):  # they would need values; the model computes RoPE on the fly instead
+        raise NotImplementedError(f"rollout_replica: {type(replica).__name__} has buffers; copy them to the replica")
+    return replica.eval().requires_grad_(False)
+
+
+def _materialize(replica: nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Give each parameter of `replica` uninitialised storage on `device` in the dtype of its gathered counterpart
+    `full[name]`: one allocation per parameter (a tied one once, and tied it stays), dropping each meta placeholder
+    as it goes. Not `to_empty`: it allocates at the placeholder's dtype (the default fp32) and unties."""
+    made: dict[int, nn.Parameter] = {}
+    for name in [n for n, _ in replica.named_parameters(remove_duplicate=False)]:
+        owner, _, leaf = name.rpartition(".")
+        module = replica.get_submodule(owner)
+        old = getattr(module, leaf)
+        if id(old) not in made:  # a tied parameter's later names find it here (placeholders live until replaced)
+            dtype = full[name].dtype
+            made[id(old)] = nn.Parameter(torch.empty(old.shape, dtype=dtype, device=device), requires_grad=False)
+        setattr(module, leaf, made[id(old)])
+        del old
 
 
 def replica_bytes(model: nn.Module) -> int:
@@ -257,7 +283,44 @@ def _decode_step(model: nn.Module, st: _State, window: int) -> None:
                 st.positions, st.done, st.stop_ids)
 
 
-_MAX_GRAPHS = 16  # captured decode graphs kept per batch shape (each holds its own activations in the shared pool)
+def cache_length(tokens: int, limit: int) -> int:
+    """Cache slots per row (L) for a call whose longest sequence is `tokens` (longest prompt + max_new_tokens):
+    whole windows, and beyond 8 windows one of 4 lengths per doubling (512, 640, 768, 896, 1024, 1280, ...), so
+    calls whose longest prompts differ share a decode state and its graphs (the cost: at most 25% more slots than
+    the call needs); at most `limit` (the model's max_position_embeddings), rounded up to a window."""
+    n = -(-tokens // _WINDOW)
+    step = 1 << max(0, (n - 1).bit_length() - 3)
+    return min(_round_up(n, step), -(-limit // _WINDOW)) * _WINDOW
+
+
+def graph_key(window: int, params: SamplingParams, fused: bool, n_stop: int) -> tuple:
+    """What a captured decode step depends on besides its state's shapes (R, L, T): the attention window, the
+    sampling parameters (constants in the captured kernels), the fused or plain decode path, and the padded number
+    of stop ids (their values are read from a static tensor)."""
+    return (window, params, fused, n_stop)
+
+
+def graph_capacity(L: int) -> int:
+    """Graphs a decode state of cache length L keeps, least recently used evicted: every window of a call over the
+    whole cache (L / _WINDOW of them), for two sampling setups in turn. A call walks its windows in order, so an LRU
+    smaller than that misses on every window of every call, and each miss is a capture (eager warm-up steps, a
+    synchronize, a graph instantiation). The graphs share one memory pool, so more of them cost little memory."""
+    return 2 * (L // _WINDOW)
+
+
+def kv_budget_slots(*, free: int, reserved: int, allocated: int, peak: int, held: int, slot_bytes: int,
+                    fraction: float = 0.4) -> int:
+    """Cache slots (rows x cache length) a call may use on CUDA, from the device's memory in bytes: `free` (outside
+    PyTorch, cudaMemGetInfo), `reserved` and `allocated` (PyTorch's caching allocator: reserved - allocated is
+    cached and free for our tensors too), `peak` (the most ever allocated: a training step since went back down
+    from there, and will need it again while the cache stays resident), `held` (this model's cache already: reused).
+
+    The cache, the rollout replica and the graph pool stay resident through the policy update (captured graphs need
+    fixed addresses), so the headroom is what is left after the training peak: free + reserved - peak; the cache
+    may take `fraction` of it (before the first training step the peak does not know the step yet: the rest is
+    left for it)."""
+    headroom = max(free + reserved - max(peak, allocated), 0)
+    return (held + int(fraction * headroom)) // slot_bytes
 
 
 class _Engine:
@@ -305,11 +368,10 @@ class _Engine:
         if not use_graphs:
             _decode_step(model, st, window)
             return
-        # The stop ids are a static input read by value: only their count shapes the graph.
-        key = (window, st.params, st.stop_ids.numel())
+        key = graph_key(window, st.params, st.fused, st.stop_ids.numel())
         graph = st.graphs.get(key)
         if graph is None:
-            if len(st.graphs) >= _MAX_GRAPHS:
+            if len(st.graphs) >= graph_capacity(st.k.shape[2]):
                 st.graphs.popitem(last=False)
                 self.stats["graphs_evicted"] += 1
             t0 = time.perf_counter()
@@ -335,12 +397,19 @@ class _Engine:
             for _ in range(2):
                 _decode_step(model, st, window)
                 restore()
-        torch.cuda.current_stream().wait_stream(stream)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            _decode_step(model, st, window)
+        # capture_begin/end rather than `with torch.cuda.graph(...)`, whose entry also empties the caching allocator
+        # (and the pinned host cache): that would hand the training step's cached blocks back to the driver.
+        torch.cuda.synchronize()
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=self.pool)
+            try:
+                _decode_step(model, st, window)
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()  # so the caller's capture time is the whole of it
         return graph
 
@@ -443,10 +512,10 @@ def generate(
 
     stop_token_ids: None = the tokenizer's `stop_ids` (EOS + generation-config eos ids) when a tokenizer is given,
         else none; () = no stop tokens. stop_strings need `tokenizer`.
-    max_batch_tokens: bounds rows x cache length (None: every sequence gets a row on CPU; 40% of free device
-        memory on CUDA). refill: when the rows cannot hold every sequence, start pending sequences in rows as they
-        finish (True), or only once every row has finished (False: whole batches, the dead rows of a long tail
-        decode until the batch's longest row ends). Either way each completion is the same (see the promise).
+    max_batch_tokens: bounds rows x cache length (None: every sequence gets a row on CPU; `kv_budget_slots` of
+        the device's memory on CUDA). refill: when the rows cannot hold every sequence, start pending sequences in
+        rows as they finish (True), or only once every row has finished (False: whole batches, the dead rows of a
+        long tail decode until the batch's longest row ends). Either way each completion is the same (see the promise).
     fused_kernels: decode through the model's fused kernels (Transformer.decode_fused); None = on for CUDA. On CPU
         they run under TRITON_INTERPRET=1 only (tests), else as their plain-torch references.
     replica: for an FSDP2-sharded model, decode on its `rollout_replica` (refreshed from the shards first), which
@@ -476,12 +545,16 @@ def generate(
         cfg, dtype = net.config, net.embed_tokens.weight.dtype
         if max_batch_tokens is None and device.type == "cuda":
             slot_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize
-            max_batch_tokens = int(0.4 * torch.cuda.mem_get_info(device)[0] / slot_bytes)
+            held = 0 if eng.flat_k is None or eng.flat_k.dtype != dtype else 2 * eng.flat_k.numel() * dtype.itemsize
+            max_batch_tokens = kv_budget_slots(
+                free=torch.cuda.mem_get_info(device)[0], reserved=torch.cuda.memory_reserved(device),
+                allocated=torch.cuda.memory_allocated(device), peak=torch.cuda.max_memory_allocated(device),
+                held=held, slot_bytes=slot_bytes)
 
         T = max_new_tokens
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: tight prefill chunks
         longest = len(prompts[order[0]])
-        L = min(_round_up(longest + T, _WINDOW), _round_up(cfg.max_position_embeddings, _WINDOW))
+        L = cache_length(longest + T, cfg.max_position_embeddings)
         N = len(prompts) * n
         R = N
         if max_batch_tokens is not None:

@@ -1,21 +1,27 @@
 """Math answers in LaTeX -> a small tree, compared without running any code from the text.
 
 For: the verifier (eval/verify.py). This module normalises an answer string, tokenises it, parses it with a
-recursive-descent grammar into plain tuples, compares two trees structurally (tuples, intervals, sets, matrices,
-equations), and compares scalars by exact rational arithmetic, by floats at random points, or (in the worker pool
-only) by sympy objects built from the tree with sympy's constructors. Every stage has size guards: a tree that
-would need a huge integer, a huge exponent or deep nesting is refused (`Refused`), never computed.
-Not for: general LaTeX, proofs. Model text is never handed to eval/exec or to sympy's string parsers.
+recursive-descent grammar into plain tuples, compares two trees structurally (tuples, intervals, sets, matrices and
+their sums and products, equations, relations), and compares scalars by exact rational arithmetic, by floats at
+random points, or (in the worker pool only) by sympy objects built from the tree with sympy's constructors. Every
+stage has size guards: a tree that would need a huge integer, a huge exponent or deep nesting is refused
+(`Refused`), never computed. Not for: general LaTeX, proofs. Model text never reaches eval/exec or sympy's string
+parsers.
 
 Tree nodes are tuples whose first item names the kind:
-    ("num", Fraction, exact: bool)   a literal; exact is False for decimals (they compare with a tolerance)
+    ("num", Fraction, exact: bool[, written])   a literal; a decimal (exact False) keeps its digits as written
+                                     ("2.6667") for the approximation rule (NumericJudge)
     ("sym", name) ("const", "pi" | "e" | "i" | "oo") ("base", digits, base)   e.g. 204_5
     ("add", [nodes]) ("mul", [nodes]) ("div", a, b) ("pow", a, b) ("neg", a) ("fact", a) ("abs", a)
     ("fn", name, arg) ("log", base | None, arg) ("binom", n, k)
 Answers (the top level) add:
     ("seq", open, close, [answers])   tuples, points, intervals      ("set", [answers])   \\{…\\}, ± and bare lists
-    ("union", [answers])   ("matrix", [[nodes]])   ("eq", lhs, rhs)   ("text", str)
+    ("union", [answers])   ("matrix", [[nodes]])   ("eq", lhs, rhs)   ("text", str)   ("named", names, values)
     ("rel", [(f, op), ...])   every f op 0 holds, op in "<", "<=", "!=", "=" ("x >= 5" is 5 - x <= 0)
+    ("approx", exact | None, approximation)   "x = 1/3 \\approx 0.33": graded by the exact value (_compare_approx)
+Design: comparisons answer True, False or None (cannot decide) so that a cheap judge can hand only the undecided
+pairs to sympy; a decimal is an exact value unless the approximation rule or a caller's rel_tol says otherwise
+(docs/verifier.md has the rule and why k = 4).
 """
 
 import cmath
@@ -71,7 +77,7 @@ def _normalize(s: str) -> str:
     s = _unwrap(s)
     s = s.translate(_UNICODE)
     s = _RELATION_WORDS.sub(lambda m: _RELATIONS_ASCII[m.group(0)], s)
-    s = re.sub(r"(\d)\{,\}(?=\d{3}(?!\d))", r"\1", s)  # 1{,}000 is a thousands separator, also in \frac{1{,}000}{3}
+    s = re.sub(r"(\d)\s*\{\s*,\s*\}\s*(?=\d{3}(?!\d))", r"\1", s)  # 1{,}000 (or 14 {, }916) is a thousands separator
     s = re.sub(r"(?<=\{)\d{1,3}(?:,\d{3})+(?=\})", lambda m: m.group(0).replace(",", ""), s)  # \frac{1,000}{3}
     s = s.replace("\\left.", "").replace("\\right.", "")
     s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
@@ -90,16 +96,20 @@ def _normalize(s: str) -> str:
     else:
         s = re.sub(r"\\text\{\s*and\s*\}", ",", s)
         s = re.sub(r"\\text\{\s*or\s*\}", ";", s)
-        unit = _has_value(s)  # "5.4 \text{ cents}" loses its unit; "\text{Devon} and \text{Eve}" keeps the names
-        s = re.sub(_TEXT_CMD.pattern + r"(?:\s*\^\s*\{?[23]\}?)?", lambda m: " " if unit else m.group(1), s)
+        # "5.4 \text{ cents}" loses its unit; "\text{Devon} and \text{Eve}" and "3; \text{(C)}" keep their words
+        unit = _has_value(s)
+        s = re.sub(_TEXT_CMD.pattern + r"(?:\s*\^\s*\{?[23]\}?)?",
+                   lambda m: " " if unit and _after_value(s, m.start()) else m.group(1), s)
     s = _TRAILING_UNIT.sub("", s)  # "18 dollars", "5 cm^2", "10 square feet"
     s = _TRAILING_WORDS.sub("", s)  # "31 paintings", "33 players": words after a plain number are its unit
-    s = re.sub(r"(?<=[\s)\]}0-9])or(?=[\s($\\0-9-])", ";", s)  # "(5,2) or (7,2)", "x=1 or x=2": alternatives
+    s = re.sub(r"(?<=[\s)\]}0-9])or(?=[\s($\\0-9A-Z-]|[a-z]\()", ";", s)  # "(5,2) or (7,2)", "g(x)=1org(x)=-1"
     s = re.sub(r"(?<=[\s)\]}0-9])and(?=[\s($\\0-9-])", ",", s)  # "1 and 2 and 3": a list
     s = s.strip().rstrip(".,;:").strip()
-    s = re.sub(r"^(?:[a-zA-Z]\s*\\in|\\text\{is\}|=)\s*", "", s)  # "x \in [-2, 7]", "\approx 11"
-    if _THOUSANDS.fullmatch(s):  # "1,000" is 1000; "32, 349" (a space after the comma) is a list
-        s = s.replace(",", "")
+    s = re.sub(r'^(?:\\?")+|(?:\\?")+$', "", s).strip()  # an answer in quotes: "\"12 and 13\""
+    s = re.sub(r"^(?:[a-zA-Z]\s*\\in|\\text\{is\}|=|\\approx)\s*", "", s)  # "x \in [-2, 7]", "\approx 11"
+    # "1,000" is 1000, also as one alternative of several ("1,000 ; 1,000"); "32, 349" (a space after the comma) is
+    # a list
+    s = ";".join(p.replace(",", "") if _THOUSANDS.fullmatch(p.strip()) else p for p in s.split(";"))
     return s
 
 
@@ -117,16 +127,22 @@ def _unwrap(s: str) -> str:
 _UNICODE = str.maketrans({"π": "\\pi ", "√": "\\sqrt ", "−": "-", "–": "-", "≤": "\\leq ", "≥": "\\geq ",
                           "≠": "\\neq ", "×": "\\times ", "·": "\\cdot ", "⋅": "\\cdot ", "∞": "\\infty ",
                           "≈": "\\approx ", "∪": "\\cup "})
-# One spelling per relation: \le, \leqslant, <= and \leq are \leq; \lt is <; "x \approx 11" states x = 11
-# (a decimal after \approx still has to be exact: see NumericJudge).
+# One spelling per relation: \le, \leqslant, <= and \leq are \leq; \lt is <; \simeq and ≈ are \approx (an
+# approximation: see _approx).
 _RELATIONS_ASCII = {"<=": "\\leq ", ">=": "\\geq ", "=<": "\\leq ", "=>": "\\geq ", "!=": "\\neq ",
-                    "\\ne": "\\neq ", "\\lt": "<", "\\gt": ">", "\\approx": "=", "\\simeq": "=",
+                    "\\ne": "\\neq ", "\\lt": "<", "\\gt": ">", "\\approx": "\\approx ", "\\simeq": "\\approx ",
                     "\\leqq": "\\leq ", "\\geqq": "\\geq ", "\\le": "\\leq ", "\\ge": "\\geq ",
                     "\\leqslant": "\\leq ", "\\geqslant": "\\geq ", "\\neq": "\\neq "}
 _RELATION_WORDS = re.compile(
     r"<=|>=|=<|=>|!=|\\(?:neq?|lt|gt|approx|simeq|leqq|geqq|leqslant|geqslant|le|ge)(?![a-zA-Z])"
 )
 _TRAILING_WORDS = re.compile(r"(?<=\d)\s+[a-zA-Z][a-zA-Z'-]{2,}(?:\s+[a-zA-Z][a-zA-Z'-]+)*$")
+
+
+def _after_value(s: str, i: int) -> bool:
+    """Whether s[i] follows a value (a digit, a closing bracket, a letter): what a unit follows."""
+    before = s[max(0, i - 8) : i].rstrip()
+    return bool(before) and before[-1] not in ",;=([" and not re.search(r"\b(?:or|and)$", before)
 
 
 def _has_value(s: str) -> bool:
@@ -305,7 +321,7 @@ class _Parser:
             if len(tok) > 1 and "." not in tok:
                 self.t.insert(self.i, tok[1:])
                 tok = tok[0]
-            return ("num", Fraction(tok), "." not in tok)
+            return _num(tok)
         return self.atom()
 
     def atom(self):
@@ -327,7 +343,7 @@ class _Parser:
         if tok[0].isdigit() or (tok[0] == "." and len(tok) > 1):
             if "." in tok and self.peek() == "\\overline":
                 return self.repeating(tok)
-            return ("num", Fraction(tok), "." not in tok)
+            return _num(tok)
         if tok.isalpha() and len(tok) == 1:
             if tok == "i":
                 return ("const", "i")
@@ -407,6 +423,11 @@ class _Parser:
         return ("pow", node, power) if power is not None else node
 
 
+def _num(tok: str):
+    """A number token: an exact integer, or a decimal that remembers its digits (2.50 has three)."""
+    return ("num", Fraction(tok), True) if "." not in tok else ("num", Fraction(tok), False, tok)
+
+
 def _flat(node) -> str:
     if node[0] == "num":
         return str(node[1])
@@ -454,16 +475,36 @@ def _closes_at_end(tokens: list[str]) -> bool:
     return False
 
 
+_CHOICE = re.compile(r"\s*(?:\\text(?:bf)?\{\s*)?\(([A-E])\)\s*\}?\s+(?![-+*/=<>^,;])"
+                     r"(?![^;]*(?:\bor\b|\\text\{\s*(?:or|and)\b))\S", re.S)
+
+
 def parse_answer(ans: str):
     """A whole answer (already extracted) -> tree. Raises Refused when it cannot be parsed."""
+    if _CHOICE.match(ans):  # "\\text{(B)} 3(1 + r/10)^x = 7": a choice label and its option's text is the label
+        parts = [p for p in ans.split(";") if p.strip()]
+        if len(parts) == 1:
+            return ("sym", _CHOICE.match(ans).group(1))
+        if len(parts) > MAX_ELEMENTS:
+            raise Refused(f"more than {MAX_ELEMENTS} alternatives")
+        return ("set", _flatten([parse_answer(p) for p in parts]))
     s = normalize(ans)
     if not s:
         raise Refused("empty answer")
+    if "\\begin" in s and ";" in s:  # "A \\text{ or } B" with matrices: alternatives, each parsed whole
+        parts = [p.strip() for p in s.split(";") if p.strip()]
+        if len(parts) > MAX_ELEMENTS:
+            raise Refused(f"more than {MAX_ELEMENTS} alternatives")
+        return ("set", _flatten([_parse_normalized(p, p) for p in parts]))
+    return _parse_normalized(s, ans)
+
+
+def _parse_normalized(s: str, ans: str):
     wrapped = re.fullmatch(r"[(\[]\s*(\\begin\{(?:array|[pbBvV]?matrix)\}.*\\end\{\w+\})\s*[)\]]", s, re.S)
     if wrapped:  # \left( \begin{array}{cc} … \end{array} \right): the brackets of an array matrix
         s = wrapped.group(1)
     if s.startswith("\\begin"):
-        return parse_matrix(s)
+        return _matrix_expression(s)
     tokens = tokenize(s)
     if re.fullmatch(r"[A-Za-z][A-Za-z ]*[A-Za-z]", s) and (len(s) > 3 or ans.strip().startswith("\\text")):
         return ("text", re.sub(r"\s+", " ", s).lower())
@@ -477,6 +518,8 @@ def _answer(tokens: list[str], depth: int):
         raise Refused("empty element")
     if tokens[0] == "\\begin":
         raise Refused("a matrix inside a larger answer")
+    if depth and len(tokens) >= 4 and all(len(t) == 1 and t.isalpha() for t in tokens):
+        return ("text", "".join(tokens).lower())  # "Evelyn; Navin": a word as an element
     parts = _split(tokens, {";"})  # alternatives: "(5,2); (7,2)", "p=5,q=2; p=7,q=2", "x<-1 or x>2"
     if len(parts) > 1:
         if len(parts) > MAX_ELEMENTS:
@@ -493,6 +536,8 @@ def _answer(tokens: list[str], depth: int):
         if all(item[0] == "rel" for item in items):  # "x > 1, x < 3": both hold
             return ("rel", [r for item in items for r in item[1]])
         return _named(("set", _flatten(items)))
+    if "\\approx" in tokens:
+        return _approx(tokens, depth)
     if tokens[0] in ("(", "[") and tokens[-1] in (")", "]") and _closes_at_end(tokens):
         inner = _split(tokens[1:-1], {","})
         if len(inner) == 1:
@@ -516,7 +561,10 @@ def _answer(tokens: list[str], depth: int):
             return _answer(parts[1], depth + 1)
         if lhs[0] in _STRUCTURES:
             raise Refused("an equation between structures")
-        return ("eq", lhs, parse_scalar(parts[1]))
+        rhs = parse_scalar(parts[1])
+        if not symbols(lhs) and (_is_name(rhs) or not symbols(rhs)):
+            return lhs if _is_name(rhs) else rhs  # "\frac12 \cdot 20 = 10" states its result; "3 = x" states 3
+        return ("eq", lhs, rhs)
     if len(parts) > 2:  # "x = y = 3": the last side is the value
         return parse_scalar(parts[-1])
     pm = [j for j, tok in enumerate(tokens) if tok in ("\\pm", "\\mp")]
@@ -560,6 +608,22 @@ def _relation(tokens: list[str]):
     return ("rel", out)
 
 
+def _approx(tokens: list[str], depth: int):
+    """ "x = 5 + 5 + 1 = 1/3 \\approx 0.33" -> ("approx", 1/3, 0.33): the exact value stated before the first
+    \\approx (the last side of its chain), and the approximation after the last; exact is None when nothing but a
+    name comes before ("x \\approx 0.33"). compare grades the exact value, and the approximation only where the
+    gold is itself a rounded decimal and the approximation is the exact value rounded (see compare)."""
+    parts = _split(tokens, {"\\approx"})
+    if any(not p for p in parts[1:]):
+        raise Refused("\\approx with nothing after it")
+    approx = _answer(parts[-1], depth + 1)
+    exact = _split(parts[0], {"="})[-1] if parts[0] else []
+    exact = _answer(exact, depth + 1) if exact else None
+    if exact is not None and _is_name(exact):
+        exact = None
+    return ("approx", exact, approx)
+
+
 def _is_name(node) -> bool:
     """A name that an answer is assigned to: x, x_1, AB, S_{MBCN}:S (symbols only, no numbers)."""
     if node[0] == "sym":
@@ -569,6 +633,13 @@ def _is_name(node) -> bool:
     if node[0] == "div":
         return _is_name(node[1]) and _is_name(node[2])
     return node[0] == "abs" and _is_name(node[1])  # |AB|
+
+
+def _names_only(node) -> bool:
+    """A sum or difference of names ("a + b", "m - n"): a predicted "a + b = -1" states the value -1."""
+    if node[0] == "add":
+        return all(_is_name(x[1] if x[0] == "neg" else x) for x in node[1])
+    return False
 
 
 def _named(node):
@@ -596,6 +667,62 @@ def _flatten(items: list) -> list:
     return out
 
 
+_MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}.*?\\end\{\1\}", re.S)
+MAX_MATRICES = 8  # matrices in one sum or product
+
+
+def _matrix_expression(s: str):
+    """One matrix, or a sum or product of matrices ("A + B", "A B", "A \\cdot B") -> ("matrix", rows): the cells
+    of the result are trees (a product's cell is the sum of its terms), compared like any other cells."""
+    terms, ops, pos = [[]], [], 0
+    for m in _MATRIX.finditer(s):
+        between = s[pos : m.start()].strip()
+        pos = m.end()
+        if len(ops) + 1 > MAX_MATRICES:
+            raise Refused(f"more than {MAX_MATRICES} matrices")
+        if m.start() == 0:
+            pass
+        elif between in ("+", "-"):
+            terms.append([])
+            ops.append(between)
+        elif between not in ("", "\\cdot", "\\times"):
+            raise Refused(f"matrices joined by {between[:20]!r}")
+        terms[-1].append(parse_matrix(m.group(0))[1])
+        if len(ops) + sum(map(len, terms)) > MAX_MATRICES:
+            raise Refused(f"more than {MAX_MATRICES} matrices")
+    if pos != len(s) or not terms[-1]:
+        raise Refused("malformed matrix")
+    total = None
+    for op, factors in zip(["+"] + ops, terms):
+        value = factors[0]
+        for f in factors[1:]:
+            value = _matmul(value, f)
+        if op == "-":
+            value = [[("neg", c) for c in row] for row in value]
+        total = value if total is None else _matadd(total, value)
+    return ("matrix", total)
+
+
+def _shape(rows) -> tuple[int, int]:
+    if len({len(r) for r in rows}) != 1:
+        raise Refused("a matrix with rows of different lengths in a sum or product")
+    return len(rows), len(rows[0])
+
+
+def _matadd(a, b):
+    if _shape(a) != _shape(b):
+        raise Refused("sum of matrices of different shapes")
+    return [[("add", [x, y]) for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
+
+
+def _matmul(a, b):
+    (n, k), (k2, m) = _shape(a), _shape(b)
+    if k != k2:
+        raise Refused("product of matrices whose shapes do not match")
+    return [[("add", [("mul", [a[i][t], b[t][j]]) for t in range(k)]) if k > 1 else ("mul", [a[i][0], b[0][j]])
+             for j in range(m)] for i in range(n)]
+
+
 def parse_matrix(s: str):
     """\\begin{pmatrix} a & b \\\\ c & d \\end{pmatrix} -> ("matrix", [[a, b], [c, d]])."""
     m = re.fullmatch(r"\s*\\begin\{([pbBvV]?matrix|array)\}(?:\{[lcr|\s]*\})?(.*)\\end\{\1\}\s*", s, re.S)
@@ -619,10 +746,18 @@ def parse_matrix(s: str):
 
 def compare(g, p, judge) -> bool | None:
     """Compare two answer trees (gold first). All elements of a tuple/set/matrix must match."""
+    if g[0] == "approx":
+        g = g[1] if g[1] is not None else g[2]
+    if p[0] == "approx":
+        return _compare_approx(g, p, judge)
     if g[0] == "eq" and p[0] != "eq" and _is_name(g[1]):  # "x = 5", "AB = 4" against "5"
         g = g[2]
-    if p[0] == "eq" and g[0] != "eq" and _is_name(p[1]):
+    if p[0] == "eq" and g[0] != "eq" and (_is_name(p[1]) or _names_only(p[1])):  # "a + b = -1" states -1
         p = p[2]
+    if "text" in (g[0], p[0]) and "set" not in (g[0], p[0]):  # a word, also as an element ("Evelyn; Navin")
+        return g[0] == p[0] and g[1].replace(" ", "") == p[1].replace(" ", "")
+    if p[0] == "set" and g[0] not in ("set", "union") and p[1] and all(compare(g, x, judge) is True for x in p[1]):
+        return True  # one answer written several ways: "(3, 4] or (3, 4]", "\\frac{14}{3}; 14/3"
     if g[0] == "named" and p[0] == "named" and sorted(g[1]) == sorted(p[1]):  # "a_3 = 2, a_37 = 19", any order
         values = dict(zip(p[1], p[2]))
         return _all(compare(v, values[name], judge) for name, v in zip(g[1], g[2]))
@@ -656,6 +791,50 @@ def compare(g, p, judge) -> bool | None:
     if kg in _STRUCTURES or kp in _STRUCTURES:
         return False
     return judge.scalar(g, p)
+
+
+def _compare_approx(g, p, judge) -> bool | None:
+    """ "a \\approx b" is graded by its exact value a; by b as well when the gold is itself a rounded decimal
+    ("\\sqrt{40} \\approx 6.3" for 6.3) and b is a rounded to the digits b is written with, so b names no second
+    candidate ("\\frac13 \\approx 11" is graded as 1/3 only)."""
+    exact, approx = p[1], p[2]
+    if exact is None:
+        return compare(g, approx, judge)
+    verdict = compare(g, exact, judge)
+    if verdict is True or not has_decimal(g) or not _rounds_to(exact, approx):
+        return verdict
+    other = compare(g, approx, judge)
+    return True if other is True else (None if None in (verdict, other) else False)
+
+
+def _rounds_to(exact, approx) -> bool:
+    """True when the literal `approx` (a decimal or an integer) is the value of `exact` rounded to approx's digits."""
+    lit = _literal(approx)
+    if lit is None or symbols(exact):
+        return False
+    value, places, _ = lit
+    try:
+        v = evaluate(exact, {})
+        if not isinstance(v, Fraction):
+            v = _complex(v)
+            if abs(v.imag) > 1e-12 * max(1.0, abs(v)):
+                return False
+            return abs(v.real - float(value)) <= 0.5 * 10.0**-places * (1 + 1e-9) + 1e-12 * abs(v.real)
+    except (Undecided, Refused, ArithmeticError):
+        return False
+    return abs(v - value) * 2 * 10**places <= 1
+
+
+def _literal(node) -> tuple[Fraction, int, int] | None:
+    """(value, decimal places, significant digits) of a signed number literal as written, else None."""
+    sign = 1
+    while node[0] == "neg":
+        sign, node = -sign, node[1]
+    if node[0] != "num" or (node[2] and node[1].denominator != 1):
+        return None
+    written = node[3] if len(node) > 3 else str(node[1].numerator)
+    places = len(written.split(".")[1]) if "." in written else 0
+    return sign * node[1], places, len(written.replace(".", "").lstrip("0"))
 
 
 def _some_rel(node) -> bool:
@@ -710,8 +889,11 @@ def _region(node):
         names = set()
         for f, _ in node[1]:
             symbols(f, names)
-        if len(names) != 1:
-            return None
+        if len(names) != 1:  # "0 < f(x) < 1": f(x) is the unknown
+            unknown = _single_unknown(node[1])
+            if unknown is None:
+                return None
+            node, names = ("rel", [(_substitute(f, unknown, ("sym", "\0")), op) for f, op in node[1]]), {"\0"}
         (var,) = names
         return (lambda x: _holds(node[1], var, x)), _linear_roots(node[1], var), var
     if kind == "seq" and len(node[3]) == 2 and not any(symbols(e) for e in node[3]):
@@ -738,6 +920,27 @@ def _region(node):
 
         return member, [e for r in parts for e in r[1]], next(iter(names), None)
     return None
+
+
+def _single_unknown(atoms):
+    """The side with symbols that every atom a - b of a relation shares ("f(x)" in "0 < f(x) < 1"), else None."""
+    unknown = None
+    for f, _ in atoms:
+        if f[0] != "add" or len(f[1]) != 2 or f[1][1][0] != "neg":
+            return None
+        for side in (f[1][0], f[1][1][1]):
+            if symbols(side):
+                if unknown is not None and side != unknown:
+                    return None
+                unknown = side
+    return unknown
+
+
+def _substitute(node, old, new):
+    if node == old:
+        return new
+    return tuple([_substitute(c, old, new) if isinstance(c, tuple) else
+                  [_substitute(x, old, new) for x in c] if isinstance(c, list) else c for c in node])
 
 
 def _linear_roots(atoms, var: str) -> list[float]:
@@ -984,24 +1187,36 @@ def _inf_sign(node) -> int:
 
 
 def _points(names: set, n: int) -> list[dict]:
+    return _points_cached(tuple(sorted(names)), n)
+
+
+@functools.lru_cache(maxsize=1024)  # a new Random per comparison cost more than the comparison; callers only read
+def _points_cached(ordered: tuple, n: int) -> list[dict]:
     rng = random.Random(1234)  # fixed: a verdict must not change between runs
-    ordered = sorted(names)
     # Values in [1.2, 2.9] stay clear of 0 and 1, where cancellation would blur a float comparison.
     return [{s: complex(1.2 + 1.7 * rng.random()) for s in ordered} for _ in range(n)]
+
+
+SIG_DIGITS = 4  # the approximation rule's k (NumericJudge); 0 turns it off
 
 
 class NumericJudge:
     """Compares scalars and equations by value: exact for rationals, floats (at random points) otherwise.
 
-    Decimals are exact values, not measurements: "0.03515626" is not 9/256 and "6366.2" is not 20000/pi. A decimal
-    matches only what it equals, up to the rounding of the float arithmetic that evaluates the other side (1e-12
-    relative). A caller that grades rounded answers passes rel_tol > 0: then a comparison that involves a decimal
-    accepts that relative error. Answers without decimals compare exactly (rationals) or to 1e-9 at random points
-    (float noise of irrational or symbolic values).
+    The approximation rule (docs/verifier.md): a predicted decimal literal matches a rational gold when it is the
+    gold rounded to the places it is written with and has at least sig_digits significant digits: 0.0833333 and
+    2.6667 are 1/12 and 8/3, 0.33 and 0.0352 are not 1/3 and 9/256 (too few digits), 0.03515626 is not 9/256 (not
+    its rounding). Otherwise decimals are exact values: "6366.2" is not 20000/pi (an irrational gold asks for its
+    exact form) and a gold decimal is the exact target (0.3333333 is not 1/3). A decimal matches only what it equals,
+    up to the rounding of the float arithmetic that evaluates the other side (1e-12 relative). A caller that grades
+    rounded answers passes rel_tol > 0: then a comparison that involves a decimal accepts that relative error.
+    Answers without decimals compare exactly (rationals) or to 1e-9 at random points (float noise of irrational or
+    symbolic values).
     """
 
-    def __init__(self, rel_tol: float = 0.0):
+    def __init__(self, rel_tol: float = 0.0, sig_digits: int = SIG_DIGITS):
         self.rel_tol = rel_tol
+        self.sig_digits = sig_digits
 
     def scalar(self, a, b) -> bool | None:
         if a[0] == "base" or b[0] == "base":
@@ -1009,6 +1224,8 @@ class NumericJudge:
         sa, sb = _inf_sign(a), _inf_sign(b)
         if sa or sb:
             return sa == sb
+        if self.sig_digits and _rounded_decimal(a, b, self.sig_digits):
+            return True
         decimal = has_decimal(a) or has_decimal(b)
         tolerant = decimal and self.rel_tol > 0
         tol = self.rel_tol if tolerant else (1e-12 if decimal else 1e-9)
@@ -1044,6 +1261,30 @@ class NumericJudge:
             r = ratios[0]
             return abs(r.imag) <= 1e-9 * abs(r) and r.real > 0
         return same
+
+
+def _rounded_decimal(gold, pred, sig_digits: int) -> bool:
+    """The approximation rule: pred is a decimal literal with >= sig_digits significant digits, and the rational
+    gold rounded to pred's decimal places gives pred (either way at a tie)."""
+    if "." not in _written(pred):
+        return False  # not a decimal literal (the common case: checked first, cheaply)
+    lit = _literal(pred)
+    if lit is None:
+        return False
+    value, places, sig = lit
+    if sig < sig_digits or has_decimal(gold) or symbols(gold):
+        return False
+    try:
+        v = evaluate(gold, {})
+    except (Undecided, Refused, ArithmeticError):
+        return False
+    return isinstance(v, Fraction) and abs(v - value) * 2 * 10**places <= 1
+
+
+def _written(node) -> str:
+    while node[0] == "neg":
+        node = node[1]
+    return node[3] if node[0] == "num" and len(node) > 3 else ""
 
 
 def _close(x, y, tol: float, exact: bool, decimal: bool = False) -> bool | None:

@@ -75,7 +75,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from posttrain.core.checkpoint import load_hf
-from posttrain.core.records import jsonl_objects
+from posttrain.core.records import read_records
 from posttrain.core.sampler import generate
 from posttrain.core.tokenizer import Tokenizer
 from posttrain.eval.checkers import check_rows, validate
@@ -627,7 +627,7 @@ def load_personagym(personas: int | Sequence[str] = 200, questions_per_task: int
     """PersonaGym benchmark-v1 rows {persona, task, question}: the first `personas` personas in file order (or the
     named ones) and the first `questions_per_task` questions of each of their five tasks."""
     rows = []
-    for _, where, row in jsonl_objects(path):
+    for _, where, row in read_records(path):
         if not isinstance(row, dict) or {"persona", "task", "question"} - set(row):
             raise ValueError(f"{where}: expected {{persona, task, question}}")
         rows.append(row)

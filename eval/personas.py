@@ -13,8 +13,9 @@ Categories (CATEGORIES):
   role-play     personas whose style is checkable: their constraints say how every response must look
 
 Pools are JSONL files, one persona per line: {"id", "text", "category", "constraints"?, "description"?,
-"source"?}. The built-in ones live in eval/data/personas/ (`pool_path(name)`), each with disjoint train and
-evaluation splits (no id and no text in both):
+"source"?}, or Parquet files or save_to_disk folders with those columns (core/records.py). The built-in ones live
+in eval/data/personas/ (`pool_path(name)`), each with disjoint train and evaluation splits (no id and no text in
+both):
   math-train, math-eval        for real models on MATH500 / GSM8K: written by hand, plus PersonaGym's personas as
                                the neutral category (100 for training, the other 100 in personagym-eval, 12 of
                                those in math-eval); role-play personas carry constraints a math answer can meet
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from posttrain.core.records import jsonl_objects
+from posttrain.core.records import read_records
 from posttrain.eval.synthetic_tasks import TaskData, build_tasks
 
 CATEGORIES = ("none", "task-aligned", "neutral", "unhelpful", "role-play")
@@ -138,17 +139,18 @@ def parse_persona(obj: Any, where: str) -> Persona:
 
 
 def load_pool(path: str | Path) -> list[Persona]:
-    """Personas of a JSONL pool file. Bad rows raise ValueError naming file:line and the key; duplicate ids too."""
+    """Personas of a pool file (JSONL, Parquet or a save_to_disk folder). Bad rows raise ValueError naming the file,
+    the line or row, and the key; duplicate ids too."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"{path}: no such persona pool file")
     out: list[Persona] = []
-    seen: dict[str, int] = {}
-    for n, where, obj in jsonl_objects(path):
+    seen: dict[str, str] = {}
+    for _, where, obj in read_records(path):
         p = parse_persona(obj, where)
         if p.id in seen:
-            raise ValueError(f"{where}: key 'id': duplicate id {p.id!r} (first at line {seen[p.id]})")
-        seen[p.id] = n
+            raise ValueError(f"{where}: key 'id': duplicate id {p.id!r} (first at {seen[p.id]})")
+        seen[p.id] = where
         out.append(p)
     if not out:
         raise ValueError(f"{path}: empty persona pool")
@@ -169,8 +171,8 @@ def pool_path(name: str) -> Path:
 
 
 def resolve_pool(name_or_path: str) -> list[Persona]:
-    """A built-in pool by name, or a JSONL file by path."""
-    if name_or_path.endswith(".jsonl") or "/" in name_or_path:
+    """A built-in pool by name, or a pool file (JSONL, Parquet) or save_to_disk folder by path."""
+    if name_or_path.endswith((".jsonl", ".parquet")) or "/" in name_or_path:
         return load_pool(name_or_path)
     return load_pool(pool_path(name_or_path))
 

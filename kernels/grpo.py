@@ -29,7 +29,8 @@ import torch
 
 from posttrain.kernels._utils import HAS_TRITON, addmm_acc_, use_triton
 from posttrain.kernels.logprob import (
-    IGNORE_INDEX, _rows, check_inputs, check_targets, default_chunk_size, logits_buffer, new_bad_flag, scale_cast,
+    IGNORE_INDEX, _rows, check_inputs, default_chunk_size, logits_buffer, new_bad_flag, scale_cast,
+    check_targets as check_target_ids,
 )  # fmt: skip
 
 if HAS_TRITON:
@@ -324,9 +325,10 @@ def _row_scale(mask, loss_type, max_completion_length, num_tokens) -> torch.Tens
         return 1.0 / (mask.sum(-1).clamp(min=1.0) * B)
     if loss_type == "dr_grpo":
         return mask.new_full((B,), 1.0 / (B * (max_completion_length or L)))
-    if loss_type == "dapo" and num_tokens is not None:
-        n = torch.as_tensor(num_tokens, dtype=mask.dtype, device=mask.device)
-        return (1.0 / n).expand(B).contiguous()
+    if loss_type == "dapo" and isinstance(num_tokens, torch.Tensor):
+        return (1.0 / num_tokens.to(mask.dtype)).expand(B).contiguous()
+    if loss_type == "dapo" and num_tokens is not None:  # a fill: a Python number sent as a tensor is a blocking copy
+        return mask.new_full((B,), num_tokens).reciprocal_()
     return (1.0 / mask.sum().clamp(min=1.0)).expand(B).contiguous()
 
 
@@ -533,15 +535,18 @@ def linear_grpo_loss(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
+    check_targets: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """grpo_loss(linear_logprob(hidden, weight, targets, temperature), ...) without materializing logits.
 
     hidden: [B, L, H] (the policy's final hidden states at the positions predicting targets), weight: [V, H],
     targets/old_logp/mask/ref_logp: [B, L], advantages: [B] or [B, L]. Tokens whose target is ignore_index count as
     masked; a target outside [0, V) raises ValueError (read at the end of the call: one 4-byte host read, its only
-    sync). Chunks hold whole sequences (max(1, chunk_size // L) of them), or pieces of one sequence when L >
-    chunk_size, so extra memory is one [chunk, V] logits buffer plus the fp32 [V, H] grad_weight accumulator at
-    any L (about 1.6 GB at V = 151936, H = 1536, bf16). Gradients flow to hidden and weight.
+    sync). check_targets=False skips that read, for a caller that has checked its targets (a training loop that
+    reads nothing back per micro-batch): a bad target then gives a NaN loss, never a plausible number. Chunks hold
+    whole sequences (max(1, chunk_size // L) of them), or pieces of one sequence when L > chunk_size, so extra memory
+    is one [chunk, V] logits buffer plus the fp32 [V, H] grad_weight accumulator at any L (about 1.6 GB at
+    V = 151936, H = 1536, bf16). Gradients flow to hidden and weight.
     """
     check_inputs(hidden, weight, targets, "linear_grpo_loss")
     if hidden.dim() != 3:
@@ -563,6 +568,6 @@ def linear_grpo_loss(
     h = hidden if hidden.is_contiguous() else hidden.contiguous()
     bad = new_bad_flag(h.device)
     loss, stats_sum = _LinearGRPOLoss.apply(h, weight, t, old, ref, m, adv.contiguous(), scale, bad, params)
-    # No host read of its own to share: one 4-byte read, the call's only sync (see kernels/logprob.py).
-    check_targets(bad, None, t, weight.shape[0], ignore_index, "linear_grpo_loss")
+    if check_targets:  # no host read of its own to share: one 4-byte read, the call's only sync (kernels/logprob.py)
+        check_target_ids(bad, None, t, weight.shape[0], ignore_index, "linear_grpo_loss")
     return loss, _metrics(stats_sum, ref_logp is not None)

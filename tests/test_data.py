@@ -12,7 +12,7 @@ from posttrain.train.data import (
     MixtureSampler,
     SFTData,
     load_split_dir,
-    read_jsonl,
+    read_rows,
     rows_from_records,
     synthetic_rows,
 )
@@ -276,7 +276,7 @@ def test_bad_checker_rows_name_file_and_line(tmp_path, row, checkers, message):
     f = tmp_path / "m.jsonl"
     f.write_text(json.dumps({"prompt": "ok", "response": "fine", "answer": "A"}) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(DataError, match=message):
-        read_jsonl(f, checkers)
+        read_rows(f, checkers)
 
 
 def test_tokenization_cache_round_trip_and_key(tmp_path, tok):
@@ -381,7 +381,7 @@ def test_malformed_rows_name_file_line_and_problem(tmp_path, line, message):
     path = tmp_path / "task.jsonl"
     path.write_text('{"prompt": "ok", "response": "fine"}\n\n' + line + "\n")
     with pytest.raises(DataError, match=rf"{re.escape(str(path))}:3: .*{message}"):
-        read_jsonl(path)
+        read_rows(path)
 
 
 def test_empty_sub_dataset_and_missing_heldout_are_named(tmp_path):
@@ -399,5 +399,5 @@ def test_empty_sub_dataset_and_missing_heldout_are_named(tmp_path):
 def test_task_field_groups_rows_of_one_file_into_sub_datasets(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text('{"prompt": "a", "response": "b", "task": "x"}\n{"prompt": "c", "response": "d"}\n')
-    groups = read_jsonl(path)
+    groups = read_rows(path)
     assert {k: [r.where for r in v] for k, v in groups.items()} == {"x": [f"{path}:1"], "mixed": [f"{path}:2"]}

@@ -294,7 +294,8 @@ def _run_msft(out, data, *flags, nproc=1):
 def test_dynamix_lookahead_restores_weights_optimizer_and_counters_bit_exactly(tmp_path):
     """A look-ahead probes every arm with a real training step and puts everything back: parameters, AdamW state,
     param groups, counters, schedule position and the training loader's position are bit-identical afterwards
-    (only the mixture weights change); the same with a fresh optimizer (no state yet: none is left behind)."""
+    (only the mixture weights change); the same with a fresh optimizer (no state yet: none is left behind). And
+    mSFT's roll-back refuses a snapshot whose weights are not the ones evaluated at its point."""
     code = f"""
 import copy, torch
 from dataclasses import asdict
@@ -342,6 +343,23 @@ bandit.update(rt.lr(0.0))
 same(before, state())
 assert not rt.optimizer.state
 bandit.close()
+
+# A roll-back checks that the snapshot holds the weights evaluated at its point, and refuses one that does not.
+from posttrain.train.msft.method import Tracker, new_ring, restore_evaluated
+ring = new_ring(rt)
+tracker = Tracker(rt, ring, loader, "t")
+tracker.evaluate(results={{t: {{"accuracy": 0.5}} for t in rt.data.tasks}})
+key = tracker.best_overall[1]
+train_step(rt, [loader.next_batch()], rt.lr(0.0))
+meta, digest = restore_evaluated(rt, ring, key)
+assert digest == meta["point"]["weights"]
+ring._slots[key].buffers[0].add_(1.0)  # as if the copy had raced a later write
+try:
+    restore_evaluated(rt, ring, key)
+    raise AssertionError("restored weights that were never evaluated")
+except RuntimeError as e:
+    assert "does not hold the evaluated weights" in str(e), e
+ring.clear()
 rt.finish(loader, finished=False)
 loader.close()
 from posttrain.core.distributed import close_distributed
@@ -388,6 +406,17 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
         at = next(p for p in r["curve"] if p["stage"] == s["stage"] and p["c"] == s["rollback_to"])
         assert (s["rollback_step"], s["restored_weights"], s["restored_epoch"]) == (at["step"], at["weights"],
                                                                                      at["epoch"]), (s, at)
+    # Each exclusion and its roll-back are events in the method's metrics (and W&B), at the step of the decision.
+    lines = (tmp_path / "one" / "msft" / "metrics.jsonl").read_text().splitlines()
+    events = [json.loads(x) for x in lines if '"event"' in x]
+    excluded = [s for s in stages if s["excluded"]]
+    assert excluded and [(e["event"], e["stage"]) for e in events] == [
+        (name, s["stage"]) for s in excluded for name in ("msft/exclude", "msft/rollback")]
+    for s, ex, rb in zip(excluded, events[::2], events[1::2]):
+        assert (ex["task"], ex["peak_c"]) == (s["excluded"], s["rollback_to"]) and ex["step"] == rb["step"]
+        assert (rb["to_c"], rb["to_step"], rb["discarded_tokens"]) == (s["rollback_to"], s["rollback_step"],
+                                                                       s["discarded_tokens"])
+        assert rb["step"] > rb["to_step"]
     assert r["selected"]["restored_weights"] == r["selected"]["weights"]
     for s in stages:
         if s["excluded"]:

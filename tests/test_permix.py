@@ -25,6 +25,7 @@ from posttrain.train.grpo import (
     Rewards,
     Sample,
     category_metrics,
+    check_resumed_mode,
     read_prompts,
     with_persona,
 )
@@ -142,6 +143,17 @@ def test_permix_config_errors():
         PerMix(GRPOConfig(persona=PersonaSection(mode="permix", pool="synthetic-train")), fake_runtime(40), prompts)
 
 
+def test_a_checkpoint_of_one_method_is_not_resumed_as_the_other():
+    permix = GRPOConfig(persona=PersonaSection(mode="permix", pool="synthetic-train"))
+    with pytest.raises(ValueError, match=r"ckpt: the checkpoint was written with persona.mode = 'none', this run has "
+                                         r"persona.mode = 'permix'"):
+        check_resumed_mode({"grpo": {"persona_mode": "none"}}, permix, "ckpt")
+    with pytest.raises(ValueError, match="persona.mode = 'permix', this run has persona.mode = 'none'"):
+        check_resumed_mode({"config": {"persona.mode": "permix"}}, GRPOConfig(), "ckpt")  # an older checkpoint
+    check_resumed_mode({"grpo": {"persona_mode": "permix"}}, permix, "ckpt")
+    check_resumed_mode({}, permix, "ckpt")  # nothing recorded: nothing to compare
+
+
 def test_read_prompts_allows_role_play_requests_without_answers(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"prompt": "tell me a story"}) + "\n")
@@ -205,6 +217,11 @@ def test_driver_end_to_end_on_a_tiny_budget(tmp_path):
     for step, record in enumerate(steps["permix"]):
         drawn = Counter(d.persona.category for d in mixer.draws(step, 8))
         assert {c: v["share"] for c, v in record["persona"].items()} == {c: n / 8 for c, n in drawn.items()}
+    # Each run's checkpoint and summary say which method it was (a resumed run checks it).
+    for m, mode in (("rlvr", "none"), ("permix", "permix")):
+        (ckpt,) = (out / m / "checkpoints").glob("step_*/trainer.json")
+        assert json.loads(ckpt.read_text())["grpo"]["persona_mode"] == mode
+        assert json.loads((out / m / "summary.json").read_text())["grpo"]["persona_mode"] == mode
     # Both RL runs started from the same SFT weights and trained the same number of steps.
     assert (out / "sft" / "hf" / "config.json").is_file()
     assert report["reports"]["RLVR"]["model"] != report["reports"]["PerMix"]["model"]

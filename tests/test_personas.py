@@ -135,7 +135,7 @@ GOOD = {"id": "a", "text": "You are a chef.", "category": "neutral"}
     ({**GOOD, "id": "b", "constraints": {"contains": []}}, r"key 'constraints.contains' must be a non-empty list"),
     ({**GOOD, "id": "b", "category": "role-play"}, r"pool.jsonl:2: key 'constraints': a role-play persona needs"),
     ({**GOOD, "id": "b", "txt": "x"}, r"pool.jsonl:2: unknown key 'txt' \(did you mean 'text'\?\)"),
-    ({**GOOD, "text": "other"}, r"pool.jsonl:2: key 'id': duplicate id 'a' \(first at line 1\)"),
+    ({**GOOD, "text": "other"}, r"pool.jsonl:2: key 'id': duplicate id 'a' \(first at \S*pool.jsonl:1\)"),
 ])
 def test_bad_pool_rows_name_file_line_and_key(tmp_path, bad, message):
     with pytest.raises(ValueError, match=message):

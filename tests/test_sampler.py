@@ -337,18 +337,30 @@ def test_attention_backend_is_chosen_logged_and_falls_back(model, monkeypatch, c
         assert (a - b).abs().max() < 1e-5
 
 
-def test_graph_cache_is_lru_and_ignores_stop_list_contents(monkeypatch):
-    """The graph bookkeeping of _Engine.step, with capture stubbed (no CUDA here): bounded, LRU, counted."""
-    import posttrain.core.sampler as S
-    class FakeGraph:
-        replays = 0
+class FakeGraph:
+    """A captured graph stand-in (no CUDA here): counts replays."""
 
-        def replay(self):
-            FakeGraph.replays += 1
+    replays = 0
+
+    def replay(self):
+        FakeGraph.replays += 1
+
+
+def _engine_without_capture(monkeypatch):
+    import posttrain.core.sampler as S
 
     eng = S._Engine()
     monkeypatch.setattr(eng, "capture", lambda model, st, window: FakeGraph())
-    monkeypatch.setattr(S, "_MAX_GRAPHS", 3)
+    return eng
+
+
+def test_graph_cache_is_lru_and_ignores_stop_list_contents(monkeypatch):
+    """The graph bookkeeping of _Engine.step, with capture stubbed: bounded, LRU, counted."""
+    import posttrain.core.sampler as S
+
+    eng = _engine_without_capture(monkeypatch)
+    monkeypatch.setattr(S, "graph_capacity", lambda L: 3)
+    FakeGraph.replays = 0
     st = eng.state(tiny_model().config, 2, 64, 4, torch.float32, torch.device("cpu"))
     for window in (64, 128, 64, 192, 256, 64):
         eng.step(None, st, window, use_graphs=True)
@@ -357,6 +369,148 @@ def test_graph_cache_is_lru_and_ignores_stop_list_contents(monkeypatch):
     st.stop_ids.copy_(torch.tensor([7]))  # same count, other ids: the graph reads them by value
     eng.step(None, st, 64, use_graphs=True)
     assert eng.stats["graph_captures"] == 4
+
+
+def test_the_graph_key_holds_the_decode_path(monkeypatch):
+    """bench_sampler's plain-path row toggles fused_kernels on the same shapes: it must get graphs of its own."""
+    eng = _engine_without_capture(monkeypatch)
+    st = eng.state(tiny_model().config, 2, 64, 4, torch.float32, torch.device("cpu"))
+    for fused in (True, False, True):
+        st.fused = fused
+        eng.step(None, st, 64, use_graphs=True)
+    assert eng.stats["graph_captures"] == 2
+
+
+def test_cache_lengths_are_whole_windows_then_four_per_doubling():
+    import posttrain.core.sampler as S
+
+    got = [S.cache_length(t, 32768) for t in (1, 64, 65, 512, 513, 577, 1024, 1025, 1300, 1536, 1537, 3000)]
+    assert got == [64, 64, 128, 512, 640, 640, 1024, 1280, 1536, 1536, 1792, 3072]
+    assert S.cache_length(5000, 1000) == 1024  # the model's positions, in whole windows
+    for t in range(1, 5000, 7):  # never short, never more than a quarter longer than asked (beyond 8 windows)
+        L = S.cache_length(t, 1 << 20)
+        assert t <= L and L % 64 == 0 and (L <= 512 or L < 1.25 * t + 64)
+
+
+def test_graphs_of_the_math_grpo_recipe_are_captured_once(monkeypatch):
+    """configs/qwen2.5-1.5b_math_grpo.toml: 1024 new tokens. Rollouts whose longest prompts differ (here 300 to 512
+    tokens) share one decode state; each walks its windows in order; after the first rollout, nothing is captured
+    or evicted again. (With 16 graphs per state and L rounded to 64 each rollout recaptured every window.)"""
+    import tomllib
+
+    import posttrain.core.sampler as S
+
+    T = tomllib.loads((REPO / "configs/qwen2.5-1.5b_math_grpo.toml").read_text())["grpo"]["max_new_tokens"]
+    assert T == 1024
+    eng = _engine_without_capture(monkeypatch)
+    cfg = tiny_model().config
+    captures, windows = [], set()
+    for longest in (350, 420, 300, 512, 380, 451, 333, 500):
+        L = S.cache_length(longest + T, 32768)  # Qwen2.5-1.5B: max_position_embeddings 32768
+        st = eng.state(cfg, 8, L, T, torch.float32, torch.device("cpu"))
+        st.params, st.fused = SamplingParams(temperature=1.0), True
+        for pos in range(longest, longest + T):  # one decode step per position of the longest row
+            windows.add(min(L, -(-(pos + 1) // 64) * 64))
+            eng.step(None, st, min(L, -(-(pos + 1) // 64) * 64), use_graphs=True)
+        captures.append(eng.stats["graph_captures"])
+    assert len(eng.states) == 1 and eng.stats["graphs_evicted"] == 0
+    # A capture per window the first time it is needed (windows 384..1408 for the first rollout), never again.
+    assert captures == [17, 18, 19, 20, 20, 20, 20, 20] and len(windows) == 20
+
+
+def test_the_kv_budget_counts_allocator_cache_and_the_training_peak():
+    import posttrain.core.sampler as S
+
+    GB = 1 << 30
+    kw = dict(slot_bytes=1 << 20, fraction=0.4)
+    # After a training step: 2 GB free to the driver, 30 GB cached by PyTorch's allocator and free, the step's peak
+    # back at what is allocated now: 40% of 32 GB (the old budget saw 40% of the 2 GB).
+    assert S.kv_budget_slots(free=2 * GB, reserved=60 * GB, allocated=30 * GB, peak=30 * GB, held=0, **kw) == \
+        int(0.4 * 32 * GB) // (1 << 20)
+    # A step that peaked 25 GB above what is allocated now needs that again while the cache stays resident.
+    assert S.kv_budget_slots(free=40 * GB, reserved=30 * GB, allocated=30 * GB, peak=55 * GB, held=0, **kw) == \
+        int(0.4 * 15 * GB) // (1 << 20)
+    # The cache this model holds already is reused, whatever is left besides.
+    assert S.kv_budget_slots(free=0, reserved=30 * GB, allocated=30 * GB, peak=70 * GB, held=3 * GB, **kw) == \
+        3 * GB // (1 << 20)
+
+
+def test_the_replica_is_built_in_the_target_dtype_at_a_real_shape():
+    """Qwen2.5-0.5B's shape on the meta device: building its bf16 replica allocates each parameter once, in bf16
+    (about 0.99 GB), never an fp32 copy first (about 2 GB more); measured by a storage tracker that follows every
+    storage made and freed (meta storages count their bytes like real ones)."""
+    import posttrain.core.sampler as S
+
+    cfg = ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                      num_kv_heads=2, qkv_bias=True, tie_word_embeddings=True, max_position_embeddings=32768)
+    with torch.device("meta"):
+        source = Transformer(cfg)
+    full = {n: torch.empty(p.shape, dtype=torch.bfloat16, device="meta") for n, p in source.named_parameters()}
+    skeleton = S._replica_skeleton(source)
+    with StorageTracker() as mem:
+        S._materialize(skeleton, full, torch.device("meta"))
+    bf16 = sum(t.numel() * 2 for t in full.values())
+    assert 0.98e9 < bf16 < 1.0e9
+    assert mem.peak == bf16  # each parameter once, the tied lm-head once
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "meta" for p in skeleton.parameters())
+    assert skeleton.lm_head.weight is skeleton.embed_tokens.weight
+
+
+def test_a_materialised_replica_equals_its_source():
+    import posttrain.core.sampler as S
+
+    for tied in (True, False):
+        source = tiny_model(tie_word_embeddings=tied)
+        full = {n: p.detach().to(torch.bfloat16) for n, p in source.named_parameters()}
+        replica = S._replica_skeleton(source)
+        with StorageTracker() as mem:
+            S._materialize(replica, full, torch.device("cpu"))
+        with torch.no_grad():
+            for n, p in replica.named_parameters():
+                p.copy_(full[n])
+        assert mem.peak == sum(t.numel() * 2 for t in full.values())
+        assert (replica.lm_head.weight is replica.embed_tokens.weight) == tied
+        assert dict(replica.named_parameters()).keys() == full.keys()
+        assert all(torch.equal(p, full[n]) and not p.requires_grad for n, p in replica.named_parameters())
+        ids = torch.tensor([PROMPTS[1]])
+        torch.testing.assert_close(replica(ids).float(), source.to(torch.bfloat16)(ids).float(), rtol=0, atol=0)
+
+
+class StorageTracker:
+    """Bytes of live storages made while it is active, and their peak: every op's outputs are followed (a
+    TorchDispatchMode), each new storage counted until it is freed (a weakref finalizer)."""
+
+    def __enter__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+        self.live, self.now, self.peak = {}, 0, 0
+
+        def freed(key):
+            tracker.now -= tracker.live.pop(key)
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        storage = t.untyped_storage()
+                        if storage._cdata not in tracker.live:
+                            tracker.live[storage._cdata] = storage.nbytes()
+                            tracker.now += storage.nbytes()
+                            tracker.peak = max(tracker.peak, tracker.now)
+                            weakref.finalize(storage, freed, storage._cdata)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
 
 
 @torch.no_grad()

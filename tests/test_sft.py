@@ -103,6 +103,16 @@ def test_bad_flag_names_the_closest_key(tmp_path):
     assert "flag --optim.lrr: unknown key 'optim.lrr' (did you mean 'optim.lr'?)" in proc.stderr
 
 
+def test_an_evaluation_with_nothing_to_measure_is_refused():
+    from posttrain.core.config import load_config
+    from posttrain.train.sft import SFTConfig
+
+    with pytest.raises(ValueError, match="eval.loss = false and eval.generate = false: every evaluation would be "
+                                         "empty"):
+        load_config(SFTConfig, REPO / "configs/tiny_sft.toml", ["--eval.loss=false", "--eval.generate=false"])
+    load_config(SFTConfig, REPO / "configs/tiny_sft.toml", ["--eval.loss=false"])
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     """An absurd learning rate blows the weights up after one step; the following non-finite steps are skipped
     (never applied) and the run stops with a message after max_bad_steps of them in a row."""

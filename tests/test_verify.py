@@ -21,18 +21,18 @@ SENTINEL = "/tmp/posttrain_verify_pwned"
 POOL_GOLD, POOL_PRED = "e^{-40}", "e^{-40} + 0"
 
 
-def _hang_on_41(gold: str, answer: str, rel_tol: float) -> str:
+def _hang_on_41(gold: str, answer: str, rel_tol: float, sig_digits: int) -> str:
     """Worker check for the pool tests: hangs on answers mentioning 41, otherwise the real sympy stage."""
     if "41" in answer:
         time.sleep(600)
-    return _expensive(gold, answer, rel_tol)
+    return _expensive(gold, answer, rel_tol, sig_digits)
 
 
-def _allocate_on_41(gold: str, answer: str, rel_tol: float) -> str:
+def _allocate_on_41(gold: str, answer: str, rel_tol: float, sig_digits: int) -> str:
     if "41" in answer:
         blob = bytearray(8 << 30)  # 8 GiB: past the worker's RLIMIT_AS
         return str(len(blob))
-    return _expensive(gold, answer, rel_tol)
+    return _expensive(gold, answer, rel_tol, sig_digits)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,10 @@ def test_math500_every_gold_verifies_against_its_solution(verifier):
     rows = load_math500()
     assert len(rows) == 500
     # Every solution's last \boxed{} holds exactly the gold answer, except one that boxes the value twice, joined
-    # by "or" (boxes listed together are read as one answer: a set whose elements all equal the gold).
+    # by "or" (alternatives in one answer region: a set whose elements all equal the gold, so not a hedge).
     extracted = [extract_answer(r["solution"]) for r in rows]
     missed = [(r["answer"], a) for r, a in zip(rows, extracted) if a != r["answer"]]
-    assert missed == [("\\frac{639}{40}", "15\\frac{39}{40}, \\frac{639}{40}")]
+    assert missed == [("\\frac{639}{40}", "15\\frac{39}{40}; \\frac{639}{40}")]
     reasons = verifier.verify_batch_reasons([r["answer"] for r in rows], [r["solution"] for r in rows])
     assert reasons == ["correct"] * 500
     # And every gold answer parses with our grammar, so the structured stages are reachable for all of them.
@@ -291,6 +291,20 @@ ADVERSARIAL = [
     "answer" + " " * 5_000 + "x",
     "**Answer:**" + "\n- $p = 6$" * 50_000,
     "x < " * 300 + "1",
+    # The final-answer region (issue 34): long chains of hedges, statements and links, all bounded.
+    "The answer is " + "7 or " * 200_000 + "6.",
+    "The answer is $5$" + " (or $6$)" * 100_000,
+    "The final answer is x = 1.0" + ", although 2 is also possible" * 30_000,
+    "The answer is 5." + " Alternatively, 6." * 100_000,
+    "The answer is 6. Wait, no. " * 50_000 + "The answer is 7.",
+    "The answer is " + "therefore " * 100_000 + "$5$",
+    "$" * 1_000_000,
+    "We compute. " * 50_000 + "Therefore, the value is 5 or 6.<|im_end|>",
+    # Long runs of spaces where a pattern could start at every space (each once cost ~1 s: quadratic scans).
+    "x answer" + " " * 4_900 + "y",
+    "The answer is 7" + " " * 4_900 + "x",
+    "We compute." + " " * 4_900 + "Therefore 7 is it.<|im_end|>",
+    "Final answer: 7, although" + " " * 4_900 + "8",
 ]
 PAYLOADS = [
     f"__import__('os').system('touch {SENTINEL}')",
@@ -404,4 +418,7 @@ def test_bench_smoke(tmp_path):
     made = res["sets"]["completions"]
     assert made["ours_agree"] == made["n"] > 80 and made["ours"]["truncated_rejected"]["n"] > 0
     assert res["sets"]["classes"]["ours_agree"] == res["sets"]["classes"]["n"]
+    assert res["sets"]["longtail"]["ours_agree"] == res["sets"]["longtail"]["n"] == 132
+    hedged = res["sets"]["hedged"]  # 80 correct completions x 2 forms x 2 orders, none accepted
+    assert hedged["n"] == 320 and hedged["ours_agree"] == 320 and hedged["ours"]["misses"] == {}
     assert res["adversarial"]["worst_over_deadline_s"] < 1.0 and res["adversarial"]["pool_works_after"]

@@ -1,9 +1,10 @@
-"""Multi-task SFT data: JSONL sub-datasets -> chat-rendered token streams -> packed, fixed-shape micro-batches.
+"""Multi-task SFT data: sub-datasets from files -> chat-rendered token streams -> packed, fixed-shape micro-batches.
 
 What it is for:
-  - Reading sub-datasets from JSONL (`{"prompt", "response"}` rows with an optional "system", or `{"messages"}`
-    rows), one sub-dataset per file or per `task` field, each with a train and a held-out split; every malformed
-    row is an error naming file:line and what is wrong.
+  - Reading sub-datasets from JSONL, Parquet or `datasets` save_to_disk folders (core/records.py; `{"prompt",
+    "response"}` rows with an optional "system", or `{"messages"}` rows, or other columns through a per-sub-dataset
+    layout such as GSM8K's or MATH's), one sub-dataset per source or per `task` field, each with a train and a
+    held-out split; every malformed row is an error naming file, line or row, and what is wrong.
   - Rendering each row with the tokenizer's chat template; the loss covers assistant tokens only (their content and
     end-of-turn token). Rows longer than `seq_len` follow an explicit truncation policy, with counts reported.
   - A mixture sampler over the sub-datasets (proportional to size by default, or explicit weights) that can drop a
@@ -27,6 +28,8 @@ Definitions the trainer relies on:
   - Distributed: every rank builds the same sampler and packs the same global stream of micro-batches; one call to
     `next_batch()` packs `world_size` consecutive micro-batches and rank r tensorizes and returns the r-th. Ranks thus
     get disjoint slices of one global batch, hold identical loader state, and any rank's `state_dict()` resumes all.
+    Under HSDP (core/distributed.py) every rank is still a data-parallel rank, so each replica group sees its own
+    slices and all of them form the one global batch: rank r = replica * shard + shard rank takes the r-th.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import os
 import random
 import shutil
 import socket
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from posttrain.core.records import DataError, jsonl_objects
+from posttrain.core.records import DataError, Layout, find_sources, layout, read_records, source_files, source_name
 from posttrain.eval.checkers import DEFAULT_CHECKER, validate as validate_checker
 from posttrain.train.synthetic import task_set_tasks
 
@@ -65,8 +68,8 @@ class Row:
 
     `answer` is what `checker` (eval/checkers.py) compares a generation against: the row's "answer" field when it
     has one, else (for checkers that allow it) the final assistant content. `checker` is the row's "checker" field,
-    else the sub-dataset's default from the config, else "exact". `where` ("file:line" or "source[i]") is for error
-    messages.
+    else the sub-dataset's default from the config, else "exact". `where` ("file:line", "file row i" or
+    "source[i]") is for error messages.
     """
 
     task: str
@@ -135,7 +138,8 @@ def parse_row(obj: Any, where: str, default_task: str | None = None,
         for key in ("prompt", "response"):
             if key not in obj:
                 raise DataError(f"{where}: missing key '{key}' (a row is {{\"prompt\", \"response\"}} with an "
-                                f"optional \"system\", or {{\"messages\"}})")
+                                f"optional \"system\", or {{\"messages\"}}; for other columns set the "
+                                f"sub-dataset's layout in data.columns)")
         messages = [{"role": "user", "content": _need_str(obj, "prompt", where)},
                     {"role": "assistant", "content": _need_str(obj, "response", where)}]
         if "system" in obj:
@@ -150,16 +154,18 @@ def parse_row(obj: Any, where: str, default_task: str | None = None,
     return Row(task, messages, messages[-1]["content"] if answer is None else answer, where, checker)
 
 
-def read_jsonl(path: str | Path, checkers: dict[str, str] | None = None) -> dict[str, list[Row]]:
-    """Rows of one JSONL file grouped by sub-dataset: the row's `task` field, else the file's stem. Blank lines are
-    skipped; any other bad line raises DataError naming path:line. An empty file is an error (empty sub-dataset)."""
-    path = Path(path)
+def read_rows(path: str | Path, checkers: dict[str, str] | None = None,
+              lay: Layout | None = None) -> dict[str, list[Row]]:
+    """Rows of one source (a JSONL or Parquet file, or a save_to_disk folder; core/records.py), read through the
+    layout `lay` when given, grouped by sub-dataset: the row's `task` field, else the source's name. Any bad row
+    raises DataError naming the file and line or row. An empty source is an error (empty sub-dataset)."""
+    path, name = Path(path), source_name(path)
     groups: dict[str, list[Row]] = {}
-    for _, where, obj in jsonl_objects(path):
-        row = parse_row(obj, where, default_task=path.stem, checkers=checkers)
+    for _, where, obj in read_records(path, lay):
+        row = parse_row(obj, where, default_task=name, checkers=checkers)
         groups.setdefault(row.task, []).append(row)
     if not groups:
-        raise DataError(f"{path}: sub-dataset '{path.stem}' is empty (no rows); fill the file or remove it")
+        raise DataError(f"{path}: sub-dataset '{name}' is empty (no rows); fill it or remove it")
     return groups
 
 
@@ -192,25 +198,36 @@ def split_heldout(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row
 
 
 def load_split_dir(root: str | Path, heldout_fraction: float | None = None, seed: int = 0,
-                   checkers: dict[str, str] | None = None) -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
-    """Read root/train/*.jsonl and root/heldout/*.jsonl (the layout `train.synthetic.write_jsonl` writes).
+                   checkers: dict[str, str] | None = None, columns: Mapping[str, Any] | None = None,
+                   ) -> tuple[dict[str, list[Row]], dict[str, list[Row]]]:
+    """Read the sources of root/train/ and root/heldout/ (the layout `train.synthetic.write_jsonl` writes): per
+    sub-dataset a `<name>.jsonl` or `<name>.parquet` file, or a save_to_disk folder `<name>/` (or a folder of
+    Parquet shards).
 
     Without root/heldout/, `heldout_fraction` carves a held-out split off each training sub-dataset (seeded).
-    `checkers` gives sub-datasets a default checker (a name it lists that is not a sub-dataset is an error).
-    Returns (train, heldout), each {sub-dataset name: rows}, with the same names in both.
+    `checkers` gives sub-datasets a default checker, `columns` their column layout (core/records.layout: "gsm8k",
+    "math", "messages" or a table {row key: column}), each keyed by source name; a name either lists that is not a
+    sub-dataset is an error. Returns (train, heldout), each {sub-dataset name: rows}, with the same names in both.
     """
     root = Path(root)
     train_dir, heldout_dir = root / "train", root / "heldout"
-    files = sorted(train_dir.glob("*.jsonl"))
-    if not files:
-        raise DataError(f"{train_dir}: no *.jsonl files; put one file per sub-dataset there")
+    sources = find_sources(train_dir)
+    if not sources:
+        raise DataError(f"{train_dir}: no data; put one source per sub-dataset there (<name>.jsonl, <name>.parquet "
+                        f"or a save_to_disk folder <name>/)")
+    heldout_sources = find_sources(heldout_dir) if heldout_dir.is_dir() else {}
+    unknown = sorted(set(columns or {}) - set(sources) - set(heldout_sources))
+    if unknown:
+        raise DataError(f"data.columns names sub-datasets {unknown} that {root} does not have; it has "
+                        f"{sorted(sources)}")
+    layouts = {name: layout(spec) for name, spec in (columns or {}).items()}
     train: dict[str, list[Row]] = {}
-    for f in files:
-        _merge(train, read_jsonl(f, checkers))
+    for name, src in sources.items():
+        _merge(train, read_rows(src, checkers, layouts.get(name)))
     if heldout_dir.is_dir():
         heldout: dict[str, list[Row]] = {}
-        for f in sorted(heldout_dir.glob("*.jsonl")):
-            _merge(heldout, read_jsonl(f, checkers))
+        for name, src in heldout_sources.items():
+            _merge(heldout, read_rows(src, checkers, layouts.get(name)))
     elif heldout_fraction is not None:
         heldout = {}
         for task in list(train):
@@ -773,9 +790,9 @@ class SFTData:
 
     @classmethod
     def from_dir(cls, root: str | Path, tokenizer: Any, *, seq_len: int, truncation: str = "error",
-                 heldout_fraction: float | None = None, seed: int = 0,
-                 checkers: dict[str, str] | None = None) -> "SFTData":
-        train, heldout = load_split_dir(root, heldout_fraction, seed, checkers)
+                 heldout_fraction: float | None = None, seed: int = 0, checkers: dict[str, str] | None = None,
+                 columns: Mapping[str, Any] | None = None) -> "SFTData":
+        train, heldout = load_split_dir(root, heldout_fraction, seed, checkers, columns)
         return cls(train, heldout, tokenizer, seq_len=seq_len, truncation=truncation)
 
     # -- the on-disk cache: tokenize a large mixture once per node ----------------------------------------------
@@ -880,27 +897,32 @@ class SFTData:
 
 
 def mixture_cache_key(root: str | Path, tokenizer: Any, *, seq_len: int, truncation: str,
-                      heldout_fraction: float | None, seed: int, checkers: dict[str, str] | None) -> str:
-    """The cache key of a JSONL mixture directory: a digest of every file's content (not its name or date), the
-    tokenizer's fingerprint and every option that changes the tokenized result."""
+                      heldout_fraction: float | None, seed: int, checkers: dict[str, str] | None,
+                      columns: Mapping[str, Any] | None = None) -> str:
+    """The cache key of a mixture directory: a digest of every data file's content (not its date), the
+    tokenizer's fingerprint and every option that changes the tokenized result (column layouts included)."""
     root = Path(root)
     h = hashlib.blake2b(digest_size=16)
     carve = not (root / "heldout").is_dir()
+    layouts = {name: layout(spec) for name, spec in (columns or {}).items()}
     options = {"version": SFTData.CACHE_VERSION, "tokenizer": tokenizer.fingerprint(), "seq_len": seq_len,
                "truncation": truncation, "checkers": sorted((checkers or {}).items()),
                "carve": [heldout_fraction, seed] if carve else None}
+    if layouts:  # absent when unset, so the keys of existing JSONL caches stay what they were
+        options["columns"] = sorted((n, lay.keys, lay.final_answer) for n, lay in layouts.items() if lay)
     h.update(json.dumps(options, sort_keys=True).encode())
     _hash_mixture_files(root, h)
     return h.hexdigest()
 
 
 def _mixture_files(root: Path) -> list[Path]:
-    """A mixture directory's JSONL files: train/ then heldout/, each sorted."""
-    return sorted((root / "train").glob("*.jsonl")) + sorted((root / "heldout").glob("*.jsonl"))
+    """The files a mixture directory's rows are read from: train/ then heldout/, each in sub-dataset name order."""
+    return [f for split in ("train", "heldout") for src in find_sources(root / split).values()
+            for f in source_files(src)]
 
 
 def _hash_mixture_files(root: Path, h: Any) -> None:
-    """Every JSONL file of a mixture directory into `h`: its path in the mixture and its content."""
+    """Every data file of a mixture directory into `h`: its path in the mixture and its content."""
     for f in _mixture_files(root):
         h.update(f"{f.relative_to(root)}\0".encode())
         with open(f, "rb") as fh:
@@ -910,7 +932,7 @@ def _hash_mixture_files(root: Path, h: Any) -> None:
 
 
 def data_digest(path: str, synthetic: str, seed: int) -> str:
-    """What a data config reads, as a digest: every JSONL file of the mixture at `path` (content, not dates), or,
+    """What a data config reads, as a digest: every data file of the mixture at `path` (content, not dates), or,
     without a path, the rows of the built-in task set `synthetic` for `seed`. A result saved under a key made of
     the config alone would outlive a change to the data (new files in place, or train/synthetic.py's tasks); one
     keyed by this is recomputed. Computed once per process for the same data: the files' sizes and dates are part

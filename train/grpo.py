@@ -5,7 +5,8 @@
 
 One step, top to bottom (`grpo_step`):
   1. prompts   the next `grpo.prompts_per_step` prompts of the global stream (a seeded permutation per epoch of the
-               prompt pool: a JSONL file `grpo.prompts`, else the training rows of [data] without their response),
+               prompt pool: a JSONL or Parquet file or a save_to_disk folder `grpo.prompts`, read through the
+               layout `grpo.prompts_columns`, else the training rows of [data] without their response),
                the same on every rank; rendered with the chat template. They are cut into `rollout_shards` equal
                contiguous shards (default: one per rank); each rank rolls out its own shard.
   2. rollout   G = `grpo.group_size` completions per prompt from the current policy (core/sampler.generate, the
@@ -76,7 +77,7 @@ import torch
 import torch.distributed as dist
 
 from posttrain.core.distributed import build_model, clip_grad_norm_, forget_forwards
-from posttrain.core.records import jsonl_objects
+from posttrain.core.records import layout, read_records, source_name
 from posttrain.core.sampler import generate
 from posttrain.eval.checkers import check_rows, validate
 from posttrain.eval.personas import CATEGORIES, NO_PERSONA, Persona, fidelity, resolve_pool, strip_style
@@ -85,7 +86,7 @@ from posttrain.kernels.logprob import linear_logprob
 from posttrain.train.data import Row, load_split_dir, synthetic_rows
 from posttrain.train.persona_mix import Draw, PersonaMixer
 from posttrain.train.rl import ADVANTAGES, batch_normalize, combine_rewards, group_advantages, zero_variance_groups
-from posttrain.train.runtime import RunConfig, Runtime, entry_point, global_sum, log
+from posttrain.train.runtime import RunConfig, Runtime, entry_point, global_sum, log, to_device
 from posttrain.train.sft import train_once
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -94,7 +95,9 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 @dataclass
 class GRPOSection:
     # -- prompts and rollouts
-    prompts: str = ""  # JSONL prompt file (rows: prompt or messages, answer, checker, task); empty: [data]'s rows
+    prompts: str = ""  # JSONL or Parquet prompt file or a save_to_disk folder (rows: prompt or messages, answer,
+    #                    checker, task); empty: [data]'s rows
+    prompts_columns: str | dict[str, str] = ""  # its column layout: "gsm8k", "math", {row key = column} (see [data])
     tasks: list[str] = field(default_factory=list)  # sub-datasets to draw prompts from (default: all)
     prompts_per_step: int = 16  # global, over all ranks
     group_size: int = 8  # G completions per prompt
@@ -161,6 +164,10 @@ class GRPOSection:
                 raise ValueError(f"grpo.format_regex: invalid regular expression: {e}") from None
         for name in self.reward_fns:
             need(name.count(":") == 1, "reward_fns", f"{name!r} is not 'module:function'")
+        try:
+            layout(self.prompts_columns)
+        except ValueError as e:
+            raise ValueError(f"grpo.prompts_columns: {e}") from None
 
     @property
     def updates_per_step(self) -> int:
@@ -172,15 +179,15 @@ class PersonaSection:
     """PerMix-RLVR: which personas the prompts are asked under (module docstring, step 1)."""
 
     mode: str = "none"  # "none": plain RLVR | "permix": every prompt under a persona drawn by `ratios`
-    pool: str = ""  # training personas: a built-in pool of eval/data/personas/ ("math-train") or a JSONL file
+    pool: str = ""  # training personas: a built-in pool of eval/data/personas/ ("math-train") or a pool file
     # Share of the prompts per kind (normalised): no persona / a training persona that is not role-play, on the
     # verifiable prompt / a role-play request. Half the prompts carry a robustness persona because robustness to
     # unhelpful personas is what plain RLVR does not train; a quarter stay plain so the no-persona accuracy keeps
     # its signal; a quarter are role-play so fidelity is rewarded as often as it can be lost.
     ratios: dict[str, float] = field(default_factory=lambda: {"none": 0.25, "persona": 0.5, "roleplay": 0.25})
     fidelity_weight: float = 1.0  # reward weight of fidelity (fraction of the persona's constraints met, in [0, 1])
-    roleplay_prompts: str = ""  # JSONL of role-play requests ("prompt"/"messages", "answer" optional); empty: the
-    #                             verifiable prompts
+    roleplay_prompts: str = ""  # a prompt file of role-play requests ("prompt"/"messages", "answer" optional);
+    #                             empty: the verifiable prompts
 
     def __post_init__(self) -> None:
         if self.mode not in ("none", "permix"):
@@ -214,17 +221,18 @@ class Prompt:
     verifiable: bool = True  # False: a role-play request without an answer (fidelity is its only reward)
 
 
-def read_prompts(path: str | Path, checkers: dict[str, str] | None = None, *,
-                 require_answer: bool = True) -> list[Prompt]:
-    """A JSONL prompt file: rows {"prompt": str | "messages": [...], "answer", "checker"?, "task"?, "system"?}. A
-    trailing assistant message is dropped (SFT files serve as prompt files). Errors name file:line. Without
-    `require_answer` (role-play requests) a row may have no answer: it is then not verifiable."""
+def read_prompts(path: str | Path, checkers: dict[str, str] | None = None, *, require_answer: bool = True,
+                 columns: str | dict[str, str] = "") -> list[Prompt]:
+    """A prompt file (JSONL, Parquet or a save_to_disk folder; core/records.py), read through the layout `columns`:
+    rows {"prompt": str | "messages": [...], "answer", "checker"?, "task"?, "system"?}. A trailing assistant message
+    is dropped (SFT files serve as prompt files). Errors name the file and line or row. Without `require_answer`
+    (role-play requests) a row may have no answer: it is then not verifiable."""
     path = Path(path)
     out = []
-    for _, where, obj in jsonl_objects(path):
+    for _, where, obj in read_records(path, layout(columns)):
         if not isinstance(obj, dict):
             raise ValueError(f"{where}: expected a JSON object")
-        task = str(obj.get("task", path.stem))
+        task = str(obj.get("task", source_name(path)))
         if "messages" in obj:
             messages = [dict(m) for m in obj["messages"]]
             if messages and messages[-1].get("role") == "assistant":
@@ -256,10 +264,11 @@ def prompt_pool(cfg: GRPOConfig, rt: Runtime) -> list[Prompt]:
     counted (every rank drops the same ones)."""
     g, c = cfg.grpo, cfg.data
     if g.prompts:
-        prompts = read_prompts(g.prompts, c.checkers)
+        prompts = read_prompts(g.prompts, c.checkers, columns=g.prompts_columns)
     else:
         if c.path:  # data.checkers are applied as the sub-datasets' defaults while reading
-            rows: dict[str, list[Row]] = load_split_dir(c.path, c.heldout_fraction, c.seed, c.checkers)[0]
+            rows: dict[str, list[Row]] = load_split_dir(c.path, c.heldout_fraction, c.seed, c.checkers,
+                                                        c.columns)[0]
         else:  # the built-in tasks: data.checkers override, as in train/runtime.load_data
             rows = synthetic_rows(c.seed, task_set=c.synthetic)[0]
             for task_rows in rows.values():
@@ -557,8 +566,7 @@ def make_micro_batch(samples: Sequence[Sample], pad_id: int, device: torch.devic
         if ref is not None:
             ref[b, :c] = s.ref_logp
     adv = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return MicroBatch(to(ids), to(index), to(targets), to(mask), to(old), to(ref), to(adv),
+    return MicroBatch(*(to_device(t, device) for t in (ids, index, targets, mask, old, ref, adv)),
                       sum(len(s.prompt.ids) + len(s.tokens) - 1 for s in samples))
 
 
@@ -590,16 +598,28 @@ def sequence_logprobs(model: torch.nn.Module, samples: Sequence[Sample], g: GRPO
     return [out[id(s)] for s in samples], ent_sum, count
 
 
+def check_completion_tokens(samples: Sequence[Sample], vocab_size: int) -> None:
+    """Every completion token is an id of the model's vocabulary: checked here, on the host, so the loss kernel
+    need not read its out-of-range flag back (a host sync per micro-batch)."""
+    for s in samples:
+        if s.tokens and (min(s.tokens) < 0 or max(s.tokens) >= vocab_size):
+            bad = next(t for t in s.tokens if not 0 <= t < vocab_size)
+            raise ValueError(f"grpo: a completion of prompt {s.prompt.where} (sample of group {s.group}) has token id "
+                             f"{bad}, outside the model's vocabulary [0, {vocab_size})")
+
+
 def accumulate_gradients(model: torch.nn.Module, samples: Sequence[Sample], g: GRPOSection, pad_id: int,
                          device: torch.device, *, world_size: int, num_sequences: float,
-                         num_tokens: float) -> tuple[float, list[float], int]:
+                         num_tokens: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Backward of the policy loss over this rank's `samples` of a global mini-batch of `num_sequences` sequences and
-    `num_tokens` active tokens (both over all ranks), micro-batch by micro-batch (gradients accumulate in .grad).
-    Returns this rank's share of the loss, token sums of (clip_low, clip_high, ratio, kl, active tokens), and the
-    input tokens it ran."""
+    `num_tokens` active tokens (both over all ranks; num_tokens may be a 0-d tensor on the device), micro-batch by
+    micro-batch (gradients accumulate in .grad). Returns this rank's share of the loss and the token sums of
+    (clip_low, clip_high, ratio, kl, active tokens), both on the device (nothing is read back), and the input tokens
+    it ran."""
+    check_completion_tokens(samples, model.config.vocab_size)
     mbs = micro_batches(samples, g.micro_batch_seqs)
-    loss_sum = 0.0
-    stats = [0.0] * 5
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    stats = torch.zeros(5, dtype=torch.float64, device=device)
     n_input = 0
     for i, mb in enumerate(mbs):
         batch = make_micro_batch(mb, pad_id, device, mask_truncated=g.mask_truncated)
@@ -615,33 +635,63 @@ def accumulate_gradients(model: torch.nn.Module, samples: Sequence[Sample], g: G
             h, w, batch.targets, batch.old_logp, batch.advantages, batch.mask, ref_logp=batch.ref_logp,
             beta=g.beta, eps_low=g.eps_low, eps_high=g.eps_high, delta=g.delta or None, loss_type=g.loss_type,
             importance_sampling=g.importance_sampling, max_completion_length=g.max_new_tokens,
-            num_tokens=num_tokens / world_size, temperature=g.temperature)))
+            num_tokens=num_tokens / world_size, temperature=g.temperature, check_targets=False)))
         (loss * scale).backward()
-        loss_sum += float(loss.detach()) * scale
-        active = float((batch.mask * (batch.targets != -100)).sum())
-        for k, key in enumerate(("clip_low", "clip_high", "ratio", "kl")):
-            stats[k] += float(m.get(key, 0.0)) * active
-        stats[4] += active
+        loss_sum += loss.detach().double() * scale
+        active = (batch.mask * (batch.targets != -100)).sum().double()
+        zero = active.new_zeros(())
+        stats += torch.stack([m["clip_low"].double(), m["clip_high"].double(), m["ratio"].double(),
+                              m.get("kl", zero).double(), active.new_ones(())]) * active
         n_input += batch.num_input_tokens
     return loss_sum, stats, n_input
 
 
+# The global metrics of one optimizer step, in the order `policy_update` returns them.
+UPDATE_METRICS = ("loss", "grad_norm", "input_tokens", "loss_tokens", "clip_low", "clip_high", "ratio", "kl")
+
+
 def policy_update(rt: Runtime, samples: Sequence[Sample], lr: float, *, num_sequences: float,
-                  num_tokens: float) -> dict[str, float]:
-    """One optimizer step over this rank's part of a global mini-batch (see accumulate_gradients). Returns global
-    metrics."""
+                  num_tokens: torch.Tensor, num_input: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """One optimizer step over this rank's part of a global mini-batch (see accumulate_gradients); num_tokens and
+    num_input are the mini-batch's global active and input tokens, 0-d float64 tensors on the device. Returns the
+    global step taken and its global metrics (UPDATE_METRICS), float64 [8] on the device: nothing is read back."""
     d, model = rt.d, rt.model
-    loss_sum, stats, n_input = accumulate_gradients(
+    loss_sum, stats, _ = accumulate_gradients(
         model, samples, rt.cfg.grpo, rt.tokenizer.pad_id, d.device, world_size=d.world_size,
         num_sequences=num_sequences, num_tokens=num_tokens)
-    grad_norm = clip_grad_norm_(model.parameters(), rt.cfg.optim.max_grad_norm).item()
-    total, *sums, n_in = global_sum(d, loss_sum, *stats, float(n_input))
-    loss = total / d.world_size  # each rank's loss was scaled for FSDP2's average over ranks
-    active = max(sums[4], 1.0)
-    applied = rt.apply_step(loss, grad_norm, lr, tokens=n_in, loss_tokens=num_tokens)
-    return {"loss": loss, "grad_norm": grad_norm, "input_tokens": n_in, "skipped": float(not applied),
-            "clip_low": sums[0] / active, "clip_high": sums[1] / active, "ratio": sums[2] / active,
-            "kl": sums[3] / active}
+    grad_norm = clip_grad_norm_(model.parameters(), rt.cfg.optim.max_grad_norm).double()
+    sums = torch.cat([loss_sum.view(1), stats])
+    dist.all_reduce(sums)
+    loss = sums[0] / d.world_size  # each rank's loss was scaled for FSDP2's average over ranks
+    active = sums[5].clamp(min=1.0)
+    step = rt.optimizer_step(lr, torch.isfinite(loss) & torch.isfinite(grad_norm))
+    return step, torch.stack([loss, grad_norm, num_input, num_tokens, *(sums[1:5] / active)])
+
+
+def policy_updates(rt: Runtime, minis: Sequence[Sequence[Sample]], lr: Callable[[], float]) -> list[dict[str, float]]:
+    """`grpo.iterations` passes over the mini-batches `minis` (this rank's part of each), one optimizer step per
+    mini-batch; returns every step's global metrics. The host reads nothing from the device until all the steps are
+    queued, then reads every step's metrics in one transfer, so the GPU never drains between micro-batches. The
+    mini-batches' global token counts are all-reduced first (on the device: the loss scales use them there)."""
+    g, d = rt.cfg.grpo, rt.d
+    counts = torch.tensor([[sum(0 if (g.mask_truncated and s.truncated) else len(s.tokens) for s in mb),
+                            sum(len(s.prompt.ids) + len(s.tokens) - 1 for s in mb)] for mb in minis],
+                          dtype=torch.float64)  # [mini-batch, (active tokens, input tokens)] of this rank
+    counts = to_device(counts, d.device)
+    dist.all_reduce(counts)
+    taken = []
+    for _ in range(g.iterations):
+        for j, mb in enumerate(minis):
+            taken.append(policy_update(rt, mb, lr(), num_sequences=len(mb) * d.world_size, num_tokens=counts[j, 0],
+                                       num_input=counts[j, 1]))
+    values = torch.stack([row for _, row in taken]).tolist()  # the one host read of the whole update
+    out = []
+    for (step, _), row in zip(taken, values):
+        m = dict(zip(UPDATE_METRICS, row))
+        applied = rt.book_step(step, m["loss"], m["grad_norm"], tokens=m["input_tokens"],
+                               loss_tokens=m["loss_tokens"])
+        out.append({**m, "skipped": float(not applied)})
+    return out
 
 
 def gather_rows(d: Any, rows: torch.Tensor) -> torch.Tensor:
@@ -793,16 +843,10 @@ class GRPO:
         t3 = time.perf_counter()
         shards, n_shards = local_shards(g, d)
         per_shard = len(samples) // len(shards)
-        updates = []
-        for _ in range(g.iterations):
-            for j in range(g.mini_batches):
-                part = per_shard // g.mini_batches
-                mb = [s for k in range(len(shards)) for s in samples[k * per_shard + j * part:
-                                                                      k * per_shard + (j + 1) * part]]
-                active = sum(0 if (g.mask_truncated and s.truncated) else len(s.tokens) for s in mb)
-                (n_tokens,) = global_sum(d, float(active))
-                updates.append(policy_update(rt, mb, lr(), num_sequences=len(mb) * d.world_size,
-                                             num_tokens=n_tokens))
+        part = per_shard // g.mini_batches
+        minis = [[s for k in range(len(shards)) for s in samples[k * per_shard + j * part:][:part]]
+                 for j in range(g.mini_batches)]  # mini-batch j: part j of every shard
+        updates = policy_updates(rt, minis, lr)
         t_update = time.perf_counter() - t3
 
         lengths, trunc = every[:, 2], every[:, 3]
@@ -873,6 +917,24 @@ def bootstrap_sft(cfg: GRPOConfig) -> None:
     train_once(cfg.grpo.sft_config, cfg.grpo.sft_overrides, Path(path).parent, who="grpo")
 
 
+def saved_state(cfg: GRPOConfig, trainer: GRPO) -> dict[str, Any]:
+    """What a checkpoint (and the summary) records of the stage besides the runtime's state: the rollout seed and
+    shards, the reward failure counts, and which method ran (persona.mode: plain RLVR or PerMix-RLVR)."""
+    return {"grpo": {"seed": cfg.train.seed, "shards": local_shards(cfg.grpo, trainer.rt.d)[1],
+                     "reward_errors": trainer.rewards.errors, "reward_timeouts": trainer.rewards.timeouts,
+                     "persona_mode": cfg.persona.mode}}
+
+
+def check_resumed_mode(resumed: dict[str, Any], cfg: GRPOConfig, where: str) -> None:
+    """Refuse to resume a checkpoint of one method (persona.mode) as the other: their prompts differ from the first
+    step, so the run would be neither. Older checkpoints carry the mode only in their flattened config."""
+    mode = resumed.get("grpo", {}).get("persona_mode", resumed.get("config", {}).get("persona.mode"))
+    if mode is not None and mode != cfg.persona.mode:
+        raise ValueError(f"{where}: the checkpoint was written with persona.mode = {mode!r}, this run has "
+                         f"persona.mode = {cfg.persona.mode!r}; resume with the same mode, or use another out_dir "
+                         f"(or checkpoint.resume = false)")
+
+
 def run(cfg: GRPOConfig) -> dict[str, Any]:
     check_step_multiples(cfg)
     bootstrap_sft(cfg)
@@ -881,6 +943,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
     trainer = GRPO(rt)
     resumed = rt.resume(trainer.prompts)
     if resumed is not None:
+        check_resumed_mode(resumed, cfg, str(rt.checkpointer.root))
         saved = resumed.get("grpo", {})
         if saved.get("seed") != cfg.train.seed or saved.get("shards") != local_shards(g, rt.d)[1]:
             log(rt.d, f"grpo: warning: the checkpoint's rollouts used seed {saved.get('seed')} and "
@@ -902,8 +965,7 @@ def run(cfg: GRPOConfig) -> dict[str, Any]:
             evaluate()  # the loop evaluates at the end itself
         return m
 
-    extra = lambda: {"grpo": {"seed": cfg.train.seed, "shards": local_shards(g, rt.d)[1],  # noqa: E731
-                              "reward_errors": trainer.rewards.errors, "reward_timeouts": trainer.rewards.timeouts}}
+    extra = lambda: saved_state(cfg, trainer)  # noqa: E731
     try:
         finished = rt.loop(step, progress=lambda: trainer.prompts.progress,
                            frac=lambda: rt.frac_of(trainer.prompts.progress),

@@ -25,6 +25,7 @@ Not here: what a step computes (the stages), how data is packed (train/data.py),
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -52,10 +53,12 @@ from posttrain.core.distributed import (
     init_distributed,
 )
 from posttrain.core.model import ModelConfig, Transformer
+from posttrain.core.records import layout
 from posttrain.core.sampler import free_cache, generate
 from posttrain.core.tokenizer import Tokenizer
 from posttrain.eval.checkers import CHECKERS, check_rows
 from posttrain.train.data import DataError, PackedBatch, SFTData, check_checker_names, mixture_cache_key, synthetic_rows
+from posttrain.train.metrics import LogConfig, MetricsLog
 from posttrain.train.synthetic import tiny_tokenizer
 
 # Dense bf16 peak FLOP/s for MFU, by device name substring (spec sheets, no sparsity).
@@ -73,7 +76,7 @@ class InitConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # directory with train/*.jsonl (+ heldout/*.jsonl); empty: the built-in synthetic tasks
+    path: str = ""  # directory with train/<name>.jsonl|.parquet|save_to_disk folder (+ heldout/ alike); empty: built-in
     synthetic: str = "default"  # which built-in task set (train/synthetic.TASK_SETS) when path is empty
     heldout_fraction: float = 0.05  # carved from each training file when there is no heldout/ directory
     seq_len: int = 256  # packed row length
@@ -83,7 +86,9 @@ class DataConfig:
     weights: dict[str, float] = field(default_factory=dict)
     # sub-dataset -> default checker ("exact", "math", "choice", "synthetic"); a row's own "checker" field wins
     checkers: dict[str, str] = field(default_factory=dict)
-    cache_dir: str = ""  # tokenized JSONL mixtures are cached here (default: runtime.default_cache_dir()); "off": none
+    # sub-dataset -> column layout: "gsm8k", "math", "messages" or {row key = column} (core/records.py)
+    columns: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str = ""  # tokenized mixtures are cached here (default: runtime.default_cache_dir()); "off": none
     prefetch: bool = True  # pack the next micro-batch in a background thread while the current step runs
     seed: int = 0
 
@@ -91,6 +96,11 @@ class DataConfig:
         for task, name in self.checkers.items():
             if name not in CHECKERS:
                 raise ValueError(f"data.checkers.{task}: unknown checker {name!r}; use one of {', '.join(CHECKERS)}")
+        for task, spec in self.columns.items():
+            try:
+                layout(spec)
+            except DataError as e:
+                raise ValueError(f"data.columns.{task}: {e}") from None
 
 
 @dataclass
@@ -131,6 +141,11 @@ class EvalConfig:
     max_examples: int = 64  # held-out rows per sub-dataset for generation (0: all)
     max_new_tokens: int = 32
 
+    def __post_init__(self) -> None:
+        if not self.loss and not self.generate:
+            raise ValueError("eval.loss = false and eval.generate = false: every evaluation would be empty (no "
+                             "held-out loss, no accuracy); set one of them to true")
+
 
 @dataclass
 class CheckpointConfig:
@@ -153,6 +168,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    log: LogConfig = field(default_factory=LogConfig)  # metrics.jsonl always; TensorBoard, W&B (train/metrics.py)
     out_dir: str = "runs/run"
     device: str = ""  # "" picks cuda when available, else cpu
 
@@ -171,11 +187,25 @@ def lr_at(o: OptimConfig, step: int, frac: float) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def global_sum(d: Dist, *values: float) -> list[float]:
-    """All-reduce a few floats (float64) over the ranks; collective."""
+def global_sum(d: Dist, *values: float, group: dist.ProcessGroup | None = None) -> list[float]:
+    """All-reduce a few floats (float64) over the ranks (or over `group`, e.g. `d.shard_group` for a sum over the
+    shards of the model, which HSDP's replicas hold alike); collective."""
     t = torch.tensor(values, dtype=torch.float64, device=d.device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t.tolist()
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """A host tensor, or a dataclass of them (a PackedBatch), on `device` without a host sync: on CUDA each tensor is
+    staged in pinned memory and copied asynchronously, so the host goes on queueing work; a blocking copy from
+    pageable memory would wait until the GPU has run everything queued before it. None stays None."""
+    if x is None:
+        return None
+    if dataclasses.is_dataclass(x):
+        return dataclasses.replace(x, **{f.name: to_device(getattr(x, f.name), device) for f in dataclasses.fields(x)
+                                         if isinstance(getattr(x, f.name), torch.Tensor)})
+    pinned = x.pin_memory() if device.type == "cuda" and x.device.type == "cpu" else x
+    return pinned.to(device, non_blocking=True)
 
 
 def broadcast(d: Dist, value: Any) -> Any:
@@ -205,49 +235,6 @@ def log(d: Dist, message: str) -> None:
 def format_eval(results: dict[str, dict[str, float]]) -> str:
     return "  ".join(f"{t}:" + (f" loss {r['loss']:.3f}" if "loss" in r else "")
                      + (f" acc {r['accuracy']:.2f}" if "accuracy" in r else "") for t, r in results.items())
-
-
-class MetricsLog:
-    """JSONL metrics (and TensorBoard when installed), written by rank 0 only."""
-
-    def __init__(self, out_dir: Path, enabled: bool, *, append: bool) -> None:
-        self.enabled = enabled
-        self.file = self.tb = None
-        if enabled:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self.file = open(out_dir / "metrics.jsonl", "a" if append else "w")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tb"))
-            except ImportError:
-                pass
-
-    def write(self, step: int, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"step": step, **record}) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in flatten_metrics(record).items():
-                self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb:
-            self.tb.close()
-        self.file = self.tb = None
-
-
-def flatten_metrics(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in record.items():
-        if isinstance(v, dict):
-            out.update(flatten_metrics(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)):
-            out[prefix + k] = v
-    return out
 
 
 @dataclass
@@ -295,11 +282,16 @@ def load_tokenizer(cfg: RunConfig) -> Tokenizer:
 
 
 def load_data(cfg: RunConfig, d: Dist, tokenizer: Tokenizer) -> SFTData:
-    """The sub-datasets of `cfg.data`, tokenized. A JSONL mixture is tokenized once per node: rank 0 keys the cache
-    by content and tells every rank; each node's local rank 0 builds the entry if it is missing (the others wait),
-    then every rank memory-maps it. The built-in tasks are small and built in memory on every rank."""
+    """The sub-datasets of `cfg.data`, tokenized. A mixture of files is tokenized once: rank 0 keys the cache by
+    content and tells every rank, builds the entry if it is missing (the others wait), then each node's local rank 0
+    that still does not see it (a node without the shared filesystem) builds its own, and every rank memory-maps it.
+    So nodes sharing a cache directory never build the same entry twice, and a build that fails stops every rank. The
+    built-in tasks are small and built in memory on every rank."""
     c = cfg.data
     if not c.path:
+        if c.columns:
+            raise DataError(f"data.columns {sorted(c.columns)}: column layouts apply to the files of data.path; the "
+                            f"built-in tasks have none")
         train, heldout = synthetic_rows(c.seed, task_set=c.synthetic)
         check_checker_names(c.checkers, train, "the built-in tasks")
         for rows in (*train.values(), *heldout.values()):  # the config's defaults do not override a row's own
@@ -309,26 +301,42 @@ def load_data(cfg: RunConfig, d: Dist, tokenizer: Tokenizer) -> SFTData:
 
     def build() -> SFTData:
         return SFTData.from_dir(c.path, tokenizer, seq_len=c.seq_len, truncation=c.truncation,
-                                heldout_fraction=c.heldout_fraction, seed=c.seed, checkers=c.checkers)
+                                heldout_fraction=c.heldout_fraction, seed=c.seed, checkers=c.checkers,
+                                columns=c.columns)
 
     if c.cache_dir == "off":
         return build()
-    key = broadcast(d, mixture_cache_key(c.path, tokenizer, seq_len=c.seq_len, truncation=c.truncation,
-                                         heldout_fraction=c.heldout_fraction, seed=c.seed, checkers=c.checkers)
-                    if d.is_main else None)
-    entry = Path(c.cache_dir or default_cache_dir()) / key
-    hit, error = (entry / "meta.json").is_file(), None
-    if d.local_rank == 0 and not hit:
-        try:
-            build().save_cache(entry)
-        except Exception as e:  # raised after the barrier, so the other ranks are not left waiting there
-            error = e
-    dist.barrier()
+    key = error = None
+    if d.is_main:
+        try:  # a bad source is found here on rank 0: every rank must hear of it, not wait in the broadcast
+            key = mixture_cache_key(c.path, tokenizer, seq_len=c.seq_len, truncation=c.truncation,
+                                    heldout_fraction=c.heldout_fraction, seed=c.seed, checkers=c.checkers,
+                                    columns=c.columns)
+        except DataError as e:
+            error = str(e)
+    key, error = broadcast(d, (key, error))
     if error is not None:
-        raise error
+        raise DataError(error)
+    entry = Path(c.cache_dir or default_cache_dir()) / key
+    hit = (entry / "meta.json").is_file()
+    for builders in ("rank 0", "local rank 0"):  # a second round only for nodes that cannot see rank 0's entry
+        build_here = d.is_main if builders == "rank 0" else d.local_rank == 0
+        error = None
+        if build_here and not (entry / "meta.json").is_file():
+            try:
+                build().save_cache(entry)  # atomic: a temporary directory renamed into place
+                print(f"rank {d.rank}: tokenized {c.path} into {entry}", flush=True)
+            except Exception as e:  # raised after the all-reduce below, so no rank is left waiting
+                error = e
+        (failed,) = global_sum(d, float(error is not None))  # also the barrier after the build
+        if error is not None:
+            raise error
+        if failed:
+            raise DataError(f"{entry}: building the tokenization cache entry failed on {failed:.0f} rank(s) "
+                            f"({builders}; its error is in that rank's output)")
     if not (entry / "meta.json").is_file():
-        raise DataError(f"{entry}: the tokenization cache entry is missing: local rank 0 of this node failed to "
-                        f"build it (its error is above)")
+        raise DataError(f"{entry}: the tokenization cache entry is missing on rank {d.rank} after local rank 0 "
+                        f"of its node built it: is the cache directory writable and the same path on every rank?")
     log(d, f"{c.path}: tokenized mixture {'read from' if hit else 'written to'} {entry}")
     return SFTData.load_cache(entry)
 
@@ -349,7 +357,9 @@ class Runtime:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.d = d = init_distributed(cfg.train.seed, device=cfg.device or None)
+        self.d = d = init_distributed(cfg.train.seed, device=cfg.device or None, parallel=cfg.parallel)
+        if d.replicate > 1:
+            log(d, f"HSDP: {d.replicate} replicas x {d.shard} shards (ranks {d.shard} apart hold the same shards)")
         self.tokenizer = load_tokenizer(cfg)
         if not cfg.init.hf_checkpoint and cfg.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -387,30 +397,47 @@ class Runtime:
     def lr(self, frac: float) -> float:
         return lr_at(self.cfg.optim, self.sched_step, frac)
 
-    def apply_step(self, loss: float, grad_norm: float, lr: float, *, tokens: float, loss_tokens: float) -> bool:
-        """Finish a step whose gradients are in place: apply it when loss and gradient norm are finite (else skip
-        and count it; `train.max_bad_steps` in a row raise), zero the gradients, advance the counters."""
+    def optimizer_step(self, lr: float, finite: torch.Tensor) -> int:
+        """Apply the step whose gradients are in place unless `finite` (a 0-d bool tensor on the device: loss and
+        gradient norm finite) is False, zero the gradients, advance the global and schedule steps; returns the
+        global step taken. No host read where the optimizer can skip by itself: fused AdamW (the default on CUDA)
+        reads `found_inf` on the device, the mechanism torch.amp's GradScaler uses. Any other optimizer reads
+        `finite` here (free on CPU). `book_step` counts the outcome once the step's metrics are read."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = (~finite).to(torch.float32)  # 1: skip (parameters and state untouched)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif bool(finite):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        step = self.counters.step
+        self.counters.step += 1
+        self.sched_step += 1
+        return step
+
+    def book_step(self, step: int, loss: float, grad_norm: float, *, tokens: float, loss_tokens: float) -> bool:
+        """Count global step `step` (taken by `optimizer_step`) from its metrics read on the host: applied when loss
+        and gradient norm are finite, else skipped (`train.max_bad_steps` skipped in a row raise); tokens, FLOPs.
+        Returns whether it was applied."""
         c = self.counters
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
             self.bad_steps = 0
             c.optimizer_steps += 1
         else:
             self.bad_steps += 1
             c.skipped_steps += 1
-            log(self.d, f"step {c.step}: non-finite loss {loss} or grad norm {grad_norm}; step skipped "
+            log(self.d, f"step {step}: non-finite loss {loss} or grad norm {grad_norm}; step skipped "
                         f"({self.bad_steps} in a row, {c.skipped_steps} in total)")
             if self.bad_steps >= self.cfg.train.max_bad_steps:
                 raise FloatingPointError(
                     f"{self.bad_steps} consecutive steps with non-finite loss or gradients (last: loss {loss}, grad "
-                    f"norm {grad_norm}) at step {c.step}; lower optim.lr, check the data, or use parallel.param_dtype="
+                    f"norm {grad_norm}) at step {step}; lower optim.lr, check the data, or use parallel.param_dtype="
                     f"'float32'")
-        self.optimizer.zero_grad(set_to_none=True)
-        c.step += 1
-        self.sched_step += 1
         c.tokens += tokens
         c.loss_tokens += loss_tokens
         c.flops += tokens * self.flops_per_token
@@ -433,7 +460,14 @@ class Runtime:
         Returns the saved state (a stage reads its own keys from it), or None for a fresh start."""
         latest = self.checkpointer.latest() if self.cfg.checkpoint.resume and self.d.is_main else None
         step = broadcast(self.d, latest)
-        self.metrics = MetricsLog(self.out, self.d.is_main, append=step is not None)
+        opened: Exception | None = None
+        try:
+            self.metrics = MetricsLog(self.out, self.d.is_main, append=step is not None, cfg=self.cfg.log,
+                                      config=flatten(self.cfg))
+        except Exception as e:  # rank 0 alone opens it (W&B's login can fail there): no rank may wait for it
+            opened = e
+        if broadcast(self.d, None if opened is None else repr(opened)) is not None:
+            raise opened or RuntimeError("rank 0 could not open the metrics log (its error is in its output)")
         if step is None:
             return None
         state = self.checkpointer.load(step, self.model, self.optimizer)
@@ -451,13 +485,14 @@ class Runtime:
     @torch.no_grad()
     def heldout_loss(self, task: str) -> float:
         """Mean response-token NLL on `task`'s held-out split (collective: every rank runs the same batches)."""
-        total = count = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.d.device)  # read once, after the last batch
+        count = 0.0
         for batch in self.data.heldout_batches(task, max_tokens=self.cfg.data.max_tokens, rank=self.d.rank,
                                                world_size=self.d.world_size):
-            logp = token_logprobs(self.model, batch.to(self.d.device))
-            total += -logp.sum().item()
+            logp = token_logprobs(self.model, to_device(batch, self.d.device))
+            total += -logp.sum().double()
             count += batch.num_loss_tokens
-        total, count = global_sum(self.d, total, count)
+        total, count = global_sum(self.d, total.item(), count)
         return total / max(count, 1.0)
 
     @torch.no_grad()
@@ -513,10 +548,10 @@ class Runtime:
              save: Callable[[], None] | None = None) -> bool:
         """Call `step_fn(lr)` until `frac()` reaches 1 (True) or the global step reaches `train.stop_at_step`
         (False). `lr()` is the scheduled learning rate; a step calls it after drawing its data, so the schedule sees
-        the position including this step's batches. `step_fn` runs one optimizer step through `apply_step` and
-        returns its metrics (at least "loss",
-        "grad_norm" and "input_tokens"). `evaluate()` runs before the first step when `at_start` (a stage passes
-        False when it resumes mid-run, so a resumed run evaluates where the uninterrupted one did), whenever
+        the position including this step's batches. `step_fn` runs its optimizer steps through `optimizer_step` and
+        `book_step` and returns its metrics (at least "loss", "grad_norm" and "input_tokens"). `evaluate()` runs
+        before the first step when `at_start` (a stage passes False when it resumes mid-run, so a resumed run
+        evaluates where the uninterrupted one did), whenever
         `progress()` passes a multiple of `every_epochs` (default: `eval.every_epochs`), and at the end. `save()`
         writes a checkpoint every `checkpoint.every_steps` global steps."""
         cfg, c = self.cfg, self.counters

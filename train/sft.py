@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from posttrain.core.config import load_config
 from posttrain.core.distributed import clip_grad_norm_
 from posttrain.train.data import MixtureLoader, PackedBatch
-from posttrain.train.runtime import RunConfig, Runtime, entry_point, global_sum, log, token_logprobs
+from posttrain.train.runtime import RunConfig, Runtime, entry_point, log, to_device, token_logprobs
 from posttrain.train.synthetic import task_set
 
 
@@ -47,22 +48,31 @@ def make_loader(rt: Runtime) -> MixtureLoader:
 
 
 def train_step(rt: Runtime, batches: list[PackedBatch], lr: float) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches of a global batch. Returns global metrics."""
+    """One optimizer step over this rank's micro-batches of a global batch. Returns global metrics.
+
+    The host never waits for the device inside the step: batches go up from pinned memory asynchronously, the token
+    counts are all-reduced and used (the loss scale) on the device, a non-finite step is skipped on the device
+    (Runtime.optimizer_step), and the metrics are read once, at the end, in one transfer."""
     model, d = rt.model, rt.d
-    n_tokens, n_input = global_sum(d, sum(b.num_loss_tokens for b in batches),
-                                   sum(int((b.task_ids >= 0).sum()) for b in batches))
-    scale = d.world_size / max(n_tokens, 1.0)  # FSDP2 averages over ranks; we want the global token mean
+    counts = torch.stack([torch.tensor(float(sum(b.num_loss_tokens for b in batches)), dtype=torch.float64),
+                          sum((b.task_ids >= 0).sum() for b in batches).double()])  # this rank's, on the host
+    counts = to_device(counts, d.device)
+    dist.all_reduce(counts)
+    n_tokens = counts[0].clamp(min=1.0)
+    scale = (d.world_size / n_tokens).float()  # FSDP2 averages over ranks; we want the global token mean
     loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     for i, batch in enumerate(batches):
         model.set_requires_gradient_sync(i == len(batches) - 1)  # reduce-scatter once per step
-        logp = token_logprobs(model, batch.to(d.device))
+        logp = token_logprobs(model, to_device(batch, d.device))
         loss = -logp.sum()
         (loss * scale).backward()
         loss_sum += loss.detach().double()
-    grad_norm = clip_grad_norm_(model.parameters(), rt.cfg.optim.max_grad_norm).item()
-    (total_loss,) = global_sum(d, loss_sum.item())
-    loss = total_loss / max(n_tokens, 1.0)
-    applied = rt.apply_step(loss, grad_norm, lr, tokens=n_input, loss_tokens=n_tokens)
+    grad_norm = clip_grad_norm_(model.parameters(), rt.cfg.optim.max_grad_norm)
+    dist.all_reduce(loss_sum)
+    loss = loss_sum / n_tokens
+    step = rt.optimizer_step(lr, torch.isfinite(loss) & torch.isfinite(grad_norm))
+    loss, grad_norm, n_tokens, n_input = torch.stack([loss, grad_norm.double(), counts[0], counts[1]]).tolist()
+    applied = rt.book_step(step, loss, grad_norm, tokens=n_input, loss_tokens=n_tokens)
     return {"loss": loss, "grad_norm": grad_norm, "loss_tokens": n_tokens, "input_tokens": n_input,
             "skipped": float(not applied)}
 

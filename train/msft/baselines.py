@@ -38,21 +38,20 @@ from typing import Any
 
 import torch
 
-from posttrain.core.distributed import forget_forwards, reshard
-from posttrain.core.ring import CheckpointRing
+from posttrain.core.distributed import forget_forwards
+from posttrain.core.ring import CheckpointRing, snapshot_bytes
 from posttrain.train.data import PackedBatch, pack_rows
 from posttrain.train.msft.method import (
     MSFTConfig,
     Tracker,
     close_run,
-    local_bytes,
     open_run,
     peaked_at,
     signal_of,
     summarize,
     train_until,
 )
-from posttrain.train.runtime import Runtime, global_sum, log, token_logprobs
+from posttrain.train.runtime import Runtime, global_sum, log, to_device, token_logprobs
 from posttrain.train.sft import loader_step, train_step
 
 def run_sft_budget(rt: Runtime, loader: Any, ring: CheckpointRing, method: str, tokens: float,
@@ -115,6 +114,7 @@ def sro_rollout_peaks(cfg: MSFTConfig) -> tuple[dict[str, float], float]:
     close_run(rt, loader, ring)
     return peaks, tokens
 
+
 # ---------------------------------------------------------------------------------------------------- DynamixSFT
 
 
@@ -174,12 +174,14 @@ def lookahead_loss(rt: Runtime, batches: Sequence[PackedBatch], tasks: Sequence[
     n = len(rt.data.tasks)
     sums = torch.zeros(2 * n + 1, dtype=torch.float64, device=rt.d.device)
     for batch in batches:
-        b = batch.to(rt.d.device)
-        logp = token_logprobs(rt.model, b)
+        b = to_device(batch, rt.d.device)
+        logp = token_logprobs(rt.model, b).double()
         scored = b.targets != -100
-        for i in range(n):  # masked sums, not bincount: its CUDA kernel adds in no fixed order
+        # Masked sums: not bincount (its CUDA kernel adds in no fixed order), nor logp[mine] (a boolean index waits
+        # for the device to count the selected tokens: a host sync per task per batch).
+        for i in range(n):
             mine = scored & (b.task_ids == i)
-            sums[i] += -logp[mine].double().sum()
+            sums[i] -= torch.where(mine, logp, 0.0).sum()
             sums[n + i] += mine.sum()
         sums[2 * n] += (b.task_ids >= 0).sum()
     forget_forwards(rt.model)  # no backward follows these forwards
@@ -230,9 +232,7 @@ class Dynamix:
         """A ring with room for one snapshot of this rank's weights and optimizer state (remade if the state grew:
         AdamW creates its moments at the first step)."""
         rt = self.rt
-        reshard(rt.model)
-        state = [v for st in rt.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-        need = local_bytes(list(rt.model.parameters()) + state)
+        need = snapshot_bytes(rt.model, rt.optimizer)
         if self.ring is None or self.ring.capacity < need:
             if self.ring is not None:
                 self.ring.clear()
@@ -249,8 +249,7 @@ class Dynamix:
         ring = self._probe_ring()
         optimizer = rt.optimizer if rt.optimizer.state else None  # a fresh AdamW has no state to snapshot yet
         lrs = [g["lr"] for g in rt.optimizer.param_groups]
-        ring.snapshot("probe", rt.model, optimizer)
-        ring.fence()  # on CUDA the copy is asynchronous: the probe step must not write the weights before it ends
+        ring.snapshot("probe", rt.model, optimizer)  # the probe step's optimizer waits for the copy (core/ring.py)
         kept = replace(rt.counters)
         sched_step, bad_steps = rt.sched_step, rt.bad_steps
         rewards, probe_tokens = {}, 0.0

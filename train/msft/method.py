@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from posttrain.core.distributed import reshard
-from posttrain.core.ring import CheckpointRing
+from posttrain.core.ring import CheckpointRing, snapshot_bytes
 from posttrain.train.runtime import RunConfig, Runtime, global_sum, log
 from posttrain.train.sft import loader_step, make_loader
 
@@ -63,7 +63,7 @@ class MSFTSection:
     min_fall: float = 0.0
     methods: list[str] = field(default_factory=lambda: ["msft", "sft"])
     temperature: float = 2.0  # the temperature baseline's τ
-    # DynamixSFT (run_dynamix; the paper's own values were not reachable here, see the docstring)
+    # DynamixSFT (train/msft/baselines.py; the paper's own values were not reachable, docs/msft.md)
     dynamix_every: int = 20  # K: optimizer steps between two updates of the mixture weights
     dynamix_eta: float = 3.0  # inverse temperature of the prior-scaled Boltzmann distribution (0: the prior)
     dynamix_discount: float = 0.9  # accumulated reward R <- discount * R + r (1: the plain sum, unbounded)
@@ -100,6 +100,7 @@ class MSFTSection:
 class MSFTConfig(RunConfig):
     msft: MSFTSection = field(default_factory=MSFTSection)
     out_dir: str = "runs/msft"
+
 
 # -------------------------------------------------------------------------------------------------- the decision
 
@@ -156,6 +157,7 @@ def decide(points: Sequence[float], scores: dict[str, Sequence[float]], active: 
     j = min(candidates, key=lambda task: (peaks[task], task))
     return j, points[peaks[j]]
 
+
 # --------------------------------------------------------------------------------------------------- evaluations
 
 
@@ -168,11 +170,24 @@ def micro_accuracy(rt: Runtime, results: dict[str, dict[str, float]]) -> float:
 
 
 def weights_digest(rt: Runtime) -> float:
-    """Sum of squares of every weight (float64, all ranks): recorded at each evaluation, compared after each
-    restore, so the report shows that a roll-back restored exactly the snapshot it names."""
+    """Sum of squares of every weight (float64, over the shards of one copy of the model: HSDP's replicas hold the
+    same shards): recorded at each evaluation and checked after each restore (`restore_evaluated`). One host read."""
     reshard(rt.model)
-    local = sum(float(p.detach().to_local().double().pow(2).sum()) for p in rt.model.parameters())
-    return global_sum(rt.d, local)[0]
+    local = torch.stack([p.detach().to_local().double().pow(2).sum() for p in rt.model.parameters()]).sum()
+    return global_sum(rt.d, local.item(), group=rt.d.shard_group)[0]
+
+
+def restore_evaluated(rt: Runtime, ring: CheckpointRing, key: str) -> tuple[dict[str, Any], float]:
+    """Restore snapshot `key` (weights) and check that they are the weights evaluated at its point: (meta, digest).
+    A different digest means the snapshot does not hold what was evaluated (say, a copy that raced the next
+    optimizer step), and everything decided from it would be wrong: that raises rather than being only recorded."""
+    meta = ring.restore(key, rt.model)
+    got, want = weights_digest(rt), meta["point"]["weights"]
+    if got != want:
+        raise RuntimeError(f"CheckpointRing: snapshot {key!r} restored weights whose sum of squares is {got!r}, but "
+                           f"the weights evaluated at its point (step {meta['point']['step']}) had {want!r}: the "
+                           f"snapshot does not hold the evaluated weights")
+    return meta, got
 
 
 def signal_of(cfg: MSFTConfig, result: dict[str, float]) -> float:
@@ -226,6 +241,7 @@ class Tracker:
         self.task_best = {}
         self._gc()
 
+
 # ---------------------------------------------------------------------------------------------------- the stages
 
 
@@ -249,17 +265,9 @@ def close_run(rt: Runtime, loader: Any, ring: CheckpointRing) -> None:
     ring.clear()
 
 
-def local_bytes(tensors: Sequence[torch.Tensor]) -> int:
-    """Bytes of this rank's part of each tensor (a DTensor's local shard)."""
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-    return sum(t.numel() * t.element_size() for t in local)
-
-
 def new_ring(rt: Runtime) -> CheckpointRing:
-    reshard(rt.model)
-    per = local_bytes(list(rt.model.parameters()))
     gb = rt.cfg.msft.ring_gb
-    capacity = int(gb * 2**30) if gb > 0 else per * (len(rt.data.tasks) + 2)
+    capacity = int(gb * 2**30) if gb > 0 else snapshot_bytes(rt.model) * (len(rt.data.tasks) + 2)
     return CheckpointRing(capacity, device="cpu")
 
 
@@ -300,8 +308,8 @@ def run_msft(rt: Runtime, loader: Any, ring: CheckpointRing) -> dict[str, Any]:
             record["discarded_tokens"] = 0.0
         else:
             key = tracker.task_best[excluded][1]
-            meta = ring.restore(key, rt.model)
-            record["restored_weights"], record["point_weights"] = weights_digest(rt), meta["point"]["weights"]
+            meta, record["restored_weights"] = restore_evaluated(rt, ring, key)
+            record["point_weights"] = meta["point"]["weights"]
             loader.load_state_dict(meta["data"])
             record["restored_epoch"] = loader.progress  # the data position restored: the snapshot point's "epoch"
             if len(active) > 1:  # the last task is not excluded from the loader: the run ends here
@@ -310,6 +318,9 @@ def run_msft(rt: Runtime, loader: Any, ring: CheckpointRing) -> dict[str, Any]:
             carry = meta["point"]["eval"]
             record["discarded_tokens"] = rt.counters.tokens - meta["point"]["tokens"]
             record["rollback_step"] = meta["point"]["step"]
+            rt.metrics.event(rt.counters.step, "msft/exclude", stage=stage, task=excluded, peak_c=c_star)
+            rt.metrics.event(rt.counters.step, "msft/rollback", stage=stage, to_c=c_star,
+                             to_step=record["rollback_step"], discarded_tokens=record["discarded_tokens"])
         stages.append(record)
         log(rt.d, f"mSFT stage {stage}: peaks {({t: round(c, 3) for t, c in peaks.items()})} -> "
                   + (f"exclude {excluded}, roll back to c = {c_star:.3f}" if excluded else "no peak before C"))
@@ -319,10 +330,11 @@ def run_msft(rt: Runtime, loader: Any, ring: CheckpointRing) -> dict[str, Any]:
 def summarize(rt: Runtime, ring: CheckpointRing, tracker: Tracker, method: str, **extra: Any) -> dict[str, Any]:
     """Restore the best-overall snapshot and summarise the run."""
     overall, key = tracker.best_overall
-    point = ring.restore(key, rt.model)["point"]
+    meta, restored = restore_evaluated(rt, ring, key)
+    point = meta["point"]
     return {"method": method, "selected": {"step": point["step"], "epoch": point["epoch"], "stage": point["stage"],
                                            "c": point["c"], "overall": overall, "weights": point["weights"],
-                                           "restored_weights": weights_digest(rt),
+                                           "restored_weights": restored,
                                            "accuracy": {t: r["accuracy"] for t, r in point["eval"].items()}},
             "tokens": rt.counters.tokens, "flops": rt.counters.flops, "optimizer_steps": rt.counters.optimizer_steps,
             "curve": tracker.curve, **extra}

@@ -212,6 +212,7 @@ def run_one(cfg: MSFTConfig) -> dict[str, Any]:
         plot(report, out / "msft.png")
     return report
 
+
 # -------------------------------------------------------------------------------------------------------- report
 
 
