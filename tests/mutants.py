@@ -7,7 +7,7 @@ formula, run that module's tests, and list the bugs that no test noticed (the su
 
 A test that would pass with the formula wrong proves nothing about the formula; a survivor is either such a gap
 or an equivalent mutant (a change that cannot alter any result, e.g. `<` -> `<=` where equality cannot happen),
-and each one left needs its reason written down (docs/mutation.md holds the last run's list). Not run by CI: a
+and each one left needs its reason written down (docs/testing.md holds the last run's list). Not run by CI: a
 run takes hours on 2 loaded cores.
 
 What is mutated. Only the functions named in TARGETS (the formulas, not the plumbing around them), one site at a
@@ -72,6 +72,11 @@ TARGETS = {
                    ("tests/test_msft.py", "-k",
                     "not report_is_consistent and not pretrained_base and not dynamix and not study and not "
                     "result and not set_weights and not configs and not refused and not mixture_shape")),
+    # The verifier's comparison of two parsed answers (extraction and parsing are tested by their own cases).
+    "verify": Target("eval/latex.py",
+                     ("compare", "_compare_approx", "_rounds_to", "_all", "_matching", "NumericJudge.scalar",
+                      "NumericJudge.equation", "_rounded_decimal", "_close", "_same_base_number"), (),
+                     ("tests/test_verify.py", "tests/test_verify_longtail.py")),
 }
 
 # Hand-written multi-site mutants: (target, name, [(old, new, count), ...]); each `old` must occur `count` times.
@@ -350,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     check_clean([TARGETS[t].path for t in args.target])
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["PYTHONDONTWRITEBYTECODE"] = "1"  # subprocesses (the verifier's workers) compile the mutant afresh
     import pytest  # noqa: F401  imported once here, inherited by every child
     import torch  # noqa: F401
 
