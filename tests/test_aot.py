@@ -35,6 +35,7 @@ def compiled(tmp_path_factory):
     return proc, json.loads((tmp / "aot.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_for_both_archs_without_spills(compiled):
     proc, out = compiled
     rows = out["rows"]
@@ -50,6 +51,7 @@ def test_every_kernel_compiles_for_both_archs_without_spills(compiled):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_every_wrapper_branch_is_compiled(compiled):
     """The row pass in each of its modes and dtypes, at an odd vocabulary too; GRPO with and without its options."""
     _, out = compiled
@@ -67,6 +69,7 @@ def test_every_wrapper_branch_is_compiled(compiled):
     assert {(s, ref, ref, b) for s in (T, F) for ref in (T, F) for b in (512, 1024)} <= grpo
 
 
+@pytest.mark.slow
 def test_row_pass_keeps_vector_loads_at_every_vocab(compiled):
     """151937 is not a multiple of 16: without the padded row stride the row pass compiled to 16-bit loads."""
     _, out = compiled

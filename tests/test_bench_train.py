@@ -14,6 +14,7 @@ from posttrain.bench.bench_train import TINY, OutOfTime, deadline
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_smoke_ours_and_hf_take_the_same_steps(tmp_path):
     out = tmp_path / "train.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the torch fallback is fast on CPU
@@ -39,14 +40,15 @@ def test_smoke_ours_and_hf_take_the_same_steps(tmp_path):
 
 
 def test_deadline_interrupts_and_passes_through_except_exception():
-    t0 = time.perf_counter()
+    slept_through = []
     with pytest.raises(OutOfTime):
         try:
             with deadline(0.05):
-                time.sleep(2)
+                time.sleep(30)
+                slept_through.append(True)  # reached only if the sleep was not interrupted
         except Exception:  # what torch.compile's error handling catches: the budget must get past it
             pytest.fail("OutOfTime was caught as an Exception")
-    assert time.perf_counter() - t0 < 1.0
+    assert not slept_through  # interrupted mid-block, whatever the machine's load (no wall-clock bound)
 
 
 def test_deadline_is_cancelled_when_the_block_ends():

@@ -50,6 +50,7 @@ def _load_and_export(d, src: str, dst: str, tied: bool) -> None:
     export_hf(model, dst, d)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [False, True])
 def test_sharded_load_then_export_is_byte_identical(tmp_path, tied):
     torch.manual_seed(0)
@@ -79,6 +80,7 @@ def _init_matches(d, out: str) -> None:
         torch.save(sd, out)
 
 
+@pytest.mark.slow
 def test_from_scratch_init_is_independent_of_world_size(tmp_path):
     spawn(_init_matches, 2, str(tmp_path / "sd.pt"))
     sd = torch.load(tmp_path / "sd.pt")
@@ -101,6 +103,7 @@ def _clip(d, out: str) -> None:
         torch.save({"norm": norm, "after": after}, out)
 
 
+@pytest.mark.slow
 def test_clip_grad_norm_on_dtensors_matches_single_process(tmp_path):
     spawn(_clip, 2, str(tmp_path / "n.pt"))
     got = torch.load(tmp_path / "n.pt")

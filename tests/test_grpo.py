@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,31 @@ import posttrain.kernels.grpo as grpo
 import posttrain.kernels.logprob as logprob_module
 from posttrain.kernels.grpo import grpo_loss, grpo_loss_reference, linear_grpo_loss
 from posttrain.kernels.logprob import linear_logprob_reference, padded_width
+
+# The Triton path runs on DEV: compiled on a CUDA machine (where conftest leaves TRITON_INTERPRET unset, so a CPU
+# tensor would take the torch fallback), the interpreter on a CPU one.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def to_dev(data):
+    logp, *rest = data
+    return (logp.detach().to(DEV).requires_grad_(), *(t.to(DEV) for t in rest))
+
+
+def both_paths(monkeypatch, fn, module=grpo, fallback="_grpo_rows_torch"):
+    """fn() through the Triton kernel and through the plain-torch fallback, asserting that each path really ran
+    (a comparison of the fallback with itself would prove nothing): (kernel result, fallback result). `module`'s
+    use_triton is switched off for the second run, and its `fallback` function must run there only."""
+    calls = []
+    real = getattr(module, fallback)
+    monkeypatch.setattr(module, fallback, lambda *a: calls.append(1) or real(*a))
+    out_t = fn()
+    assert not calls, "the Triton path did not run: are the inputs on DEV, and is Triton importable?"
+    with monkeypatch.context() as mp:
+        mp.setattr(module, "use_triton", lambda t: False)
+        out_f = fn()
+    assert calls, "the fallback did not run"
+    return out_t, out_f
 
 
 def batch(B=5, L=13, dtype=torch.float64, seed=0, adv_2d=False):
@@ -60,7 +86,7 @@ def test_grid_against_reference(loss_type, sampling, beta, eps, delta):
         importance_sampling=sampling, max_completion_length=20,
     )  # fmt: skip
     # Python floats (eps, beta) reach the kernel as fp32: 1e-7 in float64 rather than 1e-12.
-    loss, metrics = compare(kw, batch(adv_2d=delta is None), 1e-7)
+    loss, metrics = compare(kw, to_dev(batch(adv_2d=delta is None)), 1e-7)
     assert torch.isfinite(loss)
 
 
@@ -112,20 +138,28 @@ def test_dapo_global_token_count_splits_micro_batches():
 
 
 def test_torch_fallback_matches_triton(monkeypatch):
-    data = batch(adv_2d=True)
-    logp, old, ref, adv, mask = data
+    logp, old, ref, adv, mask = to_dev(batch(adv_2d=True))
     for sampling in ("token", "sequence"):
         kw = dict(ref_logp=ref, beta=0.04, eps_high=0.28, delta=4.0, importance_sampling=sampling, loss_type="grpo")
-        out_t = grpo_loss(logp, old, adv, mask, **kw)
-        g_t = torch.autograd.grad(out_t[0], logp)[0]
-        with monkeypatch.context() as mp:
-            mp.setattr(grpo, "use_triton", lambda t: False)
-            out_f = grpo_loss(logp, old, adv, mask, **kw)
-            g_f = torch.autograd.grad(out_f[0], logp)[0]
-        torch.testing.assert_close(out_t[0], out_f[0])
+
+        def run():
+            loss, metrics = grpo_loss(logp, old, adv, mask, **kw)
+            return loss, torch.autograd.grad(loss, logp)[0], metrics
+
+        (l_t, g_t, m_t), (l_f, g_f, m_f) = both_paths(monkeypatch, run)
+        torch.testing.assert_close(l_t, l_f)
         torch.testing.assert_close(g_t, g_f)
-        for k in out_t[1]:
-            torch.testing.assert_close(out_t[1][k], out_f[1][k])
+        for k in m_t:
+            torch.testing.assert_close(m_t[k], m_f[k])
+
+
+def test_both_paths_refuses_to_compare_the_fallback_with_itself(monkeypatch):
+    """Where Triton cannot run on the inputs (CPU tensors on a CUDA machine, or no interpreter), both_paths fails
+    instead of comparing the fallback with itself."""
+    logp, old, _, adv, mask = batch()
+    monkeypatch.setattr(grpo, "use_triton", lambda t: False)
+    with pytest.raises(AssertionError, match="the Triton path did not run"):
+        both_paths(monkeypatch, lambda: grpo_loss(logp, old, adv, mask)[0])
 
 
 @pytest.mark.parametrize("sampling", ["token", "sequence"])
@@ -146,6 +180,159 @@ def test_errors_name_the_problem():
         grpo_loss(logp, old, adv[:2], mask)
     with pytest.raises(ValueError, match="'token' or 'sequence'"):
         grpo_loss(logp, old, adv, mask, importance_sampling="seq")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# By hand: the loss written from the papers' definitions, independently of kernels/grpo.py
+# ---------------------------------------------------------------------------------------------------------------
+#
+# PPO's clipped surrogate as GRPO / DAPO (decoupled eps_low, eps_high) and INTELLECT-2 (two-sided delta) use it,
+# per token, with r the importance ratio and A the advantage:
+#     loss_t = -min(r1 A, clip(r, 1 - eps_low, 1 + eps_high) A),  r1 = min(r, delta)
+# Written out case by case (delta > 1 + eps_high), with its slope d loss_t / d r:
+#     A > 0, r > 1 + eps_high:   -(1 + eps_high) A    slope 0      (the gain is capped)
+#     A < 0, r < 1 - eps_low:    -(1 - eps_low) A     slope 0      (the loss of probability is capped)
+#     A < 0, r > delta:          -delta A             slope 0      (the two-sided clip)
+#     otherwise:                 -r A                 slope -A     (no clip in force)
+# The KL penalty is the k3 estimator of KL(pi || pi_ref) on samples of pi: with d = ref_logp - logp,
+#     kl_t = exp(d) - d - 1 >= 0,    d kl_t / d logp_t = 1 - exp(d).
+# Token level: r_t = exp(logp_t - old_t), d r_t / d logp_t = r_t. Sequence level (GSPO): one ratio per sequence,
+#     s_b = exp(sum_t m_t (logp_t - old_t) / n_b),  n_b = sum_t m_t,  d s_b / d logp_t = s_b m_t / n_b.
+# loss = sum_t W_t (loss_t + beta kl_t), W_t = m_t w_b: "grpo" w_b = 1 / (n_b B), "bnpo" 1 / N, "dr_grpo"
+# 1 / (B max_completion_length), "dapo" 1 / num_tokens (N when not given); N = sum_b n_b.
+
+LO, HI = 0.8, 1.28  # eps_low = 0.2, eps_high = 0.28: asymmetric, so a swap of the two shows
+LOGP = [[-1.0, -2.0, -0.5, -1.5], [-0.7, -1.2, -2.5, -0.3]]
+MASK = [[1, 1, 1, 1], [1, 1, 1, 0]]  # the last token is masked: its extreme ratio and KL must not count
+REF_MINUS_LOGP = [[0.3, -0.2, 0.5, -0.4], [0.1, -0.6, 0.25, 1.5]]
+# Token level: ratios below, inside, inside (above 1 + eps_low = 1.2), above the range; the tie r = 1; masked 3.
+TOKEN_LOG_RATIOS = [[math.log(r) for r in row] for row in ([0.6, 0.9, 1.25, 1.6], [0.75, 1.0, 1.6, 3.0])]
+# Sequence level: per-token log-ratios around log 0.7 (below the range) and log 1.6 (above it, and above delta =
+# 1.5). Without the 1 / n_b the sequence ratios would be 0.7^4 and 1.6^3 (1.6^3 e^2 with the masked token).
+SEQ_LOG_RATIOS = [[math.log(0.7) + x for x in (0.1, -0.3, 0.2, 0.0)],
+                  [math.log(1.6) + x for x in (0.2, -0.2, 0.0)] + [2.0]]
+
+
+def by_hand(log_ratio, ref_minus_logp, adv, *, level, beta, delta, loss_type, max_len, num_tokens, lo=LO, hi=HI):
+    """Loss, d loss / d logp [2][4] and metrics of the formulas above, in Python floats, token by token."""
+    B, L = 2, 4
+    n = [sum(row) for row in MASK]
+    N = sum(n)
+    w = {"grpo": [1 / (n[b] * B) for b in range(B)], "bnpo": [1 / N] * B, "dr_grpo": [1 / (B * max_len)] * B,
+         "dapo": [1 / (num_tokens or N)] * B}[loss_type]
+    loss, grad = 0.0, [[0.0] * L for _ in range(B)]
+    low = high = ratio_sum = kl_sum = 0.0
+    for b in range(B):
+        a = adv[b]
+        s = math.exp(sum(MASK[b][t] * log_ratio[b][t] for t in range(L)) / n[b])
+        seq_slope = 0.0  # sequence level: sum_t W_t d loss_t / d s_b
+        for t in range(L):
+            m = MASK[b][t]
+            r = math.exp(log_ratio[b][t]) if level == "token" else s
+            if a > 0 and r > hi:
+                value, slope = -hi * a, 0.0
+            elif a < 0 and r < lo:
+                value, slope = -lo * a, 0.0
+            elif a < 0 and delta is not None and r > delta:
+                value, slope = -delta * a, 0.0
+            else:
+                value, slope = -r * a, -a
+            d = ref_minus_logp[b][t]
+            kl = math.exp(d) - d - 1
+            loss += m * w[b] * (value + beta * kl)
+            grad[b][t] = m * w[b] * (beta * (1 - math.exp(d)) + (slope * r if level == "token" else 0.0))
+            seq_slope += m * w[b] * slope
+            low += m * (r < lo and a < 0)
+            high += m * (r > hi and a > 0)
+            ratio_sum += m * r
+            kl_sum += m * kl
+        if level == "sequence":
+            for t in range(L):
+                grad[b][t] += seq_slope * s * MASK[b][t] / n[b]
+    metrics = {"clip_low": low / N, "clip_high": high / N, "clip_region": (low + high) / N, "ratio": ratio_sum / N,
+               "kl": kl_sum / N}
+    return loss, grad, metrics
+
+
+HAND_CASES = list(itertools.product(["grpo", "bnpo", "dr_grpo", "dapo"], ["token", "sequence"], [1, -1],
+                                    [(0.0, None), (0.1, None), (0.1, 1.5)]))
+
+
+@pytest.mark.parametrize("loss_type,level,sign,beta_delta", HAND_CASES)
+def test_loss_and_gradient_by_hand(monkeypatch, loss_type, level, sign, beta_delta):
+    """A 2 x 4 batch with ratios below, inside and above the clip range (and above delta) under both advantage
+    signs, a masked token, KL on and off, every loss type, token and sequence level: the Triton kernel, the
+    torch fallback and grpo_loss_reference all equal the case-by-case formulas above."""
+    beta, delta = beta_delta
+    adv = [1.0 * sign, -0.5 * sign]
+    log_ratio = TOKEN_LOG_RATIOS if level == "token" else SEQ_LOG_RATIOS
+    num_tokens = 12.0 if loss_type == "dapo" else None  # not N = 7: the global count of a split batch
+    want = by_hand(log_ratio, REF_MINUS_LOGP, adv, level=level, beta=beta, delta=delta, loss_type=loss_type,
+                   max_len=6, num_tokens=num_tokens)
+    f64 = dict(dtype=torch.float64, device=DEV)
+    logp = torch.tensor(LOGP, **f64, requires_grad=True)
+    old = logp.detach() - torch.tensor(log_ratio, **f64)
+    ref = logp.detach() + torch.tensor(REF_MINUS_LOGP, **f64)
+    advantages, mask = torch.tensor(adv, **f64), torch.tensor(MASK, device=DEV, dtype=torch.bool)
+    kw = dict(ref_logp=ref, beta=beta, eps_low=1 - LO, eps_high=HI - 1, delta=delta, loss_type=loss_type,
+              importance_sampling=level, max_completion_length=6, num_tokens=num_tokens)
+    check_three_paths(monkeypatch, want, logp, old, advantages, mask, kw)
+
+
+def check_three_paths(monkeypatch, want, logp, old, advantages, mask, kw):
+    """The Triton kernel, the torch fallback and grpo_loss_reference against by_hand's (loss, grad, metrics)."""
+    def run(fn):
+        loss, metrics = fn(logp, old, advantages, mask, **kw)
+        (grad,) = torch.autograd.grad(loss, logp)
+        return float(loss.detach()), grad.cpu().tolist(), {k: float(v) for k, v in metrics.items()}
+
+    kernel, fallback = both_paths(monkeypatch, lambda: run(grpo_loss))
+    # eps, beta and delta reach the kernel as fp32: agreement to ~1e-7 relative, not to 1e-15.
+    for name, (loss, grad, metrics) in (("kernel", kernel), ("fallback", fallback),
+                                        ("reference", run(grpo_loss_reference))):
+        assert loss == pytest.approx(want[0], rel=1e-6, abs=1e-9), name
+        assert grad == [pytest.approx(row, rel=1e-6, abs=1e-9) for row in want[1]], name
+        assert metrics == pytest.approx(want[2], rel=1e-6, abs=1e-9), name
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("sign", [1, -1])
+@pytest.mark.parametrize("delta", [None, 1.0])
+def test_ratio_exactly_on_the_clip_edges(monkeypatch, level, sign, delta):
+    """eps_low = eps_high = 0 and old = logp: every ratio is exactly 1 = 1 - eps_low = 1 + eps_high (= delta), the
+    one place where `<` and `<=` differ that inputs reach exactly. The table above holds there (no case's strict
+    inequality is met, so slope -A), which is torch's autograd convention: clamp passes the gradient at its edges
+    and a tie of the min splits it half and half between two equal slopes."""
+    adv = [1.0 * sign, -0.5 * sign]
+    zeros = [[0.0] * 4 for _ in range(2)]
+    want = by_hand(zeros, REF_MINUS_LOGP, adv, level=level, beta=0.1, delta=delta, loss_type="grpo", max_len=6,
+                   num_tokens=None, lo=1.0, hi=1.0)
+    f64 = dict(dtype=torch.float64, device=DEV)
+    logp = torch.tensor(LOGP, **f64, requires_grad=True)
+    kw = dict(ref_logp=logp.detach() + torch.tensor(REF_MINUS_LOGP, **f64), beta=0.1, eps_low=0.0, eps_high=0.0,
+              delta=delta, loss_type="grpo", importance_sampling=level)
+    check_three_paths(monkeypatch, want, logp, logp.detach().clone(), torch.tensor(adv, **f64),
+                      torch.tensor(MASK, device=DEV, dtype=torch.bool), kw)
+
+
+def test_the_hand_gradient_is_the_derivative_of_the_hand_loss():
+    """by_hand's gradient against central differences of its own loss (every point is 0.05 or more from a kink):
+    the derivation is checked on its own before it checks the kernel. Moving logp_bt moves the log-ratio with it
+    and ref - logp against it."""
+    h = 1e-6
+    for level, sign, delta in itertools.product(["token", "sequence"], [1, -1], [None, 1.5]):
+        log_ratio = TOKEN_LOG_RATIOS if level == "token" else SEQ_LOG_RATIOS
+        kw = dict(level=level, beta=0.1, delta=delta, loss_type="grpo", max_len=6, num_tokens=None)
+        adv = [1.0 * sign, -0.5 * sign]
+        _, grad, _ = by_hand(log_ratio, REF_MINUS_LOGP, adv, **kw)
+        assert any(abs(g) > 1e-3 for row in grad for g in row)
+        for b, t in itertools.product(range(2), range(4)):
+            def moved(x, step):
+                return [[v + step if (i, j) == (b, t) else v for j, v in enumerate(row)] for i, row in enumerate(x)]
+
+            up = by_hand(moved(log_ratio, h), moved(REF_MINUS_LOGP, -h), adv, **kw)[0]
+            down = by_hand(moved(log_ratio, -h), moved(REF_MINUS_LOGP, h), adv, **kw)[0]
+            assert (up - down) / (2 * h) == pytest.approx(grad[b][t], abs=1e-8), (level, sign, delta, b, t)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,14 +499,14 @@ def test_linear_long_sequences_in_pieces_match_reference_in_bounded_memory(sampl
 
 @pytest.mark.parametrize("bad", [-1, 37, 42])
 def test_linear_out_of_range_target_raises(monkeypatch, bad):
-    hidden, weight, targets, old, ref, adv, mask = linear_batch()
+    hidden, weight, targets, old, ref, adv, mask = (t.to(DEV) for t in linear_batch())
     targets[2, 5] = bad
-    for triton_path in (True, False):
-        with monkeypatch.context() as mp:
-            if not triton_path:
-                mp.setattr(logprob_module, "use_triton", lambda t: False)
-            with pytest.raises(ValueError, match=rf"linear_grpo_loss: target id {bad} at targets\[2, 5\] .* V=37"):
-                linear_grpo_loss(hidden, weight, targets, old, adv, mask)
+
+    def call():
+        with pytest.raises(ValueError, match=rf"linear_grpo_loss: target id {bad} at targets\[2, 5\] .* V=37"):
+            linear_grpo_loss(hidden, weight, targets, old, adv, mask)
+
+    both_paths(monkeypatch, call, logprob_module, "_rows_torch")
 
 
 def test_pieces_cover_every_token_once():

@@ -10,13 +10,16 @@ import posttrain.kernels.logprob as lp
 from posttrain.kernels.logprob import linear_logprob, linear_logprob_reference
 
 SHAPES = [(1, 8, 17), (37, 24, 129), (64, 32, 1000)]
+# The Triton path runs on DEV: compiled on a CUDA machine (where conftest leaves TRITON_INTERPRET unset, so a CPU
+# tensor would take the torch fallback), the interpreter on a CPU one.
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def make(T, H, V, dtype=torch.float64, seed=0, ignore_every=4):
+def make(T, H, V, dtype=torch.float64, seed=0, ignore_every=4, device=DEV):
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(T, H, generator=g, dtype=torch.float64).to(dtype)
-    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).to(dtype)
-    targets = torch.randint(0, V, (T,), generator=g)
+    hidden = torch.randn(T, H, generator=g, dtype=torch.float64).to(dtype).to(device)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / H**0.5).to(dtype).to(device)
+    targets = torch.randint(0, V, (T,), generator=g).to(device)
     if ignore_every:
         targets[1::ignore_every] = -100
     return hidden.requires_grad_(), weight.requires_grad_(), targets
@@ -42,7 +45,7 @@ def test_values_and_grads_fp64(T, H, V, temperature):
     close(ent, ref_ent, 1e-7)
     assert logp.dtype == torch.float64
     # sum (uniform upstream grad: the precomputed path) and a weighted sum (recompute path)
-    w = torch.randn(T, dtype=torch.float64)
+    w = torch.randn(T, dtype=torch.float64, device=DEV)
     for loss_fn in (lambda o: -o[0].sum() / T, lambda o: (o[0] * w).sum(), lambda o: o[0].sum() + (o[1] * w).sum()):
         got = grads(linear_logprob(hidden, weight, targets, chunk_size=16, **kw), loss_fn, hidden, weight)
         want = grads(linear_logprob_reference(hidden, weight, targets, **kw), loss_fn, hidden, weight)
@@ -56,7 +59,7 @@ def test_ignored_tokens_have_zero_logp_and_grad():
     ignored = targets == -100
     assert ignored.any() and (logp[ignored] == 0).all() and (ent[ignored] == 0).all()
     assert (logp[~ignored] < 0).all()
-    (gh,) = torch.autograd.grad((logp * torch.arange(9.0)).sum(), hidden)
+    (gh,) = torch.autograd.grad((logp * torch.arange(9.0, device=DEV)).sum(), hidden)
     assert (gh[ignored] == 0).all() and (gh[~ignored] != 0).any()
 
 
@@ -108,18 +111,18 @@ def test_bf16_within_bf16_tolerance_of_fp32_reference():
 
 
 def test_non_contiguous_inputs_and_leading_dims():
-    base_h = torch.randn(24, 2, 3, 9, dtype=torch.float64, requires_grad=True)
+    base_h = torch.randn(24, 2, 3, 9, dtype=torch.float64, device=DEV, requires_grad=True)
     hidden = base_h[:, 1].permute(1, 0, 2)  # [3, 24, 9], a strided view
-    leaf_w = torch.randn(9, 80, dtype=torch.float64, requires_grad=True)
+    leaf_w = torch.randn(9, 80, dtype=torch.float64, device=DEV, requires_grad=True)
     weight = leaf_w.t()[::2]  # [40, 9], row stride 2, column stride 80
-    targets = torch.randint(0, 40, (24, 3)).t()  # [3, 24], transposed
+    targets = torch.randint(0, 40, (24, 3), device=DEV).t()  # [3, 24], transposed
     targets[0, ::5] = -100
     assert not hidden.is_contiguous() and not weight.is_contiguous() and not targets.is_contiguous()
     logp = linear_logprob(hidden, weight, targets, chunk_size=10)
     assert logp.shape == (3, 24)
     ref = linear_logprob_reference(hidden, weight, targets)
     close(logp, ref, 1e-7)
-    w = torch.randn(3, 24, dtype=torch.float64)
+    w = torch.randn(3, 24, dtype=torch.float64, device=DEV)
     got = torch.autograd.grad((logp * w).sum(), (base_h, leaf_w))
     want = torch.autograd.grad((ref * w).sum(), (base_h, leaf_w))
     for a, b in zip(got, want):
@@ -185,12 +188,27 @@ def test_scale_cast_is_mul_then_round():
 
 
 def both_paths(monkeypatch, fn):
-    """fn() through the Triton kernel (interpreter) and through the plain-torch fallback."""
+    """fn() through the Triton kernel (compiled on CUDA, the interpreter on CPU) and through the plain-torch
+    fallback, asserting that each path really ran (the fallback compared with itself would prove nothing)."""
+    calls = []
+    real = lp._rows_torch
+    monkeypatch.setattr(lp, "_rows_torch", lambda *a: calls.append(1) or real(*a))
     out_t = fn()
+    assert not calls, "the Triton path did not run: are the inputs on DEV, and is Triton importable?"
     with monkeypatch.context() as mp:
         mp.setattr(lp, "use_triton", lambda t: False)
         out_f = fn()
+    assert calls, "the fallback did not run"
     return out_t, out_f
+
+
+def test_both_paths_refuses_to_compare_the_fallback_with_itself(monkeypatch):
+    """Where Triton cannot run on the inputs (CPU tensors on a CUDA machine, or no interpreter), both_paths fails
+    instead of comparing the fallback with itself."""
+    hidden, weight, targets = make(5, 8, 17)
+    monkeypatch.setattr(lp, "use_triton", lambda t: False)
+    with pytest.raises(AssertionError, match="the Triton path did not run"):
+        both_paths(monkeypatch, lambda: linear_logprob(hidden, weight, targets))
 
 
 @pytest.mark.parametrize("offset", [-1, 0, 5])  # target ids -1, V, V + 5
@@ -225,14 +243,14 @@ def test_bad_rows_agree_and_stay_in_their_row(monkeypatch):
     bad_rows = torch.tensor([True, False, True, False, True, False])
 
     def run():
-        store = torch.full((C + 2, V), float("nan"), dtype=torch.float64)  # NaN before and after the chunk
+        store = torch.full((C + 2, V), float("nan"), dtype=torch.float64, device=DEV)  # NaN around the chunk
         logits = store[1 : C + 1]
         logits.copy_(vals)
-        lse, logp, ent = (torch.empty(C, dtype=torch.float64) for _ in range(3))
-        flag = lp.new_bad_flag(torch.device("cpu"))
-        ones = torch.ones(C, dtype=torch.float64)
-        lp._rows(logits, targets, lse, logp, ent, ones, None, flag, 1.0, -100, stats=True, grad=True)
-        return lse, logp, ent, logits.clone(), flag
+        lse, logp, ent = (torch.empty(C, dtype=torch.float64, device=DEV) for _ in range(3))
+        flag = lp.new_bad_flag(torch.device(DEV))
+        ones = torch.ones(C, dtype=torch.float64, device=DEV)
+        lp._rows(logits, targets.to(DEV), lse, logp, ent, ones, None, flag, 1.0, -100, stats=True, grad=True)
+        return lse.cpu(), logp.cpu(), ent.cpu(), logits.cpu(), flag.cpu()
 
     (lse, logp, ent, d, flag), fallback = both_paths(monkeypatch, run)
     ref = vals.log_softmax(-1)
@@ -251,18 +269,24 @@ def test_bad_rows_agree_and_stay_in_their_row(monkeypatch):
 
 
 @pytest.mark.parametrize("V", [5, 17, 4099])  # under one vector, under one block, past one block of 4096
-def test_odd_vocab_pads_rows_and_ignores_the_padding(V):
+def test_odd_vocab_pads_rows_and_ignores_the_padding(monkeypatch, V):
     C = 3
-    buf = lp.logits_buffer(C, V, torch.float32, torch.device("cpu"))
+    buf = lp.logits_buffer(C, V, torch.float32, torch.device(DEV))
     wide = lp.padded_width(V)
     assert wide % 16 == 0 and wide - V < 16 and buf.stride(0) == wide and lp._load_width(buf) == wide
     buf.as_strided((C, wide), (wide, 1)).fill_(float("inf"))  # the padding holds anything; inf must not matter
     vals = torch.randn(C, V, generator=torch.Generator().manual_seed(V)) * 4
     buf.copy_(vals)
     targets = torch.tensor([0, V - 1, -100])
-    lse, logp, ent = torch.empty(C), torch.empty(C), torch.empty(C)
-    flag = lp.new_bad_flag(torch.device("cpu"))
-    lp._rows(buf, targets, lse, logp, ent, torch.ones(C), None, flag, 1 / 0.7, -100, stats=True, grad=True)
+    lse, logp, ent = (torch.empty(C, device=DEV) for _ in range(3))
+    flag = lp.new_bad_flag(torch.device(DEV))
+    calls = []
+    real = lp._rows_torch
+    monkeypatch.setattr(lp, "_rows_torch", lambda *a: calls.append(1) or real(*a))
+    lp._rows(buf, targets.to(DEV), lse, logp, ent, torch.ones(C, device=DEV), None, flag, 1 / 0.7, -100, stats=True,
+             grad=True)
+    assert not calls  # the Triton row pass ran
+    buf, lse, logp, ent = buf.cpu(), lse.cpu(), logp.cpu(), ent.cpu()
     ref = (vals.double() / 0.7).log_softmax(-1)
     close(lse, (vals.double() / 0.7).logsumexp(-1), 1e-5)
     close(logp[:2], ref[[0, 1], [0, V - 1]], 1e-5)
@@ -281,18 +305,23 @@ def test_load_width_stays_inside_storage():
 
 
 @pytest.mark.parametrize("order", ["ascending", "descending", "spike_last", "flat"])
-def test_row_pass_online_logsumexp(order):
+def test_row_pass_online_logsumexp(monkeypatch, order):
     """Per-lane running max and sum: a new maximum on every step, never after the first, one at the very end, and
     ties everywhere; with a spread of 200 that overflows exp without the max shift. Three blocks of 4096."""
     V = 3 * 4096 - 5
     x = torch.linspace(-100.0, 100.0, V, dtype=torch.float64)
     row = {"ascending": x, "descending": x.flip(0), "spike_last": torch.cat([x[:-1] * 0, x[-1:]]),
            "flat": torch.zeros(V, dtype=torch.float64)}[order]  # fmt: skip
-    logits = row.unsqueeze(0).clone()
-    lse, logp, ent = (torch.empty(1, dtype=torch.float64) for _ in range(3))
-    target = torch.tensor([V // 2])
-    flag = lp.new_bad_flag(torch.device("cpu"))
+    logits = row.unsqueeze(0).to(DEV)
+    lse, logp, ent = (torch.empty(1, dtype=torch.float64, device=DEV) for _ in range(3))
+    target = torch.tensor([V // 2], device=DEV)
+    flag = lp.new_bad_flag(torch.device(DEV))
+    calls = []
+    real = lp._rows_torch
+    monkeypatch.setattr(lp, "_rows_torch", lambda *a: calls.append(1) or real(*a))
     lp._rows(logits, target, lse, logp, ent, None, None, flag, 1.0, -100, stats=True, grad=False)
+    assert not calls  # the Triton row pass ran
+    lse, logp, ent = lse.cpu(), logp.cpu(), ent.cpu()
     ref = row.log_softmax(-1)
     close(lse, row.logsumexp(-1, keepdim=True), 1e-10)
     close(logp, ref[V // 2 : V // 2 + 1], 1e-10)
@@ -301,14 +330,14 @@ def test_row_pass_online_logsumexp(order):
 
 def test_torch_fallback_matches_triton(monkeypatch):
     hidden, weight, targets = make(37, 24, 129, dtype=torch.float32)
-    w = torch.randn(37)
+    w = torch.randn(37, device=DEV)
     fn = lambda o: (o[0] * w).sum() + o[1].sum()  # noqa: E731  weighted + entropy: the recompute path
-    out_t = linear_logprob(hidden, weight, targets, temperature=0.7, return_entropy=True, chunk_size=8)
-    g_t = grads(out_t, fn, hidden, weight)
-    monkeypatch.setattr(lp, "use_triton", lambda t: False)
-    out_f = linear_logprob(hidden, weight, targets, temperature=0.7, return_entropy=True, chunk_size=8)
-    g_f = grads(out_f, fn, hidden, weight)
-    for a, b in zip(out_t + g_t, out_f + g_f):
+
+    def run():
+        out = linear_logprob(hidden, weight, targets, temperature=0.7, return_entropy=True, chunk_size=8)
+        return out + grads(out, fn, hidden, weight)
+
+    for a, b in zip(*both_paths(monkeypatch, run)):
         close(a, b, 1e-4)
 
 

@@ -1,14 +1,19 @@
 """train/msft.py: the decision rule on scripted curves, DynamixSFT's bandit update and look-ahead, and the driver
 end to end on a small mixture."""
 
+import itertools
 import json
 import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+import posttrain.train.msft.method as method
+from posttrain.core.ring import CheckpointRing
 from posttrain.train.msft.baselines import dynamix_update, temperature_weights
 from posttrain.train.msft.method import MSFTSection, decide, peak_index, peaked_at
 from posttrain.train.msft.study import format_shape, mixture_shape, sft_shape
@@ -47,6 +52,57 @@ def test_ties_by_name_and_first_argmax():
     # b and c both peak first at 0.25 (b's 0.5 at 0.5 is not a strict improvement); b < c by name
     assert decide(P, scores, ["a", "b", "c"]) == ("b", 0.25)
     assert peak_index([0.5, 0.5, 0.5]) == 0
+
+
+def test_ties_are_broken_by_name_in_any_order_of_active():
+    """The earliest peak shared by several tasks goes to the first by name, however `active` is ordered (the driver
+    keeps the loader's order, which need not be sorted)."""
+    scores = {"b": [0.1, 0.5, 0.2, 0.2, 0.2], "a": [0.2, 0.6, 0.3, 0.3, 0.3], "c": [0.1, 0.2, 0.1, 0.1, 0.1],
+              "d": [0.1, 0.2, 0.4, 0.3, 0.3]}
+    for active in itertools.permutations(["a", "b", "c", "d"]):  # a, b, c peak at 0.25, d at 0.5
+        assert decide(P, scores, list(active)) == ("a", 0.25), active
+    for active in itertools.permutations(["b", "c", "d"]):
+        assert decide(P, scores, list(active)) == ("b", 0.25), active
+    # a tie of the peak's score within one curve: the first argmax (b's 0.5 at 0.25, again at 0.5) counts
+    tied = {"z": [0.1, 0.5, 0.5, 0.2, 0.2], "y": [0.1, 0.2, 0.6, 0.6, 0.3]}
+    assert decide(P, tied, ["z", "y"]) == ("z", 0.25) and decide(P, tied, ["y"]) == ("y", 0.5)
+
+
+def test_the_tracker_keeps_each_tasks_first_peak_so_a_roll_back_restores_the_point_decide_names(monkeypatch):
+    """Tracker on a stub runtime and a real ring: scripted held-out curves with ties at the peaks. The snapshot it
+    holds for each task is the one at the point `decide` names (step, weights, data position), the first of tied
+    points, and the best-overall snapshot is the first of tied best points too."""
+    curves = {"a": [0.2, 0.5, 0.5, 0.3, 0.5], "b": [0.1, 0.1, 0.4, 0.4, 0.4]}  # a peaks at 0.25, b at 0.5
+    overall = [(x + y) / 2 for x, y in zip(curves["a"], curves["b"])]  # best 0.45 at 0.5, tied at 1.0
+    model = torch.nn.Linear(2, 1, bias=False)
+    monkeypatch.setattr(method, "weights_digest", lambda rt: float(model.weight.detach().double().pow(2).sum()))
+
+    class Loader:
+        progress = 0.0
+
+        def state_dict(self):
+            return {"position": self.progress}
+
+    rt = SimpleNamespace(counters=SimpleNamespace(tokens=0, flops=0.0, step=0), model=model,
+                         cfg=SimpleNamespace(msft=SimpleNamespace(signal="accuracy"), eval=SimpleNamespace(max_examples=0)),
+                         data=SimpleNamespace(heldout_rows={"a": [None] * 8, "b": [None] * 8}),
+                         record_eval=lambda *a, **k: None)
+    loader, ring = Loader(), CheckpointRing(1 << 20)
+    tracker = method.Tracker(rt, ring, loader, "msft")
+    for k, c in enumerate(P):  # each evaluation point has its own weights, step and data position
+        with torch.no_grad():
+            model.weight.fill_(k + 1.0)
+        rt.counters.step, rt.counters.tokens, loader.progress = 10 * k, 100 * k, c
+        point = tracker.evaluate(stage=1, c=c, active=["b", "a"],
+                                 results={t: {"accuracy": curves[t][k]} for t in curves})
+        assert point["overall"] == overall[k]
+    assert decide(P, curves, ["b", "a"]) == ("a", 0.25)
+    for task, k in (("a", 1), ("b", 2)):
+        meta = ring.restore(tracker.task_best[task][1], model)
+        assert (meta["point"]["c"], meta["point"]["step"], meta["data"]) == (P[k], 10 * k, {"position": P[k]}), task
+        assert model.weight.detach().eq(k + 1.0).all() and meta["point"]["weights"] == 2 * (k + 1.0) ** 2, task
+    assert tracker.best_overall[0] == 0.45 and ring.restore(tracker.best_overall[1], model)["point"]["step"] == 20
+    assert len(ring.keys()) == 2  # a's and b's (also the best overall): nothing else is kept
 
 
 def test_a_peak_at_the_start_rolls_back_to_the_start():
@@ -335,6 +391,7 @@ def _assert_decisions_follow_the_curves(report, **rule):
         assert decide(s["points"], scores, s["active"], **rule) == (s["excluded"], s["rollback_to"]), s
 
 
+@pytest.mark.slow
 def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
     """mSFT and every baseline on a small mixture: each roll-back restored exactly the snapshot it names (weights
     digests), compute adds up (tokens per stage, the discarded part, equal budgets), and 2 gloo ranks make the
@@ -345,6 +402,10 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
     stages = r["stages"]
     _assert_decisions_follow_the_curves(one, skip_flat=True)
     assert stages and all(s["restored_weights"] == s["point_weights"] for s in stages if s["excluded"])
+    for s in (s for s in stages if s["excluded"]):  # the restored point is the one the decision names, exactly
+        at = next(p for p in r["curve"] if p["stage"] == s["stage"] and p["c"] == s["rollback_to"])
+        assert (s["rollback_step"], s["restored_weights"], s["restored_epoch"]) == (at["step"], at["weights"],
+                                                                                     at["epoch"]), (s, at)
     # Each exclusion and its roll-back are events in the method's metrics (and W&B), at the step of the decision.
     lines = (tmp_path / "one" / "msft" / "metrics.jsonl").read_text().splitlines()
     events = [json.loads(x) for x in lines if '"event"' in x]
@@ -419,6 +480,7 @@ def test_report_is_consistent_and_two_ranks_decide_like_one(tmp_path, mixture):
     assert one["runs"]["dynamix"]["tokens"] == two["runs"]["dynamix"]["tokens"]
 
 
+@pytest.mark.slow
 def test_mSFT_from_a_pretrained_base_trains_it_once_and_starts_every_method_from_it(tmp_path, mixture):
     """msft.base_config: the base is trained into <out_dir>/base with the run's seeds, every method starts from
     <out_dir>/base/hf (the first evaluation's weights are the exported base's), and a second run reuses it."""

@@ -190,6 +190,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_driver_end_to_end_on_a_tiny_budget(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["OMP_NUM_THREADS"] = "1"

@@ -177,6 +177,7 @@ def fake_judge_reply(body: dict) -> str:
 
 class FakeJudge(BaseHTTPRequestHandler):
     mode = "ok"  # ok | sleep | 500-once | 404 | no-choices
+    sleep_s = 20.0  # "sleep": far past any timeout a test sets, so a wait for the reply shows whatever the load
     requests: list = []
     failures = 0
 
@@ -185,7 +186,7 @@ class FakeJudge(BaseHTTPRequestHandler):
         cls = type(self)
         cls.requests.append((self.path, self.headers.get("Authorization"), body))
         if cls.mode == "sleep":
-            time.sleep(1.0)
+            time.sleep(cls.sleep_s)
         if cls.mode == "slow-busy" and "slow" in json.dumps(body):  # busy, and slow to say so (the 404 comes first)
             time.sleep(1.0)
             return self._send(503, {"error": "busy"})
@@ -297,7 +298,8 @@ def test_http_judge_timeout(judge_server):
     t0 = time.perf_counter()
     with pytest.raises(P.JudgeError, match=r"failed after 2 tries: no reply within timeout_s=0.2 s"):
         judge.complete([[{"role": "user", "content": "hi"}]])
-    assert time.perf_counter() - t0 < 2.0
+    assert len(FakeJudge.requests) == 2  # both tries were sent ...
+    assert time.perf_counter() - t0 < FakeJudge.sleep_s  # ... and neither waited for the reply
 
 
 def test_http_judge_connection_refused():

@@ -73,3 +73,31 @@ def test_token_weights_by_hand():
                                mask.double() / 16)
     assert masked_mean(torch.tensor([[1.0, 3.0, 100.0, 100.0], [2.0] * 4]), mask) == pytest.approx(12 / 6)
     assert masked_mean(torch.ones(2, 2), torch.zeros(2, 2)) == 0.0
+
+
+def test_edges_by_hand():
+    """The smallest sizes and the boundaries of each formula: G = 2 (a pair), two values to whiten, a spread of
+    exactly `tol`, a buffer as long as max_len or of one token, empty and single-token masks."""
+    pair = torch.tensor([[1.0, 0.0]], dtype=torch.float64)  # mean 0.5, Bessel std sqrt(1/2)
+    s = 0.5**0.5
+    torch.testing.assert_close(group_advantages(pair, mode="grpo"),
+                               torch.tensor([[0.5 / (s + 1e-6), -0.5 / (s + 1e-6)]], dtype=torch.float64))
+    torch.testing.assert_close(group_advantages(pair, mode="rloo"), torch.tensor([[1.0, -1.0]], dtype=torch.float64))
+    two = torch.tensor([1.0, 3.0], dtype=torch.float64)  # mean 2, Bessel std sqrt(2)
+    torch.testing.assert_close(batch_normalize(two, eps=0.0), torch.tensor([-(0.5**0.5), 0.5**0.5], dtype=torch.float64))
+    a = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)  # eps is added to the std: (a - 3) / (sqrt(14/3) + 0.5)
+    torch.testing.assert_close(batch_normalize(a, eps=0.5), (a - 3) / ((14 / 3) ** 0.5 + 0.5))
+    assert zero_variance_groups(torch.tensor([[0.0, 0.5], [0.0, 0.75]]), tol=0.5) == 1  # a spread of tol is "equal"
+    # buffer == max_len: the penalty starts at length 0; buffer 1: -1 per token past max_len - 1
+    torch.testing.assert_close(overlong_penalty(torch.tensor([0, 2, 4]), max_len=4, buffer=4),
+                               torch.tensor([0.0, -0.5, -1.0], dtype=torch.float64))
+    torch.testing.assert_close(overlong_penalty(torch.tensor([3, 4, 5]), max_len=4, buffer=1),
+                               torch.tensor([0.0, -1.0, -2.0], dtype=torch.float64))
+    correct = torch.tensor([True, False])
+    torch.testing.assert_close(combine_rewards(correct, correct_weight=2.0),  # no penalty asked: no lengths needed
+                               torch.tensor([2.0, 0.0], dtype=torch.float64))
+    mask = torch.tensor([[0, 0, 0], [1, 1, 0]])
+    torch.testing.assert_close(token_weights(mask, loss_type="grpo", max_completion_length=3),
+                               torch.tensor([[0.0] * 3, [0.25, 0.25, 0.0]], dtype=torch.float64))
+    assert token_weights(torch.zeros(2, 3), loss_type="bnpo", max_completion_length=3).abs().sum() == 0  # not NaN
+    assert masked_mean(torch.tensor([[5.0, 7.0]]), torch.tensor([[0, 1]])) == 7.0

@@ -2,6 +2,7 @@
 on the resume point, a kill mid-run resumes exactly, and the rollback-safe bookkeeping."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -31,24 +32,128 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_first_50_steps_of_the_embedded_default_match_the_record(tmp_path):
-    """Losses and held-out results (loss and accuracy per task, at step 0 and 28) of the embedded default, bitwise
-    as recorded before the runtime existed (tests/data/tiny_sft_first50.json says how)."""
+# An independent float64 replay of the embedded default's first steps: the same initial weights and batches (the
+# runtime's, so the data and the init are what is being trained), then the training math written out from its
+# definitions rather than taken from train/: the mean cross-entropy over the loss tokens of materialized logits,
+# the global gradient norm, clipping to optim.max_grad_norm, linear warmup then cosine in epochs, and AdamW
+# (decoupled weight decay on matrices only, bias-corrected moments).
+_REPLAY = """
+import json, math, sys
+import torch
+import torch.nn.functional as F
+from posttrain.core.config import parse_args
+from posttrain.core.distributed import close_distributed
+from posttrain.core.model import Transformer
+from posttrain.train.runtime import Runtime
+from posttrain.train.sft import SFTConfig, make_loader
+
+steps, out_dir = int(sys.argv[1]), sys.argv[2]
+cfg = parse_args(SFTConfig, ["--config", "configs/tiny_sft.toml", f"--out_dir={out_dir}"])
+rt = Runtime(cfg)
+loader = make_loader(rt)
+batches = [(loader.next_batch(), loader.progress) for _ in range(steps)]
+model = Transformer(rt.model.config)
+model.load_state_dict({n: p.full_tensor() for n, p in rt.model.named_parameters()}, strict=False)
+model.double()
+o = cfg.optim
+b1, b2 = o.betas
+params = dict(model.named_parameters())
+m1 = {n: torch.zeros_like(p) for n, p in params.items()}
+m2 = {n: torch.zeros_like(p) for n, p in params.items()}
+out = []
+for k, (b, epoch) in enumerate(batches, start=1):
+    logits = model(b.input_ids, b.position_ids)
+    loss = F.cross_entropy(logits.flatten(0, 1), b.targets.flatten(), ignore_index=-100)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+    clip = min(1.0, o.max_grad_norm / (norm + 1e-6))
+    if k <= o.warmup_steps:
+        lr = o.lr * k / o.warmup_steps
+    else:
+        lr = o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * epoch / cfg.train.epochs)))
+    with torch.no_grad():
+        for (n, p), g in zip(params.items(), grads):
+            g = g * clip
+            m1[n].mul_(b1).add_((1 - b1) * g)
+            m2[n].mul_(b2).add_((1 - b2) * g * g)
+            if p.ndim >= 2:
+                p.mul_(1 - lr * o.weight_decay)
+            p.sub_(lr * (m1[n] / (1 - b1**k)) / ((m2[n] / (1 - b2**k)).sqrt() + 1e-8))
+    out.append({"loss": float(loss.detach()), "grad_norm": norm})
+print(json.dumps(out))
+close_distributed()
+"""
+
+# How far runs of the same code drift apart on different CPUs, relative (docs/testing.md has the measurements: the
+# record's machine, and a CI machine with 1 and with 2 OpenMP threads). Rounding differences of 1e-7 in the first
+# steps grow about 1.4x per step (lr near 3e-3, clipping in force): <= 2.2e-7 to step 10, up to 4.3e-5 (loss) and
+# 2.8e-4 (grad norm) by step 20, up to 4.4e-2 (loss) and 95% (grad norm) by step 50. The bands are 20-70x the drift
+# measured to step 20 and ~6x after it, where the record can only say "still the same run"; there the schedule
+# check and the replay are what say "right".
+_LOSS_BAND = [(10, 1e-5), (20, 1e-3), (50, 0.25)]  # (up to step, relative tolerance)
+_GRAD_NORM_BAND = [(10, 1e-5), (20, 1e-2)]  # not compared past step 20
+_REPLAY_STEPS = 6
+
+
+def _band(bands: list[tuple[int, float]], step: int) -> float | None:
+    return next((tol for last, tol in bands if step <= last), None)
+
+
+@pytest.mark.slow
+def test_first_50_steps_of_the_embedded_default_are_right_and_match_the_record(tmp_path):
+    """The embedded default's first 50 steps (python -m posttrain.train.sft --config configs/tiny_sft.toml), checked
+    three ways that hold on any CPU with the pinned torch: (1) every step's learning rate is the schedule written
+    out here; (2) steps 1-6 (loss, grad norm) equal the independent float64 replay above to fp32 rounding; (3) every
+    step and both evaluations stay within the band that machine-to-machine rounding differences reach around
+    tests/data/tiny_sft_first50.json (recorded before the runtime existed; the file says how)."""
     record = json.loads((REPO / "tests/data/tiny_sft_first50.json").read_text())
+    replaying = subprocess.Popen([sys.executable, "-c", _REPLAY, str(_REPLAY_STEPS), str(tmp_path / "replay")],
+                                 cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     cmd = [sys.executable, "-m", "posttrain.train.sft", "--config", str(REPO / "configs/tiny_sft.toml"), f"--out_dir={tmp_path}",
            "--train.stop_at_step=50", "--train.log_every=1"]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _metrics(tmp_path)
-    assert {str(r["step"]): r["loss"] for r in rows if "loss" in r} == record["loss"]
-    assert {str(r["step"]): r["grad_norm"] for r in rows if "loss" in r} == record["grad_norm"]
-    assert {str(r["step"]): r["eval"] for r in rows if "eval" in r} == record["eval"]
+    steps = {r["step"]: r for r in rows if "loss" in r}
+    evals = {r["step"]: r["eval"] for r in rows if "eval" in r}
+    assert sorted(steps) == list(range(1, 51)) and sorted(evals) == [0, 28]
+
+    # (1) Linear warmup over 20 steps from lr/20, then cosine from 3e-3 to 3e-4 over 6 epochs, read at the step's
+    # data position (its "epoch", logged after the step's batch was drawn).
+    lr, warmup, epochs, floor = 3e-3, 20, 6.0, 0.1
+    for k, r in steps.items():
+        want = lr * k / warmup if k <= warmup else \
+            lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * r["epoch"] / epochs)))
+        assert r["lr"] == pytest.approx(want, rel=1e-12), (k, r["lr"], want)
+
+    # (2) The replay: measured agreement 1e-7 (loss) and 5e-6 (grad norm) through step 6.
+    out, err = replaying.communicate(timeout=900)
+    assert replaying.returncode == 0, err[-3000:]
+    replay = json.loads(out.strip().splitlines()[-1])
+    for k, want in enumerate(replay, start=1):
+        assert steps[k]["loss"] == pytest.approx(want["loss"], rel=2e-6), (k, steps[k], want)
+        assert steps[k]["grad_norm"] == pytest.approx(want["grad_norm"], rel=5e-5), (k, steps[k], want)
+    assert abs(replay[0]["loss"] - math.log(512)) < 0.1  # from scratch: near-uniform over V = 512 tokens
+    assert steps[50]["loss"] < steps[1]["loss"] / 3  # it learns
+
+    # (3) The record, within the band.
+    for k, r in steps.items():
+        assert r["loss"] == pytest.approx(record["loss"][str(k)], rel=_band(_LOSS_BAND, k)), (k, r["loss"])
+        tol = _band(_GRAD_NORM_BAND, k)
+        if tol is not None:
+            assert r["grad_norm"] == pytest.approx(record["grad_norm"][str(k)], rel=tol), (k, r["grad_norm"])
+    for step, loss_tol, acc_tol in ((0, 1e-6, 0.0), (28, 0.05, 4 / 128)):  # measured: 1.5e-8 and 0; 3e-3 and 0
+        for task, want in record["eval"][str(step)].items():
+            got = evals[step][task]
+            assert got["loss"] == pytest.approx(want["loss"], rel=loss_tol), (step, task, got, want)
+            assert abs(got["accuracy"] - want["accuracy"]) <= acc_tol, (step, task, got, want)
 
 
 FLAGS = SMALL + ["--train.max_steps=3", "--eval.generate=true", "--eval.max_examples=4", "--eval.every_epochs=0.01",
                  "--eval.at_start=true"]
 
 
+@pytest.mark.slow
 def test_two_runs_in_one_process_equal_two_processes(tmp_path):
     """run(cfg) returns and leaves the process group up: a second run in the same process (another seed) gives
     what it gives alone."""
@@ -77,6 +182,7 @@ close_distributed()
     assert losses(tmp_path / "alone_a") != losses(tmp_path / "alone_b")
 
 
+@pytest.mark.slow
 def test_three_gloo_ranks_draw_the_global_stream_of_one_process(tmp_path):
     run_sft(tmp_path / "one", "--train.max_steps=3", "--optim.grad_accum=3")
     run_sft(tmp_path / "three", "--train.max_steps=3", nproc=3)
@@ -86,6 +192,7 @@ def test_three_gloo_ranks_draw_the_global_stream_of_one_process(tmp_path):
         assert abs(a[step] - b[step]) < 1e-5 * abs(a[step]), (step, a[step], b[step])
 
 
+@pytest.mark.slow
 def test_kill_mid_run_on_two_ranks_resumes_exactly(tmp_path):
     """Two gloo ranks, a checkpoint every 2 steps, SIGKILL to the whole job once step 4's checkpoint is complete;
     the restarted job (rank 0 picks the checkpoint for both) reproduces the uninterrupted run's losses, its

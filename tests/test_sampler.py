@@ -212,6 +212,7 @@ def test_cache_is_reused_across_calls():
     assert model not in _ENGINES
 
 
+@pytest.mark.slow
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     r = subprocess.run([sys.executable, "-m", "posttrain.bench.bench_sampler", "--smoke", "--json", str(out)], cwd=REPO,

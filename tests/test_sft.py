@@ -42,6 +42,7 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.mark.slow
 def test_fsdp_two_ranks_equal_one_process(tmp_path):
     """2 ranks x 1 micro-batch and 1 rank x 2 micro-batches see the same global batch: same losses, same weights."""
     run_sft(tmp_path / "one", "--train.max_steps=4", "--optim.grad_accum=2")
@@ -58,6 +59,7 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path):
     assert a[4] < a[1]  # and it trains
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     run_sft(full, "--train.max_steps=6")
@@ -128,6 +130,7 @@ def test_sequence_longer_than_the_model_is_refused_up_front(tmp_path):
     assert "data.seq_len (64) + eval.max_new_tokens (8) exceeds the model's max_position_embeddings (64)" in proc.stderr
 
 
+@pytest.mark.slow
 def test_compile_with_activation_checkpointing_in_bf16_matches_eager(tmp_path):
     """The GPU recipe's switches together (per-block torch.compile, activation checkpointing inside the block, bf16
     FSDP2 mixed precision) give the losses of the plain eager run, within bf16 rounding."""

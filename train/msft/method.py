@@ -311,6 +311,7 @@ def run_msft(rt: Runtime, loader: Any, ring: CheckpointRing) -> dict[str, Any]:
             meta, record["restored_weights"] = restore_evaluated(rt, ring, key)
             record["point_weights"] = meta["point"]["weights"]
             loader.load_state_dict(meta["data"])
+            record["restored_epoch"] = loader.progress  # the data position restored: the snapshot point's "epoch"
             if len(active) > 1:  # the last task is not excluded from the loader: the run ends here
                 loader.exclude(excluded)
             active.remove(excluded)
