@@ -101,3 +101,30 @@ def test_edges_by_hand():
                                torch.tensor([[0.0] * 3, [0.25, 0.25, 0.0]], dtype=torch.float64))
     assert token_weights(torch.zeros(2, 3), loss_type="bnpo", max_completion_length=3).abs().sum() == 0  # not NaN
     assert masked_mean(torch.tensor([[5.0, 7.0]]), torch.tensor([[0, 1]])) == 7.0
+
+
+def test_advantages_are_computed_in_float64_whatever_the_rewards_dtype():
+    """float32 rewards give the float64 result rounded once: [0.1, 0.7, 0.3, 0.9] in float32 arithmetic is off by an
+    ulp in two places."""
+    r = torch.tensor([[0.1, 0.7, 0.3, 0.9], [1.0, 0.0, 0.0, 1.0]])
+    for mode in ("grpo", "dr_grpo", "rloo"):
+        assert torch.equal(group_advantages(r, mode=mode), group_advantages(r.double(), mode=mode).float()), mode
+    assert group_advantages(torch.tensor([[1, 0]]), mode="dr_grpo").dtype == torch.float64  # integer rewards
+
+
+def test_combine_rewards_arguments_at_their_edges():
+    correct = torch.tensor([True, False, True])
+    # a format weight without format results adds nothing (no checker ran); a zero weight ignores them
+    torch.testing.assert_close(combine_rewards(correct, format_weight=0.5), torch.tensor([1.0, 0.0, 1.0],
+                                                                                          dtype=torch.float64))
+    torch.testing.assert_close(combine_rewards(correct, format_ok=torch.ones(3), format_weight=0.0),
+                               torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
+    extra = torch.ones(3, 2)
+    with pytest.raises(ValueError, match=r"extra_weights \[K\]"):
+        combine_rewards(correct, extra=extra)
+    with pytest.raises(ValueError, match=r"extra_weights \[K\]"):
+        combine_rewards(correct, extra=extra, extra_weights=torch.ones(3))
+    torch.testing.assert_close(combine_rewards(correct, extra=torch.ones(3, 0)), correct.double())  # K = 0
+    # a one-token buffer: -1 per token past max_len - 1, through combine_rewards as well
+    torch.testing.assert_close(combine_rewards(correct, lengths=torch.tensor([3, 4, 5]), max_len=4, overlong_buffer=1),
+                               torch.tensor([1.0, -1.0, -1.0], dtype=torch.float64))
