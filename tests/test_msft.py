@@ -68,12 +68,9 @@ def test_ties_are_broken_by_name_in_any_order_of_active():
     assert decide(P, tied, ["z", "y"]) == ("z", 0.25) and decide(P, tied, ["y"]) == ("y", 0.5)
 
 
-def test_the_tracker_keeps_each_tasks_first_peak_so_a_roll_back_restores_the_point_decide_names(monkeypatch):
-    """Tracker on a stub runtime and a real ring: scripted held-out curves with ties at the peaks. The snapshot it
-    holds for each task is the one at the point `decide` names (step, weights, data position), the first of tied
-    points, and the best-overall snapshot is the first of tied best points too."""
-    curves = {"a": [0.2, 0.5, 0.5, 0.3, 0.5], "b": [0.1, 0.1, 0.4, 0.4, 0.4]}  # a peaks at 0.25, b at 0.5
-    overall = [(x + y) / 2 for x, y in zip(curves["a"], curves["b"])]  # best 0.45 at 0.5, tied at 1.0
+def _stub_tracker(monkeypatch, tasks):
+    """A Tracker on a stub runtime and a real ring, and `evaluate(k, results)`, which gives evaluation point k its own
+    weights (all k + 1), step (10 k), tokens and data position (P[k]) before the tracker sees it."""
     model = torch.nn.Linear(2, 1, bias=False)
     monkeypatch.setattr(method, "weights_digest", lambda rt: float(model.weight.detach().double().pow(2).sum()))
 
@@ -84,25 +81,58 @@ def test_the_tracker_keeps_each_tasks_first_peak_so_a_roll_back_restores_the_poi
             return {"position": self.progress}
 
     rt = SimpleNamespace(counters=SimpleNamespace(tokens=0, flops=0.0, step=0), model=model,
-                         cfg=SimpleNamespace(msft=SimpleNamespace(signal="accuracy"), eval=SimpleNamespace(max_examples=0)),
-                         data=SimpleNamespace(heldout_rows={"a": [None] * 8, "b": [None] * 8}),
+                         cfg=SimpleNamespace(msft=SimpleNamespace(signal="accuracy"),
+                                             eval=SimpleNamespace(max_examples=0)),
+                         data=SimpleNamespace(heldout_rows={t: [None] * 8 for t in tasks}),
                          record_eval=lambda *a, **k: None)
     loader, ring = Loader(), CheckpointRing(1 << 20)
     tracker = method.Tracker(rt, ring, loader, "msft")
-    for k, c in enumerate(P):  # each evaluation point has its own weights, step and data position
+
+    def evaluate(k, results, active):
         with torch.no_grad():
             model.weight.fill_(k + 1.0)
-        rt.counters.step, rt.counters.tokens, loader.progress = 10 * k, 100 * k, c
-        point = tracker.evaluate(stage=1, c=c, active=["b", "a"],
-                                 results={t: {"accuracy": curves[t][k]} for t in curves})
+        rt.counters.step, rt.counters.tokens, loader.progress = 10 * k, 100 * k, P[k]
+        return tracker.evaluate(stage=1, c=P[k], active=active, results=results)
+
+    return tracker, ring, model, evaluate
+
+
+def _restores_point(ring, key, model, k):
+    meta = ring.restore(key, model)
+    return ((meta["point"]["c"], meta["point"]["step"], meta["data"], meta["point"]["weights"]) ==
+            (P[k], 10 * k, {"position": P[k]}, 2 * (k + 1.0) ** 2) and bool(model.weight.detach().eq(k + 1.0).all()))
+
+
+def test_the_tracker_keeps_each_tasks_first_peak_so_a_roll_back_restores_the_point_decide_names(monkeypatch):
+    """Scripted held-out curves with ties at the peaks. The snapshot the tracker holds for each task is the one at
+    the point `decide` names (step, weights, data position), the first of tied points, and the best-overall
+    snapshot is the first of tied best points too."""
+    curves = {"a": [0.2, 0.5, 0.5, 0.3, 0.5], "b": [0.1, 0.1, 0.4, 0.4, 0.4]}  # a peaks at 0.25, b at 0.5
+    overall = [(x + y) / 2 for x, y in zip(curves["a"], curves["b"])]  # best 0.45 at 0.5, tied at 1.0
+    tracker, ring, model, evaluate = _stub_tracker(monkeypatch, curves)
+    for k in range(len(P)):
+        point = evaluate(k, {t: {"accuracy": curves[t][k]} for t in curves}, ["b", "a"])
         assert point["overall"] == overall[k]
     assert decide(P, curves, ["b", "a"]) == ("a", 0.25)
     for task, k in (("a", 1), ("b", 2)):
-        meta = ring.restore(tracker.task_best[task][1], model)
-        assert (meta["point"]["c"], meta["point"]["step"], meta["data"]) == (P[k], 10 * k, {"position": P[k]}), task
-        assert model.weight.detach().eq(k + 1.0).all() and meta["point"]["weights"] == 2 * (k + 1.0) ** 2, task
-    assert tracker.best_overall[0] == 0.45 and ring.restore(tracker.best_overall[1], model)["point"]["step"] == 20
+        assert _restores_point(ring, tracker.task_best[task][1], model, k), task
+    assert tracker.best_overall[0] == 0.45 and _restores_point(ring, tracker.best_overall[1], model, 2)
     assert len(ring.keys()) == 2  # a's and b's (also the best overall): nothing else is kept
+
+
+def test_a_tasks_peak_is_kept_where_the_mixture_as_a_whole_got_worse(monkeypatch):
+    """a peaks at 0.25, where b falls so far that the overall accuracy drops: the tracker must still snapshot that
+    point (a task's best is kept whether or not the mixture improved), and says which points it kept."""
+    curves = {"a": [0.2, 0.6, 0.3, 0.3, 0.3], "b": [0.6, 0.1, 0.6, 0.7, 0.5]}
+    tracker, ring, model, evaluate = _stub_tracker(monkeypatch, curves)
+    points = [evaluate(k, {t: {"accuracy": curves[t][k]} for t in curves}, ["a", "b"]) for k in range(len(P))]
+    assert [p["overall"] for p in points] == pytest.approx([0.4, 0.35, 0.45, 0.5, 0.4])
+    # k = 0 first; 1 a improved (overall fell); 2 overall improved (no task did); 3 b and overall; 4 neither.
+    assert [bool(p["snapshot"]) for p in points] == [True, True, True, True, False]
+    assert decide(P, curves, ["a", "b"]) == ("a", 0.25)
+    assert _restores_point(ring, tracker.task_best["a"][1], model, 1)
+    assert _restores_point(ring, tracker.task_best["b"][1], model, 3)
+    assert tracker.best_overall[1] == tracker.task_best["b"][1] and len(ring.keys()) == 2
 
 
 def test_a_peak_at_the_start_rolls_back_to_the_start():
