@@ -315,6 +315,32 @@ def test_ratio_exactly_on_the_clip_edges(monkeypatch, level, sign, delta):
                       torch.tensor(MASK, device=DEV, dtype=torch.bool), kw)
 
 
+def test_a_kl_weight_of_one_by_hand(monkeypatch):
+    """beta = 1, the one weight at which a reference that skipped the KL for some beta other than 0 would still
+    agree with itself: the three paths against by_hand."""
+    adv = [1.0, -0.5]
+    want = by_hand(TOKEN_LOG_RATIOS, REF_MINUS_LOGP, adv, level="token", beta=1.0, delta=None, loss_type="grpo",
+                   max_len=6, num_tokens=None)
+    f64 = dict(dtype=torch.float64, device=DEV)
+    logp = torch.tensor(LOGP, **f64, requires_grad=True)
+    kw = dict(ref_logp=logp.detach() + torch.tensor(REF_MINUS_LOGP, **f64), beta=1.0, eps_low=1 - LO, eps_high=HI - 1,
+              loss_type="grpo")
+    check_three_paths(monkeypatch, want, logp, logp.detach() - torch.tensor(TOKEN_LOG_RATIOS, **f64),
+                      torch.tensor(adv, **f64), torch.tensor(MASK, device=DEV, dtype=torch.bool), kw)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo"])
+def test_num_tokens_counts_for_dapo_only(monkeypatch, loss_type):
+    """num_tokens (DAPO's global token count) changes nothing of the other loss types, as a number or a tensor."""
+    logp, old, ref, adv, mask = to_dev(batch())
+    want, _ = grpo_loss_reference(logp, old, adv, mask, loss_type=loss_type)
+    for n in (40.0, torch.tensor(40.0, dtype=torch.float64, device=DEV)):
+        kernel, fallback = both_paths(monkeypatch, lambda: grpo_loss(logp, old, adv, mask, loss_type=loss_type,
+                                                                     num_tokens=n)[0])
+        for got in (kernel, fallback):
+            torch.testing.assert_close(got, want)
+
+
 def test_the_hand_gradient_is_the_derivative_of_the_hand_loss():
     """by_hand's gradient against central differences of its own loss (every point is 0.05 or more from a kink):
     the derivation is checked on its own before it checks the kernel. Moving logp_bt moves the log-ratio with it
