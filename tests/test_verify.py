@@ -197,6 +197,13 @@ EQUIVALENT = [
     ("-5", "\u22125"),  # unicode minus
     ("\\frac{\\sqrt{3}}{2}", "\\sqrt{3}/2"),
     ("[2, \\infty)", "[2,\\infty)"),
+    # A gold that lists one value written two ways is that value.
+    ("\\frac{639}{40}, 15\\frac{39}{40}", "\\frac{639}{40}"),
+    # An exact value that equals a decimal gold, followed by its rounding ("\\frac18 = 0.125 rounds to 0.13").
+    ("0.125", "\\frac{1}{8} \\approx 0.13"),
+    # "a \\approx b" against a decimal gold b: a must round to b at b's places, exactly for a rational a.
+    ("0.13", "\\frac{125000000001}{1000000000000} \\approx 0.13"),
+    ("4.5", "\\sqrt{20} \\approx 4.5"),
 ]
 
 NEAR_MISSES = [
@@ -226,6 +233,12 @@ NEAR_MISSES = [
     ("\\frac{1}{3}", "0.3\\overline{4}"),
     # A percentage answer is the number before the sign, as MATH and GSM8K grade it: 10\% is 10, so 0.1 is wrong.
     ("10\\%", "0.1"),
+    ("\\frac{639}{40}, 16", "\\frac{639}{40}"),
+    ("5", "5, 6"),
+    ("0.13", "\\frac{124999999999}{1000000000000} \\approx 0.13"),  # 1e-12 short of rounding to 0.13
+    ("4.4", "\\sqrt{20} \\approx 4.4"),  # 4.47... rounds to 4.5
+    ("0.29", "\\frac{2}{7} \\approx \\frac{29}{100}"),  # not a decimal literal: no rounding to check
+    ("1.0", "1 + i \\approx 1.0"),  # a complex value rounds to no real decimal
 ]
 
 
@@ -238,6 +251,22 @@ def test_equivalent_rewrites_verify(gold, pred):
 @pytest.mark.parametrize("gold, pred", NEAR_MISSES)
 def test_near_misses_are_rejected(gold, pred):
     assert verify_reason(gold, pred) == "wrong"
+
+
+# Words as elements of a list, in any order and beside numbers. Boxed: a bare list of words is prose, not an answer.
+WORD_LISTS = [
+    ("Evelyn, Navin", "Navin, Evelyn", "correct"),
+    ("Evelyn; Navin", "\\text{Navin}; \\text{Evelyn}", "correct"),
+    ("(\\text{A}, 3)", "(\\text{ A }, 3)", "correct"),
+    ("Evelyn, Navin", "Evelyn, Luna", "wrong"),
+    ("Evelyn, Navin", "Evelyn, Navin, Luna", "wrong"),
+    ("(\\text{A}, 3)", "(\\text{B}, 3)", "wrong"),
+]
+
+
+@pytest.mark.parametrize("gold, pred, reason", WORD_LISTS)
+def test_lists_of_words(gold, pred, reason):
+    assert verify_reason(gold, f"The answer is $\\boxed{{{pred}}}$.") == reason
 
 
 def test_batch_agrees_with_verify(verifier):
