@@ -13,7 +13,8 @@ from collections import defaultdict
 import pytest
 
 from posttrain.eval.latex import SIG_DIGITS
-from posttrain.eval.verify import Verifier, _expensive, extract_answer, verify, verify_reason
+from posttrain.eval.verify import (Verifier, _answer_of, _cheap, _expensive, _gold_answer, extract_answer, verify,
+                                   verify_reason)
 from tests.conftest import REPO
 from tests.test_verify import POOL_GOLD, POOL_PRED, verifier  # noqa: F401  -- the module-scoped pool fixture
 
@@ -41,6 +42,9 @@ def test_every_class_has_positive_and_negative_cases():
 def test_labelled_case(case):
     reason = verify_reason(case["gold"], case["pred"])
     assert (reason == "correct") == case["label"], (reason, extract_answer(case["pred"]))
+    answer = _answer_of(case["pred"])
+    if answer is not None:  # the in-process stage alone gives the same verdict: no case here needs sympy
+        assert _cheap(_gold_answer(case["gold"]), answer, 0.0, SIG_DIGITS)[0] == reason
 
 
 def test_heldout_cases():
