@@ -255,7 +255,8 @@ def generate(name: str, target: Target) -> list[Mutant]:
                         t = kw.value.body
                         add(fn, node, "sort key without its tie-break", off(t.lineno, t.col_offset),
                             off(t.end_lineno, t.end_col_offset), ast.get_source_segment(src.decode(), first))
-            elif isinstance(node, ast.Constant) and type(node.value) in (int, float) and id(node) in operands:
+            elif (isinstance(node, ast.Constant) and type(node.value) in (int, float) and id(node) in operands
+                  and node.value + 1 != node.value):  # 1e250 + 1 is 1e250: no mutant
                 start, end = off(node.lineno, node.col_offset), off(node.end_lineno, node.end_col_offset)
                 add(fn, node, f"constant {node.value!r} -> {node.value + 1!r}", start, end, repr(node.value + 1))
     for target_name, title, patches in NAMED:
