@@ -207,6 +207,18 @@ EQUIVALENT = [
     ("4.5", "\\sqrt{20} \\approx 4.5"),
     ("(-\\infty, \\frac{1}{2})", "(-\\infty, 0.5)"),  # infinities compare by sign
     ("(2, \\infty)", "(2, +\\infty)"),
+    ("0.13", "\\frac{1}{8} \\approx 0.13"),  # a tie rounds either way
+    ("0.12", "\\frac{1}{8} \\approx 0.12"),
+    # An equation scaled so that one side is small at every evaluation point (values in [1.2, 2.9]).
+    ("x + y = 5", "\\frac{x}{100} + \\frac{y}{100} = \\frac{1}{20}"),
+    ("\\frac{x}{100} + \\frac{y}{100} = \\frac{1}{20}", "x + y = 5"),
+    # The gold's elements are compared as golds: 0.3333 is 1/3 rounded (the approximation rule reads gold, then pred).
+    ("\\frac{1}{3}, \\frac{2}{6}", "0.3333"),
+    ("\\sqrt{2}", "1.41421356237310"),  # a decimal equal to an irrational to float precision (1e-12 relative)
+    ("x < 5", "2x < 10"),  # the same inequality scaled by a positive constant (here below 1)
+    ("\\frac{2469}{20000}", "0.1235"),  # 0.12345: the approximation rule at a tie, either way
+    ("\\frac{2469}{20000}", "0.1234"),
+    ("204_5", "204"),  # a base-5 answer written without its base: the digits as written
 ]
 
 NEAR_MISSES = [
@@ -244,6 +256,9 @@ NEAR_MISSES = [
     ("1.0", "1 + i \\approx 1.0"),  # a complex value rounds to no real decimal
     ("\\infty", "10^{100}"),
     ("-\\infty", "\\infty"),
+    ("x < 5", "-x < -5"),  # scaled by a negative constant: the other half-line
+    ("\\frac{2469}{20000}", "0.1236"),
+    ("204_5", "204_6"),
 ]
 
 
@@ -299,11 +314,23 @@ def test_tolerance_is_configurable():
     assert not verify("0.333", "\\frac{1}{3}")
     assert verify("0.333", "\\frac{1}{3}", rel_tol=1e-2)
     assert not verify("\\frac{1000001}{1000000}", "1")  # exact answers compare exactly, whatever the tolerance
+    # The tolerance is relative to the larger value, its bound included: |1 - 2| = 0.5 * 2.
+    assert verify("1", "2.0", rel_tol=0.5) and not verify("1", "2.1", rel_tol=0.5)
+    assert verify("100", "101.005", rel_tol=0.01)  # 1.005 <= 0.01 * 101.005, not 0.01 * 100
+    assert verify("\\sqrt{2}", "1.5", rel_tol=0.06)  # irrational gold, floats: 0.0858 <= 0.06 * 1.5, not * 1.414
+    assert not verify("\\sqrt{2}", "1.5", rel_tol=0.05)
 
 
 def test_sympy_stage_decides_what_floats_cannot(verifier):
-    # e^{-40} is below the float comparison's floor, so these two go to a worker.
-    assert verifier.verify_batch_reasons([POOL_GOLD, POOL_GOLD], [POOL_PRED, "e^{-41}"]) == ["correct", "wrong"]
+    """e^{-40} is below the float comparison's floor, and 100 pi is 35500/113 to 7 digits: the in-process stage
+    leaves these to a worker's sympy stage, values and equations alike (one side of the equation tiny at every
+    point)."""
+    cases = [(POOL_GOLD, POOL_PRED, "correct"), (POOL_GOLD, "e^{-41}", "wrong"),
+             ("x = 1", "e^{-40} x = e^{-40}", "correct"), ("e^{-40} x = e^{-40}", "x = 1", "correct"),
+             ("x = 1", "e^{-40} x = e^{-41}", "wrong"),
+             ("100\\pi", "\\frac{35500}{113}", "wrong")]  # equal to 7 digits: floats cannot tell
+    assert [_cheap(g, p, 0.0, SIG_DIGITS)[0] for g, p, _ in cases] == ["undecided"] * len(cases)
+    assert verifier.verify_batch_reasons([g for g, _, _ in cases], [p for _, p, _ in cases]) == [w for *_, w in cases]
 
 
 def test_reasons():
