@@ -215,7 +215,9 @@ EQUIVALENT = [
     # The gold's elements are compared as golds: 0.3333 is 1/3 rounded (the approximation rule reads gold, then pred).
     ("\\frac{1}{3}, \\frac{2}{6}", "0.3333"),
     ("\\sqrt{2}", "1.41421356237310"),  # a decimal equal to an irrational to float precision (1e-12 relative)
-    ("x < 5", "2x < 10"),  # the same inequality scaled by a positive constant (here below 1)
+    ("x < 5", "2x < 10"),  # one variable: compared as intervals
+    ("y < 2x + 1", "2y < 4x + 2"),  # two: as half-planes, the sides' ratio a positive constant (here 1/2)
+    ("y < 2x + 1", "-y > -2x - 1"),
     ("\\frac{2469}{20000}", "0.1235"),  # 0.12345: the approximation rule at a tie, either way
     ("\\frac{2469}{20000}", "0.1234"),
     ("204_5", "204"),  # a base-5 answer written without its base: the digits as written
@@ -257,6 +259,7 @@ NEAR_MISSES = [
     ("\\infty", "10^{100}"),
     ("-\\infty", "\\infty"),
     ("x < 5", "-x < -5"),  # scaled by a negative constant: the other half-line
+    ("y < 2x + 1", "-y < -2x - 1"),  # the other half-plane
     ("\\frac{2469}{20000}", "0.1236"),
     ("204_5", "204_6"),
 ]
