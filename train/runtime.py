@@ -643,7 +643,8 @@ def seed_config(cfg: Any, seed: int, section: str) -> Any:
 
 
 def entry_point(run: Callable[[Any], Any], config_cls: type, argv: Sequence[str] | None = None) -> Any:
-    """`python -m train.<stage>`: parse the config, run the stage, tear down the process group this process made."""
+    """`python -m posttrain.train.<stage>`: parse the config, run the stage, tear down the process group this process
+    made."""
     cfg = parse_args(config_cls, argv)
     try:
         return run(cfg)
