@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from posttrain.core.checkpoint import load_hf, save_hf
-from posttrain.core.distributed import ParallelConfig
+from posttrain.core.distributed import ParallelConfig, build_optimizer
 from posttrain.core.model import ModelConfig, Transformer
 from tests.test_distributed import CFG, _free_port
 from tests.test_sampler_fsdp import PROMPTS
@@ -272,3 +272,45 @@ def test_two_nodes_run_sft_whose_checkpoint_resumes_at_1x4_and_in_one_process_th
         for key in KEYS:
             assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-7), key
     _same_weights(tmp_path / "grpo_one", tmp_path / "grpo_nodes")
+
+
+# ----------------------------------------------------------------------------- pure replication (shard = 1)
+
+
+def _replicated(d, src: str, out: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from posttrain.core.distributed import build_model, clip_grad_norm_
+    from posttrain.train.msft.method import weights_digest
+
+    model = build_model(ModelConfig(), d, ParallelConfig(param_dtype="float32", replicate=2), init_from=src)
+    w = model.layers[0].mlp.up_proj.weight
+    assert (d.replicate, d.shard) == (2, 1) and isinstance(w, DTensor) and w.to_local().shape[0] == 48, w.shape
+    result = {"placements": str(w.placements), "digest": weights_digest(SimpleNamespace(model=model, d=d))}
+    (model(IDS[2 * d.rank: 2 * d.rank + 2]).float().pow(2).mean(dim=(1, 2)).sum() * d.world_size).backward()
+    result["norm"] = clip_grad_norm_(model.parameters(), 1e9)
+    opt = build_optimizer(model, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    opt.step()
+    result["weights"] = [p.detach().full_tensor().clone() for p in model.parameters()]
+    torch.save(result, f"{out}/rank{d.rank}.pt")
+
+
+def test_pure_replication_equals_one_process(tmp_path):
+    """parallel.replicate = world size (2 replicas x 1 shard, DDP-like): every rank holds whole parameters, the
+    gradient is the mean over replicas (clip norm as one process computes it on the whole batch), and one AdamW
+    step gives one process's weights."""
+    ref = _source(tmp_path / "src")
+    spawn_hsdp(_replicated, 2, 2, str(tmp_path / "src"), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    one = load_hf(tmp_path / "src")
+    one(IDS).float().pow(2).mean(dim=(1, 2)).sum().backward()  # the ranks' losses (x2) averaged over 2 replicas
+    want_norm = torch.nn.utils.clip_grad_norm_(one.parameters(), 1e9)
+    build_optimizer(one, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1).step()
+    want_digest = sum(float(p.detach().double().pow(2).sum()) for p in ref.parameters())
+    for r, got in enumerate(ranks):
+        assert got["placements"] == "(Replicate(), Shard(dim=0))", got["placements"]  # a shard dimension of size 1
+        assert got["digest"] == pytest.approx(want_digest, rel=1e-12), r
+        assert torch.allclose(got["norm"], want_norm, rtol=1e-5), (r, got["norm"], want_norm)
+        for a, b in zip(got["weights"], one.parameters()):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(ranks[0]["weights"], ranks[1]["weights"]))  # replicas agree
