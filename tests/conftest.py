@@ -17,6 +17,23 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def both_paths(monkeypatch, fn, module, fallback):
+    """fn() through a Triton kernel (compiled on CUDA, the interpreter on CPU) and through its plain-torch fallback,
+    asserting that each path really ran (a comparison of the fallback with itself would prove nothing): (kernel
+    result, fallback result). `module`'s use_triton is switched off for the second run, and its `fallback` function
+    must run there only."""
+    calls = []
+    real = getattr(module, fallback)
+    monkeypatch.setattr(module, fallback, lambda *a: calls.append(1) or real(*a))
+    out_t = fn()
+    assert not calls, "the Triton path did not run: are the inputs on DEV, and is Triton importable?"
+    with monkeypatch.context() as mp:
+        mp.setattr(module, "use_triton", lambda t: False)
+        out_f = fn()
+    assert calls, "the fallback did not run"
+    return out_t, out_f
+
+
 def _interpreter_problem() -> str | None:
     """None when Triton's interpreter runs what every kernel here relies on, else what it gets wrong. Seen wrong:
     triton 3.6 with NumPy >= 2.4 cannot loop `for start in range(0, n, BLOCK)` with n a kernel argument (it calls

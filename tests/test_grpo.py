@@ -1,5 +1,6 @@
 """kernels/grpo.py against its plain-torch reference: every loss type and option, metrics, d loss / d logp, fused."""
 
+import functools
 import itertools
 import json
 import math
@@ -13,6 +14,7 @@ import posttrain.kernels.grpo as grpo
 import posttrain.kernels.logprob as logprob_module
 from posttrain.kernels.grpo import grpo_loss, grpo_loss_reference, linear_grpo_loss
 from posttrain.kernels.logprob import linear_logprob_reference, padded_width
+from tests.conftest import both_paths as shared_both_paths
 
 # The Triton path runs on DEV: compiled on a CUDA machine (where conftest leaves TRITON_INTERPRET unset, so a CPU
 # tensor would take the torch fallback), the interpreter on a CPU one.
@@ -24,20 +26,8 @@ def to_dev(data):
     return (logp.detach().to(DEV).requires_grad_(), *(t.to(DEV) for t in rest))
 
 
-def both_paths(monkeypatch, fn, module=grpo, fallback="_grpo_rows_torch"):
-    """fn() through the Triton kernel and through the plain-torch fallback, asserting that each path really ran
-    (a comparison of the fallback with itself would prove nothing): (kernel result, fallback result). `module`'s
-    use_triton is switched off for the second run, and its `fallback` function must run there only."""
-    calls = []
-    real = getattr(module, fallback)
-    monkeypatch.setattr(module, fallback, lambda *a: calls.append(1) or real(*a))
-    out_t = fn()
-    assert not calls, "the Triton path did not run: are the inputs on DEV, and is Triton importable?"
-    with monkeypatch.context() as mp:
-        mp.setattr(module, "use_triton", lambda t: False)
-        out_f = fn()
-    assert calls, "the fallback did not run"
-    return out_t, out_f
+# fn() through the GRPO kernel and through its fallback, each asserted to have run (tests/conftest.py)
+both_paths = functools.partial(shared_both_paths, module=grpo, fallback="_grpo_rows_torch")
 
 
 def batch(B=5, L=13, dtype=torch.float64, seed=0, adv_2d=False):
@@ -532,7 +522,7 @@ def test_linear_out_of_range_target_raises(monkeypatch, bad):
         with pytest.raises(ValueError, match=rf"linear_grpo_loss: target id {bad} at targets\[2, 5\] .* V=37"):
             linear_grpo_loss(hidden, weight, targets, old, adv, mask)
 
-    both_paths(monkeypatch, call, logprob_module, "_rows_torch")
+    both_paths(monkeypatch, call, module=logprob_module, fallback="_rows_torch")
 
 
 def test_pieces_cover_every_token_once():

@@ -1,5 +1,6 @@
 """kernels/logprob.py against its plain-torch reference: values, every gradient path, odd shapes, masks, strides."""
 
+import functools
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import posttrain.kernels._utils as kernel_utils
 import posttrain.kernels.logprob as lp
 from posttrain.kernels.logprob import linear_logprob, linear_logprob_reference
+from tests.conftest import both_paths as shared_both_paths
 
 SHAPES = [(1, 8, 17), (37, 24, 129), (64, 32, 1000)]
 # The Triton path runs on DEV: compiled on a CUDA machine (where conftest leaves TRITON_INTERPRET unset, so a CPU
@@ -187,19 +189,8 @@ def test_scale_cast_is_mul_then_round():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def both_paths(monkeypatch, fn):
-    """fn() through the Triton kernel (compiled on CUDA, the interpreter on CPU) and through the plain-torch
-    fallback, asserting that each path really ran (the fallback compared with itself would prove nothing)."""
-    calls = []
-    real = lp._rows_torch
-    monkeypatch.setattr(lp, "_rows_torch", lambda *a: calls.append(1) or real(*a))
-    out_t = fn()
-    assert not calls, "the Triton path did not run: are the inputs on DEV, and is Triton importable?"
-    with monkeypatch.context() as mp:
-        mp.setattr(lp, "use_triton", lambda t: False)
-        out_f = fn()
-    assert calls, "the fallback did not run"
-    return out_t, out_f
+# fn() through the log-prob kernel and through its fallback, each asserted to have run (tests/conftest.py)
+both_paths = functools.partial(shared_both_paths, module=lp, fallback="_rows_torch")
 
 
 def test_both_paths_refuses_to_compare_the_fallback_with_itself(monkeypatch):
